@@ -1,0 +1,322 @@
+"""Typed run configuration: frozen dataclasses, a YAML loader with dotted overrides, and validation.
+
+A run is described by one :class:`RunConfig`. ``load_config(path, ["train.learning_rate=1e-5"])`` reads
+the YAML file (or starts from defaults), applies the overrides, checks every key and type, and runs the
+cross-field checks. Unknown keys and wrong types raise :class:`SpinDiffusionError` with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from spin_diffusion.errors import SpinDiffusionError
+
+Objective = Literal["spin_approx", "spin_exact", "sft", "dpo"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to start from and which of its parameters train (only the UNet ever trains)."""
+
+    path: str | None = None  # local diffusers pipeline folder (model_index.json); None -> built-in `preset`
+    preset: Literal["tiny", "demo"] = "tiny"  # built-in model built from configs (no download)
+    lora_rank: int = 0  # 0 = full fine-tuning of the UNet; > 0 = LoRA of this rank (merged at each iteration end)
+    lora_alpha: float | None = None  # LoRA scaling numerator; None -> equal to lora_rank
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    gradient_checkpointing: bool = False  # trade compute for memory in the UNet backward pass
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise SpinDiffusionError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the (image, caption) pairs come from; for `dpo`, (caption, winner image, loser image) triples."""
+
+    path: str | None = None  # imagefolder with metadata.jsonl/csv, a `datasets` folder, or parquet/arrow file(s)
+    builtin: Literal["shapes"] | None = None  # built-in procedural dataset (the demo world) instead of `path`
+    num_builtin: int = 256  # size of the built-in dataset
+    image_column: str = "image"  # column holding the image (or its file name, for imagefolders: file_name)
+    caption_column: str = "text"  # column holding the caption; "caption" and "prompt" are also tried
+    winner_column: str = "winner"  # dpo only: column of the preferred image
+    loser_column: str = "loser"  # dpo only: column of the rejected image
+    resolution: int | None = None  # training resolution in pixels; None -> the model's native resolution
+    max_samples: int | None = None  # use only the first N examples
+    encode_batch_size: int = 32  # batch size for the one-off VAE/text-encoder pass that fills the cache
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How the opponent θ_k samples its images (and how evaluation images are drawn)."""
+
+    num_steps: int = 50  # DDIM steps; also the trajectory length stored for spin_exact
+    guidance_scale: float = 7.5  # classifier-free guidance; 1.0 disables it
+    eta: float = 0.0  # DDIM eta: 0 = deterministic given the initial noise
+    batch_size: int = 8  # prompts per sampling batch (does not change the images)
+    shard_size: int = 256  # prompts per saved shard (the unit of resumption)
+    negative_prompt: str = ""  # unconditional prompt for guidance
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The objective and its temperature. See spin_diffusion.losses for the formulas."""
+
+    objective: Objective = "spin_approx"
+    beta: float = 5000.0  # same units as Diffusion-DPO's --beta_dpo: logit = -(beta/2) * Δ(mean-squared errors)
+    timesteps_per_pair: int = 1  # K timesteps drawn per pair per step (spin_exact averages them inside ℓ)
+    share_noise: bool = True  # winner and loser share ε (Diffusion-DPO code); False draws ε' independently
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise SpinDiffusionError(f"loss.beta must be > 0, got {self.beta}")
+        if self.timesteps_per_pair < 1:
+            raise SpinDiffusionError(f"loss.timesteps_per_pair must be >= 1, got {self.timesteps_per_pair}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of θ_{k+1} within one iteration (per-iteration values; the HF cards used 500 steps)."""
+
+    learning_rate: float = 2e-5  # AdamW peak learning rate
+    batch_size: int = 8  # pairs (or images, for sft) per device per micro-step
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None  # optimizer steps per iteration; None -> `epochs` over the data
+    epochs: float = 1.0  # used when max_steps is None
+    warmup_steps: int = 0  # linear warm-up from 0 to learning_rate
+    lr_scheduler: Literal["linear", "constant", "constant_with_warmup", "cosine"] = "linear"
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
+    log_every: int = 10  # optimizer steps between log lines
+    num_workers: int = 0  # data loader workers
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise SpinDiffusionError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SpinDiffusionError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.learning_rate <= 0:
+            raise SpinDiffusionError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation after each iteration."""
+
+    enabled: bool = True
+    prompts: str | None = None  # prompt file (.txt/.csv/.jsonl/.parquet); None -> the first training captions
+    num_prompts: int = 64  # how many prompts to score
+    scorers: tuple[str, ...] = ()  # e.g. ("pickscore", "clip"); () -> the default for the data (shapes judge, or none)
+    scorer_paths: dict[str, str] = field(default_factory=dict)  # scorer name -> local weights folder
+    seed: int = 1234  # evaluation images use their own seed so that all models see the same noise
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One self-play run (or one sft / dpo baseline run)."""
+
+    run_dir: str = "runs/spin"
+    seed: int = 0  # run seed; sampling seeds derive from (seed, iteration, prompt index)
+    num_iterations: int = 3  # K self-play iterations (sft and dpo always train once)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_iterations < 1:
+            raise SpinDiffusionError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.data.path is not None and self.data.builtin is not None:
+            raise SpinDiffusionError("set either data.path or data.builtin, not both")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) one YAML value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except SpinDiffusionError as err:
+                errors.append(str(err))
+        raise SpinDiffusionError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise SpinDiffusionError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise SpinDiffusionError(f"{key} must be a list; got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpinDiffusionError(f"{key} must be a mapping; got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpinDiffusionError(f"{key} must be a mapping of its fields; got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SpinDiffusionError(f"{key} must be true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SpinDiffusionError(f"{key} must be an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-5" as a string
+            except ValueError:
+                pass
+        raise SpinDiffusionError(f"{key} must be a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise SpinDiffusionError(f"{key} must be a string; got {value!r}")
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise SpinDiffusionError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(types_))}"
+        )
+    kwargs = {name: _coerce(v, types_[name], f"{prefix}{name}") for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpinDiffusionError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value``; the value is read as YAML (``1e-5``, ``true``, ``[a, b]``, ``null``)."""
+    if "=" not in text:
+        raise SpinDiffusionError(f"override '{text}' must look like key=value, e.g. train.learning_rate=1e-5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise SpinDiffusionError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpinDiffusionError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SpinDiffusionError(f"config file {p} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpinDiffusionError(f"config file {p} must hold a mapping of sections, e.g. 'train: {{...}}'")
+    return data
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, values)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then dotted ``key=value`` overrides."""
+    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that accepts dotted names: ``replace(cfg, **{"train.max_steps": 10})``."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **flat)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain YAML-ready dict (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(p)
