@@ -1,0 +1,176 @@
+"""`spin-diffusion` command line. Each command parses its arguments, builds the config and calls one library
+function; all logic lives in the library so that notebooks and tests call the same code.
+
+Errors a user can fix are printed as one line (``error: …``) with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from spin_diffusion.errors import SpinDiffusionError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are never needed: every model comes from a local folder
+
+app = typer.Typer(
+    name="spin-diffusion",
+    help="Self-play fine-tuning (SPIN-Diffusion) of text-to-image diffusion models, with SFT and DPO baselines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.learning_rate=1e-5 (repeatable)."),
+]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-o", help="Run directory (overrides run_dir).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir, skipping finished work.")]
+
+
+def _config(config: Path | None, overrides: list[str] | None, run_dir: Path | None, resume: bool, **forced: str):
+    from spin_diffusion.config import load_config, replace
+    from spin_diffusion.self_play import load_saved_config
+
+    overrides = list(overrides or [])
+    if resume and config is None and not overrides and run_dir is not None:
+        cfg = load_saved_config(run_dir)  # `--resume --run-dir D` alone continues with the saved config
+    else:
+        cfg = load_config(config, overrides)
+        if run_dir is not None:
+            cfg = replace(cfg, run_dir=str(run_dir))
+    if forced:
+        cfg = replace(cfg, **forced)
+    return cfg
+
+
+def _run(cfg, resume: bool) -> None:
+    from spin_diffusion.self_play import run
+
+    summary = run(cfg, resume=resume)
+    typer.echo(f"finished in {summary.wall_seconds:.0f} s: {summary.run_dir}")
+    for k, metrics in sorted(summary.metrics.items()):
+        shown = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+        typer.echo(f"  iter {k}: {shown or '(no scorers)'}")
+    if summary.report is not None:
+        typer.echo(f"report: {summary.report}")
+
+
+@app.command()
+def spin(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False,
+         exact: Annotated[bool, typer.Option("--exact", help="Use the exact objective (stores trajectories).")] = False):
+    """Self-play fine-tuning: K iterations of generate with θ_k → train θ_{k+1} against θ_k → evaluate."""
+    cfg = _config(config, set_, run_dir, resume)
+    if exact:
+        from spin_diffusion.config import replace
+
+        cfg = replace(cfg, **{"loss.objective": "spin_exact"})
+    if cfg.loss.objective not in ("spin_approx", "spin_exact"):
+        raise SpinDiffusionError(
+            f"`spin` runs loss.objective spin_approx or spin_exact, not {cfg.loss.objective}; use `spin-diffusion "
+            f"{cfg.loss.objective}`"
+        )
+    _run(cfg, resume)
+
+
+@app.command()
+def sft(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False):
+    """Supervised fine-tuning baseline: the plain denoising loss on the real images."""
+    _run(_config(config, set_, run_dir, resume, **{"loss.objective": "sft"}), resume)
+
+
+@app.command()
+def dpo(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False):
+    """Diffusion-DPO baseline on given preference pairs (data.winner_column / data.loser_column)."""
+    _run(_config(config, set_, run_dir, resume, **{"loss.objective": "dpo"}), resume)
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, set_: SetOpt = None):
+    """Print the resolved config (defaults + file + overrides) as YAML, after validating it."""
+    from spin_diffusion.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(config, list(set_ or []))), nl=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the demo runs and report.")] = Path(
+        "demo_run"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the whole demo.")] = 0,
+    scale: Annotated[float, typer.Option(help="Multiply every step count (0.2 = smoke test, 1 = default).")] = 1.0,
+    resume: ResumeOpt = False,
+):
+    """Built-in CPU demo world: pretrain a tiny base model on rendered shapes, then SFT vs SPIN, then a report."""
+    from spin_diffusion.demo.runner import run_demo
+
+    report = run_demo(out, seed=seed, scale=scale, resume=resume)
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[list[Path], typer.Option("--model", "-m", help="Diffusers pipeline folder (repeatable).")],
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file: .txt, .csv, .jsonl or .parquet.")],
+    scorer: Annotated[list[str] | None, typer.Option("--scorer", help="pickscore, hpsv2, imagereward, aesthetic, "
+                                                     "clip, shapes_judge (repeatable).")] = None,
+    scorer_path: Annotated[list[str] | None, typer.Option("--scorer-path", help="name=/local/weights (repeatable).")]
+    = None,
+    baseline: Annotated[int, typer.Option(help="Index of the --model that win rates are computed against.")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (eval.json, table, image grids).")] = Path(
+        "eval_out"
+    ),
+    num_prompts: Annotated[int, typer.Option(help="Score only the first N prompts (0 = all).")] = 0,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 8,
+    seed: Annotated[int, typer.Option(help="Sampling seed (the same noise for every model).")] = 0,
+):
+    """Generate images for a prompt set with each model and score them (mean, median, win rate vs baseline)."""
+    from spin_diffusion.evaluate_models import evaluate_models
+
+    paths = {}
+    for item in scorer_path or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SpinDiffusionError(f"--scorer-path '{item}' must look like name=/path/to/weights")
+        paths[name.strip()] = path.strip()
+    table = evaluate_models(
+        model, prompts, scorers=list(scorer or []), scorer_paths=paths, baseline=baseline, out_dir=out,
+        num_prompts=num_prompts or None, num_steps=steps, guidance_scale=guidance_scale, batch_size=batch_size,
+        seed=seed,
+    )
+    typer.echo(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+    except SpinDiffusionError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.ClickException as err:
+        err.show()
+        return 2
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun with --resume to continue", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

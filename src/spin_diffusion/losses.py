@@ -1,0 +1,240 @@
+"""Loss functions for SFT, Diffusion-DPO and SPIN-Diffusion: pure tensor math, no state, no logging.
+
+Every loss takes per-sample denoising errors (see :func:`denoise_error`) and returns
+``(per-sample losses [B], metrics)`` where ``metrics`` maps a name to a detached per-sample tensor
+``[B]``. The caller reduces (``loss.mean()``) and logs.
+
+Notation (one pair = one prompt with a winner and a loser image, K timesteps per pair):
+
+- ``e^θ_w, e^θ_l``: policy errors on the winner (real / preferred) and loser (generated / rejected)
+  image, ``e^ref_w, e^ref_l`` the same for the frozen reference (θ_k in SPIN, the base model in DPO).
+  All four are ``[B, K]`` and use the same timesteps (and, by default, the same noise) per pair.
+- Per-timestep margin ``Δ_k = (e^θ_w − e^ref_w) − (e^θ_l − e^ref_l)``, shape ``[B, K]``.
+- Logit ``z_k = −(β/2)·Δ_k`` and ``ℓ(z) = −log σ(z) = log(1 + e^{−z})`` (convex, decreasing).
+
+Objectives:
+
+- Diffusion-DPO (Wallace et al. 2023, Eq. 14, https://huggingface.co/papers/2311.12908) and the
+  approximate SPIN-Diffusion objective (Yuan et al. 2024, Eq. 4.9, https://huggingface.co/papers/2402.10210)
+  have the expectation over t OUTSIDE the logistic: ``mean_k ℓ(z_k)``. SPIN-approx *is* Diffusion-DPO with
+  winner = real image, loser = θ_k's sample and reference = θ_k, so both share one implementation.
+- The exact SPIN-Diffusion objective (Eq. 4.8) has it INSIDE: ``ℓ(mean_k z_k)``. ℓ is convex, so by
+  Jensen ``approx ≥ exact`` on the same inputs, with equality for K = 1.
+- SFT is the plain denoising loss on the real images: ``mean_k e^θ_w``.
+
+β units: an error is the per-element MEAN (not sum) of the squared error over the latent, and the
+logit carries the ½ of the Diffusion-DPO reference code (``scale_term = -0.5 * beta_dpo``), so β here
+is directly comparable with Diffusion-DPO's ``--beta_dpo`` (5000 for SD-1.5). The paper's constants
+(λ, T and the per-step weight ω(λ_t) / w_t) are folded into β, as in both reference objectives.
+
+Shapes: errors are ``[B, K]``; a 1-D ``[B]`` tensor is accepted and treated as K = 1. Any other
+shape, or winner/loser/policy/ref shapes that disagree, raise ``ValueError`` (a programming error in
+the caller, not a user error).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class DenoiseErrors(NamedTuple):
+    """Per-sample denoising errors of one model on a batch of (winner, loser) pairs.
+
+    Attributes:
+        winner: ``[B, K]`` (or ``[B]`` for K = 1) error on the real / preferred image at K timesteps.
+        loser: same shape; same timesteps (and, by default, same noise) on the generated / rejected image.
+    """
+
+    winner: Tensor
+    loser: Tensor
+
+
+def denoise_error(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error per sample, over all non-batch dimensions, computed in (at least) float32.
+
+    This is the Diffusion-DPO ``(model_pred - target).pow(2).mean(dim=[1, 2, 3])``; the target is ε or
+    v (whatever the model predicts), or ε̃'_t for the exact SPIN objective (see :func:`spin_exact_loss`).
+    Low-precision inputs (bf16/fp16) are upcast before the subtraction, so the result is float32;
+    float64 inputs stay float64.
+
+    Args:
+        pred: ``[B, ...]`` model output.
+        target: ``[B, ...]`` regression target, same shape as ``pred``.
+
+    Returns:
+        ``[B]`` per-sample mean squared error.
+
+    Raises:
+        ValueError: if the shapes differ or the inputs are 0-D.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"denoise_error: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.ndim == 0:
+        raise ValueError("denoise_error: inputs need a batch dimension, got 0-D tensors")
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    diff = pred.to(dtype) - target.to(dtype)
+    return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+
+
+def _as_2d(x: Tensor, name: str) -> Tensor:
+    """``[B, K]`` stays, ``[B]`` becomes ``[B, 1]`` (K = 1); anything else is a ValueError."""
+    if x.ndim == 1:
+        return x.unsqueeze(1)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be [B, K] (or [B] for K = 1), got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_errors(errors: DenoiseErrors, name: str) -> DenoiseErrors:
+    """Validate one model's (winner, loser) errors and return them as ``[B, K]``."""
+    if errors.winner.shape != errors.loser.shape:
+        raise ValueError(
+            f"{name}.winner {tuple(errors.winner.shape)} and {name}.loser {tuple(errors.loser.shape)} differ in shape"
+        )
+    return DenoiseErrors(_as_2d(errors.winner, f"{name}.winner"), _as_2d(errors.loser, f"{name}.loser"))
+
+
+def _logits(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-timestep logits ``z = −(β/2)·Δ`` ``[B, K]`` and the shared preference metrics (each ``[B]``).
+
+    Metrics (detached, per sample): ``margin`` = mean_k z_k = ``reward_winner − reward_loser``;
+    ``reward_winner`` = −(β/2)·mean_k(e^θ_w − e^ref_w); ``reward_loser`` = −(β/2)·mean_k(e^θ_l − e^ref_l);
+    ``accuracy`` = 1.0 where margin > 0 (the policy prefers the winner more than the reference does);
+    ``policy_error_winner`` / ``policy_error_loser`` = mean_k of the raw policy errors.
+    """
+    policy = _check_errors(policy, "policy")
+    ref = _check_errors(ref, "ref")
+    if policy.winner.shape != ref.winner.shape:
+        raise ValueError(
+            f"policy errors {tuple(policy.winner.shape)} and ref errors {tuple(ref.winner.shape)} differ in shape"
+        )
+    scale = -0.5 * beta  # Diffusion-DPO `scale_term`
+    reward_w = scale * (policy.winner - ref.winner)  # [B, K]
+    reward_l = scale * (policy.loser - ref.loser)  # [B, K]
+    logits = reward_w - reward_l  # [B, K] = −(β/2)·Δ
+    with torch.no_grad():
+        margin = logits.mean(dim=1)
+        metrics = {
+            "margin": margin,
+            "reward_winner": reward_w.mean(dim=1),
+            "reward_loser": reward_l.mean(dim=1),
+            "accuracy": (margin > 0).to(logits.dtype),
+            "policy_error_winner": policy.winner.mean(dim=1),
+            "policy_error_loser": policy.loser.mean(dim=1),
+        }
+    return logits, metrics
+
+
+def _logistic_outside(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """``mean_k −log σ(−(β/2)·Δ_k)``: the expectation over t outside ℓ (Diffusion-DPO = SPIN-approx)."""
+    logits, metrics = _logits(policy, ref, beta)
+    return -F.logsigmoid(logits).mean(dim=1), metrics
+
+
+def sft_loss(policy_winner: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Supervised fine-tuning on the real images: the plain denoising loss, averaged over timesteps.
+
+    Args:
+        policy_winner: ``[B, K]`` (or ``[B]`` for K = 1) policy errors on the real images.
+
+    Returns:
+        Per-sample loss ``[B]`` = mean over K, and ``{"policy_error_winner": [B]}`` (detached).
+
+    Raises:
+        ValueError: if the input is not 1-D or 2-D.
+    """
+    errors = _as_2d(policy_winner, "policy_winner")
+    loss = errors.mean(dim=1)
+    return loss, {"policy_error_winner": loss.detach()}
+
+
+def dpo_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Diffusion-DPO loss (Wallace et al. 2023, Eq. 14, https://huggingface.co/papers/2311.12908).
+
+    ``L = mean_k −log σ(−(β/2)·[(e^θ_w − e^ref_w) − (e^θ_l − e^ref_l)]_k)``, i.e. one logistic per
+    timestep, then the mean over the K timesteps (the reference code uses K = 1). Here ``winner`` /
+    ``loser`` are the preferred / rejected images of a human preference pair and ``ref`` is the frozen
+    base model. β is in ``--beta_dpo`` units (module docstring); larger β = stronger preference signal,
+    weaker implicit KL to the reference.
+
+    Args:
+        policy: errors of the trained model, ``[B, K]`` each (``[B]`` = K = 1).
+        ref: errors of the frozen reference at the same timesteps and noise, same shape.
+        beta: inverse temperature β > 0.
+
+    Returns:
+        Per-sample loss ``[B]`` and metrics ``margin``, ``reward_winner``, ``reward_loser``, ``accuracy``,
+        ``policy_error_winner``, ``policy_error_loser`` (each ``[B]``, detached).
+
+    Raises:
+        ValueError: if shapes disagree or are not 1-D/2-D.
+    """
+    return _logistic_outside(policy, ref, beta)
+
+
+def spin_approx_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Approximate SPIN-Diffusion objective, Eq. (4.9) of https://huggingface.co/papers/2402.10210.
+
+    ``L = mean_k −log σ(−(β/2)·Δ_k)``: the expectation over t sits OUTSIDE the logistic ℓ. By Jensen
+    (ℓ convex) this upper-bounds the exact objective (4.8), and the trajectory terms are replaced by the
+    forward process on the final images, so only x_0 (real) and x'_0 (θ_k's sample) are needed. It is
+    exactly Diffusion-DPO (:func:`dpo_loss`, same implementation) with winner = real image, loser = θ_k's
+    sample for the same prompt, and ref = θ_k (the frozen opponent), not the base model.
+
+    Args:
+        policy: errors of θ (being trained), ``[B, K]`` each (``[B]`` = K = 1), on forward-noised
+            real (winner) and generated (loser) latents.
+        ref: errors of θ_k at the same timesteps and noise, same shape.
+        beta: inverse temperature β > 0, in Diffusion-DPO ``--beta_dpo`` units (module docstring).
+
+    Returns:
+        Per-sample loss ``[B]`` and the metrics of :func:`dpo_loss`.
+
+    Raises:
+        ValueError: if shapes disagree or are not 1-D/2-D.
+    """
+    return _logistic_outside(policy, ref, beta)
+
+
+def spin_exact_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Exact SPIN-Diffusion objective, Eq. (4.8) of https://huggingface.co/papers/2402.10210.
+
+    ``L = −log σ(−(β/2)·mean_k Δ_k)``: the expectation over t sits INSIDE the logistic ℓ, because (4.8)
+    is the SPIN objective on the log-likelihood ratio of the whole trajectory x_{0:T}, a sum over steps
+    that the paper writes as T·E_t[...]. The factor T is folded into β, so K = 1 gives exactly
+    :func:`spin_approx_loss` and :func:`dpo_loss`, and ``exact ≤ approx`` on the same inputs (Jensen).
+
+    What the caller (the trainer) must supply, since this function only sees the errors:
+
+    - Loser (generated) errors are taken against ε̃'_t = (x'_{t−1} − A_t x'_t)/B_t, built from two
+      consecutive latents of θ_k's stored sampling trajectory, where x_{t−1} = A_t x_t + B_t ε + σ_t z is
+      the sampler's step (for DDIM, A_t = √ᾱ_{t−1}/√ᾱ_t and B_t = √(1−ᾱ_{t−1}−σ_t²) − A_t√(1−ᾱ_t)),
+      evaluated at the stored x'_t, not at a forward-noised x'_0.
+    - Winner (real) errors use the forward process on the real image, where ε̃_t reduces to the forward
+      noise ε as σ_t → 0.
+    - Any per-step weight w_t = B_t²/(2σ_t²) is not applied here; like (4.9) and Diffusion-DPO, it is
+      treated as a constant folded into β.
+
+    The paper averages over all T sampling steps inside ℓ; averaging a random subsample of K steps is
+    a biased estimator of that (ℓ is non-linear): by Jensen its expectation lies between the
+    full-trajectory exact loss (K = T) and the approximate loss (K = 1), and the bias shrinks as K grows.
+
+    Args:
+        policy: errors of θ (being trained), ``[B, K]`` each (``[B]`` = K = 1), at K steps of the
+            trajectory.
+        ref: errors of θ_k at the same steps, same shape.
+        beta: inverse temperature β > 0, in Diffusion-DPO ``--beta_dpo`` units (module docstring).
+
+    Returns:
+        Per-sample loss ``[B]`` and the metrics of :func:`dpo_loss` (``margin`` is exactly the logit
+        inside ℓ here, so ``loss = −log σ(margin)``).
+
+    Raises:
+        ValueError: if shapes disagree or are not 1-D/2-D.
+    """
+    logits, metrics = _logits(policy, ref, beta)
+    return -F.logsigmoid(logits.mean(dim=1)), metrics

@@ -1,0 +1,327 @@
+"""Seeded, batched DDIM sampling with classifier-free guidance, and the sharded writer of opponent samples.
+
+The opponent θ_k draws one image per training prompt. Every draw is keyed by ``sample_seed(run_seed,
+iteration, prompt_index)`` alone, so regenerating one prompt, changing the batch size or resuming after a
+kill gives bit-identical latents. Samples are kept as latents (never decoded and re-encoded) and, for the
+exact objective, with the whole trajectory x'_T … x'_0 plus the sampler's schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from spin_diffusion.errors import SpinDiffusionError
+
+META_FILE = "meta.json"
+
+
+def sample_seed(run_seed: int, iteration: int, prompt_index: int) -> int:
+    """A 63-bit seed that depends only on (run seed, iteration, prompt index)."""
+    state = np.random.SeedSequence([run_seed, iteration, prompt_index]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def ddim_scheduler(scheduler_config: dict) -> DDIMScheduler:
+    """The sampler used for opponent and evaluation images: DDIM on the model's own noise schedule."""
+    return DDIMScheduler.from_config(scheduler_config)
+
+
+class SampleOutput(NamedTuple):
+    latents: torch.Tensor  # [B, C, h, w] final x'_0 (scaled latents, as the UNet sees them)
+    trajectory: torch.Tensor | None  # [B, S+1, C, h, w]: x'_T, x'_{t_1}, …, x'_0 in sampling order
+    timesteps: torch.Tensor  # [S] scheduler timesteps, in sampling order (descending)
+
+
+def initial_noise(seeds: list[int], latent_shape: tuple[int, int, int]) -> torch.Tensor:
+    """x_T for each seed, drawn on the CPU so the result is the same on every device. -> [B, C, h, w]"""
+    return torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def sample(
+    unet: Callable[..., object],
+    scheduler_config: dict,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    *,
+    seeds: list[int],
+    latent_shape: tuple[int, int, int],
+    num_steps: int,
+    guidance_scale: float,
+    eta: float = 0.0,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """DDIM sampling with classifier-free guidance.
+
+    Args:
+        unet: a diffusers UNet2DConditionModel (or any callable with its signature returning `.sample`).
+        scheduler_config: the model's scheduler config; sampling always uses DDIM on that noise schedule.
+        prompt_embeds: `[B, L, D]` text embeddings.
+        negative_embeds: `[B, L, D]` or `[1, L, D]` unconditional embeddings; needed when guidance_scale != 1.
+        seeds: one seed per sample; sample i depends on seeds[i] only (batch-size invariant).
+        latent_shape: `(C, h, w)`.
+        eta: DDIM η; the per-step noise (η > 0) is also drawn from each sample's own generator.
+    """
+    batch = prompt_embeds.shape[0]
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
+    param = next(unet.parameters())  # type: ignore[attr-defined]
+    device, dtype = param.device, param.dtype
+    scheduler = ddim_scheduler(scheduler_config)
+    scheduler.set_timesteps(num_steps)
+    use_cfg = guidance_scale != 1.0
+    cond = prompt_embeds.to(device, dtype)
+    if use_cfg:
+        if negative_embeds is None:
+            raise ValueError("guidance_scale != 1 needs negative_embeds")
+        uncond = negative_embeds.to(device, dtype).expand(batch, -1, -1)
+        context = torch.cat([uncond, cond])
+    generators = [torch.Generator().manual_seed(s + 1) for s in seeds]  # per-step noise, distinct from x_T
+    latents = (initial_noise(seeds, latent_shape) * scheduler.init_noise_sigma).to(device, torch.float32)
+    trajectory = [latents.cpu()] if return_trajectory else None
+
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(latents, t).to(dtype)
+        if use_cfg:
+            out = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=context).sample.float()
+            uncond_out, cond_out = out.chunk(2)
+            model_out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        else:
+            model_out = unet(model_in, t, encoder_hidden_states=cond).sample.float()
+        variance_noise = None
+        if eta > 0:
+            variance_noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+        latents = scheduler.step(model_out, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
+        if trajectory is not None:
+            trajectory.append(latents.cpu())
+
+    traj = torch.stack(trajectory, dim=1) if trajectory is not None else None
+    return SampleOutput(latents=latents.cpu(), trajectory=traj, timesteps=scheduler.timesteps.cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded, resumable generation of the opponent's samples
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What identifies a set of opponent samples; stored in meta.json and checked on resume."""
+
+    run_seed: int
+    iteration: int
+    num_prompts: int
+    num_steps: int
+    guidance_scale: float
+    eta: float
+    latent_shape: tuple[int, int, int]
+    store_trajectory: bool
+    shard_size: int
+
+    def to_json(self) -> dict:
+        d = self.__dict__.copy()
+        d["latent_shape"] = list(self.latent_shape)
+        return d
+
+
+def _shard_path(out_dir: Path, shard: int) -> Path:
+    return out_dir / f"shard_{shard:05d}.safetensors"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict) -> None:
+    sched = ddim_scheduler(scheduler_config)
+    sched.set_timesteps(spec.num_steps)
+    meta = {
+        "spec": spec.to_json(),
+        "timesteps": sched.timesteps.tolist(),
+        "alphas_cumprod": sched.alphas_cumprod.tolist(),
+        "final_alpha_cumprod": float(sched.final_alpha_cumprod),
+        "num_train_timesteps": int(sched.config.num_train_timesteps),
+    }
+    path = out_dir / META_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old["spec"] != meta["spec"]:
+            raise SpinDiffusionError(
+                f"{out_dir} holds samples made with other settings ({old['spec']}); "
+                "delete that folder or restore the original config to resume"
+            )
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, path)
+
+
+def generate_shards(
+    unet: Callable[..., object],
+    scheduler_config: dict,
+    prompt_embeds: torch.Tensor,
+    negative_embed: torch.Tensor | None,
+    out_dir: str | Path,
+    spec: GenerationSpec,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> None:
+    """Sample one image per prompt with θ_k and write `shard_XXXXX.safetensors` files to `out_dir`.
+
+    Each shard holds `indices [n]`, `latents [n, C, h, w]` and, when `spec.store_trajectory`, `trajectory
+    [n, S+1, C, h, w]`. Finished shards are skipped, so a killed run resumes where it stopped; shards are
+    written atomically. With several processes, process `rank` takes shards `rank, rank + world_size, …`.
+
+    Args:
+        prompt_embeds: `[N, L, D]` embeddings of all training prompts (N == spec.num_prompts).
+        negative_embed: `[1, L, D]` unconditional embedding for guidance.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = prompt_embeds.shape[0]
+    if n != spec.num_prompts:
+        raise ValueError(f"spec says {spec.num_prompts} prompts, got {n} embeddings")
+    if rank == 0:
+        _write_meta(out, spec, scheduler_config)
+    num_shards = math.ceil(n / spec.shard_size)
+    todo = [s for s in range(rank, num_shards, world_size) if not _shard_path(out, s).exists()]
+    bar = tqdm(total=sum(min(spec.shard_size, n - s * spec.shard_size) for s in todo), desc=f"generate θ_{spec.iteration}",
+               disable=not progress, unit="img")
+    for shard in todo:
+        lo, hi = shard * spec.shard_size, min(n, (shard + 1) * spec.shard_size)
+        latents, trajs = [], []
+        for start in range(lo, hi, batch_size):
+            idx = list(range(start, min(hi, start + batch_size)))
+            result = sample(
+                unet,
+                scheduler_config,
+                prompt_embeds[idx],
+                negative_embed,
+                seeds=[sample_seed(spec.run_seed, spec.iteration, i) for i in idx],
+                latent_shape=spec.latent_shape,
+                num_steps=spec.num_steps,
+                guidance_scale=spec.guidance_scale,
+                eta=spec.eta,
+                return_trajectory=spec.store_trajectory,
+            )
+            latents.append(result.latents)
+            if result.trajectory is not None:
+                trajs.append(result.trajectory)
+            bar.update(len(idx))
+        tensors = {"indices": torch.arange(lo, hi), "latents": torch.cat(latents)}
+        if trajs:
+            tensors["trajectory"] = torch.cat(trajs)
+        _atomic_save(tensors, _shard_path(out, shard))
+    bar.close()
+
+
+def is_complete(out_dir: str | Path, num_prompts: int, shard_size: int) -> bool:
+    out = Path(out_dir)
+    return (out / META_FILE).exists() and all(
+        _shard_path(out, s).exists() for s in range(math.ceil(num_prompts / shard_size))
+    )
+
+
+@dataclass
+class GeneratedSet:
+    """The opponent's samples for every training prompt, in prompt order."""
+
+    latents: torch.Tensor  # [N, C, h, w]
+    trajectory: torch.Tensor | None  # [N, S+1, C, h, w]
+    timesteps: torch.Tensor  # [S] sampling timesteps, descending
+    alphas_cumprod: torch.Tensor  # [T_train] ᾱ of the noise schedule
+    final_alpha_cumprod: float  # ᾱ used after the last step (DDIM's set_alpha_to_one)
+    eta: float
+
+
+def load_generated(out_dir: str | Path) -> GeneratedSet:
+    """Read all shards of a finished generation folder (see generate_shards)."""
+    out = Path(out_dir)
+    meta_path = out / META_FILE
+    if not meta_path.exists():
+        raise SpinDiffusionError(f"no generated samples in {out} (missing {META_FILE}); run the generate phase first")
+    meta = json.loads(meta_path.read_text())
+    spec = meta["spec"]
+    n, shard_size = spec["num_prompts"], spec["shard_size"]
+    latents: list[torch.Tensor] = []
+    trajs: list[torch.Tensor] = []
+    for shard in range(math.ceil(n / shard_size)):
+        path = _shard_path(out, shard)
+        if not path.exists():
+            raise SpinDiffusionError(f"generation in {out} is incomplete ({path.name} missing); rerun with --resume")
+        tensors = load_file(str(path))
+        expected = torch.arange(shard * shard_size, min(n, (shard + 1) * shard_size))
+        if not torch.equal(tensors["indices"], expected):
+            raise SpinDiffusionError(f"{path} holds unexpected prompt indices; delete it and rerun with --resume")
+        latents.append(tensors["latents"])
+        if "trajectory" in tensors:
+            trajs.append(tensors["trajectory"])
+    return GeneratedSet(
+        latents=torch.cat(latents),
+        trajectory=torch.cat(trajs) if trajs else None,
+        timesteps=torch.tensor(meta["timesteps"], dtype=torch.long),
+        alphas_cumprod=torch.tensor(meta["alphas_cumprod"], dtype=torch.float64),
+        final_alpha_cumprod=float(meta["final_alpha_cumprod"]),
+        eta=float(spec["eta"]),
+    )
+
+
+def ddim_coefficients(
+    timesteps: torch.Tensor, step_index: torch.Tensor, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_t and B_t of the DDIM step x_{t-1} = A_t x_t + B_t ε + σ_t z used by `sample`.
+
+    A_t = sqrt(ᾱ_prev / ᾱ_t),  B_t = sqrt(1 - ᾱ_prev - σ_t²) - sqrt(ᾱ_prev (1 - ᾱ_t) / ᾱ_t), with
+    σ_t = η sqrt((1 - ᾱ_prev)/(1 - ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev) (Song et al. 2021, Eq. 12/16).
+
+    Args:
+        timesteps: `[S]` sampling timesteps in sampling order.
+        step_index: `[...]` integer indices into `timesteps` (the step from x_{t_i} to x_{t_{i+1}}).
+    Returns:
+        (A, B), each shaped like `step_index`, float64.
+    """
+    t = timesteps[step_index]
+    prev_index = step_index + 1
+    has_prev = prev_index < len(timesteps)
+    t_prev = timesteps[prev_index.clamp(max=len(timesteps) - 1)]
+    a_t = alphas_cumprod[t]
+    a_prev = torch.where(has_prev, alphas_cumprod[t_prev], torch.full_like(a_t, final_alpha_cumprod))
+    sigma2 = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    coef_a = (a_prev / a_t).sqrt()
+    coef_b = (1 - a_prev - sigma2).clamp(min=0).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt()
+    return coef_a, coef_b
+
+
+def implied_noise(
+    x_t: torch.Tensor, x_prev: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor
+) -> torch.Tensor:
+    """ε̃_t = (x_{t-1} - A_t x_t) / B_t: the noise the sampler effectively used on this step.
+
+    With η = 0 and no guidance this is exactly the opponent's ε-prediction at x_t; with guidance it is the
+    guided ε. It is the target of the exact SPIN objective on generated trajectories (METHOD.md §2.2).
+
+    Args:
+        x_t, x_prev: `[B, C, h, w]` consecutive trajectory latents.
+        coef_a, coef_b: `[B]` from `ddim_coefficients`.
+    """
+    shape = (-1,) + (1,) * (x_t.dim() - 1)
+    a = coef_a.reshape(shape).to(torch.float64)
+    b = coef_b.reshape(shape).to(torch.float64)
+    return ((x_prev.double() - a * x_t.double()) / b).to(x_t.dtype)

@@ -1,0 +1,285 @@
+"""The self-play loop (SPIN-Diffusion, Algorithm 1) and the sft / dpo baselines, with a resumable run dir.
+
+This is the only module that knows about iterations. For k = 0 … K-1:
+
+    generate:k    θ_k samples one image per training prompt        -> iter_k/generated/
+    train:k+1     θ_{k+1} learns to prefer real over θ_k's images   -> iter_{k+1}/train/, iter_{k+1}/model/
+    eval:k+1      θ_{k+1} is scored on the evaluation prompts      -> iter_{k+1}/eval.json
+
+(plus eval:0 for the base model). Every phase writes its outputs first and then appends its name to
+state.json, so `run(cfg, resume=True)` after a kill at any moment skips finished phases, and a phase
+killed half way picks up its own partial work (generation shards, training checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from spin_diffusion import data as data_lib
+from spin_diffusion import models, sampling, trainer
+from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
+from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.model_eval import EvalSet, evaluate_unet
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+
+
+def iter_dir(run_dir: Path, k: int) -> Path:
+    return run_dir / f"iter_{k:02d}"
+
+
+class RunState:
+    """The list of finished phases, persisted atomically in run_dir/state.json."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / STATE_FILE
+        self.completed: list[str] = []
+        self.info: dict = {}
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                raise SpinDiffusionError(f"{self.path} is corrupt; restore it or start a new run dir") from None
+            self.completed = list(saved.get("completed", []))
+            self.info = dict(saved.get("info", {}))
+
+    def done(self, phase: str) -> bool:
+        return phase in self.completed
+
+    def mark(self, phase: str, **info: object) -> None:
+        if phase not in self.completed:
+            self.completed.append(phase)
+        if info:
+            self.info[phase] = info
+        if PartialState().is_main_process:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"completed": self.completed, "info": self.info}, indent=1))
+            os.replace(tmp, self.path)
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diff = _first_difference(va, vb, f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif va != vb:
+            return f"{prefix}{key}: {va!r} (saved) vs {vb!r} (now)"
+    return None
+
+
+def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
+    """Create the run dir (fresh) or check it (resume). Returns the run dir."""
+    run_dir = Path(cfg.run_dir)
+    saved_cfg = run_dir / CONFIG_FILE
+    if saved_cfg.exists():
+        if not resume:
+            raise SpinDiffusionError(
+                f"{run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir"
+            )
+        diff = _first_difference(read_yaml(saved_cfg), to_dict(cfg))
+        if diff:
+            raise SpinDiffusionError(f"--resume with a config that differs from the saved one ({diff})")
+    elif resume and (run_dir / STATE_FILE).exists():
+        raise SpinDiffusionError(f"{run_dir} has no {CONFIG_FILE}; cannot resume it")
+    if PartialState().is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not saved_cfg.exists():
+            save_config(cfg, saved_cfg)
+    PartialState().wait_for_everyone()
+    return run_dir
+
+
+def load_saved_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise SpinDiffusionError(f"no run to resume in {run_dir} (missing {CONFIG_FILE})")
+    return config_from_dict(read_yaml(path))
+
+
+def load_base_components(cfg: RunConfig) -> models.Components:
+    if cfg.model.path is not None:
+        return models.load_components(cfg.model.path)
+    return models.build_preset(cfg.model.preset, seed=cfg.seed)
+
+
+def model_id(cfg: RunConfig) -> str:
+    """Identifies the frozen parts (VAE, text encoder) for the latent cache key."""
+    if cfg.model.path is not None:
+        return f"path:{Path(cfg.model.path).resolve()}"
+    return f"preset:{cfg.model.preset}:seed={cfg.seed}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    iterations: int
+    metrics: dict[int, dict[str, float]]  # iteration -> metrics
+    wall_seconds: float
+    report: Path | None
+
+
+def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
+    """Run SPIN-Diffusion (objective spin_approx / spin_exact) or a baseline (sft / dpo) end to end."""
+    started = time.perf_counter()
+    state_ = PartialState()
+    run_dir = prepare_run_dir(cfg, resume=resume)
+    state = RunState(run_dir)
+    objective = cfg.loss.objective
+    self_play = objective in ("spin_approx", "spin_exact")
+    num_iterations = cfg.num_iterations if self_play else 1
+
+    # 1. Model, data, cached latents and embeddings (computed once per run dir)
+    c = load_base_components(cfg)
+    c.text_encoder.to(state_.device)
+    if c.vae is not None:
+        c.vae.to(state_.device)
+    resolution = cfg.data.resolution or c.resolution
+    if objective == "dpo":
+        pairs = data_lib.load_preference_pairs(cfg.data)
+        cache = data_lib.build_pair_cache(c, pairs, run_dir / "cache" / "pairs", resolution=resolution,
+                                          batch_size=cfg.data.encode_batch_size, model_id=model_id(cfg))
+        captions = cache.captions
+    else:
+        images = data_lib.load_captioned_images(cfg.data)
+        cache = data_lib.build_latent_cache(c, images, run_dir / "cache" / "real", resolution=resolution,
+                                            batch_size=cfg.data.encode_batch_size, model_id=model_id(cfg))
+        captions = cache.captions
+    negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
+
+    eval_set = None
+    if cfg.eval.enabled and state_.is_main_process:
+        eval_set = _eval_set(cfg, c, captions, None if objective == "dpo" else images)
+
+    def evaluate(k: int, unet: torch.nn.Module) -> None:
+        phase = f"eval:{k}"
+        if eval_set is not None and not state.done(phase):
+            baseline = None
+            base_eval = iter_dir(run_dir, 0) / "eval.json"
+            if k > 0 and base_eval.exists():
+                baseline = json.loads(base_eval.read_text())["scores"]
+            result = evaluate_unet(cfg, c, unet, eval_set, negative_embed, iter_dir(run_dir, k), baseline=baseline)
+            state.mark(phase, **result["metrics"])
+        state_.wait_for_everyone()
+
+    # 2. Find where we are: the newest finished model is the current opponent θ_k
+    start = 0
+    while start < num_iterations and state.done(f"train:{start + 1}"):
+        start += 1
+    opponent = c.unet if start == 0 else _load_unet(iter_dir(run_dir, start) / "model")
+    opponent.to(state_.device)
+    if not state.done("eval:0"):
+        evaluate(0, c.unet if start == 0 else load_base_components(cfg).unet.to(state_.device))
+
+    for k in range(start, num_iterations):
+        data = trainer.TrainData(winner=cache.latents if objective != "dpo" else cache.winner_latents,
+                                 prompt_embeds=cache.prompt_embeds)
+        # 3. generate:k — θ_k's own image for every training prompt
+        if self_play:
+            gen_dir = iter_dir(run_dir, k) / "generated"
+            phase = f"generate:{k}"
+            if not state.done(phase):
+                spec = sampling.GenerationSpec(
+                    run_seed=cfg.seed, iteration=k, num_prompts=len(captions), num_steps=cfg.sample.num_steps,
+                    guidance_scale=cfg.sample.guidance_scale, eta=cfg.sample.eta,
+                    latent_shape=tuple(cache.latents.shape[1:]), store_trajectory=objective == "spin_exact",
+                    shard_size=cfg.sample.shard_size,
+                )
+                sampling.generate_shards(
+                    opponent, c.scheduler.config, cache.prompt_embeds, negative_embed, gen_dir, spec,
+                    batch_size=cfg.sample.batch_size, rank=state_.process_index, world_size=state_.num_processes,
+                    progress=progress,
+                )
+                state_.wait_for_everyone()
+                state.mark(phase)
+            generated = sampling.load_generated(gen_dir)
+            data.loser = generated.latents
+            if objective == "spin_exact":
+                data.loser_trajectory = generated.trajectory
+                data.sampler = trainer.SamplerSchedule(generated.timesteps, generated.alphas_cumprod,
+                                                       generated.final_alpha_cumprod, generated.eta)
+        elif objective == "dpo":
+            data.loser = cache.loser_latents
+
+        # 4. train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k
+        next_dir = iter_dir(run_dir, k + 1)
+        policy, ref = _policy_and_ref(cfg, opponent, needs_ref=objective != "sft")
+        result = trainer.train(
+            policy, ref, data, objective=objective, loss_cfg=cfg.loss, train_cfg=cfg.train,
+            noise_scheduler=c.noise_scheduler(), out_dir=next_dir / "train", seed=train_seed(cfg, k),
+            progress=progress,
+        )
+        if cfg.model.lora_rank > 0:
+            if state_.is_main_process:
+                models.save_lora(policy, next_dir / "lora")
+            policy = models.merge_lora(policy)
+        if state_.is_main_process:
+            models.save_pipeline(c, next_dir / "model", unet=policy)
+        state_.wait_for_everyone()
+        state.mark(f"train:{k + 1}", steps=result.steps, final_loss=result.final_loss,
+                   wall_seconds=round(result.wall_seconds, 2))
+        if state_.is_main_process:
+            trainer.remove_checkpoints(next_dir / "train")
+        del ref
+        opponent = policy.eval().requires_grad_(False)
+        evaluate(k + 1, opponent)
+
+    # 5. Report
+    report_path = None
+    if state_.is_main_process:
+        from spin_diffusion import report
+
+        report_path = report.write_report(report.collect_run(run_dir), run_dir)
+    metrics = {int(p.split(":")[1]): m for p, m in state.info.items() if p.startswith("eval:")}
+    return RunSummary(run_dir=run_dir, iterations=num_iterations, metrics=metrics,
+                      wall_seconds=time.perf_counter() - started, report=report_path)
+
+
+def train_seed(cfg: RunConfig, k: int) -> int:
+    """Seed of the training of θ_{k+1} (pair order and (t, ε) draws); distinct from every sampling seed."""
+    return int(np.random.SeedSequence([cfg.seed, k, 0, 1]).generate_state(1)[0])
+
+
+def _load_unet(model_dir: Path) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", local_files_only=True)
+
+
+def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: bool):
+    """θ_{k+1} starts as θ_k. Full fine-tuning: ref = frozen copy; LoRA: ref = the same UNet, adapters off."""
+    policy = opponent
+    policy.requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    if cfg.model.lora_rank > 0:
+        policy.requires_grad_(False)
+        models.add_lora(policy, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha or cfg.model.lora_rank,
+                        target_modules=list(cfg.model.lora_target_modules))
+        return policy, None
+    ref = models.frozen_copy(policy) if needs_ref else None
+    return policy, ref
+
+
+def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images) -> EvalSet:
+    if cfg.eval.prompts is not None:
+        prompts = data_lib.load_prompts(cfg.eval.prompts)[: cfg.eval.num_prompts]
+        reference: list[Image.Image] = []
+    else:
+        prompts = captions[: cfg.eval.num_prompts]
+        reference = [images.image(i) for i in range(len(prompts))] if images is not None else []
+    return EvalSet(prompts=prompts, embeds=models.encode_prompts(c, prompts), reference=reference)

@@ -1,0 +1,387 @@
+"""One explicit training loop for all four objectives: sft, dpo, spin_approx and spin_exact.
+
+The loop reads top to bottom: pick the pairs of this micro-step → draw (t, ε) once per pair → noise
+winner and loser with the same (t, ε) → policy errors (grad) and reference errors (no grad) → loss from
+spin_diffusion.losses → backward → clip → AdamW step. `accelerate` handles devices, mixed precision,
+gradient accumulation and distributed data parallelism; nothing else is hidden.
+
+The trainer does not know about self-play iterations: the caller hands it a policy, a frozen reference
+(or a LoRA policy whose disabled adapters are the reference) and tensors of cached latents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from spin_diffusion import losses
+from spin_diffusion.config import LossConfig, Objective, TrainConfig
+from spin_diffusion.models import adapters_disabled
+from spin_diffusion.sampling import ddim_coefficients, implied_noise
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class SamplerSchedule:
+    """The opponent's DDIM schedule, needed to turn stored trajectories into ε̃' targets (spin_exact)."""
+
+    timesteps: torch.Tensor  # [S] descending
+    alphas_cumprod: torch.Tensor  # [T_train]
+    final_alpha_cumprod: float
+    eta: float
+
+
+@dataclass
+class TrainData:
+    """Cached training tensors, row i = prompt i."""
+
+    winner: torch.Tensor  # [N, C, h, w] latents of the real (or preferred) images
+    prompt_embeds: torch.Tensor  # [N, L, D]
+    loser: torch.Tensor | None = None  # [N, C, h, w] latents of θ_k's sample (spin) or the rejected image (dpo)
+    loser_trajectory: torch.Tensor | None = None  # [N, S+1, C, h, w] θ_k's sampling chain (spin_exact)
+    sampler: SamplerSchedule | None = None  # spin_exact only
+
+    def __len__(self) -> int:
+        return self.winner.shape[0]
+
+    def check(self, objective: Objective) -> None:
+        n = len(self)
+        if self.prompt_embeds.shape[0] != n:
+            raise ValueError("winner and prompt_embeds differ in length")
+        if objective in ("dpo", "spin_approx") and (self.loser is None or self.loser.shape != self.winner.shape):
+            raise ValueError(f"{objective} needs loser latents shaped like the winners")
+        if objective == "spin_exact":
+            if self.loser_trajectory is None or self.sampler is None:
+                raise ValueError("spin_exact needs the opponent's trajectories and sampler schedule")
+            if self.loser_trajectory.shape[0] != n or self.loser_trajectory.shape[2:] != self.winner.shape[1:]:
+                raise ValueError("loser_trajectory must be [N, S+1, C, h, w] matching the winners")
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps taken in total (including steps before a resume)
+    resumed_from: int  # step of the checkpoint the run resumed from (0 = fresh)
+    final_loss: float  # mean loss of the last logging window
+    wall_seconds: float  # time spent in this call
+    log_path: Path
+
+
+def num_optimizer_steps(n: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """max_steps, or the steps that make `epochs` passes over n pairs."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(cfg.epochs * n / per_step))
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class _IndexStream:
+    """Pair indices for any micro-step, reproducible without state: epoch e visits a fixed permutation."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        out = []
+        for pos in range(start, start + count):
+            epoch, offset = divmod(pos, self.n)
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))}
+            out.append(self._perms[epoch][offset])
+        return torch.stack(out)
+
+
+def _to_epsilon(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Model output -> ε-prediction. For v-prediction ε = sqrt(ᾱ) v + sqrt(1-ᾱ) x_t."""
+    if prediction_type == "epsilon":
+        return pred
+    a = alpha_bar.reshape(-1, *([1] * (pred.dim() - 1))).to(pred.dtype)
+    return a.sqrt() * pred + (1 - a).sqrt() * x_t
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
+    found = [
+        (int(p.name[len(CHECKPOINT_PREFIX):]), p)
+        for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+    ]
+    return max(found) if found else None
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def remove_checkpoints(out_dir: str | Path) -> None:
+    """Delete the resumable checkpoints of a finished training (the exported model supersedes them)."""
+    shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
+
+
+def train(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    data: TrainData,
+    *,
+    objective: Objective,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    noise_scheduler: DDPMScheduler,
+    out_dir: str | Path,
+    seed: int,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `policy` in place on `data` with `objective`; resumes from the latest checkpoint in `out_dir`.
+
+    Args:
+        policy: the UNet being trained (full fine-tuning, or with a LoRA adapter added).
+        ref: the frozen reference θ_k; None for sft, or for a LoRA policy (reference = adapters disabled).
+        noise_scheduler: the training forward process (`Components.noise_scheduler()`).
+        out_dir: gets `train_log.jsonl`, `tensorboard/` and `checkpoints/step_XXXXXXX/`.
+        seed: seeds the pair order and the (t, ε) draws; the same seed gives the same run.
+    """
+    data.check(objective)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    log_path = out / "train_log.jsonl"
+    needs_ref = objective != "sft"
+    lora = bool(getattr(policy, "peft_config", None))
+    if needs_ref and ref is None and not lora:
+        raise ValueError(f"{objective} needs a reference model (or a LoRA policy)")
+    if ref is not None and ref is policy:
+        raise ValueError("policy and ref must be different objects; pass ref=None for a LoRA policy")
+
+    # 1. Accelerator, optimizer, schedule
+    accelerator = Accelerator(
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+    )
+    total_steps = num_optimizer_steps(len(data), train_cfg, accelerator.num_processes)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=train_cfg.learning_rate,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        eps=train_cfg.adam_epsilon,
+        weight_decay=train_cfg.weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        train_cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=train_cfg.warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
+    if ref is not None:
+        ref.to(accelerator.device)
+    device = accelerator.device
+    prediction_type = noise_scheduler.config.prediction_type
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+
+    # 2. Resume
+    start_step = 0
+    latest = _latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        start_step, path = latest
+        accelerator.load_state(str(path))
+        if accelerator.is_main_process:
+            _truncate_log(log_path, start_step)
+    elif accelerator.is_main_process and log_path.exists():
+        log_path.unlink()
+    accelerator.init_trackers("spin_diffusion", config={"objective": objective, "beta": loss_cfg.beta})
+
+    stream = _IndexStream(len(data), seed)
+    bsz, k_steps, world, rank = train_cfg.batch_size, loss_cfg.timesteps_per_pair, accelerator.num_processes, accelerator.process_index
+    ga = train_cfg.gradient_accumulation_steps
+    window: dict[str, list[float]] = defaultdict(list)
+    last_loss = float("nan")
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {objective}", disable=not (progress and accelerator.is_main_process))
+
+    policy.train()
+    for step in range(start_step, total_steps):
+        for micro in range(ga):
+            # 3. This micro-step's pairs and its (t, ε) draws, both keyed by (seed, step, micro, rank)
+            global_micro = step * ga + micro
+            idx = stream.take((global_micro * world + rank) * bsz, bsz)
+            gen = torch.Generator().manual_seed(_seed(seed, 1, global_micro, rank))
+            with accelerator.accumulate(policy):
+                loss, metrics = _micro_step_loss(
+                    policy, ref, data, idx, gen, objective=objective, loss_cfg=loss_cfg, k_steps=k_steps,
+                    alphas_cumprod=alphas_cumprod, num_train_timesteps=num_train_timesteps,
+                    prediction_type=prediction_type, noise_scheduler=noise_scheduler, accelerator=accelerator,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window["loss"].append(loss.detach().item())
+            for name, value in metrics.items():
+                window[name].append(value.float().mean().item())
+
+        # 4. Log, checkpoint
+        done = step + 1
+        bar.update(1)
+        if done % max(1, train_cfg.log_every) == 0 or done == total_steps:
+            record = {"step": done, "lr": lr_scheduler.get_last_lr()[0]}
+            record.update({k: float(np.mean(v)) for k, v in window.items()})
+            last_loss = record["loss"]
+            window.clear()
+            accelerator.log(record, step=done)
+            if accelerator.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+        if train_cfg.checkpoint_every > 0 and done % train_cfg.checkpoint_every == 0 and done < total_steps:
+            _save_checkpoint(accelerator, ckpt_dir, done)
+
+    bar.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if window:  # a resumed run that had nothing left to do still reports its last logged loss
+        last_loss = float(np.mean(window["loss"]))
+    elif math.isnan(last_loss) and log_path.exists():
+        lines = log_path.read_text().splitlines()
+        if lines:
+            last_loss = json.loads(lines[-1]).get("loss", float("nan"))
+    accelerator.unwrap_model(policy).eval()
+    return TrainResult(
+        steps=total_steps,
+        resumed_from=start_step,
+        final_loss=last_loss,
+        wall_seconds=time.perf_counter() - started,
+        log_path=log_path,
+    )
+
+
+def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int) -> None:
+    """Write checkpoints/step_N atomically and drop older ones."""
+    final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = ckpt_dir / f"tmp_{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            if p != final:
+                shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _micro_step_loss(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    data: TrainData,
+    idx: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    objective: Objective,
+    loss_cfg: LossConfig,
+    k_steps: int,
+    alphas_cumprod: torch.Tensor,
+    num_train_timesteps: int,
+    prediction_type: str,
+    noise_scheduler: DDPMScheduler,
+    accelerator: Accelerator,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss of one micro-batch of B pairs, each evaluated at K timesteps (rows are pair-major: b*K + k)."""
+    device = accelerator.device
+    b = idx.shape[0]
+    rows = idx.repeat_interleave(k_steps)  # [B*K]
+    winner = data.winner[rows].to(device)
+    context = data.prompt_embeds[rows].to(device)
+    noise = torch.randn(winner.shape, generator=gen).to(device)
+
+    # Timesteps: uniform over the training schedule, or over the opponent's sampling steps (spin_exact).
+    if objective == "spin_exact":
+        sampler = data.sampler
+        assert sampler is not None and data.loser_trajectory is not None
+        step_index = torch.randint(0, len(sampler.timesteps), (b * k_steps,), generator=gen)
+        t = sampler.timesteps[step_index].to(device)
+    else:
+        t = torch.randint(0, num_train_timesteps, (b * k_steps,), generator=gen).to(device)
+
+    winner_t = noise_scheduler.add_noise(winner, noise, t)
+    if objective == "sft":
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(winner, noise, t)
+        pred = policy(winner_t, t, encoder_hidden_states=context).sample
+        err = losses.denoise_error(pred, target).reshape(b, k_steps)
+        per_sample, metrics = losses.sft_loss(err)
+        return per_sample.mean(), metrics
+
+    # Loser branch: forward-noised final latent (dpo, spin_approx) or the stored chain (spin_exact).
+    if objective == "spin_exact":
+        traj = data.loser_trajectory[idx.repeat_interleave(k_steps)]  # [B*K, S+1, C, h, w]
+        rows_ar = torch.arange(b * k_steps)
+        loser_t = traj[rows_ar, step_index].to(device)
+        loser_prev = traj[rows_ar, step_index + 1].to(device)
+        coef_a, coef_b = ddim_coefficients(
+            sampler.timesteps, step_index, sampler.alphas_cumprod, sampler.final_alpha_cumprod, sampler.eta
+        )
+        loser_target = implied_noise(loser_t, loser_prev, coef_a.to(device), coef_b.to(device))
+        winner_target = noise  # the exact objective works in ε-space (METHOD.md §2.2)
+    else:
+        loser = data.loser[rows].to(device)
+        loser_noise = noise if loss_cfg.share_noise else torch.randn(loser.shape, generator=gen).to(device)
+        loser_t = noise_scheduler.add_noise(loser, loser_noise, t)
+        if prediction_type == "epsilon":
+            winner_target, loser_target = noise, loser_noise
+        else:
+            winner_target = noise_scheduler.get_velocity(winner, noise, t)
+            loser_target = noise_scheduler.get_velocity(loser, loser_noise, t)
+
+    model_in = torch.cat([winner_t, loser_t])
+    t2, context2 = torch.cat([t, t]), torch.cat([context, context])
+    target = torch.cat([winner_target, loser_target])
+    alpha_bar = alphas_cumprod[t2]
+
+    def errors(model: torch.nn.Module) -> losses.DenoiseErrors:
+        pred = model(model_in, t2, encoder_hidden_states=context2).sample
+        if objective == "spin_exact":
+            pred = _to_epsilon(pred.float(), model_in, alpha_bar, prediction_type)
+        err = losses.denoise_error(pred, target)  # [2*B*K]
+        err_winner, err_loser = err.chunk(2)
+        return losses.DenoiseErrors(winner=err_winner.reshape(b, k_steps), loser=err_loser.reshape(b, k_steps))
+
+    policy_err = errors(policy)
+    with torch.no_grad(), accelerator.autocast():
+        if ref is not None:
+            ref_err = errors(ref)
+        else:
+            with adapters_disabled(accelerator.unwrap_model(policy)):
+                ref_err = errors(accelerator.unwrap_model(policy))
+
+    loss_fn = {"dpo": losses.dpo_loss, "spin_approx": losses.spin_approx_loss, "spin_exact": losses.spin_exact_loss}
+    per_sample, metrics = loss_fn[objective](policy_err, ref_err, loss_cfg.beta)
+    return per_sample.mean(), metrics

@@ -1,0 +1,262 @@
+"""Unit tests for spin_diffusion.losses: hand-computed values and the invariants of DESIGN.md."""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from spin_diffusion import losses
+from spin_diffusion.losses import (
+    DenoiseErrors,
+    denoise_error,
+    dpo_loss,
+    sft_loss,
+    spin_approx_loss,
+    spin_exact_loss,
+)
+
+PREFERENCE_LOSSES = [dpo_loss, spin_approx_loss, spin_exact_loss]
+LossFn = Callable[[DenoiseErrors, DenoiseErrors, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+METRIC_NAMES = {"margin", "reward_winner", "reward_loser", "accuracy", "policy_error_winner", "policy_error_loser"}
+LOG2 = math.log(2.0)
+L_PLUS1 = math.log1p(math.exp(-1.0))  # ℓ(+1) = −log σ(1) = log(1 + e^{−1}) ≈ 0.3133
+L_MINUS1 = math.log1p(math.exp(1.0))  # ℓ(−1) = −log σ(−1) = log(1 + e^{+1}) ≈ 1.3133
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(16)
+
+
+def _random_errors(b: int, k: int, *, requires_grad: bool = False) -> DenoiseErrors:
+    """Positive errors around 1, like per-element MSEs of a unit-variance ε prediction."""
+    w = (torch.rand(b, k, dtype=torch.float64) + 0.5).requires_grad_(requires_grad)
+    l_ = (torch.rand(b, k, dtype=torch.float64) + 0.5).requires_grad_(requires_grad)
+    return DenoiseErrors(w, l_)
+
+
+def _hand_pair() -> tuple[DenoiseErrors, DenoiseErrors]:
+    """B = 2 pairs, K = 2 timesteps, for β = 2 (so the logit is z = −Δ).
+
+    Pair 0: policy.winner = [0, 2], ref.winner = [1, 1], losers all 1
+            -> Δ = [−1, +1] -> z = [+1, −1]   (the two timesteps disagree)
+    Pair 1: winners all 1, policy.loser = [2, 2], ref.loser = [1, 1]
+            -> Δ = [0 − 1, 0 − 1] = [−1, −1] -> z = [+1, +1]
+    """
+    policy = DenoiseErrors(torch.tensor([[0.0, 2.0], [1.0, 1.0]]), torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
+    ref = DenoiseErrors(torch.ones(2, 2), torch.ones(2, 2))
+    return policy, ref
+
+
+# --- hand-computed values ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_fn", [dpo_loss, spin_approx_loss])
+def test_logistic_outside_hand_values(loss_fn: LossFn) -> None:
+    """dpo / approx = mean_k ℓ(z_k).
+
+    Pair 0: (ℓ(+1) + ℓ(−1)) / 2 = (0.3133 + 1.3133) / 2 = 0.8133
+    Pair 1: (ℓ(+1) + ℓ(+1)) / 2 = ℓ(+1) = 0.3133
+    """
+    policy, ref = _hand_pair()
+    loss, _ = loss_fn(policy, ref, 2.0)
+    torch.testing.assert_close(loss, torch.tensor([(L_PLUS1 + L_MINUS1) / 2, L_PLUS1]))
+
+
+def test_exact_hand_values() -> None:
+    """exact = ℓ(mean_k z_k).
+
+    Pair 0: ℓ((+1 − 1) / 2) = ℓ(0) = log 2 = 0.6931  (< 0.8133 of approx: Jensen)
+    Pair 1: ℓ((+1 + 1) / 2) = ℓ(+1) = 0.3133        (= approx: z constant over k)
+    """
+    policy, ref = _hand_pair()
+    loss, _ = spin_exact_loss(policy, ref, 2.0)
+    torch.testing.assert_close(loss, torch.tensor([LOG2, L_PLUS1]))
+
+
+@pytest.mark.parametrize("loss_fn", PREFERENCE_LOSSES)
+def test_hand_metrics(loss_fn: LossFn) -> None:
+    """β = 2 -> scale −1.
+
+    reward_winner = −mean_k(policy.winner − ref.winner): pair 0 −mean(−1, +1) = 0; pair 1 0
+    reward_loser  = −mean_k(policy.loser − ref.loser):   pair 0 0;              pair 1 −mean(1, 1) = −1
+    margin = reward_winner − reward_loser = mean_k z_k = [0, 1]; accuracy = margin > 0 = [0, 1]
+    policy_error_winner = mean_k policy.winner = [1, 1]; policy_error_loser = [1, 2]
+    """
+    policy, ref = _hand_pair()
+    _, m = loss_fn(policy, ref, 2.0)
+    assert set(m) == METRIC_NAMES
+    torch.testing.assert_close(m["reward_winner"], torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(m["reward_loser"], torch.tensor([0.0, -1.0]))
+    torch.testing.assert_close(m["margin"], torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(m["accuracy"], torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(m["policy_error_winner"], torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(m["policy_error_loser"], torch.tensor([1.0, 2.0]))
+
+
+def test_beta_scales_logit_with_half() -> None:
+    """β = 5000, Δ = −4e-4 -> z = −(5000/2)·(−4e-4) = +1 -> loss ℓ(1) (Diffusion-DPO `scale_term = -0.5*beta`)."""
+    policy = DenoiseErrors(torch.tensor([0.1000]), torch.tensor([0.1004]))
+    ref = DenoiseErrors(torch.tensor([0.1000]), torch.tensor([0.1000]))
+    for loss_fn in PREFERENCE_LOSSES:
+        loss, m = loss_fn(policy, ref, 5000.0)
+        torch.testing.assert_close(loss, torch.tensor([L_PLUS1]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m["margin"], torch.tensor([1.0]), rtol=1e-4, atol=1e-4)
+
+
+def test_sft_hand_values() -> None:
+    """sft = mean_k policy.winner: [[1, 3], [2, 2]] -> [2, 2]; [B] input -> itself (K = 1)."""
+    errors = torch.tensor([[1.0, 3.0], [2.0, 2.0]], requires_grad=True)
+    loss, m = sft_loss(errors)
+    torch.testing.assert_close(loss, torch.tensor([2.0, 2.0]))
+    assert set(m) == {"policy_error_winner"}
+    torch.testing.assert_close(m["policy_error_winner"], torch.tensor([2.0, 2.0]))
+    assert not m["policy_error_winner"].requires_grad
+    loss.sum().backward()
+    torch.testing.assert_close(errors.grad, torch.full((2, 2), 0.5))
+    torch.testing.assert_close(sft_loss(torch.tensor([0.25, 4.0]))[0], torch.tensor([0.25, 4.0]))
+
+
+# --- invariants ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_fn", PREFERENCE_LOSSES)
+@pytest.mark.parametrize("k", [1, 4])
+def test_policy_equals_ref_gives_log2(loss_fn: LossFn, k: int) -> None:
+    """At initialisation θ = θ_k, every Δ is exactly 0, so the loss is ℓ(0) = log 2 and nothing is 'accurate'."""
+    policy = _random_errors(8, k)
+    ref = DenoiseErrors(policy.winner.clone(), policy.loser.clone())
+    loss, m = loss_fn(policy, ref, 5000.0)
+    torch.testing.assert_close(loss, torch.full((8,), LOG2, dtype=torch.float64))
+    assert torch.all(m["margin"] == 0)
+    assert torch.all(m["accuracy"] == 0)
+
+
+def test_k1_all_preference_losses_agree() -> None:
+    policy, ref = _random_errors(16, 1), _random_errors(16, 1)
+    beta = 3.0
+    dpo, m_dpo = dpo_loss(policy, ref, beta)
+    approx, m_approx = spin_approx_loss(policy, ref, beta)
+    exact, m_exact = spin_exact_loss(policy, ref, beta)
+    torch.testing.assert_close(approx, dpo)
+    torch.testing.assert_close(exact, dpo)
+    for name in METRIC_NAMES:
+        torch.testing.assert_close(m_approx[name], m_dpo[name])
+        torch.testing.assert_close(m_exact[name], m_dpo[name])
+
+
+def test_dpo_equals_approx_for_k_gt_1() -> None:
+    """SPIN-approx is Diffusion-DPO with (real, generated, θ_k) roles; same math for any K."""
+    policy, ref = _random_errors(16, 5), _random_errors(16, 5)
+    torch.testing.assert_close(spin_approx_loss(policy, ref, 4.0)[0], dpo_loss(policy, ref, 4.0)[0])
+
+
+def test_approx_upper_bounds_exact() -> None:
+    """ℓ is convex, so mean_k ℓ(z_k) ≥ ℓ(mean_k z_k) (Jensen), strictly when the z_k differ."""
+    policy, ref = _random_errors(256, 4), _random_errors(256, 4)
+    beta = 4.0  # logits of order 1, where ℓ is clearly curved
+    approx, _ = spin_approx_loss(policy, ref, beta)
+    exact, _ = spin_exact_loss(policy, ref, beta)
+    assert torch.all(approx >= exact - 1e-12)
+    assert torch.any(approx > exact + 1e-3)
+
+
+def test_exact_equals_logistic_of_margin() -> None:
+    policy, ref = _random_errors(8, 3), _random_errors(8, 3)
+    loss, m = spin_exact_loss(policy, ref, 2.5)
+    torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(m["margin"]))
+    torch.testing.assert_close(m["margin"], m["reward_winner"] - m["reward_loser"])
+
+
+@pytest.mark.parametrize("loss_fn", PREFERENCE_LOSSES)
+def test_gradient_signs(loss_fn: LossFn) -> None:
+    """Lowering the error on the real image lowers the loss; lowering it on the generated image raises it."""
+    policy = _random_errors(8, 3, requires_grad=True)
+    ref = _random_errors(8, 3)
+    loss, m = loss_fn(policy, ref, 2.0)
+    loss.mean().backward()
+    assert torch.all(policy.winner.grad > 0)
+    assert torch.all(policy.loser.grad < 0)
+    for name, value in m.items():
+        assert value.shape == (8,), name
+        assert not value.requires_grad, name
+
+
+# --- shapes -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_fn", PREFERENCE_LOSSES)
+def test_1d_inputs_are_k1(loss_fn: LossFn) -> None:
+    policy, ref = _random_errors(6, 1), _random_errors(6, 1)
+    flat_policy = DenoiseErrors(policy.winner[:, 0], policy.loser[:, 0])
+    flat_ref = DenoiseErrors(ref.winner[:, 0], ref.loser[:, 0])
+    loss_2d, m_2d = loss_fn(policy, ref, 3.0)
+    loss_1d, m_1d = loss_fn(flat_policy, flat_ref, 3.0)
+    assert loss_1d.shape == (6,)
+    torch.testing.assert_close(loss_1d, loss_2d)
+    for name in METRIC_NAMES:
+        torch.testing.assert_close(m_1d[name], m_2d[name])
+
+
+@pytest.mark.parametrize("loss_fn", PREFERENCE_LOSSES)
+def test_bad_shapes_raise(loss_fn: LossFn) -> None:
+    good = _random_errors(4, 2)
+    with pytest.raises(ValueError, match="differ in shape"):  # winner vs loser
+        loss_fn(DenoiseErrors(torch.rand(4, 2), torch.rand(4, 3)), good, 1.0)
+    with pytest.raises(ValueError, match="differ in shape"):  # policy vs ref
+        loss_fn(good, _random_errors(4, 3), 1.0)
+    with pytest.raises(ValueError, match=r"\[B, K\]"):  # 3-D
+        loss_fn(DenoiseErrors(torch.rand(4, 2, 1), torch.rand(4, 2, 1)), good, 1.0)
+    with pytest.raises(ValueError, match=r"\[B, K\]"):  # 0-D
+        loss_fn(DenoiseErrors(torch.tensor(1.0), torch.tensor(1.0)), good, 1.0)
+
+
+def test_sft_bad_shape_raises() -> None:
+    with pytest.raises(ValueError, match=r"\[B, K\]"):
+        sft_loss(torch.rand(2, 3, 4))
+
+
+# --- denoise_error ------------------------------------------------------------------------------------------
+
+
+def test_denoise_error_is_per_sample_mean() -> None:
+    pred, target = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
+    expected = torch.stack([((pred[i] - target[i]) ** 2).sum() / (4 * 5 * 6) for i in range(3)])
+    out = denoise_error(pred, target)
+    assert out.shape == (3,) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+
+
+def test_denoise_error_bf16_upcasts_to_float32() -> None:
+    pred = torch.randn(2, 4, 8, 8).to(torch.bfloat16).requires_grad_(True)
+    target = torch.randn(2, 4, 8, 8).to(torch.bfloat16)
+    out = denoise_error(pred, target)
+    assert out.dtype == torch.float32
+    expected = (pred.detach().float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert pred.grad is not None and pred.grad.dtype == torch.bfloat16
+
+
+def test_denoise_error_shape_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="differ in shape"):
+        denoise_error(torch.rand(2, 3), torch.rand(2, 4))
+
+
+# --- layering -----------------------------------------------------------------------------------------------
+
+
+def test_losses_imports_only_torch() -> None:
+    tree = ast.parse(open(losses.__file__, encoding="utf-8").read())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "losses.py must not use relative imports"
+            roots.add((node.module or "").split(".")[0])
+    assert roots <= {"torch", "typing", "math", "__future__"}, roots
