@@ -135,7 +135,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Sampling seed (the same noise for every model).")] = 0,
 ):
     """Generate images for a prompt set with each model and score them (mean, median, win rate vs baseline)."""
-    from spin_diffusion.evaluate_models import evaluate_models
+    from spin_diffusion.model_eval import evaluate_models
 
     paths = {}
     for item in scorer_path or []:

@@ -117,6 +117,7 @@ class EvalConfig:
     """Evaluation after each iteration."""
 
     enabled: bool = True
+    include_base: bool = True  # also score the starting model (iteration 0); win rates are against it
     prompts: str | None = None  # prompt file (.txt/.csv/.jsonl/.parquet); None -> the first training captions
     num_prompts: int = 64  # how many prompts to score
     scorers: tuple[str, ...] = ()  # e.g. ("pickscore", "clip"); () -> the default for the data (shapes judge, or none)

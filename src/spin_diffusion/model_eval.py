@@ -79,10 +79,12 @@ def evaluate_unet(
     scores = evaluation.score_images(images, eval_set.prompts, scorers)
     base = {k: torch.tensor(v) for k, v in baseline.items()} if baseline else None
     summary = evaluation.summarize(scores, base, higher_is_better={s.name: s.higher_is_better for s in scorers})
-    metrics = {f"{name}_{stat}": value for name, stats in summary.items() for stat, value in stats.items()}
-    if cfg.data.builtin == "shapes" and eval_set.reference:
+    metrics = evaluation.flat_metrics(summary)
+    if cfg.data.builtin == "shapes":
         from spin_diffusion.demo import world
 
+        metrics.update({f"judge_{k}": v for k, v in world.judge_batch(images, eval_set.prompts).items()})
+    if cfg.data.builtin == "shapes" and len(eval_set.reference) >= 2:
         metrics["fd"] = world.frechet_distance(
             world.image_features(world.pil_to_tensor(images)), world.image_features(world.pil_to_tensor(eval_set.reference))
         )
@@ -98,3 +100,81 @@ def evaluate_unet(
     return result
 
 
+
+
+def evaluate_models(
+    model_dirs: list[Path],
+    prompts_path: Path,
+    *,
+    scorers: list[str],
+    scorer_paths: dict[str, str],
+    baseline: int,
+    out_dir: Path,
+    num_prompts: int | None,
+    num_steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    seed: int,
+) -> str:
+    """`spin-diffusion evaluate`: every model renders every prompt with the same noise, then is scored.
+
+    Writes out_dir/eval.json (mean, median, win rate vs the baseline model per scorer), scores.safetensors
+    per model, a grid per model, table.md and report.html. Returns the table.
+    """
+    from spin_diffusion import data as data_lib
+    from spin_diffusion import evaluation
+    from spin_diffusion.errors import SpinDiffusionError
+    from spin_diffusion.report import ModelEntry, ReportData, make_grid, write_report
+
+    if not model_dirs:
+        raise SpinDiffusionError("give at least one --model folder")
+    if not 0 <= baseline < len(model_dirs):
+        raise SpinDiffusionError(f"--baseline {baseline} is not an index into the {len(model_dirs)} --model folders")
+    prompts = data_lib.load_prompts(prompts_path)[:num_prompts]
+    built = [evaluation.build_scorer(n, scorer_paths.get(n)) for n in scorers]  # fail early on missing weights
+    names = _unique_names(model_dirs)
+    seeds = [sampling.sample_seed(seed, 0, i) for i in range(len(prompts))]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    all_scores: dict[str, dict[str, torch.Tensor]] = {}
+    for name, path in zip(names, model_dirs, strict=True):
+        c = models.load_components(path)
+        for module in (c.unet, c.text_encoder, c.vae):
+            if module is not None:
+                module.to(device)
+        embeds = models.encode_prompts(c, prompts)
+        negative = models.encode_prompts(c, [""])
+        images = render_images(c, c.unet.eval(), embeds, negative, seeds=seeds, num_steps=num_steps,
+                               guidance_scale=guidance_scale, batch_size=batch_size)
+        make_grid(images[:32], ncol=8, scale=max(1, 64 // max(images[0].size))).save(out_dir / f"{name}_grid.png")
+        all_scores[name] = evaluation.score_images(images, prompts, built)
+        evaluation.write_scores(out_dir / f"{name}_scores.safetensors", all_scores[name])
+        del c, images
+
+    higher = {s.name: s.higher_is_better for s in built}
+    base_name = names[baseline]
+    results = {
+        name: evaluation.summarize(scores, None if name == base_name else all_scores[base_name], higher_is_better=higher)
+        for name, scores in all_scores.items()
+    }
+    evaluation.write_eval_json(out_dir / "eval.json", {"prompts": str(prompts_path), "num_prompts": len(prompts),
+                                                       "baseline": base_name, "results": results})
+    table = evaluation.format_table(results, baseline=base_name)
+    (out_dir / "table.md").write_text(table + "\n")
+    entries = [ModelEntry(name=name, metrics=evaluation.flat_metrics(results[name]), grid=f"{name}_grid.png",
+                          step=i, group="models", captions=prompts[:32]) for i, name in enumerate(names)]
+    summary = f"{len(prompts)} prompts from {prompts_path}; win rates against {base_name} (ties count half)."
+    write_report(ReportData(title="spin-diffusion evaluate", summary=summary, models=entries,
+                            lower_is_better={k for k, v in higher.items() if not v}, baseline=base_name), out_dir)
+    return table
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Readable, distinct names for model folders: the shortest path suffix that tells them apart."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["_".join(p[-depth:]).replace("/", "_") for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"model{i}" for i in range(len(paths))]

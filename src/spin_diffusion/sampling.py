@@ -145,7 +145,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict) -> None:
+def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, check_only: bool = False) -> None:
+    """Write meta.json, or check that an existing one holds the same spec; `check_only` never writes."""
     sched = ddim_scheduler(scheduler_config)
     sched.set_timesteps(spec.num_steps)
     meta = {
@@ -163,6 +164,8 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict) -> 
                 f"{out_dir} holds samples made with other settings ({old['spec']}); "
                 "delete that folder or restore the original config to resume"
             )
+        return
+    if check_only:
         return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(meta))
@@ -197,8 +200,9 @@ def generate_shards(
     n = prompt_embeds.shape[0]
     if n != spec.num_prompts:
         raise ValueError(f"spec says {spec.num_prompts} prompts, got {n} embeddings")
-    if rank == 0:
-        _write_meta(out, spec, scheduler_config)
+    # Every rank checks an existing meta.json: otherwise rank > 0 would add shards made with other settings
+    # to a folder that rank 0 refuses, and a later resume with the original settings would keep them.
+    _write_meta(out, spec, scheduler_config, check_only=rank != 0)
     num_shards = math.ceil(n / spec.shard_size)
     todo = [s for s in range(rank, num_shards, world_size) if not _shard_path(out, s).exists()]
     bar = tqdm(total=sum(min(spec.shard_size, n - s * spec.shard_size) for s in todo), desc=f"generate θ_{spec.iteration}",
@@ -291,18 +295,21 @@ def ddim_coefficients(
     A_t = sqrt(ᾱ_prev / ᾱ_t),  B_t = sqrt(1 - ᾱ_prev - σ_t²) - sqrt(ᾱ_prev (1 - ᾱ_t) / ᾱ_t), with
     σ_t = η sqrt((1 - ᾱ_prev)/(1 - ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev) (Song et al. 2021, Eq. 12/16).
 
+    ᾱ_prev is taken at t - T_train // S, exactly as `DDIMScheduler.step` does, and is `final_alpha_cumprod`
+    when that is negative. This equals the next sampling timestep only for evenly spaced schedules ("leading",
+    or "trailing" with S dividing T_train); "linspace" and other "trailing" schedules step elsewhere.
+
     Args:
         timesteps: `[S]` sampling timesteps in sampling order.
         step_index: `[...]` integer indices into `timesteps` (the step from x_{t_i} to x_{t_{i+1}}).
+        alphas_cumprod: `[T_train]` ᾱ of the training noise schedule (its length is T_train).
     Returns:
         (A, B), each shaped like `step_index`, float64.
     """
     t = timesteps[step_index]
-    prev_index = step_index + 1
-    has_prev = prev_index < len(timesteps)
-    t_prev = timesteps[prev_index.clamp(max=len(timesteps) - 1)]
+    t_prev = t - len(alphas_cumprod) // len(timesteps)  # DDIMScheduler.step's prev_timestep
     a_t = alphas_cumprod[t]
-    a_prev = torch.where(has_prev, alphas_cumprod[t_prev], torch.full_like(a_t, final_alpha_cumprod))
+    a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], torch.full_like(a_t, final_alpha_cumprod))
     sigma2 = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     coef_a = (a_prev / a_t).sqrt()
     coef_b = (1 - a_prev - sigma2).clamp(min=0).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt()

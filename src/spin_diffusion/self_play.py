@@ -152,20 +152,20 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         c.vae.to(state_.device)
     resolution = cfg.data.resolution or c.resolution
     if objective == "dpo":
-        pairs = data_lib.load_preference_pairs(cfg.data)
-        cache = data_lib.build_pair_cache(c, pairs, run_dir / "cache" / "pairs", resolution=resolution,
-                                          batch_size=cfg.data.encode_batch_size, model_id=model_id(cfg))
-        captions = cache.captions
+        images = data_lib.load_preference_pairs(cfg.data)
+        build, cache_dir = data_lib.build_pair_cache, run_dir / "cache" / "pairs"
     else:
-        images = data_lib.load_captioned_images(cfg.data)
-        cache = data_lib.build_latent_cache(c, images, run_dir / "cache" / "real", resolution=resolution,
-                                            batch_size=cfg.data.encode_batch_size, model_id=model_id(cfg))
-        captions = cache.captions
+        images = data_lib.load_captioned_images(cfg.data, seed=cfg.seed)
+        build, cache_dir = data_lib.build_latent_cache, run_dir / "cache" / "real"
+    with state_.main_process_first():  # rank 0 encodes; the other ranks then read its cache
+        cache = build(c, images, cache_dir, resolution=resolution, batch_size=cfg.data.encode_batch_size,
+                      model_id=model_id(cfg))
+    captions = cache.captions
     negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
 
     eval_set = None
     if cfg.eval.enabled and state_.is_main_process:
-        eval_set = _eval_set(cfg, c, captions, None if objective == "dpo" else images)
+        eval_set = _eval_set(cfg, c, captions, images)
 
     def evaluate(k: int, unet: torch.nn.Module) -> None:
         phase = f"eval:{k}"
@@ -184,7 +184,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         start += 1
     opponent = c.unet if start == 0 else _load_unet(iter_dir(run_dir, start) / "model")
     opponent.to(state_.device)
-    if not state.done("eval:0"):
+    if cfg.eval.include_base and not state.done("eval:0"):
         evaluate(0, c.unet if start == 0 else load_base_components(cfg).unet.to(state_.device))
 
     for k in range(start, num_iterations):
@@ -242,7 +242,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
 
     # 5. Report
     report_path = None
-    if state_.is_main_process:
+    if state_.is_main_process and cfg.eval.enabled:
         from spin_diffusion import report
 
         report_path = report.write_report(report.collect_run(run_dir), run_dir)
@@ -281,5 +281,5 @@ def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images)
         reference: list[Image.Image] = []
     else:
         prompts = captions[: cfg.eval.num_prompts]
-        reference = [images.image(i) for i in range(len(prompts))] if images is not None else []
+        reference = [images.image(i) for i in range(len(prompts))] if hasattr(images, "image") else []
     return EvalSet(prompts=prompts, embeds=models.encode_prompts(c, prompts), reference=reference)

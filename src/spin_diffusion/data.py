@@ -1,0 +1,865 @@
+"""Training data: (image, caption) sources, preference pairs, prompt files, and the latent + embedding cache.
+
+Sources (``DataConfig.path``), detected in this order:
+
+* a ``datasets`` folder written by ``save_to_disk`` (``dataset_info.json`` / ``state.json`` /
+  ``dataset_dict.json``; a DatasetDict uses its ``train`` split);
+* an image folder with ``metadata.jsonl`` or ``metadata.csv`` whose rows name a ``file_name`` (relative to
+  the folder) and a caption;
+* parquet / arrow file(s): one file, a folder of ``*.parquet`` / ``*.arrow`` or a glob.
+  The image column may be an ``Image()`` feature, a ``{"bytes", "path"}`` dict, raw bytes or a file path.
+
+``DataConfig.builtin == "shapes"`` is the procedural demo world instead of a path.
+
+Captions are read and checked when the source is loaded; images are decoded only when asked for, so an
+unreadable file surfaces as a :class:`SpinDiffusionError` naming it when ``image(i)`` is called (the cache
+builder calls it for every example once).
+
+The cache (:func:`build_latent_cache`, :func:`build_pair_cache`) encodes every image with the VAE and every
+caption with the text encoder once, stores the tensors as safetensors plus a json marker keyed by
+(data fingerprint, resolution, model identity), and reuses them while the key matches.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from spin_diffusion.config import DataConfig
+from spin_diffusion.errors import SpinDiffusionError
+
+if TYPE_CHECKING:
+    from spin_diffusion.models import Components
+
+logger = logging.getLogger(__name__)
+
+CAPTION_FALLBACKS = ("text", "caption", "prompt")  # tried after DataConfig.caption_column, in this order
+PROMPT_COLUMNS = ("prompt", "caption", "text")  # load_prompts: first one present wins
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGEFOLDER_COLUMN = "file_name"
+PICKAPIC_COLUMNS = ("jpg_0", "jpg_1", "label_0")  # label_0 == 1 -> jpg_0 preferred; 0.5 = tie (dropped)
+CACHE_VERSION = 1
+
+_DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy; transparent pixels are composited on white (not black, which is what convert('RGB') gives)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _open_image(src: Path | bytes, where: str) -> Image.Image:
+    if isinstance(src, Path) and not src.is_file():
+        raise SpinDiffusionError(f"image file not found: {src} ({where}); restore the file or fix the reference")
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))  # camera photos: apply the EXIF orientation
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        what = str(src) if isinstance(src, Path) else "bytes"
+        raise SpinDiffusionError(
+            f"cannot read image {what} ({where}): {_one_line(err)}; replace the file or remove its row"
+        ) from err
+
+
+def _decode_cell(value: Any, base_dir: Path | None, where: str) -> Image.Image:
+    """A table cell -> RGB image. Cells: PIL image, {"bytes", "path"} dict, bytes, or a path string."""
+
+    def from_path(p: str | os.PathLike) -> Image.Image:
+        path = Path(p).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return _open_image(path, where)
+
+    if isinstance(value, Image.Image):
+        return _to_rgb(value)
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return _open_image(bytes(value["bytes"]), where)
+        if value.get("path"):
+            return from_path(value["path"])
+        raise SpinDiffusionError(f"{where} has an empty image (no bytes and no path); fill it in or remove the row")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _open_image(bytes(value), where)
+    if isinstance(value, (str, os.PathLike)):
+        if not str(value).strip():
+            raise SpinDiffusionError(f"{where} has an empty image path; fill it in or remove the row")
+        return from_path(value)
+    if value is None:
+        raise SpinDiffusionError(f"{where} has no image; fill it in or remove the row")
+    raise SpinDiffusionError(
+        f"{where} holds a {type(value).__name__}, not an image; expected an Image feature, bytes or a file path"
+    )
+
+
+def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to ``resolution`` (bicubic, antialiased), center-crop -> ``[3, R, R]`` in [-1, 1]."""
+    if resolution < 1:
+        raise SpinDiffusionError(f"resolution must be >= 1, got {resolution}")
+    img = _to_rgb(img) if img.mode != "RGB" else img
+    w, h = img.size
+    if min(w, h) != resolution:
+        scale = resolution / min(w, h)
+        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        img = img.resize(size, resample=Image.Resampling.BICUBIC)
+        w, h = img.size
+    left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+    if (w, h) != (resolution, resolution):
+        img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.array(img, dtype=np.uint8)  # [H, W, 3], a copy (writable)
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables: rows of one source with lazily decoded image cells
+
+
+def _stat(path: Path, where: str) -> list[Any]:
+    try:
+        st = path.stat()
+    except OSError:
+        raise SpinDiffusionError(
+            f"image file not found: {path} ({where}); restore the file or fix the reference"
+        ) from None
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+class _Table:
+    name: str
+    columns: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def where(self, row: int) -> str:
+        raise NotImplementedError
+
+    def values(self, column: str) -> list[Any]:
+        """Every value of a (small, non-image) column, eagerly."""
+        raise NotImplementedError
+
+    def image(self, column: str, row: int) -> Image.Image:
+        raise NotImplementedError
+
+    def check_images_present(self, column: str, rows: Sequence[int]) -> None:
+        """Cheap eager check that image references exist (metadata files only)."""
+
+    def identity(self, cells: Sequence[tuple[str, int]]) -> Any:
+        """JSON-able identity of the source data behind these image cells."""
+        raise NotImplementedError
+
+
+class _MetadataTable(_Table):
+    """An image folder: rows of metadata.jsonl / metadata.csv; image cells are file names relative to `root`."""
+
+    def __init__(self, meta_path: Path) -> None:
+        self.root = meta_path.parent
+        self.meta_path = meta_path
+        self.name = str(meta_path)
+        self.rows: list[dict[str, Any]] = []
+        self.lines: list[int] = []
+        columns: dict[str, None] = {}
+        if meta_path.suffix.lower() == ".jsonl":
+            with open(meta_path, encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise SpinDiffusionError(
+                            f"{meta_path}: line {lineno} is not valid JSON ({err.msg}); write one JSON object per line"
+                        ) from None
+                    if not isinstance(obj, dict):
+                        raise SpinDiffusionError(
+                            f"{meta_path}: line {lineno} is not a JSON object; write one object per line, "
+                            'e.g. {"file_name": "0.png", "text": "a red circle"}'
+                        )
+                    self.rows.append(obj)
+                    self.lines.append(lineno)
+                    columns.update(dict.fromkeys(obj))
+        else:
+            with open(meta_path, encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f)
+                columns.update(dict.fromkeys(c for c in reader.fieldnames or [] if c))
+                for row in reader:
+                    self.rows.append({k: v for k, v in row.items() if k is not None})
+                    self.lines.append(reader.line_num)
+        self.columns = list(columns)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def where(self, row: int) -> str:
+        return f"line {self.lines[row]} of {self.meta_path}"
+
+    def values(self, column: str) -> list[Any]:
+        return [row.get(column) for row in self.rows]
+
+    def _ref(self, column: str, row: int) -> str:
+        value = self.rows[row].get(column)
+        if value is None or not str(value).strip():
+            raise SpinDiffusionError(
+                f"{self.where(row)} has no '{column}'; give every row the image file name (relative to {self.root})"
+            )
+        return str(value)
+
+    def check_images_present(self, column: str, rows: Sequence[int]) -> None:
+        for r in rows:
+            self._ref(column, r)
+
+    def image(self, column: str, row: int) -> Image.Image:
+        return _decode_cell(self._ref(column, row), self.root, self.where(row))
+
+    def identity(self, cells: Sequence[tuple[str, int]]) -> Any:
+        files = {}
+        for column, row in cells:
+            ref = self._ref(column, row)
+            if ref not in files:
+                files[ref] = _stat(self.root / ref, self.where(row))[1:]
+        return {"kind": "imagefolder", "root": str(self.root.resolve()), "files": sorted(files.items())}
+
+
+class _DatasetTable(_Table):
+    """A `datasets.Dataset` (from save_to_disk, parquet or arrow); `files` are the source files on disk."""
+
+    def __init__(self, ds: Any, name: str, base_dir: Path, files: list[Path]) -> None:
+        self.ds = ds
+        self.name = name
+        self.base_dir = base_dir
+        self.files = files
+        self.columns = list(ds.column_names)
+        self._image_views: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def where(self, row: int) -> str:
+        return f"row {row} of {self.name}"
+
+    def values(self, column: str) -> list[Any]:
+        table = self.ds.select_columns([column]).with_format("arrow")[:]
+        return table.column(column).to_pylist()
+
+    def image(self, column: str, row: int) -> Image.Image:
+        view = self._image_views.get(column)
+        if view is None:
+            import datasets
+
+            view = self.ds.select_columns([column])
+            if isinstance(view.features[column], datasets.Image):
+                view = view.cast_column(column, datasets.Image(decode=False))  # decode here: errors name the row
+            self._image_views[column] = view
+        return _decode_cell(view[row][column], self.base_dir, f"{self.where(row)}, column '{column}'")
+
+    def identity(self, cells: Sequence[tuple[str, int]]) -> Any:
+        return {"kind": "datasets", "files": [_stat(f, self.name) for f in self.files]}
+
+
+class _MemoryTable(_Table):
+    """In-memory rows (the built-in demo world)."""
+
+    def __init__(self, name: str, data: dict[str, list[Any]], identity: dict[str, Any]) -> None:
+        self.name = name
+        self.data = data
+        self.columns = list(data)
+        self._identity = identity
+
+    def __len__(self) -> int:
+        return len(next(iter(self.data.values()))) if self.data else 0
+
+    def where(self, row: int) -> str:
+        return f"example {row} of {self.name}"
+
+    def values(self, column: str) -> list[Any]:
+        return list(self.data[column])
+
+    def image(self, column: str, row: int) -> Image.Image:
+        return _decode_cell(self.data[column][row], None, self.where(row))
+
+    def identity(self, cells: Sequence[tuple[str, int]]) -> Any:
+        h = hashlib.sha256()
+        for column, row in cells:
+            img = self.image(column, row)
+            h.update(f"{img.size}".encode())
+            h.update(img.tobytes())
+        return {"kind": "memory", **self._identity, "pixels": h.hexdigest()}
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _dataset_table(kind: str, files: list[Path], name: str, base_dir: Path) -> _DatasetTable:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad input file
+        raise SpinDiffusionError(f"cannot read {kind} data {name}: {_one_line(err)}; check the file(s)") from err
+    return _DatasetTable(ds, name, base_dir, files)
+
+
+def _saved_dataset_table(path: Path) -> _DatasetTable:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001
+        raise SpinDiffusionError(
+            f"cannot load the `datasets` folder {path}: {_one_line(err)}; re-save it with save_to_disk"
+        ) from err
+    name = str(path)
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        split = "train" if "train" in ds else (splits[0] if len(splits) == 1 else None)
+        if split is None:
+            raise SpinDiffusionError(
+                f"the `datasets` folder {path} has no 'train' split (splits: {', '.join(splits)}); "
+                "save the training split on its own or name it 'train'"
+            )
+        ds, name = ds[split], f"{path} (split '{split}')"
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return _DatasetTable(ds, name, path, files)
+
+
+def _table_files_in(directory: Path) -> list[Path]:
+    """Parquet (else arrow) files in a folder; in nested layouts (data/train-*.parquet) prefer 'train' files."""
+    for suffix in _TABLE_SUFFIXES:
+        files = sorted(directory.glob(f"*{suffix}"))
+        if not files:
+            files = sorted(directory.rglob(f"*{suffix}"))
+            train = [f for f in files if "train" in f.relative_to(directory).as_posix()]
+            files = train or files
+        if files:
+            return files
+    return []
+
+
+def _open_table(cfg: DataConfig) -> _Table:
+    if cfg.path is None:
+        raise SpinDiffusionError(
+            "no training data: set data.path (an image folder, a `datasets` folder or parquet/arrow files) "
+            "or data.builtin: shapes"
+        )
+    text = os.path.expanduser(cfg.path)
+    if _is_glob(text) and not Path(text).exists():
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise SpinDiffusionError(f"data.path {cfg.path} matches no files; fix the pattern")
+        kinds = {_TABLE_SUFFIXES.get(f.suffix.lower()) for f in files}
+        if len(kinds) != 1 or None in kinds:
+            raise SpinDiffusionError(f"data.path {cfg.path} must match only .parquet or only .arrow files")
+        return _dataset_table(kinds.pop(), files, cfg.path, files[0].parent)
+    path = Path(text)
+    if not path.exists():
+        raise SpinDiffusionError(
+            f"data.path not found: {path}; point it at an image folder, a `datasets` folder or parquet/arrow files"
+        )
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in _TABLE_SUFFIXES:
+            return _dataset_table(_TABLE_SUFFIXES[suffix], [path], str(path), path.parent)
+        if path.name in METADATA_FILES or suffix in (".jsonl", ".csv"):
+            return _MetadataTable(path)
+        raise SpinDiffusionError(
+            f"data.path {path} is not a folder, .parquet, .arrow, .jsonl or .csv file; point it at your data"
+        )
+    if any((path / m).is_file() for m in _DATASETS_MARKERS):
+        return _saved_dataset_table(path)
+    for meta in METADATA_FILES:
+        if (path / meta).is_file():
+            return _MetadataTable(path / meta)
+    files = _table_files_in(path)
+    if files:
+        kind = _TABLE_SUFFIXES[files[0].suffix.lower()]
+        return _dataset_table(kind, files, str(path), path)
+    raise SpinDiffusionError(
+        f"no metadata.jsonl or metadata.csv in the image folder {path}; add one with a 'file_name' and a 'text' "
+        "column per image (or point data.path at a `datasets` folder or parquet files)"
+    )
+
+
+def _check_max_samples(cfg: DataConfig) -> None:
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise SpinDiffusionError(f"data.max_samples must be >= 1 or null, got {cfg.max_samples}")
+
+
+def _check_not_empty(table: _Table, rows: Sequence[int], what: str = "rows") -> None:
+    if len(table) == 0:
+        raise SpinDiffusionError(f"the dataset {table.name} is empty (0 rows); add examples or fix data.path")
+    if not rows:
+        raise SpinDiffusionError(f"the dataset {table.name} has no usable {what}; add examples or fix data.path")
+
+
+def _column(table: _Table, preferred: str, fallbacks: Sequence[str], what: str, fix: str) -> str:
+    tried = list(dict.fromkeys([preferred, *fallbacks]))
+    for col in tried:
+        if col in table.columns:
+            return col
+    raise SpinDiffusionError(
+        f"no {what} column in {table.name}: tried {', '.join(tried)}; available columns: "
+        f"{', '.join(table.columns) or '(none)'}; {fix}"
+    )
+
+
+def _read_captions(table: _Table, column: str, rows: Sequence[int]) -> list[str]:
+    """Captions of `rows`, stripped; a list-valued cell (several captions per image) contributes its first one."""
+    values = table.values(column)
+    captions = []
+    for r in rows:
+        value = values[r]
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is None:
+            raise SpinDiffusionError(f"{table.where(r)} has no caption ('{column}'); add one or remove the row")
+        text = str(value).strip()
+        if not text:
+            raise SpinDiffusionError(
+                f"{table.where(r)} has an empty caption ('{column}'); write one or remove the row"
+            )
+        captions.append(text)
+    return captions
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (image, caption) sources
+
+
+@dataclass(eq=False)
+class CaptionedImages:
+    """An (image, caption) source. Captions are in memory (checked at load); images are decoded on demand."""
+
+    name: str
+    captions: list[str]
+    _table: _Table = field(repr=False)
+    _column: str = field(repr=False)
+    _rows: list[int] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def caption(self, i: int) -> str:
+        return self.captions[i]
+
+    def image(self, i: int) -> Image.Image:
+        """RGB image of example `i`; unreadable -> SpinDiffusionError naming the file/row."""
+        return self._table.image(self._column, self._rows[i])
+
+    def fingerprint(self) -> str:
+        """Stable hash of the data: source files (paths, sizes, mtimes) or pixels, the rows used and captions."""
+        cells = [(self._column, r) for r in self._rows]
+        return _digest(
+            {
+                "type": "captioned_images",
+                "source": self._table.identity(cells),
+                "column": self._column,
+                "rows": self._rows,
+                "captions": self.captions,
+            }
+        )
+
+
+def _builtin_images(cfg: DataConfig, seed: int) -> CaptionedImages:
+    if cfg.builtin != "shapes":
+        raise SpinDiffusionError(f"unknown data.builtin {cfg.builtin!r}; the built-in dataset is 'shapes'")
+    if cfg.num_builtin < 1:
+        raise SpinDiffusionError(f"data.num_builtin must be >= 1, got {cfg.num_builtin}")
+    from spin_diffusion.demo.world import make_examples
+
+    n = cfg.num_builtin if cfg.max_samples is None else min(cfg.num_builtin, cfg.max_samples)
+    examples = make_examples(n, seed=seed)  # a shorter list is a prefix of a longer one
+    name = f"builtin:shapes(n={cfg.num_builtin}, seed={seed})"
+    table = _MemoryTable(
+        name,
+        {"image": [img for img, _ in examples], "text": [cap for _, cap in examples]},
+        {"builtin": "shapes", "n": n, "seed": seed},
+    )
+    rows = list(range(len(table)))
+    _check_not_empty(table, rows)
+    return CaptionedImages(name, _read_captions(table, "text", rows), table, "image", rows)
+
+
+def load_captioned_images(cfg: DataConfig, *, seed: int = 0) -> CaptionedImages:
+    """The (image, caption) source described by ``cfg`` (``seed`` only affects ``builtin: shapes``)."""
+    _check_max_samples(cfg)
+    if cfg.builtin is not None:
+        return _builtin_images(cfg, seed)
+    table = _open_table(cfg)
+    rows = list(range(len(table)))[: cfg.max_samples]
+    _check_not_empty(table, rows)
+    if isinstance(table, _MetadataTable):
+        if IMAGEFOLDER_COLUMN not in table.columns:
+            raise SpinDiffusionError(
+                f"{table.name} has no '{IMAGEFOLDER_COLUMN}' column (columns: {', '.join(table.columns)}); "
+                "add the image file name of every row"
+            )
+        image_column = IMAGEFOLDER_COLUMN
+    else:
+        image_column = _column(table, cfg.image_column, (), "image", "set data.image_column")
+    caption_column = _column(table, cfg.caption_column, CAPTION_FALLBACKS, "caption", "set data.caption_column")
+    table.check_images_present(image_column, rows)
+    captions = _read_captions(table, caption_column, rows)
+    return CaptionedImages(table.name, captions, table, image_column, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs (Diffusion-DPO)
+
+
+@dataclass(eq=False)
+class PreferencePairs:
+    """(caption, winner image, loser image) triples; images are decoded on demand."""
+
+    name: str
+    captions: list[str]
+    _table: _Table = field(repr=False)
+    _rows: list[int] = field(repr=False)
+    _columns: tuple[str, str] = field(repr=False)  # (first, second) image columns
+    _swapped: list[bool] = field(repr=False)  # True: the second column holds the winner in that row
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def caption(self, i: int) -> str:
+        return self.captions[i]
+
+    def _cols(self, i: int) -> tuple[str, str]:
+        first, second = self._columns
+        return (second, first) if self._swapped[i] else (first, second)
+
+    def winner(self, i: int) -> Image.Image:
+        return self._table.image(self._cols(i)[0], self._rows[i])
+
+    def loser(self, i: int) -> Image.Image:
+        return self._table.image(self._cols(i)[1], self._rows[i])
+
+    def fingerprint(self) -> str:
+        cells = []
+        for i, r in enumerate(self._rows):
+            w, lo = self._cols(i)
+            cells += [(w, r), (lo, r)]
+        return _digest(
+            {
+                "type": "preference_pairs",
+                "source": self._table.identity(cells),
+                "columns": list(self._columns),
+                "rows": self._rows,
+                "swapped": self._swapped,
+                "captions": self.captions,
+            }
+        )
+
+
+def load_preference_pairs(cfg: DataConfig) -> PreferencePairs:
+    """Caption + winner + loser per row: columns ``cfg.winner_column`` / ``cfg.loser_column`` (file names in an
+    image folder), or the Pick-a-Pic layout (``jpg_0``, ``jpg_1``, ``label_0``; ties ``label_0 == 0.5`` dropped)."""
+    _check_max_samples(cfg)
+    if cfg.builtin is not None:
+        raise SpinDiffusionError("preference pairs need data.path (the built-in shapes world has no pairs)")
+    table = _open_table(cfg)
+    columns = table.columns
+    if cfg.winner_column in columns and cfg.loser_column in columns:
+        pair_columns = (cfg.winner_column, cfg.loser_column)
+        rows = list(range(len(table)))
+        swapped = [False] * len(rows)
+    elif all(c in columns for c in PICKAPIC_COLUMNS):
+        pair_columns = ("jpg_0", "jpg_1")
+        rows, swapped = [], []
+        for r, label in enumerate(table.values("label_0")):
+            try:
+                label = float(label)
+            except (TypeError, ValueError):
+                raise SpinDiffusionError(
+                    f"{table.where(r)} has label_0={label!r}; Pick-a-Pic labels must be 0, 0.5 or 1"
+                ) from None
+            if label == 0.5:
+                continue  # tie: no preference
+            rows.append(r)
+            swapped.append(label < 0.5)  # label_0 == 0 -> jpg_1 wins
+    else:
+        raise SpinDiffusionError(
+            f"no preference columns in {table.name}: expected '{cfg.winner_column}' and '{cfg.loser_column}' "
+            f"(data.winner_column / data.loser_column) or Pick-a-Pic's {', '.join(PICKAPIC_COLUMNS)}; "
+            f"available columns: {', '.join(columns) or '(none)'}"
+        )
+    rows, swapped = rows[: cfg.max_samples], swapped[: cfg.max_samples]
+    _check_not_empty(table, rows, "preference pairs (ties are dropped)")
+    caption_column = _column(table, cfg.caption_column, CAPTION_FALLBACKS, "caption", "set data.caption_column")
+    for col in pair_columns:
+        table.check_images_present(col, rows)
+    captions = _read_captions(table, caption_column, rows)
+    return PreferencePairs(table.name, captions, table, rows, pair_columns, swapped)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt files
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts from .txt (one per line; blank lines skipped) or .csv / .jsonl / .parquet (column "prompt", else
+    "caption", else "text"; empty cells skipped)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SpinDiffusionError(f"prompt file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        values: list[Any] = p.read_text(encoding="utf-8-sig").splitlines()
+    elif suffix in (".csv", ".jsonl"):
+        table = _MetadataTable(p)
+        values = table.values(
+            _column(table, PROMPT_COLUMNS[0], PROMPT_COLUMNS[1:], "prompt", "name the column 'prompt'")
+        )
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(p).names
+        except Exception as err:  # noqa: BLE001
+            raise SpinDiffusionError(f"cannot read the parquet prompt file {p}: {_one_line(err)}") from err
+        col = next((c for c in PROMPT_COLUMNS if c in names), None)
+        if col is None:
+            raise SpinDiffusionError(
+                f"no prompt column in {p}: tried {', '.join(PROMPT_COLUMNS)}; available columns: {', '.join(names)}"
+            )
+        values = pq.read_table(p, columns=[col]).column(col).to_pylist()
+    else:
+        raise SpinDiffusionError(f"unsupported prompt file {p}: use .txt, .csv, .jsonl or .parquet")
+    prompts = [text for text in (str(v).strip() for v in values if v is not None) if text]
+    if not prompts:
+        raise SpinDiffusionError(f"no prompts in {p}; write at least one non-empty prompt")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latent + embedding cache
+
+
+@dataclass
+class LatentCache:
+    """Encoded (image, caption) data, ready for the UNet."""
+
+    latents: torch.Tensor  # [N, C, h, w] float32, VAE latents * scaling_factor (pixels in [-1, 1] without VAE)
+    prompt_embeds: torch.Tensor  # [N, L, D] float32
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+@dataclass
+class PairCache:
+    """Encoded preference pairs."""
+
+    winner_latents: torch.Tensor  # [N, C, h, w] float32
+    loser_latents: torch.Tensor  # [N, C, h, w] float32
+    prompt_embeds: torch.Tensor  # [N, L, D] float32
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _load_cached(tensor_path: Path, meta_path: Path, key: str, names: Sequence[str], n: int) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != key or not tensor_path.is_file():
+            return None
+        with safe_open(str(tensor_path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key or not set(names) <= set(f.keys()):
+                return None
+            tensors = {name: f.get_tensor(name) for name in names}
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
+        logger.info("cache %s is unusable (%s); rebuilding", meta_path.parent, _one_line(err))
+        return None
+    if any(t.shape[0] != n for t in tensors.values()):
+        return None
+    return tensors
+
+
+def _encode_all(
+    c: Components,
+    captions: list[str],
+    image_fns: dict[str, Callable[[int], Image.Image]],
+    *,
+    resolution: int,
+    batch_size: int,
+    desc: str,
+) -> dict[str, torch.Tensor]:
+    """One pass over the data: each `image_fns[name](i)` -> VAE latents `name` [N,C,h,w]; captions ->
+    `prompt_embeds` [N,L,D]. Outputs are float32 on the CPU, preallocated after the first batch."""
+    from tqdm.auto import tqdm
+
+    from spin_diffusion import models
+
+    n = len(captions)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, value: torch.Tensor, start: int) -> None:
+        value = value.detach().to("cpu", torch.float32)
+        if name not in out:
+            out[name] = torch.empty((n, *value.shape[1:]), dtype=torch.float32)
+        out[name][start : start + value.shape[0]] = value
+
+    with torch.no_grad(), tqdm(total=n, desc=desc, unit="ex", disable=None) as bar:
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            for name, fn in image_fns.items():
+                pixels = torch.stack([image_to_tensor(fn(i), resolution) for i in idx])
+                put(name, models.encode_images(c, pixels), start)
+            put("prompt_embeds", models.encode_prompts(c, [captions[i] for i in idx], batch_size=len(idx)), start)
+            bar.update(len(idx))
+    return out
+
+
+def _cached_encode(
+    c: Components,
+    kind: str,
+    captions: list[str],
+    image_fns: dict[str, Callable[[int], Image.Image]],
+    fingerprint: str,
+    cache_dir: Path,
+    *,
+    resolution: int,
+    batch_size: int,
+    model_id: str,
+    desc: str,
+) -> dict[str, torch.Tensor]:
+    if batch_size < 1:
+        raise SpinDiffusionError(f"data.encode_batch_size must be >= 1, got {batch_size}")
+    if resolution < 1 or resolution % getattr(c, "vae_scale_factor", 1):
+        raise SpinDiffusionError(
+            f"resolution {resolution} must be a positive multiple of the VAE scale factor "
+            f"{getattr(c, 'vae_scale_factor', 1)}; set data.resolution"
+        )
+    cache_dir = Path(cache_dir)
+    tensor_path, meta_path = cache_dir / f"{kind}.safetensors", cache_dir / f"{kind}.json"
+    names = [*image_fns, "prompt_embeds"]
+    key = _digest(
+        {"version": CACHE_VERSION, "kind": kind, "data": fingerprint, "resolution": resolution, "model": model_id}
+    )
+    cached = _load_cached(tensor_path, meta_path, key, names, len(captions)) if meta_path.is_file() else None
+    if cached is not None:
+        logger.info("reusing the %s cache in %s", kind, cache_dir)
+        return cached
+    tensors = _encode_all(c, captions, image_fns, resolution=resolution, batch_size=batch_size, desc=desc)
+
+    from safetensors.torch import save_file
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # the marker goes first: old marker + new tensors must never be trusted
+    tmp = tensor_path.with_name(f"{tensor_path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
+    os.replace(tmp, tensor_path)
+    meta = {
+        "version": CACHE_VERSION,
+        "key": key,
+        "kind": kind,
+        "data_fingerprint": fingerprint,
+        "resolution": resolution,
+        "model_id": model_id,
+        "num_examples": len(captions),
+        "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "captions": captions,
+    }
+    _write_json_atomic(meta_path, meta)
+    return tensors
+
+
+def build_latent_cache(
+    c: Components,
+    images: CaptionedImages,
+    cache_dir: Path,
+    *,
+    resolution: int,
+    batch_size: int,
+    model_id: str,
+) -> LatentCache:
+    """Encode every image (VAE) and caption (text encoder) once; reuse ``cache_dir`` while (data fingerprint,
+    resolution, ``model_id``) match, rebuild otherwise. ``model_id`` must identify the VAE + text encoder.
+
+    Files: ``latents.safetensors`` (``latents`` [N,C,h,w], ``prompt_embeds`` [N,L,D]) and ``latents.json``
+    (key, captions; written last). Call it from one process only (the main process under accelerate)."""
+    t = _cached_encode(
+        c,
+        "latents",
+        images.captions,
+        {"latents": images.image},
+        images.fingerprint(),
+        cache_dir,
+        resolution=resolution,
+        batch_size=batch_size,
+        model_id=model_id,
+        desc=f"encoding {images.name}",
+    )
+    return LatentCache(latents=t["latents"], prompt_embeds=t["prompt_embeds"], captions=list(images.captions))
+
+
+def build_pair_cache(
+    c: Components,
+    pairs: PreferencePairs,
+    cache_dir: Path,
+    *,
+    resolution: int,
+    batch_size: int,
+    model_id: str,
+) -> PairCache:
+    """:func:`build_latent_cache` for preference pairs: ``pairs.safetensors`` (``winner_latents``,
+    ``loser_latents``, ``prompt_embeds``) + ``pairs.json``."""
+    t = _cached_encode(
+        c,
+        "pairs",
+        pairs.captions,
+        {"winner_latents": pairs.winner, "loser_latents": pairs.loser},
+        pairs.fingerprint(),
+        cache_dir,
+        resolution=resolution,
+        batch_size=batch_size,
+        model_id=model_id,
+        desc=f"encoding {pairs.name}",
+    )
+    return PairCache(
+        winner_latents=t["winner_latents"],
+        loser_latents=t["loser_latents"],
+        prompt_embeds=t["prompt_embeds"],
+        captions=list(pairs.captions),
+    )

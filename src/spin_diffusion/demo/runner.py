@@ -1,0 +1,206 @@
+"""`spin-diffusion demo`: the whole method on a CPU in a few minutes, in the built-in shapes world.
+
+Stages (each resumable, each in its own folder under `out`):
+
+0. world/     rendered images: a 'web-scale' pretraining set whose captions are partly wrong (as web alt-text
+              is), and a small clean fine-tuning set of good (image, caption) pairs
+1. stage0/    the `demo` preset with its VAE fitted to the world (UNet still random)
+2. base/      the base model: the UNet pretrained with the plain denoising loss on the noisy set
+3. sft/       SFT baseline on the clean pairs
+4. spin/      SPIN-Diffusion on the same clean pairs, 2 iterations (iteration 0 = the base model)
+5. report.html  metric table, plots, training curves and image grids; results.json
+
+SFT and SPIN get the same optimizer steps and the same number of images per step (SFT: 2B real images;
+SPIN: B real + B self-generated). SPIN additionally pays for reference forwards and for generating its
+opponent's images; the report shows each stage's wall-clock time, so the comparison is explicit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from spin_diffusion import models
+from spin_diffusion.config import DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from spin_diffusion.demo import world
+from spin_diffusion.report import Curve, ModelEntry, ReportData, read_train_log, write_report
+from spin_diffusion.self_play import iter_dir, run
+
+# Sizes and budgets of the default demo (scale multiplies every step count).
+PRETRAIN_IMAGES = 2048  # noisy-caption pretraining corpus
+CAPTION_NOISE = 0.4  # fraction of pretraining captions that describe another scene
+FINETUNE_PAIRS = 256  # clean (image, caption) pairs for SFT and SPIN
+EVAL_PROMPTS = 96  # 2 per scene
+VAE_STEPS = 300
+BASE_STEPS = 500
+SPIN_ITERATIONS = 2
+STEPS_PER_ITERATION = 60
+PAIRS_PER_STEP = 16
+SAMPLE = SampleConfig(num_steps=20, guidance_scale=3.0, batch_size=64, shard_size=128)
+
+
+def _steps(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+def _write_world(out: Path, seed: int) -> tuple[Path, int]:
+    """The pretraining imagefolder with CAPTION_NOISE of its captions swapped for another scene's."""
+    folder = out / "world" / "pretrain"
+    if (folder / "metadata.jsonl").exists():
+        return folder, -1
+    tmp = folder.with_name("pretrain.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    scenes = world.all_scenes()
+    lines, wrong = [], 0
+    for i, (image, caption) in enumerate(world.make_examples(PRETRAIN_IMAGES, seed=seed + 1)):
+        if rng.random() < CAPTION_NOISE:
+            caption = rng.choice([s.caption for s in scenes if s.caption != caption])
+            wrong += 1
+        image.save(tmp / f"{i:05d}.png")
+        lines.append(json.dumps({"file_name": f"{i:05d}.png", "text": caption}))
+    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    os.replace(tmp, folder)
+    return folder, wrong
+
+
+def _stage0(out: Path, seed: int, scale: float) -> tuple[Path, dict]:
+    """The demo preset with a VAE fitted to the world, saved as a diffusers pipeline."""
+    from spin_diffusion.demo.pretrain import train_vae
+
+    folder = out / "stage0" / "model"
+    info_path = out / "stage0" / "vae.json"
+    if folder.exists() and info_path.exists():
+        return folder, json.loads(info_path.read_text())
+    c = models.build_preset("demo", seed=seed)
+    images = world.pil_to_tensor([img for img, _ in world.make_examples(1024, seed=seed + 2)]) * 2 - 1
+    info = train_vae(c, images, steps=_steps(VAE_STEPS, scale), seed=seed)
+    models.save_pipeline(c, folder)
+    info_path.write_text(json.dumps(info))
+    return folder, info
+
+
+def _config(run_dir: Path, model: Path, data: DataConfig, objective: str, *, seed: int, iterations: int, steps: int,
+            batch: int, lr: float, warmup: int, include_base: bool, eval_enabled: bool = True) -> RunConfig:
+    return RunConfig(
+        run_dir=str(run_dir),
+        seed=seed,
+        num_iterations=iterations,
+        model=ModelConfig(path=str(model)),
+        data=data,
+        sample=SAMPLE,
+        loss=LossConfig(objective=objective, beta=2000.0),
+        train=TrainConfig(learning_rate=lr, batch_size=batch, max_steps=steps, warmup_steps=warmup,
+                          lr_scheduler="constant_with_warmup", weight_decay=0.0, checkpoint_every=50, log_every=5),
+        eval=EvalConfig(enabled=eval_enabled, include_base=include_base, num_prompts=EVAL_PROMPTS, seed=seed + 99),
+    )
+
+
+def run_demo(out: str | Path = "demo_run", *, seed: int = 0, scale: float = 1.0, resume: bool = False,
+             progress: bool = True) -> Path:
+    """Run every demo stage (skipping finished ones when resume=True) and write out/report.html."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        from spin_diffusion.errors import SpinDiffusionError
+
+        raise SpinDiffusionError(f"{out} already holds a demo; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    pretrain_dir, _ = timed("world", lambda: _write_world(out, seed))
+    stage0, vae_info = timed("vae", lambda: _stage0(out, seed, scale))
+    clean = DataConfig(builtin="shapes", num_builtin=FINETUNE_PAIRS)
+    base_cfg = _config(out / "base", stage0, DataConfig(path=str(pretrain_dir)), "sft", seed=seed, iterations=1,
+                       steps=_steps(BASE_STEPS, scale), batch=32, lr=1e-3, warmup=20, include_base=False,
+                       eval_enabled=False)
+    timed("base", lambda: run(base_cfg, resume=(out / "base").exists(), progress=progress))
+    base_model = iter_dir(out / "base", 1) / "model"
+
+    spin_steps = _steps(STEPS_PER_ITERATION, scale)
+    sft_cfg = _config(out / "sft", base_model, clean, "sft", seed=seed, iterations=1,
+                      steps=spin_steps * SPIN_ITERATIONS, batch=2 * PAIRS_PER_STEP, lr=2e-4, warmup=5,
+                      include_base=False)
+    spin_cfg = _config(out / "spin", base_model, clean, "spin_approx", seed=seed, iterations=SPIN_ITERATIONS,
+                       steps=spin_steps, batch=PAIRS_PER_STEP, lr=2e-4, warmup=5, include_base=True)
+    timed("sft", lambda: run(sft_cfg, resume=(out / "sft").exists(), progress=progress))
+    timed("spin", lambda: run(spin_cfg, resume=(out / "spin").exists(), progress=progress))
+
+    data = _report_data(out, timings, vae_info, sft_cfg, spin_cfg)
+    (out / "results.json").write_text(json.dumps(data.to_dict(), indent=1))
+    return write_report(data, out)
+
+
+def _eval(run_dir: Path, k: int) -> dict:
+    return json.loads((iter_dir(run_dir, k) / "eval.json").read_text())
+
+
+def _win_rate(scores: list[float], base: list[float]) -> float:
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base, strict=True))
+    return wins / len(base)
+
+
+def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: RunConfig,
+                 spin_cfg: RunConfig) -> ReportData:
+    base = _eval(out / "spin", 0)
+    entries = [("base", "base", 0, base, out / "spin")]
+    entries.append(("sft", "sft", SPIN_ITERATIONS, _eval(out / "sft", 1), out / "sft"))
+    for k in range(1, SPIN_ITERATIONS + 1):
+        entries.append((f"spin iter {k}", "spin", k, _eval(out / "spin", k), out / "spin"))
+
+    base_scores = base["scores"]["shapes_judge"]
+    models_: list[ModelEntry] = []
+    for name, group, step, ev, run_dir in entries:
+        metrics = {key: value for key, value in ev["metrics"].items() if not key.startswith("shapes_judge")}
+        metrics["win_rate_vs_base"] = _win_rate(ev["scores"]["shapes_judge"], base_scores)
+        grid_k = 0 if name == "base" else (1 if group == "sft" else step)
+        models_.append(ModelEntry(name=name, metrics=metrics, group=group, step=step,
+                                  grid=str(iter_dir(run_dir, grid_k) / ev["grid"]), captions=ev.get("captions", [])))
+
+    curves: list[Curve] = []
+    for k in range(1, SPIN_ITERATIONS + 1):
+        curves += read_train_log(iter_dir(out / "spin", k) / "train" / "train_log.jsonl", prefix=f"spin iter {k} ")
+    curves += read_train_log(iter_dir(out / "sft", 1) / "train" / "train_log.jsonl", prefix="sft ")
+
+    final = {m.name: m.metrics for m in models_}
+    last = f"spin iter {SPIN_ITERATIONS}"
+    judged = "judge_all"
+    summary = (
+        f"Prompt fidelity (exact judge: color, shape and position all right) on {EVAL_PROMPTS} prompts: base "
+        f"{final['base'].get(judged, float('nan')):.3f}, SFT {final['sft'].get(judged, float('nan')):.3f}, "
+        f"SPIN iteration 1 {final['spin iter 1'].get(judged, float('nan')):.3f}, {last} "
+        f"{final[last].get(judged, float('nan')):.3f}. Fréchet distance to real images (lower is better): base "
+        f"{final['base'].get('fd', float('nan')):.2f}, SFT {final['sft'].get('fd', float('nan')):.2f}, {last} "
+        f"{final[last].get('fd', float('nan')):.2f}.\n"
+        f"SFT and SPIN ran the same number of optimizer steps ({sft_cfg.train.max_steps}) on the same "
+        f"{FINETUNE_PAIRS} clean pairs, with {sft_cfg.train.batch_size} images per step each; SPIN also generated "
+        f"{FINETUNE_PAIRS} images per iteration and ran reference forwards: wall-clock SFT {timings.get('sft')} s, "
+        f"SPIN {timings.get('spin')} s (SPIN's includes scoring the base model).\n"
+        "These are single-seed numbers from a tiny model in a toy world: they show that the pipeline works end to "
+        "end and how to read it, not a claim about Stable Diffusion."
+    )
+    labels = {
+        "judge_all": "judge: all correct", "judge_color": "judge: color", "judge_shape": "judge: shape",
+        "judge_position": "judge: position", "fd": "Fréchet distance", "win_rate_vs_base": "win rate vs base",
+    }
+    sections = [
+        ("Stage wall-clock (s)", json.dumps(timings, indent=1)),
+        ("VAE (stage 0)", json.dumps(vae_info, indent=1)),
+        ("Set-up", f"pretraining corpus: {PRETRAIN_IMAGES} images, {CAPTION_NOISE:.0%} wrong captions; "
+                   f"fine-tuning: {FINETUNE_PAIRS} clean pairs; sampler: DDIM {SAMPLE.num_steps} steps, CFG "
+                   f"{SAMPLE.guidance_scale}; SPIN β = {spin_cfg.loss.beta}, lr = {spin_cfg.train.learning_rate}"),
+    ]
+    return ReportData(title="spin-diffusion demo: SFT vs SPIN-Diffusion in the shapes world", summary=summary,
+                      models=models_, curves=curves, metric_labels=labels, lower_is_better={"fd"}, sections=sections,
+                      baseline="base")

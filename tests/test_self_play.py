@@ -1,0 +1,154 @@
+"""End-to-end self-play runs on the tiny preset: run-dir layout, export, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spin_diffusion.config import load_config
+from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.self_play import run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def _unet_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _unet_weights(a), _unet_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], msg=f"UNet weight {name} differs")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("spin") / "run"
+    cfg = load_config(TINY, [f"run_dir={run_dir}"])
+    summary = run(cfg, progress=False)
+    assert summary.run_dir == run_dir
+    return run_dir
+
+
+def test_run_dir_layout_and_state(finished_run: Path):
+    state = json.loads((finished_run / "state.json").read_text())
+    assert state["completed"] == ["eval:0", "generate:0", "train:1", "eval:1", "generate:1", "train:2", "eval:2"]
+    assert (finished_run / "config.yaml").exists()
+    assert (finished_run / "report.html").exists()
+    for k in (0, 1, 2):
+        ev = json.loads((finished_run / f"iter_{k:02d}" / "eval.json").read_text())
+        assert 0.0 <= ev["metrics"]["shapes_judge"] <= 1.0
+        assert len(ev["scores"]["shapes_judge"]) == 8
+        assert (finished_run / f"iter_{k:02d}" / "grid.png").exists()
+    ev2 = json.loads((finished_run / "iter_02" / "eval.json").read_text())
+    assert "shapes_judge_win_rate" in ev2["metrics"]  # against iteration 0
+    for k in (1, 2):
+        log = [json.loads(line) for line in (finished_run / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
+        assert [r["step"] for r in log] == [1, 2, 3, 4]
+        assert log[0]["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)  # policy == θ_k
+        assert not (finished_run / f"iter_{k:02d}" / "train" / "checkpoints").exists()  # superseded by model/
+
+
+def test_iterations_differ_and_generated_follow_opponent(finished_run: Path):
+    w1 = _unet_weights(finished_run / "iter_01" / "model")
+    w2 = _unet_weights(finished_run / "iter_02" / "model")
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    g0 = load_file(str(finished_run / "iter_00" / "generated" / "shard_00000.safetensors"))["latents"]
+    g1 = load_file(str(finished_run / "iter_01" / "generated" / "shard_00000.safetensors"))["latents"]
+    assert not torch.equal(g0, g1)
+
+
+def test_exported_iteration_loads_in_plain_diffusers(finished_run: Path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(finished_run / "iter_02" / "model", local_files_only=True)
+    out = pipe("a red circle on the left", num_inference_steps=2, height=16, width=16, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 16, 16, 3)
+
+
+def test_resume_of_finished_run_does_no_work(finished_run: Path):
+    stamp = (finished_run / "iter_02" / "model" / "model_index.json").stat().st_mtime_ns
+    cfg = load_config(TINY, [f"run_dir={finished_run}"])
+    run(cfg, resume=True, progress=False)
+    assert (finished_run / "iter_02" / "model" / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_existing_run_dir_needs_resume_and_same_config(finished_run: Path):
+    with pytest.raises(SpinDiffusionError, match="--resume"):
+        run(load_config(TINY, [f"run_dir={finished_run}"]), progress=False)
+    with pytest.raises(SpinDiffusionError, match="train.learning_rate"):
+        run(load_config(TINY, [f"run_dir={finished_run}", "train.learning_rate=0.5"]), resume=True, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kill -9 at any phase, then --resume: the run completes with the same result as an uninterrupted run
+
+KILL_CONFIG = ["num_iterations=1", "data.num_builtin=48", "sample.shard_size=4", "sample.num_steps=8",
+               "train.max_steps=12", "train.checkpoint_every=2", "eval.enabled=false"]
+
+
+def _cli(run_dir: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "spin_diffusion.cli", "spin", "--config", str(TINY), "--run-dir", str(run_dir)]
+    return args + [a for kv in KILL_CONFIG for a in ("--set", kv)] + list(extra)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(_cli(run_dir), check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return run_dir
+
+
+def _kill_when(run_dir: Path, ready, timeout: float = 120.0) -> None:
+    proc = subprocess.Popen(_cli(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail("the run finished before it could be killed")
+            if time.time() > deadline:
+                pytest.fail("timed out waiting for the kill point")
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+@pytest.mark.parametrize("phase", ["generate", "train"])
+def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: Path, phase: str):
+    run_dir = tmp_path / "run"
+    gen = run_dir / "iter_00" / "generated"
+    ckpts = run_dir / "iter_01" / "train" / "checkpoints"
+    if phase == "generate":
+        _kill_when(run_dir, lambda: (gen / "shard_00001.safetensors").exists())
+        assert not (gen / "shard_00011.safetensors").exists()
+    else:
+        _kill_when(run_dir, lambda: ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir()))
+        assert not (run_dir / "iter_01" / "model").exists()
+    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
+    assert "train:1" not in state.get("completed", [])
+
+    done = subprocess.run(_cli(run_dir, "--resume"), capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run_dir / "state.json").read_text())["completed"] == ["generate:0", "train:1"]
+    ref_gen = load_file(str(reference_run / "iter_00" / "generated" / "shard_00003.safetensors"))
+    new_gen = load_file(str(gen / "shard_00003.safetensors"))
+    assert torch.equal(ref_gen["latents"], new_gen["latents"])
+    _assert_same_weights(reference_run / "iter_01" / "model", run_dir / "iter_01" / "model")
+    steps = [json.loads(line)["step"] for line in (run_dir / "iter_01" / "train" / "train_log.jsonl").open()]
+    assert steps == list(range(1, 13))

@@ -1,0 +1,250 @@
+"""The demo world: captions round-trip, the judge is exact on renders, the dataset is seeded and balanced,
+and the Fréchet distance behaves like a distance."""
+
+import json
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from spin_diffusion.demo import world
+from spin_diffusion.errors import SpinDiffusionError
+
+SCENES = world.all_scenes()
+
+
+def _render(scene, seed, size=32):
+    return world.render(scene, size=size, rng=np.random.default_rng(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scenes and captions
+
+
+def test_scene_space():
+    assert len(SCENES) == 48 == len(set(SCENES))
+    assert SCENES == world.all_scenes()  # fixed order
+    assert len(world.COLORS) == 4 and world.SHAPES == ("circle", "square", "triangle")
+    assert Counter(s.position for s in SCENES) == {p: 12 for p in world.POSITIONS}
+    assert world.Scene("circle", "red", "left").caption == "a red circle on the left"
+    assert world.Scene("square", "blue", "top").caption == "a blue square at the top"
+    assert world.Scene("triangle", "yellow", "bottom").caption == "a yellow triangle at the bottom"
+    with pytest.raises(ValueError):
+        world.Scene("hexagon", "red", "left")
+
+
+def test_parse_caption_round_trip_and_rejects():
+    for scene in SCENES:
+        assert world.parse_caption(scene.caption) == scene
+    assert world.parse_caption("  A Red  Circle on the LEFT ") == world.Scene("circle", "red", "left")
+    for bad in [
+        "",
+        "a red circle",
+        "a red circle at the left",
+        "a purple circle on the left",
+        "a red hexagon on the left",
+        "red circle on the left",
+        "a red circle on the left!",
+        "a red circle on the middle",
+        "a red circle on the left and a blue square at the top",
+    ]:
+        with pytest.raises(ValueError):
+            world.parse_caption(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering and the judge
+
+
+def test_render_basics():
+    image = _render(SCENES[0], 0)
+    assert image.mode == "RGB" and image.size == (32, 32)
+    assert np.array_equal(np.asarray(image), np.asarray(_render(SCENES[0], 0)))  # rng fixes the image
+    assert not np.array_equal(np.asarray(image), np.asarray(_render(SCENES[0], 1)))  # jitter
+    assert _render(SCENES[0], 0, size=64).size == (64, 64)
+    # Dark background: the corners are near black.
+    pixels = np.asarray(image).astype(int)
+    assert pixels[[0, 0, -1, -1], [0, -1, 0, -1]].max() <= 12
+
+
+@pytest.mark.parametrize("size", [24, 32, 64])
+def test_judge_is_exact_on_renders(size):
+    seeds = range(6) if size == 32 else range(2)
+    for seed in seeds:
+        for i, scene in enumerate(SCENES):
+            image = _render(scene, [seed, i], size=size)
+            assert world.judge(image, scene.caption).all, (scene, seed, size)
+
+
+def test_judge_flags_exactly_the_changed_attribute():
+    for i, scene in enumerate(SCENES):
+        image = _render(scene, [7, i])
+        for field, values in [("color", world.COLORS), ("shape", world.SHAPES), ("position", world.POSITIONS)]:
+            for value in values:
+                if value == getattr(scene, field):
+                    continue
+                judgement = world.judge(image, replace(scene, **{field: value}).caption)
+                expected = {"color": True, "shape": True, "position": True, field: False}
+                assert (judgement.color, judgement.shape, judgement.position) == tuple(expected.values()), (
+                    scene,
+                    field,
+                    value,
+                )
+                assert not judgement.all
+
+
+def test_judge_accepts_arrays_and_tensors():
+    scene = world.Scene("triangle", "green", "right")
+    image = _render(scene, 3)
+    uint8 = np.asarray(image)
+    floats = uint8.astype(np.float32) / 255
+    chw = torch.from_numpy(floats).permute(2, 0, 1)
+    for form in (uint8, floats, floats.transpose(2, 0, 1), chw):
+        assert world.judge(form, scene.caption).all
+
+
+def test_judge_without_an_object_is_all_false():
+    caption = SCENES[0].caption
+    noise = np.random.default_rng(0).random((32, 32, 3))
+    for image in [
+        Image.new("RGB", (32, 32)),
+        np.zeros((32, 32, 3)),
+        np.full((32, 32, 3), 0.5),
+        noise,
+        np.full((32, 32, 3), np.nan),
+    ]:
+        judgement = world.judge(image, caption)
+        assert judgement == world.Judgement(False, False, False)
+    with pytest.raises(ValueError):
+        world.judge(np.zeros((32, 32, 3)), "not a caption")
+
+
+def test_judge_survives_blur_and_noise():
+    # Generated images are soft and noisy; the judge should still read mildly degraded renders.
+    hits = []
+    for i, scene in enumerate(SCENES):
+        rng = np.random.default_rng([11, i])
+        image = world.render(scene, rng=rng).filter(ImageFilter.GaussianBlur(1.0))
+        noisy = np.clip(np.asarray(image) / 255 + rng.normal(0, 0.05, (32, 32, 3)), 0, 1)
+        hits.append(world.judge(noisy, scene.caption).all)
+    assert np.mean(hits) >= 0.95
+
+
+def test_judge_batch():
+    images = [_render(s, [0, i]) for i, s in enumerate(SCENES)]
+    captions = [s.caption for s in SCENES]
+    assert world.judge_batch(images, captions) == {"color": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0}
+    # Shift captions by one position within each (shape, color) group: position always wrong, rest right.
+    shifted = [
+        replace(s, position=world.POSITIONS[(world.POSITIONS.index(s.position) + 1) % 4]).caption for s in SCENES
+    ]
+    assert world.judge_batch(images, shifted) == {"color": 1.0, "shape": 1.0, "position": 0.0, "all": 0.0}
+    half = images[:24] + [Image.new("RGB", (32, 32))] * 24
+    assert world.judge_batch(half, captions)["all"] == 0.5
+    batch = world.pil_to_tensor(images)  # a [N, 3, H, W] tensor works too
+    assert world.judge_batch(batch, captions)["all"] == 1.0
+    with pytest.raises(ValueError):
+        world.judge_batch(images, captions[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _pixels(examples):
+    return [np.asarray(image) for image, _ in examples]
+
+
+def test_make_examples_seeded_and_balanced():
+    a = world.make_examples(100, seed=0)
+    b = world.make_examples(100, seed=0)
+    c = world.make_examples(100, seed=1)
+    assert [cap for _, cap in a] == [cap for _, cap in b]
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(b), strict=True))
+    assert [cap for _, cap in a] != [cap for _, cap in c]
+    assert not all(np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(c), strict=True))
+    # A shorter list is a prefix of a longer one.
+    assert [cap for _, cap in world.make_examples(30, seed=0)] == [cap for _, cap in a[:30]]
+    # Balanced: every scene 2 or 3 times in 100; exactly twice in 96; the order is shuffled.
+    counts = Counter(cap for _, cap in a)
+    assert set(counts) == {s.caption for s in SCENES} and set(counts.values()) <= {2, 3}
+    assert set(Counter(cap for _, cap in a[:96]).values()) == {2}
+    assert [cap for _, cap in a[:48]] != [s.caption for s in SCENES]
+    assert all(image.size == (32, 32) for image, _ in a)
+    # Every example is judged correct against its own caption.
+    assert world.judge_batch([img for img, _ in a], [cap for _, cap in a])["all"] == 1.0
+
+
+def test_write_imagefolder(tmp_path):
+    out = world.write_imagefolder(tmp_path / "shapes", 10, seed=3)
+    assert out == tmp_path / "shapes"
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(10)]
+    assert not (tmp_path / "shapes.tmp").exists()
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    expected = world.make_examples(10, seed=3)
+    assert [r["text"] for r in rows] == [cap for _, cap in expected]
+    for row, (image, _) in zip(rows, expected, strict=True):
+        with Image.open(out / row["file_name"]) as saved:
+            assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(image))  # PNG is lossless
+    with pytest.raises(SpinDiffusionError):  # never overwrites data
+        world.write_imagefolder(out, 5, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features and Fréchet distance
+
+
+@pytest.fixture(scope="module")
+def real_images():
+    return world.pil_to_tensor([image for image, _ in world.make_examples(96, seed=0)])
+
+
+def test_pil_to_tensor(real_images):
+    assert real_images.shape == (96, 3, 32, 32) and real_images.dtype == torch.float32
+    assert 0.0 <= real_images.min() and real_images.max() <= 1.0
+    image = Image.new("RGB", (4, 2), (255, 0, 0))
+    assert torch.equal(world.pil_to_tensor([image])[0, :, 1, 3], torch.tensor([1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError):
+        world.pil_to_tensor([image, Image.new("RGB", (2, 2))])
+
+
+def test_image_features_fixed_and_independent_of_global_rng(real_images):
+    torch.manual_seed(0)
+    a = world.image_features(real_images[:8])
+    torch.manual_seed(12345)
+    torch.rand(100)
+    b = world.image_features(real_images[:8])
+    assert a.ndim == 2 and a.shape[0] == 8 and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert torch.allclose(world.image_features(real_images[:1]), a[:1], atol=1e-5)  # per image, not per batch
+    assert not torch.allclose(a[0], a[1])  # different images, different features
+    assert world.image_features(torch.nn.functional.interpolate(real_images[:2], size=64)).shape == (2, a.shape[1])
+
+
+def test_frechet_distance_properties(real_images):
+    feats = world.image_features(real_images)
+    assert world.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    # Monotone in a brightness shift, and symmetric.
+    shifted = [world.image_features((real_images + s).clamp(0, 1)) for s in (0.02, 0.05, 0.1, 0.2)]
+    distances = [world.frechet_distance(feats, f) for f in shifted]
+    assert all(d1 < d2 for d1, d2 in zip(distances, distances[1:], strict=False)), distances
+    assert distances[0] > 0
+    for f in shifted:
+        assert world.frechet_distance(f, feats) == pytest.approx(world.frechet_distance(feats, f), rel=1e-4)
+    # Two samples of the world are much closer than the world and a blurred or single-color version of it.
+    other = world.image_features(world.pil_to_tensor([img for img, _ in world.make_examples(96, seed=1)]))
+    blurred = world.image_features(
+        world.pil_to_tensor([img.filter(ImageFilter.GaussianBlur(1.5)) for img, _ in world.make_examples(96, seed=1)])
+    )
+    reds = world.pil_to_tensor([img for img, cap in world.make_examples(384, seed=2) if " red " in cap])
+    same_world = world.frechet_distance(feats, other)
+    assert 3 * same_world < world.frechet_distance(feats, blurred)
+    assert 3 * same_world < world.frechet_distance(feats, world.image_features(reds))
+    # Hand-checked 1-D case: means 0 and 3, sample variances 2 and 8 -> 3^2 + 2 + 8 - 2 * sqrt(2 * 8) = 11.
+    x = torch.tensor([[-1.0], [1.0]])
+    assert world.frechet_distance(x, 2 * x + 3) == pytest.approx(11.0, rel=1e-9)
+    with pytest.raises(ValueError):
+        world.frechet_distance(feats[:1], feats)
