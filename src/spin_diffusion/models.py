@@ -276,7 +276,9 @@ _PRESET_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             attention_head_dim=8,
         ),
         "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        "vae": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
+        # (8, 16) without mid-block attention: fits the shapes world in ~200 steps (reconstructions are judged
+        # 100 % correct) at about half the cost per step of (16, 32).
+        "vae": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False),
         "scheduler": dict(beta_schedule="scaled_linear"),
     },
 }
@@ -294,7 +296,7 @@ def build_preset(name: Literal["tiny", "demo"], *, seed: int = 0) -> Components:
 
     - ``"tiny"``: for tests. UNet (4, 8) channels, 8x8x4 latents, 16x16 images, 8-dim text encoder.
     - ``"demo"``: the CPU demo world. UNet (32, 64) channels, ~1 M parameters, 16x16x4 latents,
-      32x32 images; CLIP text encoder with 32-dim hidden states, 2 layers; VAE (16, 32) channels.
+      32x32 images; CLIP text encoder with 32-dim hidden states, 2 layers; VAE (8, 16) channels.
 
     Both use the shipped 16-token CLIP BPE tokenizer, a DDIM scheduler (SD-1.x betas:
     ``scaled_linear`` 0.00085..0.012 over 1000 steps, epsilon prediction, ``steps_offset=1``) and a

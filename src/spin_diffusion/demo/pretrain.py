@@ -43,4 +43,4 @@ def train_vae(
         vae.register_to_config(scaling_factor=scale)
         recon = vae.decode(latents).sample
         final_mse = float(torch.nn.functional.mse_loss(recon, sample))
-    return {"vae_train_mse": float(mse), "vae_recon_mse": final_mse, "vae_scaling_factor": scale}
+    return {"vae_train_mse": mse.item(), "vae_recon_mse": final_mse, "vae_scaling_factor": scale}

@@ -36,7 +36,7 @@ PRETRAIN_IMAGES = 2048  # noisy-caption pretraining corpus
 CAPTION_NOISE = 0.4  # fraction of pretraining captions that describe another scene
 FINETUNE_PAIRS = 256  # clean (image, caption) pairs for SFT and SPIN
 EVAL_PROMPTS = 96  # 2 per scene
-VAE_STEPS = 300
+VAE_STEPS = 200
 BASE_STEPS = 500
 SPIN_ITERATIONS = 2
 STEPS_PER_ITERATION = 60
@@ -79,7 +79,7 @@ def _stage0(out: Path, seed: int, scale: float) -> tuple[Path, dict]:
         return folder, json.loads(info_path.read_text())
     c = models.build_preset("demo", seed=seed)
     images = world.pil_to_tensor([img for img, _ in world.make_examples(1024, seed=seed + 2)]) * 2 - 1
-    info = train_vae(c, images, steps=_steps(VAE_STEPS, scale), seed=seed)
+    info = train_vae(c, images, steps=_steps(VAE_STEPS, scale), batch_size=32, lr=3e-3, seed=seed)
     models.save_pipeline(c, folder)
     info_path.write_text(json.dumps(info))
     return folder, info
