@@ -203,6 +203,7 @@ def train(
     prediction_type = noise_scheduler.config.prediction_type
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    exact_steps = valid_exact_steps(data.sampler) if objective == "spin_exact" else None
 
     # 2. Resume
     start_step = 0
@@ -227,14 +228,17 @@ def train(
     policy.train()
     for step in range(start_step, total_steps):
         for micro in range(ga):
-            # 3. This micro-step's pairs and its (t, ε) draws, both keyed by (seed, step, micro, rank)
-            global_micro = step * ga + micro
-            idx = stream.take((global_micro * world + rank) * bsz, bsz)
-            gen = torch.Generator().manual_seed(_seed(seed, 1, global_micro, rank))
+            # 3. This micro-step's pairs; each pair's (t, ε) is keyed by its position in the pair stream, so a
+            #    run gives the same result however the effective batch is split (batch, accumulation, GPUs).
+            first = ((step * ga + micro) * world + rank) * bsz
+            idx = stream.take(first, bsz)
+            draws = _draw_noise(range(first, first + bsz), seed, latent_shape=data.winner.shape[1:], k_steps=k_steps,
+                                share_noise=loss_cfg.share_noise, num_train_timesteps=num_train_timesteps,
+                                exact_steps=exact_steps)
             with accelerator.accumulate(policy):
                 loss, metrics = _micro_step_loss(
-                    policy, ref, data, idx, gen, objective=objective, loss_cfg=loss_cfg, k_steps=k_steps,
-                    alphas_cumprod=alphas_cumprod, num_train_timesteps=num_train_timesteps,
+                    policy, ref, data, idx, draws, objective=objective, loss_cfg=loss_cfg, k_steps=k_steps,
+                    alphas_cumprod=alphas_cumprod,
                     prediction_type=prediction_type, noise_scheduler=noise_scheduler, accelerator=accelerator,
                 )
                 accelerator.backward(loss)
@@ -299,18 +303,52 @@ def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int) -> Non
     accelerator.wait_for_everyone()
 
 
+@dataclass
+class _Draws:
+    """The random draws of one micro-batch, rows pair-major (b*K + k)."""
+
+    t_or_step: torch.Tensor  # [B*K] training timesteps, or (spin_exact) indices into the sampler's steps
+    noise: torch.Tensor  # [B*K, C, h, w] ε for the winner (and the loser when shared)
+    loser_noise: torch.Tensor  # [B*K, C, h, w] ε' for the loser
+
+
+def valid_exact_steps(sampler: SamplerSchedule) -> torch.Tensor:
+    """Indices of sampling steps usable by spin_exact: those with B_t != 0 (ε̃' is undefined when B_t = 0, e.g.
+    the last step of a "linspace" schedule that ends at t = 0)."""
+    steps = torch.arange(len(sampler.timesteps))
+    _, coef_b = ddim_coefficients(sampler.timesteps, steps, sampler.alphas_cumprod, sampler.final_alpha_cumprod,
+                                  sampler.eta)
+    return steps[coef_b.abs() > 1e-6]
+
+
+def _draw_noise(positions: range, seed: int, *, latent_shape: torch.Size, k_steps: int, share_noise: bool,
+                num_train_timesteps: int, exact_steps: torch.Tensor | None) -> _Draws:
+    """Per pair: K timesteps (or, with `exact_steps`, K of those sampling-step indices) and the noises, from a
+    generator keyed by (seed, position of the pair in the stream)."""
+    shape = (k_steps, *latent_shape)
+    ts, noises, loser_noises = [], [], []
+    for pos in positions:
+        gen = torch.Generator().manual_seed(_seed(seed, 1, pos))
+        if exact_steps is not None:
+            ts.append(exact_steps[torch.randint(0, len(exact_steps), (k_steps,), generator=gen)])
+        else:
+            ts.append(torch.randint(0, num_train_timesteps, (k_steps,), generator=gen))
+        noises.append(torch.randn(shape, generator=gen))
+        loser_noises.append(noises[-1] if share_noise else torch.randn(shape, generator=gen))
+    return _Draws(torch.cat(ts), torch.cat(noises), torch.cat(loser_noises))
+
+
 def _micro_step_loss(
     policy: torch.nn.Module,
     ref: torch.nn.Module | None,
     data: TrainData,
     idx: torch.Tensor,
-    gen: torch.Generator,
+    draws: _Draws,
     *,
     objective: Objective,
     loss_cfg: LossConfig,
     k_steps: int,
     alphas_cumprod: torch.Tensor,
-    num_train_timesteps: int,
     prediction_type: str,
     noise_scheduler: DDPMScheduler,
     accelerator: Accelerator,
@@ -321,16 +359,16 @@ def _micro_step_loss(
     rows = idx.repeat_interleave(k_steps)  # [B*K]
     winner = data.winner[rows].to(device)
     context = data.prompt_embeds[rows].to(device)
-    noise = torch.randn(winner.shape, generator=gen).to(device)
+    noise = draws.noise.to(device)
 
     # Timesteps: uniform over the training schedule, or over the opponent's sampling steps (spin_exact).
     if objective == "spin_exact":
         sampler = data.sampler
         assert sampler is not None and data.loser_trajectory is not None
-        step_index = torch.randint(0, len(sampler.timesteps), (b * k_steps,), generator=gen)
+        step_index = draws.t_or_step
         t = sampler.timesteps[step_index].to(device)
     else:
-        t = torch.randint(0, num_train_timesteps, (b * k_steps,), generator=gen).to(device)
+        t = draws.t_or_step.to(device)
 
     winner_t = noise_scheduler.add_noise(winner, noise, t)
     if objective == "sft":
@@ -353,7 +391,7 @@ def _micro_step_loss(
         winner_target = noise  # the exact objective works in ε-space (METHOD.md §2.2)
     else:
         loser = data.loser[rows].to(device)
-        loser_noise = noise if loss_cfg.share_noise else torch.randn(loser.shape, generator=gen).to(device)
+        loser_noise = draws.loser_noise.to(device)
         loser_t = noise_scheduler.add_noise(loser, loser_noise, t)
         if prediction_type == "epsilon":
             winner_target, loser_target = noise, loser_noise

@@ -1,0 +1,475 @@
+"""trainer.py on the tiny UNet: first loss = log 2, what trains and what stays frozen, LoRA, overfitting,
+determinism, gradient accumulation, checkpoint resume, argument errors and step arithmetic.
+
+Every train() call writes to its own tmp dir; the data are random latents and embeddings from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from spin_diffusion import losses, models, sampling, trainer  # noqa: E402
+from spin_diffusion.config import LossConfig, TrainConfig  # noqa: E402
+
+LOG2 = math.log(2)
+LATENT_SHAPE = (4, 8, 8)
+SEQ_LEN, EMBED_DIM = 16, 8
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny UNet is far faster single-threaded, and 2 busy cores make torch's thread pool thrash."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_accelerate_state():
+    """accelerate's state is a per-process singleton: start from a clean one whatever earlier test modules set
+    (every train() here uses mixed_precision="no"), and leave a clean one behind."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> models.Components:
+    return models.build_preset("tiny", seed=0)
+
+
+def _pairs(n: int = 8, seed: int = 0) -> trainer.TrainData:
+    g = torch.Generator().manual_seed(seed)
+    return trainer.TrainData(
+        winner=torch.randn(n, *LATENT_SHAPE, generator=g),
+        prompt_embeds=torch.randn(n, SEQ_LEN, EMBED_DIM, generator=g),
+        loser=torch.randn(n, *LATENT_SHAPE, generator=g),
+    )
+
+
+@pytest.fixture(scope="module")
+def exact_pairs(tiny, tmp_path_factory) -> trainer.TrainData:
+    """spin_exact data made the way self_play makes it: generate_shards (η = 0, no guidance) -> load_generated."""
+    data = _pairs(8)
+    out = tmp_path_factory.mktemp("generated")
+    spec = sampling.GenerationSpec(
+        run_seed=0,
+        iteration=0,
+        num_prompts=8,
+        num_steps=4,
+        guidance_scale=1.0,
+        eta=0.0,
+        latent_shape=LATENT_SHAPE,
+        store_trajectory=True,
+        shard_size=4,
+    )
+    sampling.generate_shards(
+        tiny.unet, tiny.scheduler.config, data.prompt_embeds, None, out, spec, batch_size=4, progress=False
+    )
+    gen = sampling.load_generated(out)
+    data.loser = gen.latents
+    data.loser_trajectory = gen.trajectory
+    data.sampler = trainer.SamplerSchedule(gen.timesteps, gen.alphas_cumprod, gen.final_alpha_cumprod, gen.eta)
+    return data
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        learning_rate=1e-3, batch_size=2, max_steps=2, log_every=1, checkpoint_every=0, lr_scheduler="constant"
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def _train(
+    tiny,
+    policy,
+    ref,
+    data,
+    out_dir: Path,
+    objective: str,
+    *,
+    seed: int = 0,
+    beta: float = 5000.0,
+    timesteps_per_pair: int = 1,
+    **train_kw,
+) -> tuple[trainer.TrainResult, list[dict]]:
+    result = trainer.train(
+        policy,
+        ref,
+        data,
+        objective=objective,
+        loss_cfg=LossConfig(objective=objective, beta=beta, timesteps_per_pair=timesteps_per_pair),
+        train_cfg=_cfg(**train_kw),
+        noise_scheduler=tiny.noise_scheduler(),
+        out_dir=out_dir,
+        seed=seed,
+        progress=False,
+    )
+    return result, _log(result.log_path)
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    after = module.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+# ------------------------------------------------------------------ first loss, what trains
+
+
+@pytest.mark.parametrize("objective", ["dpo", "spin_approx", "spin_exact"])
+def test_first_loss_is_log2_and_only_the_policy_trains(tiny, exact_pairs, tmp_path, objective):
+    """Policy == ref at step 1, with (t, ε) shared by winner/loser and policy/ref, so every margin is 0."""
+    data = exact_pairs if objective == "spin_exact" else _pairs()
+    policy = copy.deepcopy(tiny.unet)
+    ref = models.frozen_copy(tiny.unet)
+    policy_before, ref_before = _snapshot(policy), _snapshot(ref)
+
+    result, log = _train(tiny, policy, ref, data, tmp_path, objective, max_steps=3)
+
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert result.steps == 3 and result.resumed_from == 0
+    assert log[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert log[0]["margin"] == pytest.approx(0.0, abs=1e-6)
+    # After the first update policy != ref, so the loss moves away from log 2 (the ref really is separate).
+    assert any(abs(r["loss"] - LOG2) > 1e-3 for r in log[1:])
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert result.final_loss == pytest.approx(log[-1]["loss"])
+    # Policy weights moved; the reference is bit-for-bit what it was, still frozen and in eval mode.
+    changed = _changed(policy_before, policy)
+    weights = [k for k, _ in policy.named_parameters()]
+    assert len(changed & set(weights)) > 0.9 * len(weights)
+    torch.testing.assert_close(ref.state_dict(), ref_before, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert not ref.training
+    assert not policy.training  # train() hands the policy back in eval mode
+    assert (tmp_path / "train_log.jsonl").exists() and (tmp_path / "tensorboard").is_dir()
+
+
+def test_spin_exact_loser_target_is_the_opponents_own_prediction(tiny, exact_pairs, tmp_path):
+    """η = 0, no guidance, policy == opponent: ε̃' from the stored trajectory equals the policy's ε-prediction on
+    the stored x'_t, so the first loser error is ~0 while the winner error is O(1). This pins the trajectory
+    indexing (x'_t, x'_{t-1}), the timestep passed with x'_t and the DDIM coefficients."""
+    _, log = _train(
+        tiny,
+        copy.deepcopy(tiny.unet),
+        models.frozen_copy(tiny.unet),
+        exact_pairs,
+        tmp_path,
+        "spin_exact",
+        max_steps=1,
+        timesteps_per_pair=4,
+    )
+    assert log[0]["policy_error_loser"] < 1e-6
+    assert log[0]["policy_error_winner"] > 0.1
+    assert log[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+
+
+def test_lora_policy_without_ref(tiny, tmp_path):
+    policy = copy.deepcopy(tiny.unet)
+    models.add_lora(policy, rank=2, alpha=2.0, target_modules=LORA_TARGETS)
+    before = _snapshot(policy)
+    lora_keys = {k for k in before if "lora_" in k}
+    assert lora_keys
+
+    _, log = _train(tiny, policy, None, _pairs(), tmp_path, "spin_approx", max_steps=3, learning_rate=1e-2)
+
+    assert log[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    # With the adapters disabled the reference is the base model, not the adapted policy: the loss moves.
+    assert any(abs(r["loss"] - LOG2) > 1e-3 for r in log[1:])
+    changed = _changed(before, policy)
+    assert changed <= lora_keys
+    assert any("lora_B" in k for k in changed)  # B starts at 0 and must have moved
+    # The base weights equal the original UNet's, under peft's `base_layer` names.
+    original = tiny.unet.state_dict()
+    base = {k.replace(".base_layer", ""): v for k, v in policy.state_dict().items() if "lora_" not in k}
+    assert base.keys() == original.keys()
+    torch.testing.assert_close(base, original, rtol=0, atol=0)
+    # Adapters are enabled again after training: the policy differs from the base model.
+    x = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
+    ctx = _pairs(2).prompt_embeds
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        out_policy = policy(x, t, encoder_hidden_states=ctx).sample
+        with models.adapters_disabled(policy):
+            out_base = policy(x, t, encoder_hidden_states=ctx).sample
+        out_orig = tiny.unet(x, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(out_base, out_orig)
+    assert (out_policy - out_orig).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ learning
+
+
+@torch.no_grad()
+def _eval_errors(tiny, unet, data: trainer.TrainData, draws: int = 64) -> losses.DenoiseErrors:
+    """Errors [N, draws] on forward-noised winner and loser with fixed (t, ε) draws, independent of training."""
+    g = torch.Generator().manual_seed(12345)
+    n = len(data)
+    rows = torch.arange(n).repeat_interleave(draws)
+    eps = torch.randn(len(rows), *LATENT_SHAPE, generator=g)
+    t = torch.randint(0, 1000, (len(rows),), generator=g)
+    ns = tiny.noise_scheduler()
+    ctx = data.prompt_embeds[rows]
+
+    def err(x0):
+        pred = unet(ns.add_noise(x0[rows], eps, t), t, encoder_hidden_states=ctx).sample
+        return losses.denoise_error(pred, eps).reshape(n, draws)
+
+    return losses.DenoiseErrors(err(data.winner), err(data.loser))
+
+
+def test_sft_loss_decreases_when_overfitting_two_examples(tiny, tmp_path):
+    data = _pairs(2)  # sft ignores the losers
+    policy = copy.deepcopy(tiny.unet)
+    before = _eval_errors(tiny, policy, data).winner.mean().item()
+
+    _, log = _train(tiny, policy, None, data, tmp_path, "sft", max_steps=30, timesteps_per_pair=8)
+
+    after = _eval_errors(tiny, policy, data).winner.mean().item()
+    assert after < 0.9 * before
+    losses_ = [r["loss"] for r in log]
+    assert sum(losses_[-5:]) / 5 < sum(losses_[:5]) / 5
+
+
+def test_spin_approx_overfits_two_pairs(tiny, tmp_path):
+    data = _pairs(2)
+    policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
+    beta = 500.0
+
+    _, log = _train(tiny, policy, ref, data, tmp_path, "spin_approx", max_steps=30, beta=beta, timesteps_per_pair=8)
+
+    losses_ = [r["loss"] for r in log]
+    assert losses_[0] == pytest.approx(LOG2, abs=1e-6)
+    assert sum(losses_[-5:]) / 5 < 0.5
+    # On fresh (t, ε) draws, too: the policy prefers the real images over the generated ones.
+    held_out, _ = losses.spin_approx_loss(_eval_errors(tiny, policy, data), _eval_errors(tiny, ref, data), beta)
+    assert held_out.mean().item() < 0.5
+
+
+# ------------------------------------------------------------------ determinism, accumulation
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny, tmp_path):
+    data = _pairs()
+    runs = {}
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        policy = copy.deepcopy(tiny.unet)
+        _train(tiny, policy, models.frozen_copy(tiny.unet), data, tmp_path / name, "spin_approx", seed=seed)
+        runs[name] = policy.state_dict()
+    torch.testing.assert_close(runs["a"], runs["b"], rtol=0, atol=0)
+    assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def _recording(monkeypatch) -> list[torch.Tensor]:
+    """Record the pair indices of every micro-step train() takes."""
+    seen: list[torch.Tensor] = []
+    real = trainer._micro_step_loss
+
+    def record(policy, ref, data, idx, gen, **kw):
+        seen.append(idx.clone())
+        return real(policy, ref, data, idx, gen, **kw)
+
+    monkeypatch.setattr(trainer, "_micro_step_loss", record)
+    return seen
+
+
+def test_accumulation_visits_the_same_pairs(tiny, tmp_path, monkeypatch):
+    """batch 4 x accumulation 1 and batch 2 x accumulation 2 see the same 4 pairs in every optimizer step
+    (3 steps over 8 pairs: the third step starts the second epoch's permutation)."""
+    stream = trainer._IndexStream(8, seed=0)
+    for start in range(0, 24, 4):
+        assert torch.equal(stream.take(start, 4), torch.cat([stream.take(start, 2), stream.take(start + 2, 2)]))
+    assert sorted(stream.take(0, 8).tolist()) == list(range(8))  # an epoch is a permutation
+    assert sorted(stream.take(8, 8).tolist()) == list(range(8))
+    assert not torch.equal(stream.take(0, 8), stream.take(8, 8))  # a new permutation each epoch
+
+    data = _pairs()
+    seen_a = _recording(monkeypatch)
+    _train(tiny, copy.deepcopy(tiny.unet), None, data, tmp_path / "a", "sft", max_steps=3, batch_size=4)
+    monkeypatch.undo()
+    seen_b = _recording(monkeypatch)
+    _train(
+        tiny,
+        copy.deepcopy(tiny.unet),
+        None,
+        data,
+        tmp_path / "b",
+        "sft",
+        max_steps=3,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+    )
+    assert len(seen_a) == 3 and len(seen_b) == 6
+    for step in range(3):
+        assert torch.equal(seen_a[step], torch.cat(seen_b[2 * step : 2 * step + 2]))
+
+
+@pytest.mark.parametrize("objective", ["sft", "spin_approx"])
+def test_accumulation_matches_full_batch(tiny, tmp_path, objective):
+    """batch 2 x accumulation 2 == batch 4 x accumulation 1 (TRL's invariant equivalence classes).
+
+    Each pair's (t, ε) is keyed by its position in the pair stream, not by the micro-step, so both runs draw the
+    same noise for the same pair; the accumulated gradient must then be the mean of the micro-batch gradients
+    (not the sum) and the optimizer must step once per 2 micro-steps. AdamW with a huge ε is plain SGD (update =
+    lr g / ε), so a wrong gradient scale would show.
+    """
+    seed = 3
+    sgd_like = dict(learning_rate=10.0, adam_epsilon=1e3, weight_decay=0.0, max_grad_norm=0.0, max_steps=2)
+    data = _pairs()
+    init = _snapshot(tiny.unet)
+    ref = None if objective == "sft" else models.frozen_copy(tiny.unet)
+
+    policy_b = copy.deepcopy(tiny.unet)
+    _, log_b = _train(tiny, policy_b, ref, data, tmp_path / "b", objective, seed=seed, batch_size=2,
+                      gradient_accumulation_steps=2, **sgd_like)
+    policy_a = copy.deepcopy(tiny.unet)
+    _, log_a = _train(tiny, policy_a, ref, data, tmp_path / "a", objective, seed=seed, batch_size=4, **sgd_like)
+
+    for ra, rb in zip(log_a, log_b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
+    delta_a = {k: policy_a.state_dict()[k] - v for k, v in init.items()}
+    delta_b = {k: policy_b.state_dict()[k] - v for k, v in init.items()}
+    scale = max(d.abs().max().item() for d in delta_b.values())
+    assert scale > 1e-4  # the step did something
+    torch.testing.assert_close(delta_a, delta_b, rtol=1e-3, atol=1e-3 * scale)
+
+
+# ------------------------------------------------------------------ resume
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_gives_the_same_weights_and_log(tiny, tmp_path, monkeypatch):
+    """Full run (4 steps, checkpoint at 2) vs a run killed during step 4 and resumed from step 2.
+
+    Warm-up + linear decay and AdamW make the result depend on the restored optimizer and LR-scheduler state;
+    the killed run already logged step 3, so the resume must drop that line and write it again.
+    """
+    data = _pairs()
+    kw = dict(max_steps=4, checkpoint_every=2, warmup_steps=2, lr_scheduler="linear", seed=5)
+
+    full = copy.deepcopy(tiny.unet)
+    _train(tiny, full, models.frozen_copy(tiny.unet), data, tmp_path / "full", "spin_approx", **kw)
+
+    real = trainer._micro_step_loss
+    calls = itertools.count()
+
+    def dies_in_step_4(*args, **kwargs):
+        if next(calls) == 3:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(trainer, "_micro_step_loss", dies_in_step_4)
+    with pytest.raises(_Killed):
+        _train(tiny, copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+    monkeypatch.undo()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]
+    assert [r["step"] for r in _log(out / "train_log.jsonl")] == [1, 2, 3]
+
+    resumed = copy.deepcopy(tiny.unet)  # fresh weights: everything must come from the checkpoint
+    result, log = _train(tiny, resumed, models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+    assert result.resumed_from == 2 and result.steps == 4
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    full_log = _log(tmp_path / "full" / "train_log.jsonl")
+    for r, f in zip(log, full_log, strict=True):
+        assert r["loss"] == pytest.approx(f["loss"], rel=1e-5, abs=1e-7)
+        assert r["lr"] == pytest.approx(f["lr"])
+    torch.testing.assert_close(resumed.state_dict(), full.state_dict())
+
+    # Nothing left to do: a second resume takes no step and keeps the weights and the log.
+    again = copy.deepcopy(tiny.unet)
+    result, log2 = _train(tiny, again, models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+    assert result.resumed_from == 2 and [r["step"] for r in log2] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ errors, arithmetic
+
+
+@pytest.mark.parametrize("objective", ["dpo", "spin_approx", "spin_exact"])
+def test_objectives_with_a_reference_need_one(tiny, exact_pairs, tmp_path, objective):
+    data = exact_pairs if objective == "spin_exact" else _pairs()
+    policy = copy.deepcopy(tiny.unet)
+    with pytest.raises(ValueError, match="reference"):
+        _train(tiny, policy, None, data, tmp_path, objective)
+    with pytest.raises(ValueError, match="different objects"):
+        _train(tiny, policy, policy, data, tmp_path, objective)
+
+
+def test_data_check_errors():
+    data = _pairs()
+    data.loser = None
+    with pytest.raises(ValueError, match="loser"):
+        data.check("spin_approx")
+    with pytest.raises(ValueError, match="trajector"):
+        data.check("spin_exact")
+    data.check("sft")
+
+
+def test_num_optimizer_steps():
+    f = trainer.num_optimizer_steps
+    assert f(1000, TrainConfig(max_steps=7)) == 7
+    assert f(1000, TrainConfig(max_steps=7), world_size=4) == 7
+    assert f(10, TrainConfig(batch_size=2, gradient_accumulation_steps=2)) == 3  # ceil(10 / 4)
+    assert f(10, TrainConfig(batch_size=2, gradient_accumulation_steps=2), world_size=2) == 2  # ceil(10 / 8)
+    assert f(8, TrainConfig(batch_size=2, epochs=2.5)) == 10
+    assert f(8, TrainConfig(batch_size=4, epochs=0.1)) == 1  # never 0
+
+
+def test_epochs_set_the_number_of_steps(tiny, tmp_path):
+    result, log = _train(
+        tiny,
+        copy.deepcopy(tiny.unet),
+        None,
+        _pairs(8),
+        tmp_path,
+        "sft",
+        max_steps=None,
+        epochs=1.0,
+        batch_size=4,
+        log_every=100,
+    )
+    assert result.steps == 2
+    assert [r["step"] for r in log] == [2]  # logged at the last step even when log_every is larger
+
+
+def test_exact_objective_never_draws_a_step_with_zero_b():
+    """A "linspace" DDIM schedule ends at t = 0 whose step to ᾱ_0 has B = 0 (ε̃' undefined): it is excluded."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(timestep_spacing="linspace", set_alpha_to_one=False)
+    sched.set_timesteps(6)
+    schedule = trainer.SamplerSchedule(sched.timesteps, sched.alphas_cumprod.double(),
+                                       float(sched.final_alpha_cumprod), 0.0)
+    valid = trainer.valid_exact_steps(schedule)
+    assert valid.tolist() == [0, 1, 2, 3, 4]
+    leading = DDIMScheduler(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    leading.set_timesteps(6)
+    schedule = trainer.SamplerSchedule(leading.timesteps, leading.alphas_cumprod.double(),
+                                       float(leading.final_alpha_cumprod), 0.0)
+    assert trainer.valid_exact_steps(schedule).tolist() == list(range(6))
