@@ -70,10 +70,24 @@ def test_tiny_preset_properties(tiny):
 def test_demo_preset_shapes():
     c = models.build_preset("demo")
     assert (c.latent_channels, c.sample_size, c.resolution) == (4, 16, 32)
-    assert 0.8e6 < sum(p.numel() for p in c.unet.parameters()) < 1.2e6
+    assert 1.5e6 < sum(p.numel() for p in c.unet.parameters()) < 1.8e6
     x, t, emb = _unet_inputs(c)
     assert emb.shape == (2, 16, 32)
     assert c.unet(x, t, encoder_hidden_states=emb).sample.shape == x.shape
+
+
+def test_demo_preset_ships_a_vae_that_reconstructs_the_world():
+    """The exact judge must pass on VAE round trips, or no model could score well in the demo."""
+    from spin_diffusion.demo import world
+
+    c = models.build_preset("demo")
+    assert c.scaling_factor != 1.0  # calibrated, unlike a random VAE
+    examples = world.make_examples(96, seed=11)
+    images = world.pil_to_tensor([img for img, _ in examples]) * 2 - 1
+    recon = models.decode_latents(c, models.encode_images(c, images))
+    assert world.judge_batch(recon, [cap for _, cap in examples])["all"] >= 0.97
+    random_vae = models.build_preset("demo", pretrained_vae=False)
+    assert random_vae.scaling_factor == 1.0
 
 
 def test_unknown_preset_raises():

@@ -97,6 +97,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
+    caption_dropout: float = 0.0  # fraction of pairs trained on the empty prompt (what makes CFG work when pretraining)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
     log_every: int = 10  # optimizer steps between log lines
@@ -110,6 +111,8 @@ class TrainConfig:
             raise SpinDiffusionError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.learning_rate <= 0:
             raise SpinDiffusionError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise SpinDiffusionError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from PIL import Image
 from spin_diffusion import models, sampling
 from spin_diffusion.config import RunConfig
 
+# The built-in world's default scorers: all of color, shape and position right, and each one alone.
+SHAPES_SCORERS = ("shapes_judge", "shapes_color", "shapes_shape", "shapes_position")
+
 
 @torch.no_grad()
 def render_images(
@@ -74,17 +77,15 @@ def evaluate_unet(
         c, unet, eval_set.embeds, negative_embed, seeds=seeds, num_steps=cfg.sample.num_steps,
         guidance_scale=cfg.sample.guidance_scale, batch_size=cfg.sample.batch_size,
     )
-    names = list(cfg.eval.scorers) or (["shapes_judge"] if cfg.data.builtin == "shapes" else [])
+    names = list(cfg.eval.scorers) or (list(SHAPES_SCORERS) if cfg.data.builtin == "shapes" else [])
     scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in names]
     scores = evaluation.score_images(images, eval_set.prompts, scorers)
     base = {k: torch.tensor(v) for k, v in baseline.items()} if baseline else None
     summary = evaluation.summarize(scores, base, higher_is_better={s.name: s.higher_is_better for s in scorers})
     metrics = evaluation.flat_metrics(summary)
-    if cfg.data.builtin == "shapes":
+    if cfg.data.builtin == "shapes" and len(eval_set.reference) >= 2:
         from spin_diffusion.demo import world
 
-        metrics.update({f"judge_{k}": v for k, v in world.judge_batch(images, eval_set.prompts).items()})
-    if cfg.data.builtin == "shapes" and len(eval_set.reference) >= 2:
         metrics["fd"] = world.frechet_distance(
             world.image_features(world.pil_to_tensor(images)), world.image_features(world.pil_to_tensor(eval_set.reference))
         )

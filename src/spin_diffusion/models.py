@@ -261,19 +261,25 @@ _PRESET_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             norm_num_groups=2,
             cross_attention_dim=8,
             attention_head_dim=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         ),
         "text": dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2),
         "vae": dict(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2),
         "scheduler": dict(beta_schedule="scaled_linear"),
     },
     "demo": {
+        # Three levels (16, 8, 4): the 4x4 level sees the latent's borders everywhere, which is where a conv
+        # UNet gets its sense of position from; with two levels "on the left" stayed at chance after 500 steps.
         "unet": dict(
             sample_size=16,
-            block_out_channels=(32, 64),
+            block_out_channels=(32, 64, 64),
             layers_per_block=1,
             norm_num_groups=32,
             cross_attention_dim=32,
             attention_head_dim=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         ),
         "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         # (8, 16) without mid-block attention: fits the shapes world in ~200 steps (reconstructions are judged
@@ -291,17 +297,20 @@ def _load_shipped_tokenizer() -> Any:
     return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=16)
 
 
-def build_preset(name: Literal["tiny", "demo"], *, seed: int = 0) -> Components:
+DEMO_VAE_DIR = Path(__file__).parent / "assets" / "demo_vae"  # made by scripts/train_demo_vae.py
+
+
+def build_preset(name: Literal["tiny", "demo"], *, seed: int = 0, pretrained_vae: bool = True) -> Components:
     """Build a randomly initialised built-in model from configs (no download, no files).
 
     - ``"tiny"``: for tests. UNet (4, 8) channels, 8x8x4 latents, 16x16 images, 8-dim text encoder.
-    - ``"demo"``: the CPU demo world. UNet (32, 64) channels, ~1 M parameters, 16x16x4 latents,
+    - ``"demo"``: the CPU demo world. UNet (32, 64, 64) channels, ~1.7 M parameters, 16x16x4 latents,
       32x32 images; CLIP text encoder with 32-dim hidden states, 2 layers; VAE (8, 16) channels.
 
-    Both use the shipped 16-token CLIP BPE tokenizer, a DDIM scheduler (SD-1.x betas:
-    ``scaled_linear`` 0.00085..0.012 over 1000 steps, epsilon prediction, ``steps_offset=1``) and a
-    VAE with ``scaling_factor=1.0``: a random VAE has no calibrated latent scale. Whoever trains the
-    VAE may set ``c.vae.register_to_config(scaling_factor=...)``; :func:`save_pipeline` keeps it.
+    Both use the shipped 16-token CLIP BPE tokenizer and a DDIM scheduler (SD-1.x betas:
+    ``scaled_linear`` 0.00085..0.012 over 1000 steps, epsilon prediction, ``steps_offset=1``). The
+    ``"demo"`` VAE is the shipped one, fitted to the shapes world with a calibrated ``scaling_factor``
+    (``pretrained_vae=False`` gives a random one, as ``"tiny"`` always has, with ``scaling_factor=1.0``).
 
     The same ``seed`` gives bit-identical weights. The global torch RNG is left untouched.
     """
@@ -319,8 +328,6 @@ def build_preset(name: Literal["tiny", "demo"], *, seed: int = 0) -> Components:
         unet = UNet2DConditionModel(
             in_channels=latent_channels,
             out_channels=latent_channels,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             **cfg["unet"],
         )
         text_config = CLIPTextConfig(
@@ -342,6 +349,9 @@ def build_preset(name: Literal["tiny", "demo"], *, seed: int = 0) -> Components:
             scaling_factor=1.0,
             **cfg["vae"],
         )
+    if name == "demo" and pretrained_vae and (DEMO_VAE_DIR / "config.json").exists():
+        # The demo world's VAE is shipped, trained and checked (scripts/train_demo_vae.py); the UNet is random.
+        vae = AutoencoderKL.from_pretrained(DEMO_VAE_DIR, local_files_only=True)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

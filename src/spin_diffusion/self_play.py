@@ -162,6 +162,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                       model_id=model_id(cfg))
     captions = cache.captions
     negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
+    empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
 
     eval_set = None
     if cfg.eval.enabled and state_.is_main_process:
@@ -189,7 +190,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
 
     for k in range(start, num_iterations):
         data = trainer.TrainData(winner=cache.latents if objective != "dpo" else cache.winner_latents,
-                                 prompt_embeds=cache.prompt_embeds)
+                                 prompt_embeds=cache.prompt_embeds, empty_embed=empty_embed)
         # 3. generate:k — θ_k's own image for every training prompt
         if self_play:
             gen_dir = iter_dir(run_dir, k) / "generated"

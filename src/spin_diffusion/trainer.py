@@ -55,6 +55,7 @@ class TrainData:
     loser: torch.Tensor | None = None  # [N, C, h, w] latents of θ_k's sample (spin) or the rejected image (dpo)
     loser_trajectory: torch.Tensor | None = None  # [N, S+1, C, h, w] θ_k's sampling chain (spin_exact)
     sampler: SamplerSchedule | None = None  # spin_exact only
+    empty_embed: torch.Tensor | None = None  # [1, L, D] embedding of the empty prompt (train.caption_dropout > 0)
 
     def __len__(self) -> int:
         return self.winner.shape[0]
@@ -163,6 +164,8 @@ def train(
         seed: seeds the pair order and the (t, ε) draws; the same seed gives the same run.
     """
     data.check(objective)
+    if train_cfg.caption_dropout > 0 and data.empty_embed is None:
+        raise ValueError("train.caption_dropout > 0 needs TrainData.empty_embed")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
@@ -174,7 +177,9 @@ def train(
     if ref is not None and ref is policy:
         raise ValueError("policy and ref must be different objects; pass ref=None for a LoRA policy")
 
-    # 1. Accelerator, optimizer, schedule
+    # 1. Accelerator, optimizer, schedule. On CPUs, subnormal floats (tiny gradients once the logistic
+    #    saturates) make every op ~10x slower; flushing them to zero changes nothing measurable.
+    torch.set_flush_denormal(True)
     accelerator = Accelerator(
         mixed_precision=train_cfg.mixed_precision,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
@@ -234,7 +239,7 @@ def train(
             idx = stream.take(first, bsz)
             draws = _draw_noise(range(first, first + bsz), seed, latent_shape=data.winner.shape[1:], k_steps=k_steps,
                                 share_noise=loss_cfg.share_noise, num_train_timesteps=num_train_timesteps,
-                                exact_steps=exact_steps)
+                                exact_steps=exact_steps, caption_dropout=train_cfg.caption_dropout)
             with accelerator.accumulate(policy):
                 loss, metrics = _micro_step_loss(
                     policy, ref, data, idx, draws, objective=objective, loss_cfg=loss_cfg, k_steps=k_steps,
@@ -310,6 +315,7 @@ class _Draws:
     t_or_step: torch.Tensor  # [B*K] training timesteps, or (spin_exact) indices into the sampler's steps
     noise: torch.Tensor  # [B*K, C, h, w] ε for the winner (and the loser when shared)
     loser_noise: torch.Tensor  # [B*K, C, h, w] ε' for the loser
+    drop_caption: torch.Tensor  # [B*K] bool: train this row on the empty prompt
 
 
 def valid_exact_steps(sampler: SamplerSchedule) -> torch.Tensor:
@@ -322,11 +328,11 @@ def valid_exact_steps(sampler: SamplerSchedule) -> torch.Tensor:
 
 
 def _draw_noise(positions: range, seed: int, *, latent_shape: torch.Size, k_steps: int, share_noise: bool,
-                num_train_timesteps: int, exact_steps: torch.Tensor | None) -> _Draws:
+                num_train_timesteps: int, exact_steps: torch.Tensor | None, caption_dropout: float) -> _Draws:
     """Per pair: K timesteps (or, with `exact_steps`, K of those sampling-step indices) and the noises, from a
     generator keyed by (seed, position of the pair in the stream)."""
     shape = (k_steps, *latent_shape)
-    ts, noises, loser_noises = [], [], []
+    ts, noises, loser_noises, drops = [], [], [], []
     for pos in positions:
         gen = torch.Generator().manual_seed(_seed(seed, 1, pos))
         if exact_steps is not None:
@@ -335,7 +341,8 @@ def _draw_noise(positions: range, seed: int, *, latent_shape: torch.Size, k_step
             ts.append(torch.randint(0, num_train_timesteps, (k_steps,), generator=gen))
         noises.append(torch.randn(shape, generator=gen))
         loser_noises.append(noises[-1] if share_noise else torch.randn(shape, generator=gen))
-    return _Draws(torch.cat(ts), torch.cat(noises), torch.cat(loser_noises))
+        drops.append((torch.rand(1, generator=gen) < caption_dropout).expand(k_steps))  # one draw per pair
+    return _Draws(torch.cat(ts), torch.cat(noises), torch.cat(loser_noises), torch.cat(drops))
 
 
 def _micro_step_loss(
@@ -358,7 +365,10 @@ def _micro_step_loss(
     b = idx.shape[0]
     rows = idx.repeat_interleave(k_steps)  # [B*K]
     winner = data.winner[rows].to(device)
-    context = data.prompt_embeds[rows].to(device)
+    context = data.prompt_embeds[rows]
+    if draws.drop_caption.any():
+        context = torch.where(draws.drop_caption[:, None, None], data.empty_embed.to(context), context)
+    context = context.to(device)
     noise = draws.noise.to(device)
 
     # Timesteps: uniform over the training schedule, or over the opponent's sampling steps (spin_exact).

@@ -4,7 +4,7 @@ Stages (each resumable, each in its own folder under `out`):
 
 0. world/     rendered images: a 'web-scale' pretraining set whose captions are partly wrong (as web alt-text
               is), and a small clean fine-tuning set of good (image, caption) pairs
-1. stage0/    the `demo` preset with its VAE fitted to the world (UNet still random)
+1. stage0/    the `demo` preset: the shipped VAE fitted to the world, and a random UNet
 2. base/      the base model: the UNet pretrained with the plain denoising loss on the noisy set
 3. sft/       SFT baseline on the clean pairs
 4. spin/      SPIN-Diffusion on the same clean pairs, 2 iterations (iteration 0 = the base model)
@@ -33,10 +33,9 @@ from spin_diffusion.self_play import iter_dir, run
 
 # Sizes and budgets of the default demo (scale multiplies every step count).
 PRETRAIN_IMAGES = 2048  # noisy-caption pretraining corpus
-CAPTION_NOISE = 0.4  # fraction of pretraining captions that describe another scene
+CAPTION_NOISE = 0.25  # fraction of pretraining captions that describe another scene
 FINETUNE_PAIRS = 256  # clean (image, caption) pairs for SFT and SPIN
 EVAL_PROMPTS = 96  # 2 per scene
-VAE_STEPS = 200
 BASE_STEPS = 500
 SPIN_ITERATIONS = 2
 STEPS_PER_ITERATION = 60
@@ -69,24 +68,18 @@ def _write_world(out: Path, seed: int) -> tuple[Path, int]:
     return folder, wrong
 
 
-def _stage0(out: Path, seed: int, scale: float) -> tuple[Path, dict]:
-    """The demo preset with a VAE fitted to the world, saved as a diffusers pipeline."""
-    from spin_diffusion.demo.pretrain import train_vae
-
+def _stage0(out: Path, seed: int) -> tuple[Path, dict]:
+    """The demo preset (shipped VAE fitted to the world, random UNet), saved as a diffusers pipeline."""
     folder = out / "stage0" / "model"
-    info_path = out / "stage0" / "vae.json"
-    if folder.exists() and info_path.exists():
-        return folder, json.loads(info_path.read_text())
-    c = models.build_preset("demo", seed=seed)
-    images = world.pil_to_tensor([img for img, _ in world.make_examples(1024, seed=seed + 2)]) * 2 - 1
-    info = train_vae(c, images, steps=_steps(VAE_STEPS, scale), batch_size=32, lr=3e-3, seed=seed)
-    models.save_pipeline(c, folder)
-    info_path.write_text(json.dumps(info))
-    return folder, info
+    if not folder.exists():
+        models.save_pipeline(models.build_preset("demo", seed=seed), folder)
+    info_path = models.DEMO_VAE_DIR / "training.json"
+    return folder, json.loads(info_path.read_text()) if info_path.exists() else {}
 
 
 def _config(run_dir: Path, model: Path, data: DataConfig, objective: str, *, seed: int, iterations: int, steps: int,
-            batch: int, lr: float, warmup: int, include_base: bool, eval_enabled: bool = True) -> RunConfig:
+            batch: int, lr: float, warmup: int, include_base: bool, eval_enabled: bool = True,
+            caption_dropout: float = 0.0) -> RunConfig:
     return RunConfig(
         run_dir=str(run_dir),
         seed=seed,
@@ -96,7 +89,8 @@ def _config(run_dir: Path, model: Path, data: DataConfig, objective: str, *, see
         sample=SAMPLE,
         loss=LossConfig(objective=objective, beta=2000.0),
         train=TrainConfig(learning_rate=lr, batch_size=batch, max_steps=steps, warmup_steps=warmup,
-                          lr_scheduler="constant_with_warmup", weight_decay=0.0, checkpoint_every=50, log_every=5),
+                          lr_scheduler="constant_with_warmup", weight_decay=0.0, checkpoint_every=50, log_every=5,
+                          caption_dropout=caption_dropout),
         eval=EvalConfig(enabled=eval_enabled, include_base=include_base, num_prompts=EVAL_PROMPTS, seed=seed + 99),
     )
 
@@ -120,11 +114,11 @@ def run_demo(out: str | Path = "demo_run", *, seed: int = 0, scale: float = 1.0,
         return result
 
     pretrain_dir, _ = timed("world", lambda: _write_world(out, seed))
-    stage0, vae_info = timed("vae", lambda: _stage0(out, seed, scale))
+    stage0, vae_info = timed("stage0", lambda: _stage0(out, seed))
     clean = DataConfig(builtin="shapes", num_builtin=FINETUNE_PAIRS)
     base_cfg = _config(out / "base", stage0, DataConfig(path=str(pretrain_dir)), "sft", seed=seed, iterations=1,
                        steps=_steps(BASE_STEPS, scale), batch=32, lr=1e-3, warmup=20, include_base=False,
-                       eval_enabled=False)
+                       eval_enabled=False, caption_dropout=0.1)
     timed("base", lambda: run(base_cfg, resume=(out / "base").exists(), progress=progress))
     base_model = iter_dir(out / "base", 1) / "model"
 
@@ -162,7 +156,7 @@ def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: 
     base_scores = base["scores"]["shapes_judge"]
     models_: list[ModelEntry] = []
     for name, group, step, ev, run_dir in entries:
-        metrics = {key: value for key, value in ev["metrics"].items() if not key.startswith("shapes_judge")}
+        metrics = {key: value for key, value in ev["metrics"].items() if not key.endswith(("_median", "_win_rate"))}
         metrics["win_rate_vs_base"] = _win_rate(ev["scores"]["shapes_judge"], base_scores)
         grid_k = 0 if name == "base" else (1 if group == "sft" else step)
         models_.append(ModelEntry(name=name, metrics=metrics, group=group, step=step,
@@ -175,7 +169,7 @@ def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: 
 
     final = {m.name: m.metrics for m in models_}
     last = f"spin iter {SPIN_ITERATIONS}"
-    judged = "judge_all"
+    judged = "shapes_judge"
     summary = (
         f"Prompt fidelity (exact judge: color, shape and position all right) on {EVAL_PROMPTS} prompts: base "
         f"{final['base'].get(judged, float('nan')):.3f}, SFT {final['sft'].get(judged, float('nan')):.3f}, "
@@ -191,12 +185,12 @@ def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: 
         "end and how to read it, not a claim about Stable Diffusion."
     )
     labels = {
-        "judge_all": "judge: all correct", "judge_color": "judge: color", "judge_shape": "judge: shape",
-        "judge_position": "judge: position", "fd": "Fréchet distance", "win_rate_vs_base": "win rate vs base",
+        "shapes_judge": "judge: all correct", "shapes_color": "judge: color", "shapes_shape": "judge: shape",
+        "shapes_position": "judge: position", "fd": "Fréchet distance", "win_rate_vs_base": "win rate vs base",
     }
     sections = [
         ("Stage wall-clock (s)", json.dumps(timings, indent=1)),
-        ("VAE (stage 0)", json.dumps(vae_info, indent=1)),
+        ("Shipped VAE (scripts/train_demo_vae.py)", json.dumps(vae_info, indent=1)),
         ("Set-up", f"pretraining corpus: {PRETRAIN_IMAGES} images, {CAPTION_NOISE:.0%} wrong captions; "
                    f"fine-tuning: {FINETUNE_PAIRS} clean pairs; sampler: DDIM {SAMPLE.num_steps} steps, CFG "
                    f"{SAMPLE.guidance_scale}; SPIN β = {spin_cfg.loss.beta}, lr = {spin_cfg.train.learning_rate}"),
