@@ -152,3 +152,51 @@ def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: 
     _assert_same_weights(reference_run / "iter_01" / "model", run_dir / "iter_01" / "model")
     steps = [json.loads(line)["step"] for line in (run_dir / "iter_01" / "train" / "train_log.jsonl").open()]
     assert steps == list(range(1, 13))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The other objectives and LoRA, end to end (one short iteration each)
+
+
+def test_spin_exact_stores_trajectories_and_trains(tmp_path: Path):
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "loss.objective=spin_exact", "loss.timesteps_per_pair=2",
+                             "num_iterations=1", "eval.enabled=false"])
+    run(cfg, progress=False)
+    shard = load_file(str(tmp_path / "run" / "iter_00" / "generated" / "shard_00000.safetensors"))
+    assert shard["trajectory"].shape == (8, 4 + 1, 4, 8, 8)  # [n, S+1, C, h, w]
+    torch.testing.assert_close(shard["trajectory"][:, -1], shard["latents"])
+    log = [json.loads(line) for line in (tmp_path / "run" / "iter_01" / "train" / "train_log.jsonl").open()]
+    assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+
+
+def test_lora_run_merges_adapter_into_exported_model(tmp_path: Path):
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "model.lora_rank=4", "num_iterations=2",
+                             "train.learning_rate=1e-2", "eval.enabled=false"])
+    run(cfg, progress=False)
+    for k in (1, 2):
+        assert (tmp_path / "run" / f"iter_{k:02d}" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    w1 = _unet_weights(tmp_path / "run" / "iter_01" / "model")
+    assert not any("lora" in name for name in w1)  # merged: a plain UNet that any diffusers code loads
+    w2 = _unet_weights(tmp_path / "run" / "iter_02" / "model")
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_dpo_baseline_on_preference_pairs(tmp_path: Path):
+    from spin_diffusion.demo import world
+
+    root = tmp_path / "pairs"
+    root.mkdir()
+    rows = []
+    for i, (img, caption) in enumerate(world.make_examples(8, seed=0)):
+        img.save(root / f"w{i}.png")
+        img.convert("L").convert("RGB").save(root / f"l{i}.png")  # the rejected image: grey
+        rows.append({"winner": f"w{i}.png", "loser": f"l{i}.png", "text": caption})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "loss.objective=dpo", "data.builtin=null",
+                             f"data.path={root}", "eval.enabled=false"])
+    run(cfg, progress=False)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["completed"] == ["train:1"]  # no self-play generation for a baseline
+    log = [json.loads(line) for line in (tmp_path / "run" / "iter_01" / "train" / "train_log.jsonl").open()]
+    assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert (tmp_path / "run" / "iter_01" / "model" / "model_index.json").exists()
