@@ -123,3 +123,34 @@ def test_rerun_without_resume_refuses_and_keeps_work(tmp_path):
     resumed = _cli("sft", "--resume", "--run-dir", str(run_dir))  # the saved config alone
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert model.stat().st_mtime_ns == stamp
+
+
+def test_evaluate_command_scores_models_against_a_baseline(tmp_path, capsys):
+    from spin_diffusion import models
+
+    for seed in (0, 1):
+        models.save_pipeline(models.build_preset("tiny", seed=seed), tmp_path / f"m{seed}")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\n\na green triangle on the right\n")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "-m", str(tmp_path / "m0"), "-m", str(tmp_path / "m1"), "--prompts", str(prompts),
+                 "--scorer", "shapes_judge", "--scorer", "shapes_color", "--out", str(out), "--steps", "2",
+                 "--guidance-scale", "2.0"])
+    assert code == 0, capsys.readouterr().err
+    table = capsys.readouterr().out
+    assert "win rate vs m0" in table and "shapes_color" in table
+    results = json.loads((out / "eval.json").read_text())
+    assert results["num_prompts"] == 3 and results["baseline"] == "m0"
+    assert "win_rate" not in results["results"]["m0"]["shapes_judge"]
+    assert 0.0 <= results["results"]["m1"]["shapes_judge"]["win_rate"] <= 1.0
+    for name in ("report.html", "table.md", "m0_grid.png", "m1_scores.safetensors"):
+        assert (out / name).exists(), name
+
+
+def test_evaluate_needs_weights_for_learned_scorers(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    code = main(["evaluate", "-m", str(tmp_path), "--prompts", str(prompts), "--scorer", "pickscore"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pickscore" in err.lower()
