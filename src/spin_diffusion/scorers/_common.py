@@ -121,6 +121,23 @@ def has_weight_file(*suffixes: str) -> Callable[[Path], bool]:
     return check
 
 
+def locate_checkpoint(
+    name: str, spec: str | Path | None, keys: Sequence[str], *, hint: str, what: str
+) -> tuple[Path | None, dict, Path]:
+    """Parse the path spec of a scorer whose main part is one checkpoint (key "ckpt").
+
+    A path to the checkpoint file itself also works: the other parts are then looked for beside it.
+    Returns (root folder or None, parts, location of the checkpoint: a file or a folder holding it).
+    """
+    root, parts = parse_path_spec(name, spec, keys, hint=hint)
+    if root is not None and root.is_file():
+        root, parts = root.parent, {"ckpt": str(root)}
+    ckpt_loc = component(
+        name, root, parts, "ckpt", subdirs=("ckpt",), what=what, found=has_weight_file(".pt", ".pth", ".safetensors")
+    )
+    return root, parts, ckpt_loc
+
+
 def is_clip_tokenizer_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file())
 

@@ -32,11 +32,10 @@ from spin_diffusion.scorers._common import (
     BatchedScorer,
     build_from_state_dict,
     component,
-    has_weight_file,
     is_clip_tokenizer_dir,
     isqrt_exact,
     load_state_dict_file,
-    parse_path_spec,
+    locate_checkpoint,
     resize_max_pad,
     single_file,
     to_normalized_tensor,
@@ -223,17 +222,8 @@ class HPSv2Scorer(BatchedScorer):
 
     def __init__(self, path, *, device="cpu", dtype=torch.float32, batch_size=16):
         keys = ("ckpt", "tokenizer", "backend", "arch", "config")
-        root, parts = parse_path_spec(self.name, path, keys, hint=HPSV2_HINT)
-        if root is not None and root.is_file():  # the checkpoint itself; look for the rest beside it
-            root, parts = root.parent, {"ckpt": str(root)}
-        ckpt_loc = component(
-            self.name,
-            root,
-            parts,
-            "ckpt",
-            subdirs=("ckpt",),
-            what="HPSv2 checkpoint (HPS_v2_compressed.pt)",
-            found=has_weight_file(".pt", ".pth", ".safetensors"),
+        root, parts, ckpt_loc = locate_checkpoint(
+            self.name, path, keys, hint=HPSV2_HINT, what="HPSv2 checkpoint (HPS_v2_compressed.pt)"
         )
         ckpt = single_file(ckpt_loc, (".pt", ".pth", ".safetensors"), name=self.name, what="HPSv2 checkpoint")
         backend = parts.get("backend", "auto")

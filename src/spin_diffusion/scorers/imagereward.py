@@ -33,10 +33,9 @@ from spin_diffusion.scorers._common import (
     build_from_state_dict,
     component,
     has_files,
-    has_weight_file,
     isqrt_exact,
     load_state_dict_file,
-    parse_path_spec,
+    locate_checkpoint,
     resize_center_crop,
     single_file,
     to_normalized_tensor,
@@ -251,17 +250,9 @@ class ImageRewardScorer(BatchedScorer):
     name = "imagereward"
 
     def __init__(self, path, *, device="cpu", dtype=torch.float32, batch_size=16):
-        root, parts = parse_path_spec(self.name, path, ("ckpt", "tokenizer", "med_config"), hint=IMAGEREWARD_HINT)
-        if root is not None and root.is_file():  # the checkpoint itself; look for the rest beside it
-            root, parts = root.parent, {"ckpt": str(root)}
-        ckpt_loc = component(
-            self.name,
-            root,
-            parts,
-            "ckpt",
-            subdirs=("ckpt",),
+        root, parts, ckpt_loc = locate_checkpoint(
+            self.name, path, ("ckpt", "tokenizer", "med_config"), hint=IMAGEREWARD_HINT,
             what="ImageReward checkpoint (ImageReward.pt)",
-            found=has_weight_file(".pt", ".pth", ".safetensors"),
         )
         if ckpt_loc.is_dir() and (ckpt_loc / "ImageReward.pt").is_file():
             ckpt = ckpt_loc / "ImageReward.pt"
