@@ -200,3 +200,19 @@ def test_dpo_baseline_on_preference_pairs(tmp_path: Path):
     log = [json.loads(line) for line in (tmp_path / "run" / "iter_01" / "train" / "train_log.jsonl").open()]
     assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
     assert (tmp_path / "run" / "iter_01" / "model" / "model_index.json").exists()
+
+
+def test_resume_scores_an_iteration_killed_before_its_evaluation(tmp_path: Path):
+    """A kill right after train:1 was recorded (eval:1 not yet): --resume must still score θ_1."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(TINY, [f"run_dir={run_dir}", "num_iterations=1"])
+    run(cfg, progress=False)
+    state_path = run_dir / "state.json"
+    state = json.loads(state_path.read_text())
+    state["completed"].remove("eval:1")
+    state["info"].pop("eval:1")
+    state_path.write_text(json.dumps(state))
+    (run_dir / "iter_01" / "eval.json").unlink()
+    summary = run(cfg, resume=True, progress=False)
+    assert "eval:1" in json.loads(state_path.read_text())["completed"]
+    assert (run_dir / "iter_01" / "eval.json").exists() and 1 in summary.metrics

@@ -187,6 +187,8 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     opponent.to(state_.device)
     if cfg.eval.include_base and not state.done("eval:0"):
         evaluate(0, c.unet if start == 0 else load_base_components(cfg).unet.to(state_.device))
+    if start > 0:
+        evaluate(start, opponent)  # a kill between train:k and eval:k leaves θ_k unscored
 
     for k in range(start, num_iterations):
         data = trainer.TrainData(winner=cache.latents if objective != "dpo" else cache.winner_latents,
