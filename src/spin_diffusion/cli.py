@@ -107,12 +107,15 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Seed of the whole demo.")] = 0,
     scale: Annotated[float, typer.Option(help="Multiply every step count (0.2 = smoke test, 1 = default).")] = 1.0,
-    resume: ResumeOpt = False,
 ):
-    """Built-in CPU demo world: pretrain a tiny base model on rendered shapes, then SFT vs SPIN, then a report."""
+    """Built-in CPU demo world: pretrain a tiny base model on rendered shapes, then SFT vs SPIN, then a report.
+
+    Running it again on the same --out continues a killed demo (finished stages are skipped)."""
     from spin_diffusion.demo.runner import run_demo
 
-    report = run_demo(out, seed=seed, scale=scale, resume=resume)
+    if scale <= 0:
+        raise SpinDiffusionError(f"--scale must be > 0, got {scale}")
+    report = run_demo(out, seed=seed, scale=scale)
     typer.echo(f"report: {report}")
 
 

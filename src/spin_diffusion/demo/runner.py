@@ -100,15 +100,33 @@ def _config(run_dir: Path, model: Path, data: DataConfig, objective: str, *, see
     )
 
 
-def run_demo(out: str | Path = "demo_run", *, seed: int = 0, scale: float = 1.0, resume: bool = False,
-             progress: bool = True) -> Path:
-    """Run every demo stage (skipping finished ones when resume=True) and write out/report.html."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        from spin_diffusion.errors import SpinDiffusionError
+MARKER = "demo.json"
 
-        raise SpinDiffusionError(f"{out} already holds a demo; pass --resume to continue it, or choose another --out")
+
+def _claim(out: Path, seed: int, scale: float) -> bool:
+    """Make `out` a demo folder, or check that it is one made with the same settings. True if it existed."""
+    from spin_diffusion.errors import SpinDiffusionError
+
+    settings = {"seed": seed, "scale": scale}
+    marker = out / MARKER
+    if marker.exists():
+        saved = json.loads(marker.read_text())
+        if saved != settings:
+            raise SpinDiffusionError(f"{out} holds a demo made with {saved}, not {settings}; choose another --out")
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise SpinDiffusionError(f"{out} is not empty and holds no demo; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings))
+    return False
+
+
+def run_demo(out: str | Path = "demo_run", *, seed: int = 0, scale: float = 1.0, progress: bool = True) -> Path:
+    """Run every demo stage and write out/report.html. Rerunning continues a killed demo: finished stages
+    (and finished phases inside them) are skipped, so a complete demo only rebuilds its report."""
+    out = Path(out)
+    if _claim(out, seed, scale):
+        print(f"continuing the demo in {out} (finished stages are skipped)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     timings: dict[str, float] = {}
 
