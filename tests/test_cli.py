@@ -154,3 +154,25 @@ def test_evaluate_needs_weights_for_learned_scorers(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pickscore" in err.lower()
+
+
+def test_evaluate_adds_fid_against_reference_images(tmp_path, capsys):
+    from spin_diffusion import models
+    from spin_diffusion.demo import world
+    from test_evaluation import _save_clip
+
+    models.save_pipeline(models.build_preset("tiny", seed=0), tmp_path / "m0")
+    clip = tmp_path / "clip"
+    _save_clip(clip)
+    reference = tmp_path / "real"
+    world.write_imagefolder(reference, 6, seed=0, size=16)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\na green circle on the right\n")
+    out = tmp_path / "eval"
+    args = ["evaluate", "-m", str(tmp_path / "m0"), "--prompts", str(prompts), "--scorer", "shapes_judge",
+            "--out", str(out), "--steps", "2", "--fid-reference", str(reference)]
+    assert main(args) == 2  # FID needs both the reference images and the feature network
+    assert "--fid-features" in capsys.readouterr().err
+    assert main([*args, "--fid-features", str(clip)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "eval.json").read_text())["results"]["m0"]
+    assert results["fid"]["value"] >= 0.0 and "shapes_judge" in results

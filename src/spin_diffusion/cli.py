@@ -136,6 +136,8 @@ def evaluate(
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 8,
     seed: Annotated[int, typer.Option(help="Sampling seed (the same noise for every model).")] = 0,
+    fid_reference: Annotated[Path | None, typer.Option(help="Folder of real images: adds FID per model.")] = None,
+    fid_features: Annotated[str | None, typer.Option(help="Local CLIP folder used as FID's feature network.")] = None,
 ):
     """Generate images for a prompt set with each model and score them (mean, median, win rate vs baseline)."""
     from spin_diffusion.model_eval import evaluate_models
@@ -149,7 +151,7 @@ def evaluate(
     table = evaluate_models(
         model, prompts, scorers=list(scorer or []), scorer_paths=paths, baseline=baseline, out_dir=out,
         num_prompts=num_prompts or None, num_steps=steps, guidance_scale=guidance_scale, batch_size=batch_size,
-        seed=seed,
+        seed=seed, fid_reference=fid_reference, fid_features=fid_features,
     )
     typer.echo(table)
 

@@ -116,8 +116,13 @@ def evaluate_models(
     guidance_scale: float,
     batch_size: int,
     seed: int,
+    fid_reference: Path | None = None,
+    fid_features: str | None = None,
 ) -> str:
     """`spin-diffusion evaluate`: every model renders every prompt with the same noise, then is scored.
+
+    With `fid_reference` (a folder of real images) and `fid_features` (a local CLIP folder used as the
+    feature network), each model also gets a set-level Fréchet distance ("fid", lower is better).
 
     Writes out_dir/eval.json (mean, median, win rate vs the baseline model per scorer), scores.safetensors
     per model, a grid per model, table.md and report.html. Returns the table.
@@ -133,6 +138,11 @@ def evaluate_models(
         raise SpinDiffusionError(f"--baseline {baseline} is not an index into the {len(model_dirs)} --model folders")
     prompts = data_lib.load_prompts(prompts_path)[:num_prompts]
     built = [evaluation.build_scorer(n, scorer_paths.get(n)) for n in scorers]  # fail early on missing weights
+    if (fid_reference is None) != (fid_features is None):
+        raise SpinDiffusionError("FID needs both --fid-reference (real images) and --fid-features (a CLIP folder)")
+    fid_net = evaluation.clip_feature_network(fid_features) if fid_features is not None else None
+    reference = _read_image_folder(fid_reference) if fid_reference is not None else []
+    fids: dict[str, float] = {}
     names = _unique_names(model_dirs)
     seeds = [sampling.sample_seed(seed, 0, i) for i in range(len(prompts))]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +160,8 @@ def evaluate_models(
                                guidance_scale=guidance_scale, batch_size=batch_size)
         make_grid(images[:32], ncol=8, scale=max(1, 64 // max(images[0].size))).save(out_dir / f"{name}_grid.png")
         all_scores[name] = evaluation.score_images(images, prompts, built)
+        if fid_net is not None:
+            fids[name] = evaluation.frechet_distance_metric(images, reference, fid_net, device=device)
         evaluation.write_scores(out_dir / f"{name}_scores.safetensors", all_scores[name])
         del c, images
 
@@ -159,6 +171,8 @@ def evaluate_models(
         name: evaluation.summarize(scores, None if name == base_name else all_scores[base_name], higher_is_better=higher)
         for name, scores in all_scores.items()
     }
+    for name, value in fids.items():
+        results[name]["fid"] = {"value": value}
     evaluation.write_eval_json(out_dir / "eval.json", {"prompts": str(prompts_path), "num_prompts": len(prompts),
                                                        "baseline": base_name, "results": results})
     table = evaluation.format_table(results, baseline=base_name)
@@ -167,8 +181,31 @@ def evaluate_models(
                           step=i, group="models", captions=prompts[:32]) for i, name in enumerate(names)]
     summary = f"{len(prompts)} prompts from {prompts_path}; win rates against {base_name} (ties count half)."
     write_report(ReportData(title="spin-diffusion evaluate", summary=summary, models=entries,
-                            lower_is_better={k for k, v in higher.items() if not v}, baseline=base_name), out_dir)
+                            lower_is_better={k for k, v in higher.items() if not v} | {"fid_value"},
+                            baseline=base_name), out_dir)
     return table
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _read_image_folder(folder: Path) -> list[Image.Image]:
+    """Every image file directly in `folder`, sorted by name, as RGB (the FID reference set)."""
+    from spin_diffusion.errors import SpinDiffusionError
+
+    if not Path(folder).is_dir():
+        raise SpinDiffusionError(f"--fid-reference {folder} is not a folder of images")
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise SpinDiffusionError(f"--fid-reference {folder} holds {len(files)} images; FID needs at least 2")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except OSError:
+            raise SpinDiffusionError(f"cannot read reference image {path}") from None
+    return images
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
