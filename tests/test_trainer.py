@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from diffusers import DDPMScheduler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -473,3 +474,30 @@ def test_exact_objective_never_draws_a_step_with_zero_b():
     schedule = trainer.SamplerSchedule(leading.timesteps, leading.alphas_cumprod.double(),
                                        float(leading.final_alpha_cumprod), 0.0)
     assert trainer.valid_exact_steps(schedule).tolist() == list(range(6))
+
+
+def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
+    """A v-prediction model: the sampler and the exact objective both turn v into ε, so on the opponent's own
+    trajectory (η = 0, no guidance) the first loser error is again ~0. Pins _to_epsilon and the v path."""
+    from diffusers import DDIMScheduler
+
+    config = dict(DDIMScheduler.from_config(tiny.scheduler.config, prediction_type="v_prediction").config)
+    data = _pairs(4)
+    spec = sampling.GenerationSpec(run_seed=0, iteration=0, num_prompts=4, num_steps=4, guidance_scale=1.0, eta=0.0,
+                                   latent_shape=LATENT_SHAPE, store_trajectory=True, shard_size=4)
+    sampling.generate_shards(tiny.unet, config, data.prompt_embeds, None, tmp_path / "gen", spec, batch_size=4,
+                             progress=False)
+    gen = sampling.load_generated(tmp_path / "gen")
+    data.loser, data.loser_trajectory = gen.latents, gen.trajectory
+    data.sampler = trainer.SamplerSchedule(gen.timesteps, gen.alphas_cumprod, gen.final_alpha_cumprod, gen.eta)
+    noise_scheduler = DDPMScheduler.from_config(config)
+    assert noise_scheduler.config.prediction_type == "v_prediction"
+    result = trainer.train(
+        copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet), data, objective="spin_exact",
+        loss_cfg=LossConfig(objective="spin_exact", timesteps_per_pair=4), train_cfg=_cfg(max_steps=1),
+        noise_scheduler=noise_scheduler, out_dir=tmp_path / "train", seed=0, progress=False,
+    )
+    log = _log(result.log_path)
+    assert log[0]["policy_error_loser"] < 1e-5
+    assert log[0]["policy_error_winner"] > 0.1
+    assert log[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
