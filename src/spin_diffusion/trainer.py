@@ -202,8 +202,9 @@ def train(
         num_training_steps=total_steps * accelerator.num_processes,
     )
     policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
-    if ref is not None:
-        ref.to(accelerator.device)
+    if ref is not None:  # the frozen reference only runs forward: keep it in the mixed-precision dtype
+        ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
+        ref.to(accelerator.device, dtype=ref_dtype)
     device = accelerator.device
     prediction_type = noise_scheduler.config.prediction_type
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
