@@ -85,7 +85,7 @@ def exact_pairs(tiny, tmp_path_factory) -> trainer.TrainData:
     gen = sampling.load_generated(out)
     data.loser = gen.latents
     data.loser_trajectory = gen.trajectory
-    data.sampler = trainer.SamplerSchedule(gen.timesteps, gen.alphas_cumprod, gen.final_alpha_cumprod, gen.eta)
+    data.sampler = trainer.SamplerSchedule.of(gen)
     return data
 
 
@@ -489,7 +489,7 @@ def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
                              progress=False)
     gen = sampling.load_generated(tmp_path / "gen")
     data.loser, data.loser_trajectory = gen.latents, gen.trajectory
-    data.sampler = trainer.SamplerSchedule(gen.timesteps, gen.alphas_cumprod, gen.final_alpha_cumprod, gen.eta)
+    data.sampler = trainer.SamplerSchedule.of(gen)
     noise_scheduler = DDPMScheduler.from_config(config)
     assert noise_scheduler.config.prediction_type == "v_prediction"
     result = trainer.train(

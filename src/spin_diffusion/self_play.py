@@ -215,8 +215,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             data.loser = generated.latents
             if objective == "spin_exact":
                 data.loser_trajectory = generated.trajectory
-                data.sampler = trainer.SamplerSchedule(generated.timesteps, generated.alphas_cumprod,
-                                                       generated.final_alpha_cumprod, generated.eta)
+                data.sampler = trainer.SamplerSchedule.of(generated)
         elif objective == "dpo":
             data.loser = cache.loser_latents
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from spin_diffusion import losses
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.models import adapters_disabled
-from spin_diffusion.sampling import ddim_coefficients, implied_noise
+from spin_diffusion.sampling import GeneratedSet, ddim_coefficients, implied_noise
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -44,6 +44,11 @@ class SamplerSchedule:
     alphas_cumprod: torch.Tensor  # [T_train]
     final_alpha_cumprod: float
     eta: float
+
+    @classmethod
+    def of(cls, generated: GeneratedSet) -> SamplerSchedule:
+        """The schedule that `generated` (sampling.load_generated) was sampled with."""
+        return cls(generated.timesteps, generated.alphas_cumprod, generated.final_alpha_cumprod, generated.eta)
 
 
 @dataclass
