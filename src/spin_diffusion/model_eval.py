@@ -8,8 +8,6 @@ with like.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,11 +55,26 @@ def render_images(
 
 @dataclass
 class EvalSet:
-    """Evaluation prompts, their embeddings and (if known) real reference images."""
+    """Evaluation prompts, their embeddings, the scorers (loaded once per run) and, if known, real images."""
 
     prompts: list[str]
     embeds: torch.Tensor  # [N, L, D]
+    scorers: list = field(default_factory=list)  # evaluation.Scorer
     reference: list[Image.Image] = field(default_factory=list)
+
+
+def default_scorer_names(cfg: RunConfig) -> list[str]:
+    """eval.scorers, or the exact judge for the built-in shapes world."""
+    return list(cfg.eval.scorers) or (list(SHAPES_SCORERS) if cfg.data.builtin == "shapes" else [])
+
+
+def save_grid(images: list[Image.Image], path: Path) -> int:
+    """Save up to 32 images as an 8-wide grid (tiny demo images enlarged, big ones not); returns how many."""
+    from spin_diffusion.report import make_grid
+
+    shown = min(32, len(images))
+    make_grid(images[:shown], ncol=8, scale=max(1, 64 // max(images[0].size))).save(path)
+    return shown
 
 
 def evaluate_unet(
@@ -70,15 +83,13 @@ def evaluate_unet(
 ) -> dict:
     """Render the evaluation prompts with `unet`, score them, and write eval.json + grid.png to out_dir."""
     from spin_diffusion import evaluation
-    from spin_diffusion.report import make_grid
 
     seeds = [sampling.sample_seed(cfg.eval.seed, 0, i) for i in range(len(eval_set.prompts))]
     images = render_images(
         c, unet, eval_set.embeds, negative_embed, seeds=seeds, num_steps=cfg.sample.num_steps,
         guidance_scale=cfg.sample.guidance_scale, batch_size=cfg.sample.batch_size,
     )
-    names = list(cfg.eval.scorers) or (list(SHAPES_SCORERS) if cfg.data.builtin == "shapes" else [])
-    scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in names]
+    scorers = eval_set.scorers
     scores = evaluation.score_images(images, eval_set.prompts, scorers)
     base = {k: torch.tensor(v) for k, v in baseline.items()} if baseline else None
     summary = evaluation.summarize(scores, base, higher_is_better={s.name: s.higher_is_better for s in scorers})
@@ -90,17 +101,11 @@ def evaluate_unet(
             world.image_features(world.pil_to_tensor(images)), world.image_features(world.pil_to_tensor(eval_set.reference))
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    shown = min(32, len(images))
-    scale = max(1, 64 // max(images[0].size)) if images else 1  # enlarge tiny demo images, never big ones
-    make_grid(images[:shown], ncol=8, scale=scale).save(out_dir / "grid.png")
+    shown = save_grid(images, out_dir / "grid.png")
     result = {"metrics": metrics, "grid": "grid.png", "captions": eval_set.prompts[:shown],
               "scores": {k: v.tolist() for k, v in scores.items()}, "prompts": eval_set.prompts}
-    tmp = out_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out_dir / "eval.json")
+    evaluation.write_eval_json(out_dir / "eval.json", result)
     return result
-
-
 
 
 def evaluate_models(
@@ -130,7 +135,7 @@ def evaluate_models(
     from spin_diffusion import data as data_lib
     from spin_diffusion import evaluation
     from spin_diffusion.errors import SpinDiffusionError
-    from spin_diffusion.report import ModelEntry, ReportData, make_grid, write_report
+    from spin_diffusion.report import ModelEntry, ReportData, write_report
 
     if not model_dirs:
         raise SpinDiffusionError("give at least one --model folder")
@@ -158,7 +163,7 @@ def evaluate_models(
         negative = models.encode_prompts(c, [""])
         images = render_images(c, c.unet.eval(), embeds, negative, seeds=seeds, num_steps=num_steps,
                                guidance_scale=guidance_scale, batch_size=batch_size)
-        make_grid(images[:32], ncol=8, scale=max(1, 64 // max(images[0].size))).save(out_dir / f"{name}_grid.png")
+        save_grid(images, out_dir / f"{name}_grid.png")
         all_scores[name] = evaluation.score_images(images, prompts, built)
         if fid_net is not None:
             fids[name] = evaluation.frechet_distance_metric(images, reference, fid_net, device=device)

@@ -29,7 +29,7 @@ from spin_diffusion import data as data_lib
 from spin_diffusion import models, sampling, trainer
 from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.model_eval import EvalSet, evaluate_unet
+from spin_diffusion.model_eval import EvalSet, default_scorer_names, evaluate_unet
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -284,4 +284,7 @@ def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images)
     else:
         prompts = captions[: cfg.eval.num_prompts]
         reference = [images.image(i) for i in range(len(prompts))] if hasattr(images, "image") else []
-    return EvalSet(prompts=prompts, embeds=models.encode_prompts(c, prompts), reference=reference)
+    from spin_diffusion import evaluation
+
+    scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in default_scorer_names(cfg)]
+    return EvalSet(prompts=prompts, embeds=models.encode_prompts(c, prompts), scorers=scorers, reference=reference)

@@ -28,6 +28,7 @@ import torch
 from spin_diffusion import models
 from spin_diffusion.config import DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from spin_diffusion.demo import world
+from spin_diffusion.evaluation import win_rate
 from spin_diffusion.report import Curve, ModelEntry, ReportData, read_train_log, write_report
 from spin_diffusion.self_play import iter_dir, run
 
@@ -163,11 +164,6 @@ def _eval(run_dir: Path, k: int) -> dict:
     return json.loads((iter_dir(run_dir, k) / "eval.json").read_text())
 
 
-def _win_rate(scores: list[float], base: list[float]) -> float:
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base, strict=True))
-    return wins / len(base)
-
-
 def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: RunConfig,
                  spin_cfg: RunConfig) -> ReportData:
     base = _eval(out / "spin", 0)
@@ -180,7 +176,7 @@ def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: 
     models_: list[ModelEntry] = []
     for name, group, step, ev, run_dir in entries:
         metrics = {key: value for key, value in ev["metrics"].items() if not key.endswith(("_median", "_win_rate"))}
-        metrics["win_rate_vs_base"] = _win_rate(ev["scores"]["shapes_judge"], base_scores)
+        metrics["win_rate_vs_base"] = win_rate(torch.tensor(ev["scores"]["shapes_judge"]), torch.tensor(base_scores))
         grid_k = 0 if name == "base" else (1 if group == "sft" else step)
         models_.append(ModelEntry(name=name, metrics=metrics, group=group, step=step,
                                   grid=str(iter_dir(run_dir, grid_k) / ev["grid"]), captions=ev.get("captions", [])))
