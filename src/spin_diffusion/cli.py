@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
 
+from spin_diffusion.distributed import is_main, launched_rank, launched_ranks
 from spin_diffusion.errors import SpinDiffusionError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are never needed: every model comes from a local folder
+
+RANK_ERROR_DELAY_S = 3.0  # > the launcher's worker-monitor interval (torchrun: 0.1 s)
 
 app = typer.Typer(
     name="spin-diffusion",
@@ -55,6 +59,8 @@ def _run(cfg, resume: bool) -> None:
     from spin_diffusion.self_play import run
 
     summary = run(cfg, resume=resume)
+    if not is_main():
+        return  # the main process reports for the run
     typer.echo(f"finished in {summary.wall_seconds:.0f} s: {summary.run_dir}")
     for k, metrics in sorted(summary.metrics.items()):
         shown = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
@@ -153,14 +159,30 @@ def evaluate(
         num_prompts=num_prompts or None, num_steps=steps, guidance_scale=guidance_scale, batch_size=batch_size,
         seed=seed, fid_reference=fid_reference, fid_features=fid_features,
     )
-    typer.echo(table)
+    if table:  # the main process's; the other ranks only rendered their share
+        typer.echo(table)
+
+
+def _peer_failed(err: BaseException) -> bool:
+    """A collective broke because another rank of this run exited (its own error line says why)."""
+    import torch.distributed as dist
+
+    return launched_ranks() > 1 and (
+        isinstance(err, dist.DistError) or "Connection closed by peer" in str(err) or "Connection reset" in str(err)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status."""
+    """Entry point of the console script; returns the exit status.
+
+    With several processes, a user error on any rank prints its line once and exits 2; the launcher then
+    stops the other ranks. Ranks other than 0 wait a moment before printing, so an error that every rank
+    hits (a bad config) is printed once, by rank 0, before the launcher stops the rest."""
     try:
         app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
     except SpinDiffusionError as err:
+        if launched_ranks() > 1 and launched_rank() != 0:
+            time.sleep(RANK_ERROR_DELAY_S)
         typer.echo(f"error: {err}", err=True)
         return 2
     except click.exceptions.Exit as err:
@@ -174,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun with --resume to continue", err=True)
         return 130
+    except Exception as err:
+        if not _peer_failed(err):
+            raise
+        time.sleep(RANK_ERROR_DELAY_S)  # the launcher is about to stop this rank; the failing rank said why
+        typer.echo(f"error: stopped because another process of this run failed ({type(err).__name__})", err=True)
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from spin_diffusion import models, sampling
+from spin_diffusion import distributed, models, sampling
 from spin_diffusion.config import RunConfig
 
 # The built-in world's default scorers: all of color, shape and position right, and each one alone.
@@ -53,6 +53,38 @@ def render_images(
     return images
 
 
+def render_shared(
+    c: models.Components,
+    unet: torch.nn.Module,
+    prompt_embeds: torch.Tensor,
+    negative_embed: torch.Tensor,
+    folder: Path,
+    *,
+    seeds: list[int],
+    num_steps: int,
+    guidance_scale: float,
+    batch_size: int,
+) -> list[Image.Image] | None:
+    """`render_images` with the prompts split over all ranks: each rank renders its contiguous part and writes
+    it to `folder/00000.png …` (lossless, so the result equals a one-process render); after a barrier the main
+    process reads them all back. Returns the N images in prompt order on the main process, None elsewhere."""
+    part = distributed.split(prompt_embeds.shape[0])
+    images = render_images(c, unet, prompt_embeds[part.start : part.stop], negative_embed,
+                           seeds=seeds[part.start : part.stop], num_steps=num_steps,
+                           guidance_scale=guidance_scale, batch_size=batch_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in zip(part, images, strict=True):
+        img.save(folder / f"{i:05d}.png")
+    distributed.barrier()
+    if not distributed.is_main():
+        return None
+    out = []
+    for i in range(prompt_embeds.shape[0]):
+        with Image.open(folder / f"{i:05d}.png") as img:
+            out.append(img.convert("RGB"))
+    return out
+
+
 @dataclass
 class EvalSet:
     """Evaluation prompts, their embeddings, the scorers (loaded once per run) and, if known, real images."""
@@ -80,15 +112,19 @@ def save_grid(images: list[Image.Image], path: Path) -> int:
 def evaluate_unet(
     cfg: RunConfig, c: models.Components, unet: torch.nn.Module, eval_set: EvalSet, negative_embed: torch.Tensor,
     out_dir: Path, *, baseline: dict[str, list[float]] | None = None,
-) -> dict:
-    """Render the evaluation prompts with `unet`, score them, and write eval.json + grid.png to out_dir."""
+) -> dict | None:
+    """Render the evaluation prompts with `unet` (on every rank, each its share, into out_dir/eval_images/), then
+    on the main process score them and write eval.json + grid.png to out_dir. Returns the result on the main
+    process, None on the others; call it on every rank."""
     from spin_diffusion import evaluation
 
     seeds = [sampling.sample_seed(cfg.eval.seed, 0, i) for i in range(len(eval_set.prompts))]
-    images = render_images(
-        c, unet, eval_set.embeds, negative_embed, seeds=seeds, num_steps=cfg.sample.num_steps,
-        guidance_scale=cfg.sample.guidance_scale, batch_size=cfg.sample.batch_size,
+    images = render_shared(
+        c, unet, eval_set.embeds, negative_embed, out_dir / "eval_images", seeds=seeds,
+        num_steps=cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale, batch_size=cfg.sample.batch_size,
     )
+    if images is None:
+        return None
     scorers = eval_set.scorers
     scores = evaluation.score_images(images, eval_set.prompts, scorers)
     base = {k: torch.tensor(v) for k, v in baseline.items()} if baseline else None
@@ -142,15 +178,16 @@ def evaluate_models(
     if not 0 <= baseline < len(model_dirs):
         raise SpinDiffusionError(f"--baseline {baseline} is not an index into the {len(model_dirs)} --model folders")
     prompts = data_lib.load_prompts(prompts_path)[:num_prompts]
-    built = [evaluation.build_scorer(n, scorer_paths.get(n)) for n in scorers]  # fail early on missing weights
+    main = distributed.is_main()  # scorers, FID and the outputs live on the main process; all ranks render
+    built = [evaluation.build_scorer(n, scorer_paths.get(n)) for n in scorers] if main else []  # fail early
     if (fid_reference is None) != (fid_features is None):
         raise SpinDiffusionError("FID needs both --fid-reference (real images) and --fid-features (a CLIP folder)")
-    fid_net = evaluation.clip_feature_network(fid_features) if fid_features is not None else None
-    reference = _read_image_folder(fid_reference) if fid_reference is not None else []
+    fid_net = evaluation.clip_feature_network(fid_features) if fid_features is not None and main else None
+    reference = _read_image_folder(fid_reference) if fid_reference is not None and main else []
     fids: dict[str, float] = {}
     names = _unique_names(model_dirs)
     seeds = [sampling.sample_seed(seed, 0, i) for i in range(len(prompts))]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = distributed.state().device
     out_dir.mkdir(parents=True, exist_ok=True)
 
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
@@ -161,8 +198,10 @@ def evaluate_models(
                 module.to(device)
         embeds = models.encode_prompts(c, prompts)
         negative = models.encode_prompts(c, [""])
-        images = render_images(c, c.unet.eval(), embeds, negative, seeds=seeds, num_steps=num_steps,
-                               guidance_scale=guidance_scale, batch_size=batch_size)
+        images = render_shared(c, c.unet.eval(), embeds, negative, out_dir / f"{name}_images", seeds=seeds,
+                               num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+        if images is None:  # not the main process: it only renders its share
+            continue
         save_grid(images, out_dir / f"{name}_grid.png")
         all_scores[name] = evaluation.score_images(images, prompts, built)
         if fid_net is not None:
@@ -170,6 +209,8 @@ def evaluate_models(
         evaluation.write_scores(out_dir / f"{name}_scores.safetensors", all_scores[name])
         del c, images
 
+    if not main:
+        return ""
     higher = {s.name: s.higher_is_better for s in built}
     base_name = names[baseline]
     results = {

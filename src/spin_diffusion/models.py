@@ -463,10 +463,13 @@ def _tuner_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def add_lora(unet: Any, *, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...]) -> None:
+def add_lora(
+    unet: Any, *, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...], seed: int = 0
+) -> None:
     """Attach a fresh LoRA adapter (peft, via ``unet.add_adapter``); only its parameters train afterwards.
 
-    The adapter starts as the identity (LoRA B = 0), so the UNet's outputs are unchanged.
+    The adapter starts as the identity (LoRA B = 0), so the UNet's outputs are unchanged. LoRA A is drawn from
+    ``seed`` (not the global RNG), so the same run gives the same adapter on any number of processes.
     """
     from peft import LoraConfig
 
@@ -483,7 +486,9 @@ def add_lora(unet: Any, *, rank: int, alpha: float, target_modules: list[str] | 
         )
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     try:
-        unet.add_adapter(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet.add_adapter(config)
     except ValueError as e:
         _remove_peft_state(unet)
         raise SpinDiffusionError(f"cannot add LoRA with target_modules={targets}: {_first_line(e)}") from e

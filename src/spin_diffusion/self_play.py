@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from spin_diffusion import data as data_lib
-from spin_diffusion import models, sampling, trainer
+from spin_diffusion import distributed, models, sampling, trainer
 from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.model_eval import EvalSet, default_scorer_names, evaluate_unet
@@ -62,7 +61,7 @@ class RunState:
             self.completed.append(phase)
         if info:
             self.info[phase] = info
-        if PartialState().is_main_process:
+        if distributed.is_main():  # every rank keeps the same list in memory; one writes it
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps({"completed": self.completed, "info": self.info}, indent=1))
             os.replace(tmp, self.path)
@@ -81,7 +80,7 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
 
 
 def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
-    """Create the run dir (fresh) or check it (resume). Returns the run dir."""
+    """Check the run dir (every rank, before anything is written), then create it (main process). Returns it."""
     run_dir = Path(cfg.run_dir)
     saved_cfg = run_dir / CONFIG_FILE
     if saved_cfg.exists():
@@ -94,11 +93,14 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
             raise SpinDiffusionError(f"--resume with a config that differs from the saved one ({diff})")
     elif resume and (run_dir / STATE_FILE).exists():
         raise SpinDiffusionError(f"{run_dir} has no {CONFIG_FILE}; cannot resume it")
-    if PartialState().is_main_process:
+    distributed.barrier()  # every rank has seen the folder as it was before the main process writes to it
+
+    def create() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not saved_cfg.exists():
             save_config(cfg, saved_cfg)
-    PartialState().wait_for_everyone()
+
+    distributed.on_main(create)
     return run_dir
 
 
@@ -138,7 +140,7 @@ class RunSummary:
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
     """Run SPIN-Diffusion (objective spin_approx / spin_exact) or a baseline (sft / dpo) end to end."""
     started = time.perf_counter()
-    state_ = PartialState()
+    state_ = distributed.state()
     run_dir = prepare_run_dir(cfg, resume=resume)
     state = RunState(run_dir)
     objective = cfg.loss.objective
@@ -164,19 +166,19 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
     empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
 
-    eval_set = None
-    if cfg.eval.enabled and state_.is_main_process:
-        eval_set = _eval_set(cfg, c, captions, images)
+    eval_set = _eval_set(cfg, c, captions, images) if cfg.eval.enabled else None
 
     def evaluate(k: int, unet: torch.nn.Module) -> None:
+        """Every rank renders its share of the evaluation prompts; the main process scores and records them."""
         phase = f"eval:{k}"
-        if eval_set is not None and not state.done(phase):
-            baseline = None
-            base_eval = iter_dir(run_dir, 0) / "eval.json"
-            if k > 0 and base_eval.exists():
-                baseline = json.loads(base_eval.read_text())["scores"]
-            result = evaluate_unet(cfg, c, unet, eval_set, negative_embed, iter_dir(run_dir, k), baseline=baseline)
-            state.mark(phase, **result["metrics"])
+        if eval_set is None or state.done(phase):
+            return
+        baseline = None
+        base_eval = iter_dir(run_dir, 0) / "eval.json"
+        if k > 0 and state_.is_main_process and base_eval.exists():
+            baseline = json.loads(base_eval.read_text())["scores"]
+        result = evaluate_unet(cfg, c, unet, eval_set, negative_embed, iter_dir(run_dir, k), baseline=baseline)
+        state.mark(phase, **(result["metrics"] if result is not None else {}))
         state_.wait_for_everyone()
 
     # 2. Find where we are: the newest finished model is the current opponent θ_k
@@ -207,7 +209,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                 sampling.generate_shards(
                     opponent, c.scheduler.config, cache.prompt_embeds, negative_embed, gen_dir, spec,
                     batch_size=cfg.sample.batch_size, rank=state_.process_index, world_size=state_.num_processes,
-                    progress=progress,
+                    progress=progress and state_.is_main_process,
                 )
                 state_.wait_for_everyone()
                 state.mark(phase)
@@ -221,7 +223,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
 
         # 4. train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k
         next_dir = iter_dir(run_dir, k + 1)
-        policy, ref = _policy_and_ref(cfg, opponent, needs_ref=objective != "sft")
+        policy, ref = _policy_and_ref(cfg, opponent, needs_ref=objective != "sft", seed=train_seed(cfg, k))
         result = trainer.train(
             policy, ref, data, objective=objective, loss_cfg=cfg.loss, train_cfg=cfg.train,
             noise_scheduler=c.noise_scheduler(), out_dir=next_dir / "train", seed=train_seed(cfg, k),
@@ -262,7 +264,7 @@ def _load_unet(model_dir: Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", local_files_only=True)
 
 
-def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: bool):
+def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: bool, seed: int):
     """θ_{k+1} starts as θ_k. Full fine-tuning: ref = frozen copy; LoRA: ref = the same UNet, adapters off."""
     policy = opponent
     policy.requires_grad_(True)
@@ -271,7 +273,7 @@ def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: boo
     if cfg.model.lora_rank > 0:
         policy.requires_grad_(False)
         models.add_lora(policy, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha or cfg.model.lora_rank,
-                        target_modules=list(cfg.model.lora_target_modules))
+                        target_modules=list(cfg.model.lora_target_modules), seed=seed)
         return policy, None
     ref = models.frozen_copy(policy) if needs_ref else None
     return policy, ref
@@ -286,5 +288,7 @@ def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images)
         reference = [images.image(i) for i in range(len(prompts))] if hasattr(images, "image") else []
     from spin_diffusion import evaluation
 
-    scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in default_scorer_names(cfg)]
+    scorers = []
+    if distributed.is_main():  # the other ranks only render
+        scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in default_scorer_names(cfg)]
     return EvalSet(prompts=prompts, embeds=models.encode_prompts(c, prompts), scorers=scorers, reference=reference)

@@ -280,7 +280,8 @@ def train(
 
     bar.close()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the run goes on with
+        tracker.finish()
     if window:  # a resumed run that had nothing left to do still reports its last logged loss
         last_loss = float(np.mean(window["loss"]))
     elif math.isnan(last_loss) and log_path.exists():

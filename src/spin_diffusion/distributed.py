@@ -1,0 +1,75 @@
+"""Which process does what: the one place that knows about ranks.
+
+Every run may be started as N processes (`accelerate launch`, `torchrun`, several nodes). The rules:
+
+* one writer: the run dir, state.json, exports, reports and checkpoint renames are written by the main
+  process only (`on_main`), and every other rank waits at a barrier before it reads them;
+* each rank writes only what is its own: its generation and cache shards, its RNG state in checkpoints;
+* a user error on any rank stops every rank with that rank's one-line message (`cli.main` exits, and the
+  launcher, which watches its workers, terminates the others).
+
+`state()` must be the first thing that touches accelerate in a process: a bare `PartialState()` created on a
+CPU machine ignores `ACCELERATE_USE_CPU` and silently runs every rank as a lone "main" process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+T = TypeVar("T")
+
+
+def launched_ranks() -> int:
+    """How many processes the launcher started (WORLD_SIZE), before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def state() -> PartialState:
+    """The process group of this process, created on first use: gloo on CPU machines (or when
+    `ACCELERATE_USE_CPU=1`), the accelerator's backend otherwise."""
+    import torch  # here, not at the top: the CLI imports this module before it knows it needs torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def is_main() -> bool:
+    return state().is_main_process
+
+
+def barrier() -> None:
+    state().wait_for_everyone()
+
+
+def on_main(fn: Callable[..., T], *args, **kwargs) -> T | None:
+    """Run `fn` on the main process only, then wait until it is done on every rank. Returns its result on main."""
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return result
+
+
+def split(n: int) -> range:
+    """This rank's contiguous part of range(n) (the first n % world ranks take one extra item)."""
+    s = state()
+    per, extra = divmod(n, s.num_processes)
+    start = s.process_index * per + min(s.process_index, extra)
+    return range(start, start + per + (1 if s.process_index < extra else 0))
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """The main process runs the block first (e.g. fills a cache), then the other ranks run it (and reuse it)."""
+    with state().main_process_first():
+        yield

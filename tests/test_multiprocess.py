@@ -1,0 +1,239 @@
+"""Runs with two real processes (torchrun, gloo on CPU): every command completes, writes what a one-process run
+writes, trains the same weights as one process with twice the batch, survives kill -9 of all ranks, and stops
+every rank with one line on bad input.
+
+`accelerate launch --cpu --num_processes 2` starts ONE process on a CPU machine; `ACCELERATE_USE_CPU=1 torchrun
+--nproc_per_node 2` gives a real two-process gloo group (DistributedType.MULTI_CPU, DDP-wrapped models).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spin_diffusion.config import load_config
+from spin_diffusion.self_play import run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+# The tiny run with eval on; each rank trains batch 4, so one process needs batch 8 for the same effective batch.
+BASE = ["num_iterations=2", "train.batch_size=4", "eval.num_prompts=8"]
+
+
+def _launch_args(nproc: int, command: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "spin_diffusion.cli", command, *args]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for kv in overrides for a in ("--set", kv)]
+
+
+def _torchrun(command: str, *args: str, nproc: int = 2, check: bool = True, timeout: float = 300):
+    done = subprocess.run(_launch_args(nproc, command, *args), capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def _unet(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _files(run_dir: Path) -> set[str]:
+    return {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+
+
+def _completed(run_dir: Path) -> list[str]:
+    return json.loads((run_dir / "state.json").read_text())["completed"]
+
+
+@pytest.fixture(scope="module")
+def spin_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """The same spin_approx run on 2 processes × batch 4 and on 1 process × batch 8."""
+    root = tmp_path_factory.mktemp("mp")
+    two, one = root / "two", root / "one"
+    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *_sets(BASE))
+    run(load_config(TINY, [*BASE, "train.batch_size=8", f"run_dir={one}"]), progress=False)
+    return two, one
+
+
+def test_two_processes_write_what_one_process_writes(spin_runs):
+    two, one = spin_runs
+    assert _files(two) == _files(one)
+    assert _completed(two) == _completed(one) == [
+        "eval:0", "generate:0", "train:1", "eval:1", "generate:1", "train:2", "eval:2"]
+    # θ_0's samples are keyed by (seed, iteration, prompt) alone: identical however the shards were split
+    for shard in ("shard_00000", "shard_00001"):
+        a = load_file(str(two / "iter_00" / "generated" / f"{shard}.safetensors"))
+        b = load_file(str(one / "iter_00" / "generated" / f"{shard}.safetensors"))
+        assert torch.equal(a["latents"], b["latents"])
+    for k in (1, 2):
+        log = [json.loads(line) for line in (two / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
+        assert [r["step"] for r in log] == [1, 2, 3, 4]  # written once (by the main process), not once per rank
+    ev_two = json.loads((two / "iter_02" / "eval.json").read_text())
+    ev_one = json.loads((one / "iter_02" / "eval.json").read_text())
+    assert ev_two["prompts"] == ev_one["prompts"] and len(ev_two["scores"]["shapes_judge"]) == 8
+
+
+def test_two_processes_batch_b_equal_one_process_batch_2b(spin_runs):
+    """DDP averages the two ranks' mean losses; with per-pair (t, ε) keyed by stream position this is the
+    1-process loss on the 2B pairs, so the weights may differ only by float summation order. The bound is
+    relative to the size of the update θ_{k+1} - θ_k (absolute differences alone say nothing when the update is
+    tiny): 1e-3 of the update is ~1000x the float32 rounding of these sums and far below any real divergence
+    (a wrong batch split or noise draw changes the update by O(1))."""
+    two, one = spin_runs
+    from spin_diffusion.models import build_preset
+
+    base = {n: t.detach().clone() for n, t in build_preset("tiny", seed=0).unet.state_dict().items()}
+    for k in (1, 2):
+        w2, w1 = _unet(two / f"iter_{k:02d}" / "model"), _unet(one / f"iter_{k:02d}" / "model")
+        prev = base if k == 1 else _unet(one / f"iter_{k - 1:02d}" / "model")
+        diff = torch.cat([(w2[n] - w1[n]).flatten() for n in w1]).norm()
+        update = torch.cat([(w1[n] - prev[n]).flatten() for n in w1]).norm()
+        assert update > 0
+        assert diff <= 1e-3 * update, f"iteration {k}: |2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
+
+
+@pytest.mark.parametrize(
+    ("command", "overrides", "completed"),
+    [
+        ("spin", ["loss.objective=spin_exact", "loss.timesteps_per_pair=2"], ["generate:0", "train:1"]),
+        ("spin", ["model.lora_rank=4", "train.learning_rate=1e-2"], ["generate:0", "train:1"]),
+        ("sft", [], ["train:1"]),
+        ("dpo", "pairs", ["train:1"]),
+    ],
+    ids=["spin_exact", "lora", "sft", "dpo"],
+)
+def test_every_objective_runs_on_two_processes(tmp_path: Path, command, overrides, completed):
+    if overrides == "pairs":
+        overrides = ["data.builtin=null", f"data.path={_write_pairs(tmp_path / 'pairs')}"]
+    common = ["num_iterations=1", "eval.enabled=false", "train.batch_size=4", *overrides]
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun(command, "--config", str(TINY), "--run-dir", str(two), *_sets(common))
+    objective = {"sft": "sft", "dpo": "dpo"}.get(command)
+    one_overrides = [*common, "train.batch_size=8", f"run_dir={one}"]
+    run(load_config(TINY, one_overrides + ([f"loss.objective={objective}"] if objective else [])), progress=False)
+    assert _completed(two) == completed
+    assert _files(two) == _files(one)
+    w2, w1 = _unet(two / "iter_01" / "model"), _unet(one / "iter_01" / "model")
+    assert w2.keys() == w1.keys() and not any("lora" in n for n in w2)  # LoRA: exported merged
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6)
+
+
+def _write_pairs(root: Path) -> Path:
+    from spin_diffusion.demo import world
+
+    root.mkdir(parents=True)
+    rows = []
+    for i, (img, caption) in enumerate(world.make_examples(16, seed=0)):
+        img.save(root / f"w{i}.png")
+        img.convert("L").convert("RGB").save(root / f"l{i}.png")
+        rows.append({"winner": f"w{i}.png", "loser": f"l{i}.png", "text": caption})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_evaluate_on_two_processes_equals_one_process(spin_runs, tmp_path: Path):
+    two, _ = spin_runs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square on the right\na green triangle at the top\n")
+    models = ["--model", str(two / "iter_01" / "model"), "--model", str(two / "iter_02" / "model")]
+    args = [*models, "--prompts", str(prompts), "--scorer", "shapes_color", "--steps", "3", "--batch-size", "2"]
+    done = _torchrun("evaluate", *args, "--out", str(tmp_path / "two"))
+    assert done.stdout.count("shapes_color") >= 1
+    assert sorted(p.name for p in (tmp_path / "two" / "iter_02_model_images").iterdir()) == [
+        "00000.png", "00001.png", "00002.png"]
+    from spin_diffusion.cli import main
+
+    assert main(["evaluate", *args, "--out", str(tmp_path / "one")]) == 0
+    a = json.loads((tmp_path / "two" / "eval.json").read_text())
+    b = json.loads((tmp_path / "one" / "eval.json").read_text())
+    assert a == b
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kill -9 of the launcher and all its ranks, then the same command with --resume
+
+KILL = ["num_iterations=1", "data.num_builtin=48", "sample.shard_size=4", "sample.num_steps=8",
+        "train.max_steps=12", "train.checkpoint_every=2", "train.batch_size=2", "eval.enabled=false"]
+
+
+def _spin_args(run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY), "--run-dir", str(run_dir), *_sets(KILL), *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("mp_ref") / "run"
+    _torchrun("spin", *_spin_args(run_dir))
+    return run_dir
+
+
+def _kill_all_when(run_dir: Path, ready, timeout: float = 180.0) -> None:
+    proc = subprocess.Popen(_launch_args(2, "spin", *_spin_args(run_dir)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail("the run finished before it could be killed")
+            if time.time() > deadline:
+                pytest.fail("timed out waiting for the kill point")
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a node failure would
+        proc.wait()
+
+
+@pytest.mark.parametrize("phase", ["generate", "train"])
+def test_kill9_of_all_ranks_then_resume_equals_uninterrupted(tmp_path: Path, uninterrupted: Path, phase: str):
+    run_dir = tmp_path / "run"
+    gen = run_dir / "iter_00" / "generated"
+    ckpts = run_dir / "iter_01" / "train" / "checkpoints"
+    if phase == "generate":
+        _kill_all_when(run_dir, lambda: (gen / "shard_00002.safetensors").exists())
+        assert not (gen / "shard_00011.safetensors").exists()
+    else:
+        _kill_all_when(run_dir, lambda: ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir()))
+        assert not (run_dir / "iter_01" / "model").exists()
+    _torchrun("spin", *_spin_args(run_dir, "--resume"))
+    assert _completed(run_dir) == ["generate:0", "train:1"]
+    for shard in range(12):
+        name = f"shard_{shard:05d}.safetensors"
+        assert torch.equal(load_file(str(gen / name))["latents"],
+                           load_file(str(uninterrupted / "iter_00" / "generated" / name))["latents"])
+    w, ref = _unet(run_dir / "iter_01" / "model"), _unet(uninterrupted / "iter_01" / "model")
+    for name in ref:
+        assert torch.equal(w[name], ref[name]), f"UNet weight {name} differs after resume"
+    steps = [json.loads(line)["step"] for line in (run_dir / "iter_01" / "train" / "train_log.jsonl").open()]
+    assert steps == list(range(1, 13))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input: one line, every rank stopped, non-zero exit, nothing written
+
+
+def test_bad_input_stops_every_rank_with_one_line(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    started = time.time()
+    done = _torchrun("spin", "--config", str(TINY), "--run-dir", str(run_dir), "--set", "model.path=/no/such/model",
+                     check=False, timeout=120)
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "/no/such/model" in lines[0], done.stderr[-3000:]
+    ours = [line for line in done.stderr.splitlines() if line.strip().startswith("File ") and "spin_diffusion" in line]
+    assert not ours, "a traceback from our code reached the user"  # (torchrun prints its own summary)
+    assert time.time() - started < 60
