@@ -410,6 +410,7 @@ def _cached_encode(
             for old in cache_dir.glob(f"{kind}-{part}-*.safetensors"):
                 if old not in paths:
                     old.unlink(missing_ok=True)
+        (cache_dir / f"{kind}.safetensors").unlink(missing_ok=True)  # the single-file cache of version 1
         stores = _open_stores(cache_dir, kind, list(image_fns), n, index_map, len(unique), shard_size, key)
         meta = {
             "version": CACHE_VERSION,
