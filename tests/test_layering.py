@@ -15,6 +15,7 @@ FORBIDDEN = {
     "sampling": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.models", "spin_diffusion.data"},
     "models": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.data", "spin_diffusion.sampling"},
     "data": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.sampling"},
+    "cache": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.sampling"},
     "trainer": {"spin_diffusion.self_play", "spin_diffusion.data", "spin_diffusion.model_eval"},
     "evaluation": {"diffusers", "spin_diffusion.sampling", "spin_diffusion.self_play", "spin_diffusion.models"},
     "report": {"diffusers", "torch", "spin_diffusion.models", "spin_diffusion.self_play"},

@@ -51,6 +51,12 @@ class DataConfig:
     resolution: int | None = None  # training resolution in pixels; None -> the model's native resolution
     max_samples: int | None = None  # use only the first N examples
     encode_batch_size: int = 32  # batch size for the one-off VAE/text-encoder pass that fills the cache
+    cache_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage dtype of cached latents/embeddings (reads: fp32)
+    cache_shard_size: int = 1024  # rows per cache shard file (the unit of parallel encoding and resumption)
+
+    def __post_init__(self) -> None:
+        if self.cache_shard_size < 1:
+            raise SpinDiffusionError(f"data.cache_shard_size must be >= 1, got {self.cache_shard_size}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class SampleConfig:
     batch_size: int = 8  # prompts per sampling batch (does not change the images)
     shard_size: int = 256  # prompts per saved shard (the unit of resumption)
     negative_prompt: str = ""  # unconditional prompt for guidance
+    store_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage dtype of sampled latents/trajectories (reads: fp32)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Training data: (image, caption) sources, preference pairs, prompt files, and the latent + embedding cache.
+"""Training data: (image, caption) sources, preference pairs and prompt files.
 
 Sources (``DataConfig.path``), detected in this order:
 
@@ -13,11 +13,7 @@ Sources (``DataConfig.path``), detected in this order:
 
 Captions are read and checked when the source is loaded; images are decoded only when asked for, so an
 unreadable file surfaces as a :class:`SpinDiffusionError` naming it when ``image(i)`` is called (the cache
-builder calls it for every example once).
-
-The cache (:func:`build_latent_cache`, :func:`build_pair_cache`) encodes every image with the VAE and every
-caption with the text encoder once, stores the tensors as safetensors plus a json marker keyed by
-(data fingerprint, resolution, model identity), and reuses them while the key matches.
+builder in spin_diffusion.cache calls it for every example once).
 """
 
 from __future__ import annotations
@@ -27,12 +23,11 @@ import glob
 import hashlib
 import io
 import json
-import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,17 +36,11 @@ from PIL import Image, ImageOps
 from spin_diffusion.config import DataConfig
 from spin_diffusion.errors import SpinDiffusionError
 
-if TYPE_CHECKING:
-    from spin_diffusion.models import Components
-
-logger = logging.getLogger(__name__)
-
 CAPTION_FALLBACKS = ("text", "caption", "prompt")  # tried after DataConfig.caption_column, in this order
 PROMPT_COLUMNS = ("prompt", "caption", "text")  # load_prompts: first one present wins
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGEFOLDER_COLUMN = "file_name"
 PICKAPIC_COLUMNS = ("jpg_0", "jpg_1", "label_0")  # label_0 == 1 -> jpg_0 preferred; 0.5 = tie (dropped)
-CACHE_VERSION = 1
 
 _DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
@@ -660,206 +649,3 @@ def load_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise SpinDiffusionError(f"no prompts in {p}; write at least one non-empty prompt")
     return prompts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Latent + embedding cache
-
-
-@dataclass
-class LatentCache:
-    """Encoded (image, caption) data, ready for the UNet."""
-
-    latents: torch.Tensor  # [N, C, h, w] float32, VAE latents * scaling_factor (pixels in [-1, 1] without VAE)
-    prompt_embeds: torch.Tensor  # [N, L, D] float32
-    captions: list[str]
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
-@dataclass
-class PairCache:
-    """Encoded preference pairs."""
-
-    winner_latents: torch.Tensor  # [N, C, h, w] float32
-    loser_latents: torch.Tensor  # [N, C, h, w] float32
-    prompt_embeds: torch.Tensor  # [N, L, D] float32
-    captions: list[str]
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def _load_cached(tensor_path: Path, meta_path: Path, key: str, names: Sequence[str], n: int) -> dict | None:
-    from safetensors import safe_open
-
-    try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") != key or not tensor_path.is_file():
-            return None
-        with safe_open(str(tensor_path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key or not set(names) <= set(f.keys()):
-                return None
-            tensors = {name: f.get_tensor(name) for name in names}
-    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
-        logger.info("cache %s is unusable (%s); rebuilding", meta_path.parent, _one_line(err))
-        return None
-    if any(t.shape[0] != n for t in tensors.values()):
-        return None
-    return tensors
-
-
-def _encode_all(
-    c: Components,
-    captions: list[str],
-    image_fns: dict[str, Callable[[int], Image.Image]],
-    *,
-    resolution: int,
-    batch_size: int,
-    desc: str,
-) -> dict[str, torch.Tensor]:
-    """One pass over the data: each `image_fns[name](i)` -> VAE latents `name` [N,C,h,w]; captions ->
-    `prompt_embeds` [N,L,D]. Outputs are float32 on the CPU, preallocated after the first batch."""
-    from tqdm.auto import tqdm
-
-    from spin_diffusion import models
-
-    n = len(captions)
-    out: dict[str, torch.Tensor] = {}
-
-    def put(name: str, value: torch.Tensor, start: int) -> None:
-        value = value.detach().to("cpu", torch.float32)
-        if name not in out:
-            out[name] = torch.empty((n, *value.shape[1:]), dtype=torch.float32)
-        out[name][start : start + value.shape[0]] = value
-
-    with torch.no_grad(), tqdm(total=n, desc=desc, unit="ex", disable=None) as bar:
-        for start in range(0, n, batch_size):
-            idx = range(start, min(n, start + batch_size))
-            for name, fn in image_fns.items():
-                pixels = torch.stack([image_to_tensor(fn(i), resolution) for i in idx])
-                put(name, models.encode_images(c, pixels), start)
-            put("prompt_embeds", models.encode_prompts(c, [captions[i] for i in idx], batch_size=len(idx)), start)
-            bar.update(len(idx))
-    return out
-
-
-def _cached_encode(
-    c: Components,
-    kind: str,
-    captions: list[str],
-    image_fns: dict[str, Callable[[int], Image.Image]],
-    fingerprint: str,
-    cache_dir: Path,
-    *,
-    resolution: int,
-    batch_size: int,
-    model_id: str,
-    desc: str,
-) -> dict[str, torch.Tensor]:
-    if batch_size < 1:
-        raise SpinDiffusionError(f"data.encode_batch_size must be >= 1, got {batch_size}")
-    if resolution < 1 or resolution % getattr(c, "vae_scale_factor", 1):
-        raise SpinDiffusionError(
-            f"resolution {resolution} must be a positive multiple of the VAE scale factor "
-            f"{getattr(c, 'vae_scale_factor', 1)}; set data.resolution"
-        )
-    cache_dir = Path(cache_dir)
-    tensor_path, meta_path = cache_dir / f"{kind}.safetensors", cache_dir / f"{kind}.json"
-    names = [*image_fns, "prompt_embeds"]
-    key = _digest(
-        {"version": CACHE_VERSION, "kind": kind, "data": fingerprint, "resolution": resolution, "model": model_id}
-    )
-    cached = _load_cached(tensor_path, meta_path, key, names, len(captions)) if meta_path.is_file() else None
-    if cached is not None:
-        logger.info("reusing the %s cache in %s", kind, cache_dir)
-        return cached
-    tensors = _encode_all(c, captions, image_fns, resolution=resolution, batch_size=batch_size, desc=desc)
-
-    from safetensors.torch import save_file
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # the marker goes first: old marker + new tensors must never be trusted
-    tmp = tensor_path.with_name(f"{tensor_path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
-    os.replace(tmp, tensor_path)
-    meta = {
-        "version": CACHE_VERSION,
-        "key": key,
-        "kind": kind,
-        "data_fingerprint": fingerprint,
-        "resolution": resolution,
-        "model_id": model_id,
-        "num_examples": len(captions),
-        "shapes": {k: list(v.shape) for k, v in tensors.items()},
-        "captions": captions,
-    }
-    _write_json_atomic(meta_path, meta)
-    return tensors
-
-
-def build_latent_cache(
-    c: Components,
-    images: CaptionedImages,
-    cache_dir: Path,
-    *,
-    resolution: int,
-    batch_size: int,
-    model_id: str,
-) -> LatentCache:
-    """Encode every image (VAE) and caption (text encoder) once; reuse ``cache_dir`` while (data fingerprint,
-    resolution, ``model_id``) match, rebuild otherwise. ``model_id`` must identify the VAE + text encoder.
-
-    Files: ``latents.safetensors`` (``latents`` [N,C,h,w], ``prompt_embeds`` [N,L,D]) and ``latents.json``
-    (key, captions; written last). Call it from one process only (the main process under accelerate)."""
-    t = _cached_encode(
-        c,
-        "latents",
-        images.captions,
-        {"latents": images.image},
-        images.fingerprint(),
-        cache_dir,
-        resolution=resolution,
-        batch_size=batch_size,
-        model_id=model_id,
-        desc=f"encoding {images.name}",
-    )
-    return LatentCache(latents=t["latents"], prompt_embeds=t["prompt_embeds"], captions=list(images.captions))
-
-
-def build_pair_cache(
-    c: Components,
-    pairs: PreferencePairs,
-    cache_dir: Path,
-    *,
-    resolution: int,
-    batch_size: int,
-    model_id: str,
-) -> PairCache:
-    """:func:`build_latent_cache` for preference pairs: ``pairs.safetensors`` (``winner_latents``,
-    ``loser_latents``, ``prompt_embeds``) + ``pairs.json``."""
-    t = _cached_encode(
-        c,
-        "pairs",
-        pairs.captions,
-        {"winner_latents": pairs.winner, "loser_latents": pairs.loser},
-        pairs.fingerprint(),
-        cache_dir,
-        resolution=resolution,
-        batch_size=batch_size,
-        model_id=model_id,
-        desc=f"encoding {pairs.name}",
-    )
-    return PairCache(
-        winner_latents=t["winner_latents"],
-        loser_latents=t["loser_latents"],
-        prompt_embeds=t["prompt_embeds"],
-        captions=list(pairs.captions),
-    )

@@ -19,9 +19,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, read_header, read_tensor
 from spin_diffusion.errors import SpinDiffusionError
 
 META_FILE = "meta.json"
@@ -128,6 +129,7 @@ class GenerationSpec:
     latent_shape: tuple[int, int, int]
     store_trajectory: bool
     shard_size: int
+    store_dtype: StoreDtype = "fp32"  # dtype of the stored latents / trajectories (reads return float32)
 
     def to_json(self) -> dict:
         d = self.__dict__.copy()
@@ -159,7 +161,7 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, 
     path = out_dir / META_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        if old["spec"] != meta["spec"]:
+        if {"store_dtype": "fp32", **old["spec"]} != meta["spec"]:  # folders from before store_dtype are fp32
             raise SpinDiffusionError(
                 f"{out_dir} holds samples made with other settings ({old['spec']}); "
                 "delete that folder or restore the original config to resume"
@@ -175,7 +177,7 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, 
 def generate_shards(
     unet: Callable[..., object],
     scheduler_config: dict,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | RowStore,
     negative_embed: torch.Tensor | None,
     out_dir: str | Path,
     spec: GenerationSpec,
@@ -192,11 +194,13 @@ def generate_shards(
     written atomically. With several processes, process `rank` takes shards `rank, rank + world_size, …`.
 
     Args:
-        prompt_embeds: `[N, L, D]` embeddings of all training prompts (N == spec.num_prompts).
+        prompt_embeds: `[N, L, D]` embeddings of all training prompts (N == spec.num_prompts), a tensor or a
+            RowStore (read one batch at a time).
         negative_embed: `[1, L, D]` unconditional embedding for guidance.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    store_dtype = STORE_DTYPES[spec.store_dtype]
     n = prompt_embeds.shape[0]
     if n != spec.num_prompts:
         raise ValueError(f"spec says {spec.num_prompts} prompts, got {n} embeddings")
@@ -224,9 +228,9 @@ def generate_shards(
                 eta=spec.eta,
                 return_trajectory=spec.store_trajectory,
             )
-            latents.append(result.latents)
+            latents.append(result.latents.to(store_dtype))
             if result.trajectory is not None:
-                trajs.append(result.trajectory)
+                trajs.append(result.trajectory.to(store_dtype))
             bar.update(len(idx))
         tensors = {"indices": torch.arange(lo, hi), "latents": torch.cat(latents)}
         if trajs:
@@ -244,10 +248,10 @@ def is_complete(out_dir: str | Path, num_prompts: int, shard_size: int) -> bool:
 
 @dataclass
 class GeneratedSet:
-    """The opponent's samples for every training prompt, in prompt order."""
+    """The opponent's samples for every training prompt, in prompt order; rows are read from disk on demand."""
 
-    latents: torch.Tensor  # [N, C, h, w]
-    trajectory: torch.Tensor | None  # [N, S+1, C, h, w]
+    latents: RowStore  # [N, C, h, w]
+    trajectory: RowStore | None  # [N, S+1, C, h, w]
     timesteps: torch.Tensor  # [S] sampling timesteps, descending
     alphas_cumprod: torch.Tensor  # [T_train] ᾱ of the noise schedule
     final_alpha_cumprod: float  # ᾱ used after the last step (DDIM's set_alpha_to_one)
@@ -255,7 +259,9 @@ class GeneratedSet:
 
 
 def load_generated(out_dir: str | Path) -> GeneratedSet:
-    """Read all shards of a finished generation folder (see generate_shards)."""
+    """Open the shards of a finished generation folder (see generate_shards) as lazy row stores.
+
+    Reads only the shard headers and each shard's `indices` (8 bytes per prompt), never the samples."""
     out = Path(out_dir)
     meta_path = out / META_FILE
     if not meta_path.exists():
@@ -263,22 +269,27 @@ def load_generated(out_dir: str | Path) -> GeneratedSet:
     meta = json.loads(meta_path.read_text())
     spec = meta["spec"]
     n, shard_size = spec["num_prompts"], spec["shard_size"]
-    latents: list[torch.Tensor] = []
-    trajs: list[torch.Tensor] = []
-    for shard in range(math.ceil(n / shard_size)):
-        path = _shard_path(out, shard)
+    paths = [_shard_path(out, shard) for shard in range(math.ceil(n / shard_size))]
+    for shard, path in enumerate(paths):
         if not path.exists():
             raise SpinDiffusionError(f"generation in {out} is incomplete ({path.name} missing); rerun with --resume")
-        tensors = load_file(str(path))
         expected = torch.arange(shard * shard_size, min(n, (shard + 1) * shard_size))
-        if not torch.equal(tensors["indices"], expected):
+        try:
+            indices = read_tensor(path, "indices")
+        except (OSError, ValueError, KeyError) as err:
+            raise SpinDiffusionError(f"{path} is unreadable ({err}); delete it and rerun with --resume") from None
+        if not torch.equal(indices, expected):
             raise SpinDiffusionError(f"{path} holds unexpected prompt indices; delete it and rerun with --resume")
-        latents.append(tensors["latents"])
-        if "trajectory" in tensors:
-            trajs.append(tensors["trajectory"])
+    try:
+        latents = RowStore.open(paths, "latents")
+        trajectory = RowStore.open(paths, "trajectory") if "trajectory" in read_header(paths[0])[0] else None
+    except (OSError, ValueError) as err:
+        raise SpinDiffusionError(
+            f"generation in {out} is unreadable ({err}); delete that shard and rerun with --resume"
+        ) from None
     return GeneratedSet(
-        latents=torch.cat(latents),
-        trajectory=torch.cat(trajs) if trajs else None,
+        latents=latents,
+        trajectory=trajectory,
         timesteps=torch.tensor(meta["timesteps"], dtype=torch.long),
         alphas_cumprod=torch.tensor(meta["alphas_cumprod"], dtype=torch.float64),
         final_alpha_cumprod=float(meta["final_alpha_cumprod"]),

@@ -24,6 +24,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
 from spin_diffusion import distributed, models, sampling, trainer
 from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
@@ -155,13 +156,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     resolution = cfg.data.resolution or c.resolution
     if objective == "dpo":
         images = data_lib.load_preference_pairs(cfg.data)
-        build, cache_dir = data_lib.build_pair_cache, run_dir / "cache" / "pairs"
+        build, cache_dir = cache_lib.build_pair_cache, run_dir / "cache" / "pairs"
     else:
         images = data_lib.load_captioned_images(cfg.data, seed=cfg.seed)
-        build, cache_dir = data_lib.build_latent_cache, run_dir / "cache" / "real"
-    with state_.main_process_first():  # rank 0 encodes; the other ranks then read its cache
-        cache = build(c, images, cache_dir, resolution=resolution, batch_size=cfg.data.encode_batch_size,
-                      model_id=model_id(cfg))
+        build, cache_dir = cache_lib.build_latent_cache, run_dir / "cache" / "real"
+    # every rank encodes its share of the cache shards, then all of them read the same files lazily
+    cache = build(c, images, cache_dir, resolution=resolution, batch_size=cfg.data.encode_batch_size,
+                  model_id=model_id(cfg), dtype=cfg.data.cache_dtype, shard_size=cfg.data.cache_shard_size)
     captions = cache.captions
     negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
     empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
@@ -204,7 +205,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                     run_seed=cfg.seed, iteration=k, num_prompts=len(captions), num_steps=cfg.sample.num_steps,
                     guidance_scale=cfg.sample.guidance_scale, eta=cfg.sample.eta,
                     latent_shape=tuple(cache.latents.shape[1:]), store_trajectory=objective == "spin_exact",
-                    shard_size=cfg.sample.shard_size,
+                    shard_size=cfg.sample.shard_size, store_dtype=cfg.sample.store_dtype,
                 )
                 sampling.generate_shards(
                     opponent, c.scheduler.config, cache.prompt_embeds, negative_embed, gen_dir, spec,
