@@ -289,9 +289,9 @@ def _recording(monkeypatch) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     real = trainer._micro_step_loss
 
-    def record(policy, ref, data, idx, gen, **kw):
-        seen.append(idx.clone())
-        return real(policy, ref, data, idx, gen, **kw)
+    def record(policy, ref, batch, **kw):
+        seen.append(batch["idx"].clone())
+        return real(policy, ref, batch, **kw)
 
     monkeypatch.setattr(trainer, "_micro_step_loss", record)
     return seen
@@ -518,3 +518,32 @@ def test_bf16_mixed_precision_keeps_a_bf16_reference(tiny, tmp_path):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_data_loader_workers_and_on_disk_cache_give_the_same_run(tiny, tmp_path):
+    """Micro-batches come from a DataLoader: 2 worker processes reading an on-disk RowStore train exactly as the
+    main process reading in-memory tensors does (same pairs, same draws, same order)."""
+    from spin_diffusion.cache import RowStore, write_shard
+
+    data = _pairs()
+    runs = {}
+    for name, workers in (("memory", 0), ("disk", 2)):
+        if name == "disk":
+            stores = {}
+            for field in ("winner", "prompt_embeds", "loser"):
+                tensor = getattr(data, field)
+                paths = []
+                for i, start in enumerate(range(0, len(tensor), 3)):  # shards of 3 rows: reads cross shards
+                    path = tmp_path / f"{field}-{i}.safetensors"
+                    write_shard(path, {field: tensor[start : start + 3]}, {})
+                    paths.append(path)
+                stores[field] = RowStore.open(paths, field)
+            run_data = trainer.TrainData(**stores)
+        else:
+            run_data = data
+        policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
+        _train(tiny, policy, ref, run_data, tmp_path / name, "spin_approx", max_steps=3, batch_size=4,
+               num_workers=workers)
+        runs[name] = _snapshot(policy)
+    for key in runs["memory"]:
+        assert torch.equal(runs["memory"][key], runs["disk"][key]), key

@@ -29,6 +29,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from spin_diffusion import losses
+from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.models import adapters_disabled
 from spin_diffusion.sampling import GeneratedSet, ddim_coefficients, implied_noise
@@ -55,10 +56,10 @@ class SamplerSchedule:
 class TrainData:
     """Cached training tensors, row i = prompt i."""
 
-    winner: torch.Tensor  # [N, C, h, w] latents of the real (or preferred) images
-    prompt_embeds: torch.Tensor  # [N, L, D]
-    loser: torch.Tensor | None = None  # [N, C, h, w] latents of θ_k's sample (spin) or the rejected image (dpo)
-    loser_trajectory: torch.Tensor | None = None  # [N, S+1, C, h, w] θ_k's sampling chain (spin_exact)
+    winner: torch.Tensor | RowStore  # [N, C, h, w] latents of the real (or preferred) images
+    prompt_embeds: torch.Tensor | RowStore  # [N, L, D]
+    loser: torch.Tensor | RowStore | None = None  # [N, C, h, w] latents of θ_k's sample (spin) or the rejected image (dpo)
+    loser_trajectory: torch.Tensor | RowStore | None = None  # [N, S+1, C, h, w] θ_k's sampling chain (spin_exact)
     sampler: SamplerSchedule | None = None  # spin_exact only
     empty_embed: torch.Tensor | None = None  # [1, L, D] embedding of the empty prompt (train.caption_dropout > 0)
 
@@ -228,29 +229,32 @@ def train(
         log_path.unlink()
     accelerator.init_trackers("spin_diffusion", config={"objective": objective, "beta": loss_cfg.beta})
 
-    stream = _IndexStream(len(data), seed)
-    bsz, k_steps, world, rank = train_cfg.batch_size, loss_cfg.timesteps_per_pair, accelerator.num_processes, accelerator.process_index
+    micro_batches = _MicroBatches(
+        data, seed, objective=objective, batch_size=train_cfg.batch_size, world_size=accelerator.num_processes,
+        rank=accelerator.process_index, k_steps=loss_cfg.timesteps_per_pair, share_noise=loss_cfg.share_noise,
+        num_train_timesteps=num_train_timesteps, exact_steps=exact_steps, caption_dropout=train_cfg.caption_dropout,
+        first_micro_step=start_step * train_cfg.gradient_accumulation_steps,
+        num_micro_steps=(total_steps - start_step) * train_cfg.gradient_accumulation_steps,
+    )
+    # batch_size=None: each item already is one micro-batch; workers read the cache ahead of the GPU.
+    loader = iter(torch.utils.data.DataLoader(micro_batches, batch_size=None, shuffle=False,
+                                              num_workers=train_cfg.num_workers))
     ga = train_cfg.gradient_accumulation_steps
     window: dict[str, list[float]] = defaultdict(list)
     last_loss = float("nan")
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {objective}", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {objective}",
+               disable=not (progress and accelerator.is_main_process))
 
     policy.train()
     for step in range(start_step, total_steps):
-        for micro in range(ga):
-            # 3. This micro-step's pairs; each pair's (t, ε) is keyed by its position in the pair stream, so a
-            #    run gives the same result however the effective batch is split (batch, accumulation, GPUs).
-            first = ((step * ga + micro) * world + rank) * bsz
-            idx = stream.take(first, bsz)
-            draws = _draw_noise(range(first, first + bsz), seed, latent_shape=data.winner.shape[1:], k_steps=k_steps,
-                                share_noise=loss_cfg.share_noise, num_train_timesteps=num_train_timesteps,
-                                exact_steps=exact_steps, caption_dropout=train_cfg.caption_dropout)
+        for _ in range(ga):
+            batch = next(loader)
             with accelerator.accumulate(policy):
                 loss, metrics = _micro_step_loss(
-                    policy, ref, data, idx, draws, objective=objective, loss_cfg=loss_cfg, k_steps=k_steps,
-                    alphas_cumprod=alphas_cumprod,
+                    policy, ref, batch, objective=objective, loss_cfg=loss_cfg, alphas_cumprod=alphas_cumprod,
                     prediction_type=prediction_type, noise_scheduler=noise_scheduler, accelerator=accelerator,
+                    sampler=data.sampler,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
@@ -352,40 +356,78 @@ def _draw_noise(positions: range, seed: int, *, latent_shape: torch.Size, k_step
     return _Draws(torch.cat(ts), torch.cat(noises), torch.cat(loser_noises), torch.cat(drops))
 
 
+class _MicroBatches(torch.utils.data.Dataset):
+    """Micro-step m of this rank -> the cached tensors of its B pairs and their (t, ε) draws.
+
+    Pairs are picked by position in the seeded pair stream: micro-step m of rank r holds positions
+    [(m·W + r)·B, (m·W + r + 1)·B), so W ranks × B pairs and 1 rank × W·B pairs visit the same pairs with the
+    same draws. Only these rows are read from the cache (which may be an on-disk RowStore), so memory is
+    O(batch), whatever the number of prompts. Rows of the returned tensors are pair-major (b*K + k).
+    """
+
+    def __init__(self, data: TrainData, seed: int, *, objective: Objective, batch_size: int, world_size: int,
+                 rank: int, k_steps: int, share_noise: bool, num_train_timesteps: int,
+                 exact_steps: torch.Tensor | None, caption_dropout: float, first_micro_step: int,
+                 num_micro_steps: int) -> None:
+        self.data, self.seed, self.objective = data, seed, objective
+        self.bsz, self.world, self.rank, self.k_steps = batch_size, world_size, rank, k_steps
+        self.draw_kwargs = dict(k_steps=k_steps, share_noise=share_noise, num_train_timesteps=num_train_timesteps,
+                                exact_steps=exact_steps, caption_dropout=caption_dropout)
+        self.first, self.count = first_micro_step, num_micro_steps
+        self.stream = _IndexStream(len(data), seed)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        first = ((self.first + i) * self.world + self.rank) * self.bsz
+        idx = self.stream.take(first, self.bsz)  # [B]
+        data, k = self.data, self.k_steps
+        draws = _draw_noise(range(first, first + self.bsz), self.seed, latent_shape=data.winner.shape[1:],
+                            **self.draw_kwargs)
+        context = data.prompt_embeds[idx].repeat_interleave(k, dim=0)  # [B*K, L, D]
+        if draws.drop_caption.any():
+            context = torch.where(draws.drop_caption[:, None, None], data.empty_embed.to(context), context)
+        batch = {"idx": idx, "winner": data.winner[idx].repeat_interleave(k, dim=0), "context": context,
+                 "t_or_step": draws.t_or_step, "noise": draws.noise, "loser_noise": draws.loser_noise}
+        if self.objective == "spin_exact":
+            traj = data.loser_trajectory[idx].repeat_interleave(k, dim=0)  # [B*K, S+1, C, h, w]
+            rows = torch.arange(traj.shape[0])
+            batch["loser_t"] = traj[rows, draws.t_or_step]  # x'_t and x'_{t-1} of the opponent's chain
+            batch["loser_prev"] = traj[rows, draws.t_or_step + 1]
+        elif self.objective in ("dpo", "spin_approx"):
+            batch["loser"] = data.loser[idx].repeat_interleave(k, dim=0)
+        return batch
+
+
 def _micro_step_loss(
     policy: torch.nn.Module,
     ref: torch.nn.Module | None,
-    data: TrainData,
-    idx: torch.Tensor,
-    draws: _Draws,
+    batch: dict[str, torch.Tensor],
     *,
     objective: Objective,
     loss_cfg: LossConfig,
-    k_steps: int,
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
     noise_scheduler: DDPMScheduler,
     accelerator: Accelerator,
+    sampler: SamplerSchedule | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean loss of one micro-batch of B pairs, each evaluated at K timesteps (rows are pair-major: b*K + k)."""
+    """Mean loss of one micro-batch (`_MicroBatches` item): B pairs, each at K timesteps (rows b*K + k)."""
     device = accelerator.device
-    b = idx.shape[0]
-    rows = idx.repeat_interleave(k_steps)  # [B*K]
-    winner = data.winner[rows].to(device)
-    context = data.prompt_embeds[rows]
-    if draws.drop_caption.any():
-        context = torch.where(draws.drop_caption[:, None, None], data.empty_embed.to(context), context)
-    context = context.to(device)
-    noise = draws.noise.to(device)
+    k_steps = loss_cfg.timesteps_per_pair
+    b = batch["winner"].shape[0] // k_steps
+    winner = batch["winner"].to(device)
+    context = batch["context"].to(device)
+    noise = batch["noise"].to(device)
 
     # Timesteps: uniform over the training schedule, or over the opponent's sampling steps (spin_exact).
     if objective == "spin_exact":
-        sampler = data.sampler
-        assert sampler is not None and data.loser_trajectory is not None
-        step_index = draws.t_or_step
+        assert sampler is not None
+        step_index = batch["t_or_step"]
         t = sampler.timesteps[step_index].to(device)
     else:
-        t = draws.t_or_step.to(device)
+        t = batch["t_or_step"].to(device)
 
     winner_t = noise_scheduler.add_noise(winner, noise, t)
     if objective == "sft":
@@ -397,18 +439,16 @@ def _micro_step_loss(
 
     # Loser branch: forward-noised final latent (dpo, spin_approx) or the stored chain (spin_exact).
     if objective == "spin_exact":
-        traj = data.loser_trajectory[idx.repeat_interleave(k_steps)]  # [B*K, S+1, C, h, w]
-        rows_ar = torch.arange(b * k_steps)
-        loser_t = traj[rows_ar, step_index].to(device)
-        loser_prev = traj[rows_ar, step_index + 1].to(device)
+        loser_t = batch["loser_t"].to(device)
+        loser_prev = batch["loser_prev"].to(device)
         coef_a, coef_b = ddim_coefficients(
             sampler.timesteps, step_index, sampler.alphas_cumprod, sampler.final_alpha_cumprod, sampler.eta
         )
         loser_target = implied_noise(loser_t, loser_prev, coef_a.to(device), coef_b.to(device))
         winner_target = noise  # the exact objective works in ε-space (METHOD.md §2.2)
     else:
-        loser = data.loser[rows].to(device)
-        loser_noise = draws.loser_noise.to(device)
+        loser = batch["loser"].to(device)
+        loser_noise = batch["loser_noise"].to(device)
         loser_t = noise_scheduler.add_noise(loser, loser_noise, t)
         if prediction_type == "epsilon":
             winner_target, loser_target = noise, loser_noise
