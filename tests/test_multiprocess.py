@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 # The tiny run with eval on; each rank trains batch 4, so one process needs batch 8 for the same effective batch.
-BASE = ["num_iterations=2", "train.batch_size=4", "eval.num_prompts=8"]
+BASE = ["num_iterations=2", "train.batch_size=4", "eval.num_prompts=8", "data.cache_shard_size=8"]
 
 
 def _launch_args(nproc: int, command: str, *args: str) -> list[str]:
@@ -74,6 +73,16 @@ def test_two_processes_write_what_one_process_writes(spin_runs):
     assert _files(two) == _files(one)
     assert _completed(two) == _completed(one) == [
         "eval:0", "generate:0", "train:1", "eval:1", "generate:1", "train:2", "eval:2"]
+    # the real-image cache is encoded by both ranks (each its shards) and equals the one-process cache (up to
+    # float rounding: the ranks run 1 OpenMP thread each, this process 2, and the VAE's convolutions sum in
+    # another order)
+    shards = sorted((two / "cache" / "real").glob("*.safetensors"))
+    assert len(shards) >= 2
+    for shard in shards:
+        a, b = load_file(str(shard)), load_file(str(one / "cache" / "real" / shard.name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])
     # θ_0's samples are keyed by (seed, iteration, prompt) alone: identical however the shards were split
     for shard in ("shard_00000", "shard_00001"):
         a = load_file(str(two / "iter_00" / "generated" / f"{shard}.safetensors"))
@@ -182,6 +191,23 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it. (torchrun starts its workers in sessions of their own, so
+    killing the launcher's process group would leave the ranks running.)"""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def _kill_all_when(run_dir: Path, ready, timeout: float = 180.0) -> None:
     proc = subprocess.Popen(_launch_args(2, "spin", *_spin_args(run_dir)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
@@ -194,7 +220,7 @@ def _kill_all_when(run_dir: Path, ready, timeout: float = 180.0) -> None:
                 pytest.fail("timed out waiting for the kill point")
             time.sleep(0.01)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a node failure would
+        _kill_tree(proc.pid)  # the launcher and every rank, as a node failure would
         proc.wait()
 
 
@@ -237,3 +263,86 @@ def test_bad_input_stops_every_rank_with_one_line(tmp_path: Path):
     ours = [line for line in done.stderr.splitlines() if line.strip().startswith("File ") and "spin_diffusion" in line]
     assert not ours, "a traceback from our code reached the user"  # (torchrun prints its own summary)
     assert time.time() - started < 60
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two "nodes" (two launchers, one process each, rendezvous over TCP) on a shared filesystem
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_nodes(command: str, *args: str) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                          f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                          "-m", "spin_diffusion.cli", command, *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+        for node in (0, 1)
+    ]
+
+
+def _wait(nodes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    out = []
+    for proc in nodes:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        out.append((proc.returncode, stdout + stderr))
+    return out
+
+
+def test_two_nodes_equal_one_node_with_two_processes(spin_runs, tmp_path: Path):
+    """Ranks 0 and 1 in two launchers do exactly what they do in one: same shards, same weights."""
+    two, _ = spin_runs
+    results = _wait(_start_nodes("spin", "--config", str(TINY), "--run-dir", str(tmp_path / "run"), *_sets(BASE)))
+    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    assert _files(tmp_path / "run") == _files(two)
+    for k in (1, 2):
+        w, ref = _unet(tmp_path / "run" / f"iter_{k:02d}" / "model"), _unet(two / f"iter_{k:02d}" / "model")
+        for name in ref:
+            assert torch.equal(w[name], ref[name]), name
+
+
+def test_lost_node_stops_the_other_and_the_run_resumes(tmp_path: Path, uninterrupted: Path):
+    """A node lost mid-training (its launcher and rank killed) must not leave the other node hanging; relaunching
+    both nodes with --resume continues from the last checkpoint and ends where an uninterrupted run ends."""
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "iter_01" / "train" / "checkpoints"
+    nodes = _start_nodes("spin", *_spin_args(run_dir))
+    deadline = time.time() + 180
+    while not (ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir())):
+        assert nodes[0].poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    _kill_tree(nodes[1].pid)
+    rc, output = _wait(nodes[:1], timeout=90)[0]  # the surviving node gives up instead of waiting forever
+    nodes[1].wait()
+    assert rc != 0
+    assert not (run_dir / "iter_01" / "model").exists()
+    results = _wait(_start_nodes("spin", *_spin_args(run_dir, "--resume")))
+    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    w, ref = _unet(run_dir / "iter_01" / "model"), _unet(uninterrupted / "iter_01" / "model")
+    for name in ref:
+        assert torch.equal(w[name], ref[name]), f"UNet weight {name} differs after resume"
+
+
+def test_run_dir_must_be_shared_by_all_nodes(tmp_path: Path):
+    """Each node sees its own folder (no shared filesystem): every rank stops with one line naming the fix."""
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"  # a relative run dir resolves to a different folder per node
+        cwd.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "spin_diffusion.cli", "spin",
+             "--config", str(TINY), "--run-dir", "run"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd, start_new_session=True))
+    results = _wait(procs, timeout=120)
+    assert all(rc != 0 for rc, _ in results)
+    lines = [line for _, out in results for line in out.splitlines() if line.startswith("error: ")]
+    assert any("not shared between the processes" in line for line in lines), lines

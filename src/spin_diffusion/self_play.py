@@ -102,6 +102,11 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
             save_config(cfg, saved_cfg)
 
     distributed.on_main(create)
+    if not saved_cfg.exists():  # another node's main process wrote it into a folder this node cannot see
+        raise SpinDiffusionError(
+            f"{run_dir} is not shared between the processes of this run (rank {distributed.state().process_index} "
+            f"cannot see {CONFIG_FILE}); on several nodes put run_dir on a filesystem that every node mounts"
+        )
     return run_dir
 
 
