@@ -263,6 +263,7 @@ def test_bad_input_stops_every_rank_with_one_line(tmp_path: Path):
     ours = [line for line in done.stderr.splitlines() if line.strip().startswith("File ") and "spin_diffusion" in line]
     assert not ours, "a traceback from our code reached the user"  # (torchrun prints its own summary)
     assert time.time() - started < 60
+    assert not run_dir.exists()  # a failed start leaves nothing: the corrected command needs no --resume
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
-def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
-    """Check the run dir (every rank, before anything is written), then create it (main process). Returns it."""
+def check_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
+    """Check that the run dir may be started (fresh) or continued (resume); writes nothing. Every rank calls it
+    before anything is written, so all of them see the folder as it was. Returns the run dir."""
     run_dir = Path(cfg.run_dir)
     saved_cfg = run_dir / CONFIG_FILE
     if saved_cfg.exists():
@@ -94,7 +95,14 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
             raise SpinDiffusionError(f"--resume with a config that differs from the saved one ({diff})")
     elif resume and (run_dir / STATE_FILE).exists():
         raise SpinDiffusionError(f"{run_dir} has no {CONFIG_FILE}; cannot resume it")
-    distributed.barrier()  # every rank has seen the folder as it was before the main process writes to it
+    return run_dir
+
+
+def create_run_dir(cfg: RunConfig) -> Path:
+    """Create the run dir and save the config (main process), once every check of the start has passed."""
+    run_dir = Path(cfg.run_dir)
+    saved_cfg = run_dir / CONFIG_FILE
+    distributed.barrier()  # every rank has checked the folder before the main process writes to it
 
     def create() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,13 +155,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     """Run SPIN-Diffusion (objective spin_approx / spin_exact) or a baseline (sft / dpo) end to end."""
     started = time.perf_counter()
     state_ = distributed.state()
-    run_dir = prepare_run_dir(cfg, resume=resume)
-    state = RunState(run_dir)
+    run_dir = check_run_dir(cfg, resume=resume)
     objective = cfg.loss.objective
     self_play = objective in ("spin_approx", "spin_exact")
     num_iterations = cfg.num_iterations if self_play else 1
 
-    # 1. Model, data, cached latents and embeddings (computed once per run dir)
+    # 1. Model, data and evaluation set: every check that can fail on user input runs before the run dir is
+    #    written, so a failed start leaves nothing behind and the corrected command needs no --resume.
     c = load_base_components(cfg)
     c.text_encoder.to(state_.device)
     if c.vae is not None:
@@ -165,14 +173,18 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     else:
         images = data_lib.load_captioned_images(cfg.data, seed=cfg.seed)
         build, cache_dir = cache_lib.build_latent_cache, run_dir / "cache" / "real"
-    # every rank encodes its share of the cache shards, then all of them read the same files lazily
+    eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
+    create_run_dir(cfg)
+    state = RunState(run_dir)
+
+    # 2. Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards,
+    #    then all of them read the same files lazily
     cache = build(c, images, cache_dir, resolution=resolution, batch_size=cfg.data.encode_batch_size,
                   model_id=model_id(cfg), dtype=cfg.data.cache_dtype, shard_size=cfg.data.cache_shard_size)
     captions = cache.captions
     negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
     empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
 
-    eval_set = _eval_set(cfg, c, captions, images) if cfg.eval.enabled else None
 
     def evaluate(k: int, unet: torch.nn.Module) -> None:
         """Every rank renders its share of the evaluation prompts; the main process scores and records them."""
@@ -187,7 +199,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         state.mark(phase, **(result["metrics"] if result is not None else {}))
         state_.wait_for_everyone()
 
-    # 2. Find where we are: the newest finished model is the current opponent θ_k
+    # 3. Find where we are: the newest finished model is the current opponent θ_k
     start = 0
     while start < num_iterations and state.done(f"train:{start + 1}"):
         start += 1
@@ -201,7 +213,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     for k in range(start, num_iterations):
         data = trainer.TrainData(winner=cache.latents if objective != "dpo" else cache.winner_latents,
                                  prompt_embeds=cache.prompt_embeds, empty_embed=empty_embed)
-        # 3. generate:k — θ_k's own image for every training prompt
+        # 4. generate:k — θ_k's own image for every training prompt
         if self_play:
             gen_dir = iter_dir(run_dir, k) / "generated"
             phase = f"generate:{k}"
@@ -227,7 +239,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         elif objective == "dpo":
             data.loser = cache.loser_latents
 
-        # 4. train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k
+        # 5. train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k
         next_dir = iter_dir(run_dir, k + 1)
         policy, ref = _policy_and_ref(cfg, opponent, needs_ref=objective != "sft", seed=train_seed(cfg, k))
         result = trainer.train(
@@ -250,7 +262,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         opponent = policy.eval().requires_grad_(False)
         evaluate(k + 1, opponent)
 
-    # 5. Report
+    # 6. Report
     report_path = None
     if state_.is_main_process and cfg.eval.enabled:
         from spin_diffusion import report
