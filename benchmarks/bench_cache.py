@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_cache.py                     # N = 2000 and 20000, tiny preset, CPU
     .venv/bin/python benchmarks/bench_cache.py --sizes 1000 10000 --dtype bf16
+    .venv/bin/python benchmarks/bench_cache.py --end-to-end          # a whole `spin` iteration instead
 
 For each N, a fresh child process (so that ru_maxrss is its own):
   1. writes an image folder of N tiny PNGs + metadata.jsonl (about N/4 distinct captions),
@@ -69,6 +70,9 @@ def child(n: int, args: argparse.Namespace) -> dict:
         timings["write images"] = time.perf_counter() - t0
         phases["start"] = _rss_mb()[0]
 
+        if args.end_to_end:
+            return _end_to_end(n, root, Path(tmp) / "run", args, phases, timings)
+
         c = models.build_preset("tiny")
         t0 = time.perf_counter()
         images = load_captioned_images(DataConfig(path=str(root)))
@@ -113,6 +117,36 @@ def child(n: int, args: argparse.Namespace) -> dict:
         }
 
 
+def _end_to_end(n: int, root: Path, run_dir: Path, args: argparse.Namespace, phases: dict, timings: dict) -> dict:
+    """The real thing: one `spin` iteration through self_play.run (cache, generation, trainer with its DataLoader,
+    export) on the image folder, as `spin-diffusion spin` runs it."""
+    from spin_diffusion.config import load_config
+    from spin_diffusion.self_play import run
+
+    cfg = load_config(None, [
+        f"run_dir={run_dir}", "model.preset=tiny", f"data.path={root}", f"data.cache_dtype={args.dtype}",
+        f"data.cache_shard_size={args.shard_size}", f"data.encode_batch_size={args.encode_batch}",
+        "num_iterations=1", f"sample.num_steps={args.steps}", "sample.guidance_scale=2.0",
+        f"sample.batch_size={args.sample_batch}", f"sample.shard_size={args.shard_size}", f"sample.store_dtype={args.dtype}",
+        f"train.batch_size={args.batch}", f"train.max_steps={args.batches}", "train.checkpoint_every=0",
+        "eval.enabled=false",
+    ])
+    t0 = time.perf_counter()
+    run(cfg, progress=False)
+    timings["build cache"] = timings["generate"] = 0.0
+    timings["read batches"] = time.perf_counter() - t0  # the whole run
+    phases["after run"] = _rss_mb()[0]
+    return {
+        "n": n,
+        "unique_captions": len(set(json.loads(line)["text"] for line in (root / "metadata.jsonl").open())),
+        "peak_rss_mb": _rss_mb()[1],
+        "phases_rss_mb": phases,
+        "cache_mb": _dir_mb(run_dir / "cache"),
+        "generated_mb": _dir_mb(run_dir / "iter_00" / "generated"),
+        "seconds": timings,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
@@ -124,6 +158,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="training batches read at random")
     parser.add_argument("--batch", type=int, default=64, help="rows per training batch")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="run one real `spin` iteration (self_play.run: cache, generation, training, export) "
+                             "instead of the cache steps alone; --batches = optimizer steps, --batch = pairs per step")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -135,7 +172,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(n), *sys.argv[1:]]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"tiny preset, cache dtype {args.dtype}, shard size {args.shard_size}, {args.steps} DDIM steps + trajectory, "
+    what = ("one spin_approx iteration (self_play.run), no trajectory" if args.end_to_end
+            else "cache steps, trajectory stored")
+    print(f"{what}: tiny preset, cache dtype {args.dtype}, shard size {args.shard_size}, {args.steps} DDIM steps, "
           f"{args.batches} batches of {args.batch}")
     print(f"{'N':>7} {'unique':>7} {'peak RSS MB':>12} {'cache MB':>9} {'generated MB':>13}  seconds (images/cache/gen/read)")
     for r in rows:
