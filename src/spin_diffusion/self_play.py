@@ -26,7 +26,7 @@ from PIL import Image
 
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
-from spin_diffusion import distributed, models, sampling, trainer
+from spin_diffusion import distributed, models, preflight, sampling, trainer
 from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.model_eval import EvalSet, default_scorer_names, evaluate_unet
@@ -174,6 +174,9 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         images = data_lib.load_captioned_images(cfg.data, seed=cfg.seed)
         build, cache_dir = cache_lib.build_latent_cache, run_dir / "cache" / "real"
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
+    preflight.check_writable(run_dir, "run_dir")
+    preflight.check_disk(run_dir, disk_estimate(cfg, c, images, resolution),
+                         already_written=preflight.folder_bytes(run_dir) if resume else 0)
     create_run_dir(cfg)
     state = RunState(run_dir)
 
@@ -271,6 +274,29 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     metrics = {int(p.split(":")[1]): m for p, m in state.info.items() if p.startswith("eval:")}
     return RunSummary(run_dir=run_dir, iterations=num_iterations, metrics=metrics,
                       wall_seconds=time.perf_counter() - started, report=report_path)
+
+
+def disk_estimate(cfg: RunConfig, c: models.Components, images, resolution: int) -> preflight.DiskEstimate:
+    """What this run will write to its run dir (see preflight.estimate_run_bytes)."""
+    objective = cfg.loss.objective
+    self_play = objective in ("spin_approx", "spin_exact")
+
+    def params(module: torch.nn.Module | None) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    f = c.vae_scale_factor
+    unet = params(c.unet)
+    return preflight.estimate_run_bytes(
+        num_rows=len(images), num_captions=len(set(images.captions)),
+        latent_shape=(c.latent_channels, resolution // f, resolution // f),
+        embed_shape=tuple(models.encode_prompts(c, [""]).shape[1:]), cache_dtype=cfg.data.cache_dtype,
+        images_per_row=2 if objective == "dpo" else 1, iterations=cfg.num_iterations if self_play else 1,
+        self_play=self_play, store_dtype=cfg.sample.store_dtype,
+        trajectory_steps=cfg.sample.num_steps if objective == "spin_exact" else None,
+        pipeline_params=unet + params(c.text_encoder) + params(c.vae), unet_params=unet,
+        trainable_params=unet if cfg.model.lora_rank == 0 else 0,
+        eval_images=cfg.eval.num_prompts if cfg.eval.enabled else 0, image_pixels=resolution * resolution,
+    )
 
 
 def train_seed(cfg: RunConfig, k: int) -> int:
