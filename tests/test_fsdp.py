@@ -135,3 +135,16 @@ def test_fsdp_kill9_then_resume_equals_uninterrupted(tmp_path: Path):
         assert torch.equal(resumed[name], uninterrupted[name]), f"UNet weight {name} differs after resume"
     steps = [json.loads(line)["step"] for line in (run_dir / "iter_01" / "train" / "train_log.jsonl").open()]
     assert steps == list(range(1, 9))
+
+
+def test_deepspeed_config_without_deepspeed_is_one_line(tmp_path: Path):
+    from accelerate.utils import is_deepspeed_available
+
+    if is_deepspeed_available():
+        pytest.skip("deepspeed is installed")
+    done = subprocess.run(_ddp_args(tmp_path / "run", ONE_ITER), capture_output=True, text=True, timeout=120,
+                          env={**ENV, "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_DEEPSPEED": "true"})
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "deepspeed is not installed" in lines[0], done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

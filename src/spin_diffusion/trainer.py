@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from spin_diffusion import losses
 from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
+from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.models import adapters_disabled
 from spin_diffusion.sampling import GeneratedSet, ddim_coefficients, implied_noise
 
@@ -202,6 +203,9 @@ def train(
     )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     _warn_if_fsdp_ignored(accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise SpinDiffusionError("DeepSpeed ZeRO-3 is not supported (the trained UNet could not be exported on every "
+                                 "rank); use ZeRO-2 or configs/accelerate/fsdp.yaml")
     total_steps = num_optimizer_steps(len(data), train_cfg, accelerator.num_processes)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
