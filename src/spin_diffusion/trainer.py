@@ -352,7 +352,7 @@ def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module:
         for name, peft_cfg in (getattr(inner, "peft_config", None) or {}).items():
             copy.add_adapter(peft_cfg, adapter_name=name)
     copy.load_state_dict(full, strict=True, assign=True)
-    trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
+    trainable = {n.replace("_fsdp_wrapped_module.", "") for n, p in inner.named_parameters() if p.requires_grad}
     for name, param in copy.named_parameters():
         param.requires_grad_(name in trainable)
     return copy
