@@ -10,6 +10,10 @@ Every run may be started as N processes (`accelerate launch`, `torchrun`, severa
 
 `state()` must be the first thing that touches accelerate in a process: a bare `PartialState()` created on a
 CPU machine ignores `ACCELERATE_USE_CPU` and silently runs every rank as a lone "main" process.
+(`accelerate launch` with an FSDP config does exactly that on CPU: two processes that each think they are alone.)
+Creating the PartialState first does not hide FSDP from accelerate: `Accelerator()` reads ACCELERATE_USE_FSDP and
+the FSDP_* variables of the accelerate config itself. On GPUs that gives DistributedType.FSDP; on CPU accelerate 1.15
+keeps MULTI_CPU (plain DDP) whatever the config says, and the trainer warns.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
+
+from spin_diffusion.errors import SpinDiffusionError
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -41,6 +47,12 @@ def state() -> PartialState:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        from accelerate.utils import is_deepspeed_available
+
+        if not is_deepspeed_available():
+            raise SpinDiffusionError("the accelerate config asks for DeepSpeed, but deepspeed is not installed: "
+                                     "pip install deepspeed, or launch with configs/accelerate/fsdp.yaml")
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     return PartialState(cpu=cpu)
 

@@ -250,6 +250,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             noise_scheduler=c.noise_scheduler(), out_dir=next_dir / "train", seed=train_seed(cfg, k),
             progress=progress,
         )
+        policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
         if cfg.model.lora_rank > 0:
             if state_.is_main_process:
                 models.save_lora(policy, next_dir / "lora")

@@ -3,7 +3,8 @@
 The loop reads top to bottom: pick the pairs of this micro-step → draw (t, ε) once per pair → noise
 winner and loser with the same (t, ε) → policy errors (grad) and reference errors (no grad) → loss from
 spin_diffusion.losses → backward → clip → AdamW step. `accelerate` handles devices, mixed precision,
-gradient accumulation and distributed data parallelism; nothing else is hidden.
+gradient accumulation and distributed data parallelism (DDP, or FSDP when accelerate's config asks for it);
+nothing else is hidden.
 
 The trainer does not know about self-play iterations: the caller hands it a policy, a frozen reference
 (or a LoRA policy whose disabled adapters are the reference) and tensors of cached latents.
@@ -12,6 +13,7 @@ The trainer does not know about self-play iterations: the caller hands it a poli
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -31,10 +33,12 @@ from tqdm.auto import tqdm
 from spin_diffusion import losses
 from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
+from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.models import adapters_disabled
 from spin_diffusion.sampling import GeneratedSet, ddim_coefficients, implied_noise
 
 CHECKPOINT_PREFIX = "step_"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,6 +90,7 @@ class TrainResult:
     final_loss: float  # mean loss of the last logging window
     wall_seconds: float  # time spent in this call
     log_path: Path
+    policy: torch.nn.Module | None = None  # the trained UNet as an ordinary module (see `train`)
 
 
 def num_optimizer_steps(n: int, cfg: TrainConfig, world_size: int = 1) -> int:
@@ -160,7 +165,11 @@ def train(
     seed: int,
     progress: bool = True,
 ) -> TrainResult:
-    """Train `policy` in place on `data` with `objective`; resumes from the latest checkpoint in `out_dir`.
+    """Train `policy` on `data` with `objective`; resumes from the latest checkpoint in `out_dir`.
+
+    Use `TrainResult.policy` afterwards: it is `policy` itself (trained in place) under DDP or one process; under
+    FSDP, whose prepared module holds only this rank's shard, it is a new, unsharded module with the full trained
+    weights on every rank (`policy` must not be used any more).
 
     Args:
         policy: the UNet being trained (full fine-tuning, or with a LoRA adapter added).
@@ -192,6 +201,11 @@ def train(
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
     )
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    _warn_if_fsdp_ignored(accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise SpinDiffusionError("DeepSpeed ZeRO-3 is not supported (the trained UNet could not be exported on every "
+                                 "rank); use ZeRO-2 or configs/accelerate/fsdp.yaml")
     total_steps = num_optimizer_steps(len(data), train_cfg, accelerator.num_processes)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -208,6 +222,8 @@ def train(
         num_training_steps=total_steps * accelerator.num_processes,
     )
     policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
+    if fsdp:  # the prepared module's (sharded) parameters; accelerate clips FSDP grads only for the whole list
+        trainable = list(policy.parameters())
     if ref is not None:  # the frozen reference only runs forward: keep it in the mixed-precision dtype
         ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
         ref.to(accelerator.device, dtype=ref_dtype)
@@ -254,7 +270,7 @@ def train(
                 loss, metrics = _micro_step_loss(
                     policy, ref, batch, objective=objective, loss_cfg=loss_cfg, alphas_cumprod=alphas_cumprod,
                     prediction_type=prediction_type, noise_scheduler=noise_scheduler, accelerator=accelerator,
-                    sampler=data.sampler,
+                    sampler=data.sampler, fsdp=fsdp,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
@@ -292,14 +308,54 @@ def train(
         lines = log_path.read_text().splitlines()
         if lines:
             last_loss = json.loads(lines[-1]).get("loss", float("nan"))
-    accelerator.unwrap_model(policy).eval()
+    trained = unsharded_copy(policy) if fsdp else accelerator.unwrap_model(policy)
+    if fsdp:
+        accelerator.free_memory()  # drop the sharded module and the optimizer states before the caller goes on
+    trained.eval()
     return TrainResult(
         steps=total_steps,
         resumed_from=start_step,
         final_loss=last_loss,
         wall_seconds=time.perf_counter() - started,
         log_path=log_path,
+        policy=trained,
     )
+
+
+def _warn_if_fsdp_ignored(accelerator: Accelerator) -> None:
+    """accelerate 1.15 shards only on accelerators: on CPU an FSDP config silently becomes DDP (MULTI_CPU)."""
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get(
+        "ACCELERATE_USE_FSDP", "false"
+    ).lower() == "true" and accelerator.is_main_process:
+        logger.warning("the accelerate config asks for FSDP, but accelerate does not shard on CPU: "
+                       "this run is plain data parallel (DDP) with full weights on every process")
+
+
+def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """Every rank: an ordinary (unwrapped, unsharded) copy of the FSDP-prepared `model` with its full weights.
+
+    Collective: every rank must call it. Works for FSDP2 (`fully_shard`, the module itself is the FSDP module)
+    and FSDP1 (`FullyShardedDataParallel` wrapper). The copy is built on the meta device and takes the gathered
+    tensors as its parameters (no second copy); LoRA adapters (`peft_config`) are re-added before loading.
+    """
+    from accelerate import init_empty_weights
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    # cpu_offload=False: every rank gets the full tensors (True would give them to rank 0 only)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    inner = model.module if isinstance(model, FSDP1) else model
+    cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))  # FSDP2: FSDP<Cls> -> <Cls>
+    with init_empty_weights():
+        copy = cls.from_config(inner.config)
+        for name, peft_cfg in (getattr(inner, "peft_config", None) or {}).items():
+            copy.add_adapter(peft_cfg, adapter_name=name)
+    copy.load_state_dict(full, strict=True, assign=True)
+    trainable = {n.replace("_fsdp_wrapped_module.", "") for n, p in inner.named_parameters() if p.requires_grad}
+    for name, param in copy.named_parameters():
+        param.requires_grad_(name in trainable)
+    return copy
 
 
 def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int) -> None:
@@ -412,6 +468,7 @@ def _micro_step_loss(
     noise_scheduler: DDPMScheduler,
     accelerator: Accelerator,
     sampler: SamplerSchedule | None,
+    fsdp: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss of one micro-batch (`_MicroBatches` item): B pairs, each at K timesteps (rows b*K + k)."""
     device = accelerator.device
@@ -474,8 +531,9 @@ def _micro_step_loss(
         if ref is not None:
             ref_err = errors(ref)
         else:
+            # under FSDP only the prepared module can run (it gathers its shards); DDP's wrapper is skipped
             with adapters_disabled(accelerator.unwrap_model(policy)):
-                ref_err = errors(accelerator.unwrap_model(policy))
+                ref_err = errors(policy if fsdp else accelerator.unwrap_model(policy))
 
     loss_fn = {"dpo": losses.dpo_loss, "spin_approx": losses.spin_approx_loss, "spin_exact": losses.spin_exact_loss}
     per_sample, metrics = loss_fn[objective](policy_err, ref_err, loss_cfg.beta)
