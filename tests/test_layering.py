@@ -20,6 +20,9 @@ FORBIDDEN = {
     "evaluation": {"diffusers", "spin_diffusion.sampling", "spin_diffusion.self_play", "spin_diffusion.models"},
     "report": {"diffusers", "torch", "spin_diffusion.models", "spin_diffusion.self_play"},
     "config": {"torch", "diffusers", "spin_diffusion.models", "spin_diffusion.self_play"},
+    "distributed": {"diffusers", "spin_diffusion.models", "spin_diffusion.self_play", "spin_diffusion.trainer"},
+    "preemption": {"diffusers", "accelerate", "spin_diffusion"},
+    "preflight": {"torch", "diffusers", "spin_diffusion.models", "spin_diffusion.self_play"},
 }
 
 

@@ -547,3 +547,12 @@ def test_data_loader_workers_and_on_disk_cache_give_the_same_run(tiny, tmp_path)
         runs[name] = _snapshot(policy)
     for key in runs["memory"]:
         assert torch.equal(runs["memory"][key], runs["disk"][key]), key
+
+
+def test_time_based_checkpoints(tiny, tmp_path):
+    """train.checkpoint_every_minutes checkpoints on the clock even with step-based checkpoints off."""
+    _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), tmp_path / "off", "sft", max_steps=3)
+    assert not (tmp_path / "off" / "checkpoints").exists()
+    _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), tmp_path / "on", "sft", max_steps=3,
+           checkpoint_every_minutes=1e-9)  # due after every step; the newest replaces the older ones
+    assert [p.name for p in (tmp_path / "on" / "checkpoints").iterdir()] == ["step_0000002"]

@@ -17,6 +17,7 @@ import typer
 
 from spin_diffusion.distributed import is_main, launched_rank, launched_ranks
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.preemption import EXIT_PREEMPTED, Preempted
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are never needed: every model comes from a local folder
 
@@ -56,9 +57,14 @@ def _config(config: Path | None, overrides: list[str] | None, run_dir: Path | No
 
 
 def _run(cfg, resume: bool) -> None:
+    from spin_diffusion import preemption
     from spin_diffusion.self_play import run
 
-    summary = run(cfg, resume=resume)
+    preemption.install()  # SIGTERM/SIGINT: finish the step or shard, checkpoint, exit EXIT_PREEMPTED
+    try:
+        summary = run(cfg, resume=resume)
+    finally:
+        preemption.uninstall()
     if not is_main():
         return  # the main process reports for the run
     typer.echo(f"finished in {summary.wall_seconds:.0f} s: {summary.run_dir}")
@@ -180,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     hits (a bad config) is printed once, by rank 0, before the launcher stops the rest."""
     try:
         app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+    except Preempted as stop:
+        if launched_rank() == 0:
+            typer.echo(f"preempted: {stop}; run the same command with --resume to continue", err=True)
+        return EXIT_PREEMPTED
     except SpinDiffusionError as err:
         if launched_ranks() > 1 and launched_rank() != 0:
             time.sleep(RANK_ERROR_DELAY_S)

@@ -107,6 +107,7 @@ class TrainConfig:
     caption_dropout: float = 0.0  # fraction of pairs trained on the empty prompt (what makes CFG work when pretraining)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
+    checkpoint_every_minutes: float = 0.0  # also checkpoint when this much time has passed since the last one (0 = off)
     log_every: int = 10  # optimizer steps between log lines
     num_workers: int = 0  # data loader workers
 
@@ -118,6 +119,8 @@ class TrainConfig:
             raise SpinDiffusionError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.learning_rate <= 0:
             raise SpinDiffusionError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.checkpoint_every_minutes < 0:
+            raise SpinDiffusionError(f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise SpinDiffusionError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 

@@ -22,6 +22,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from spin_diffusion import preemption
 from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, read_header, read_tensor
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -212,6 +213,8 @@ def generate_shards(
     bar = tqdm(total=sum(min(spec.shard_size, n - s * spec.shard_size) for s in todo), desc=f"generate θ_{spec.iteration}",
                disable=not progress, unit="img")
     for shard in todo:
+        if preemption.requested():  # SIGTERM/SIGINT: keep the finished shards, the caller stops the run
+            break
         lo, hi = shard * spec.shard_size, min(n, (shard + 1) * spec.shard_size)
         latents, trajs = [], []
         for start in range(lo, hi, batch_size):

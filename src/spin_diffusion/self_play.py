@@ -26,7 +26,7 @@ from PIL import Image
 
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
-from spin_diffusion import distributed, models, preflight, sampling, trainer
+from spin_diffusion import distributed, models, preemption, preflight, sampling, trainer
 from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.model_eval import EvalSet, default_scorer_names, evaluate_unet
@@ -233,6 +233,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                     progress=progress and state_.is_main_process,
                 )
                 state_.wait_for_everyone()
+                _stop_if_asked(f"generation of θ_{k} stopped; its finished shards are kept in {gen_dir}")
                 state.mark(phase)
             generated = sampling.load_generated(gen_dir)
             data.loser = generated.latents
@@ -264,6 +265,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             trainer.remove_checkpoints(next_dir / "train")
         del ref
         opponent = policy.eval().requires_grad_(False)
+        _stop_if_asked(f"stopped after training θ_{k + 1} (exported to {next_dir / 'model'})")
         evaluate(k + 1, opponent)
 
     # 6. Report
@@ -275,6 +277,12 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     metrics = {int(p.split(":")[1]): m for p, m in state.info.items() if p.startswith("eval:")}
     return RunSummary(run_dir=run_dir, iterations=num_iterations, metrics=metrics,
                       wall_seconds=time.perf_counter() - started, report=report_path)
+
+
+def _stop_if_asked(message: str) -> None:
+    """Stop every rank between phases once any of them got SIGTERM/SIGINT (all ranks call this together)."""
+    if preemption.agree(distributed.state().device, preemption.requested())[0]:
+        raise preemption.Preempted(message)
 
 
 def disk_estimate(cfg: RunConfig, c: models.Components, images, resolution: int) -> preflight.DiskEstimate:

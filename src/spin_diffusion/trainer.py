@@ -30,7 +30,7 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from spin_diffusion import losses
+from spin_diffusion import losses, preemption
 from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
@@ -238,6 +238,12 @@ def train(
     latest = _latest_checkpoint(ckpt_dir)
     if latest is not None:
         start_step, path = latest
+        saved_ranks = len(list(path.glob("random_states_*.pkl")))
+        if saved_ranks and saved_ranks != accelerator.num_processes:
+            raise SpinDiffusionError(
+                f"the checkpoint {path} was written by {saved_ranks} processes and this run has "
+                f"{accelerator.num_processes}; resume with {saved_ranks} (the effective batch depends on it)"
+            )
         accelerator.load_state(str(path))
         if accelerator.is_main_process:
             _truncate_log(log_path, start_step)
@@ -262,6 +268,7 @@ def train(
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {objective}",
                disable=not (progress and accelerator.is_main_process))
 
+    clock = preemption.Clock(train_cfg.checkpoint_every_minutes)
     policy.train()
     for step in range(start_step, total_steps):
         for _ in range(ga):
@@ -295,8 +302,16 @@ def train(
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{last_loss:.4f}")
-        if train_cfg.checkpoint_every > 0 and done % train_cfg.checkpoint_every == 0 and done < total_steps:
+        # Step-based and time-based checkpoints, and a stop asked for by SIGTERM/SIGINT: the ranks agree (one
+        # all-reduce of two flags), so all of them checkpoint and stop after the same step.
+        stop, time_due = preemption.agree(device, preemption.requested(), clock.due())
+        step_due = train_cfg.checkpoint_every > 0 and done % train_cfg.checkpoint_every == 0
+        if done < total_steps and (step_due or time_due or stop):
             _save_checkpoint(accelerator, ckpt_dir, done)
+            clock.reset()
+        if stop and done < total_steps:
+            bar.close()
+            raise preemption.Preempted(f"training stopped at step {done} of {total_steps}; checkpoint saved in {ckpt_dir}")
 
     bar.close()
     accelerator.wait_for_everyone()
