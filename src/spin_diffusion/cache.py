@@ -28,7 +28,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -244,6 +244,28 @@ def _shard_key(path: Path) -> str | None:
         return None
 
 
+def _bad_rows(paths: Sequence[Path]) -> dict[int, str]:
+    """Rows that an image shard recorded as bad (skipped), with their reasons, from the shard headers."""
+    bad: dict[int, str] = {}
+    for path in paths:
+        meta = read_header(path)[0].get("__metadata__") or {}
+        bad.update({int(row): reason for row, reason in json.loads(meta.get("bad", "{}")).items()})
+    return bad
+
+
+@dataclass(frozen=True)
+class BadExamples:
+    """What to do with an image that cannot be used (unreadable, or shorter side < `min_side` pixels).
+
+    "error" stops at the first one with its one-line reason; "skip" leaves it out, lists it, and refuses the
+    data when more than `max_fraction` of the rows are bad (then something systematic is wrong: a column, a
+    path prefix), so a run never trains on far fewer rows than its user thinks."""
+
+    on_bad: Literal["error", "skip"] = "error"
+    min_side: int = 0
+    max_fraction: float = 1.0
+
+
 def dedup(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
     """Unique captions in order of first appearance, and the [N] map row -> unique caption."""
     unique = list(dict.fromkeys(captions))
@@ -262,6 +284,7 @@ class LatentCache:
     latents: RowStore  # [N, C, h, w], VAE latents * scaling_factor (pixels in [-1, 1] without VAE)
     prompt_embeds: RowStore  # [N, L, D], row i = embedding of captions[i] (stored once per distinct caption)
     captions: list[str]
+    skipped: dict[int, str] = field(default_factory=dict)  # source row -> why it was left out (on_bad_example=skip)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -275,6 +298,7 @@ class PairCache:
     loser_latents: RowStore  # [N, C, h, w]
     prompt_embeds: RowStore  # [N, L, D]
     captions: list[str]
+    skipped: dict[int, str] = field(default_factory=dict)  # source row -> why it was left out (on_bad_example=skip)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -290,12 +314,14 @@ def _num_shards(n: int, shard_size: int) -> int:
 
 def _open_stores(
     cache_dir: Path, kind: str, names: Sequence[str], n: int, index_map: torch.Tensor, num_unique: int,
-    shard_size: int, key: str,
+    shard_size: int, key: str, kept: torch.Tensor | None = None,
 ) -> dict[str, RowStore]:
+    """The stores of a finished cache; with `kept` ([M] row indices) they show only those rows, in that order."""
     image_paths = _paths(cache_dir, kind, "images", _num_shards(n, shard_size))
-    stores = {name: RowStore.open(image_paths, name, key=key) for name in names}
+    stores = {name: RowStore.open(image_paths, name, key=key, index_map=kept) for name in names}
     embed_paths = _paths(cache_dir, kind, "embeds", _num_shards(num_unique, shard_size))
-    stores["prompt_embeds"] = RowStore.open(embed_paths, "prompt_embeds", index_map=index_map, key=key)
+    rows_map = index_map if kept is None else index_map[kept]
+    stores["prompt_embeds"] = RowStore.open(embed_paths, "prompt_embeds", index_map=rows_map, key=key)
     if any(s.num_stored != n for name, s in stores.items() if name != "prompt_embeds"):
         raise ValueError("row count differs from the data")
     if stores["prompt_embeds"].num_stored != num_unique:
@@ -303,17 +329,32 @@ def _open_stores(
     return stores
 
 
+def _kept_rows(bad: dict[int, str], n: int, policy: BadExamples, what: str) -> torch.Tensor | None:
+    """Row indices to train on (None: all of them); refuses data with too many bad rows."""
+    if not bad:
+        return None
+    if len(bad) > policy.max_fraction * n or len(bad) == n:
+        first = bad[min(bad)]
+        raise SpinDiffusionError(
+            f"{len(bad)} of {n} rows of {what} are unusable (more than data.max_bad_fraction="
+            f"{policy.max_fraction}); first: {first}"
+        )
+    return torch.tensor([i for i in range(n) if i not in bad], dtype=torch.long)
+
+
 def _encode_shards(
     paths: list[Path], n: int, shard_size: int, key: str, rank: int, world_size: int,
-    encode: Callable[[range], dict[str, torch.Tensor]], bar: Any,
+    encode: Callable[[range], tuple[dict[str, torch.Tensor], dict[str, str]]], bar: Any,
 ) -> None:
-    """Write the shards s % world_size == rank of `paths` whose key does not match; `encode(rows)` -> tensors."""
+    """Write the shards s % world_size == rank of `paths` whose key does not match; `encode(rows)` -> (tensors,
+    extra metadata)."""
     for s in range(rank, len(paths), world_size):
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
         if _shard_key(paths[s]) == key:
             bar.update(hi - lo)
             continue
-        write_shard(paths[s], encode(range(lo, hi)), {"key": key, "rows": f"{lo}:{hi}"})
+        tensors, extra = encode(range(lo, hi))
+        write_shard(paths[s], tensors, {"key": key, "rows": f"{lo}:{hi}", **extra})
 
 
 def _cached_encode(
@@ -330,8 +371,11 @@ def _cached_encode(
     dtype: StoreDtype,
     shard_size: int,
     desc: str,
-) -> dict[str, RowStore]:
-    from accelerate import PartialState
+    where: Callable[[int], str],
+    bad_policy: BadExamples,
+) -> tuple[dict[str, RowStore], dict[int, str]]:
+    """Build or reuse the cache; returns its stores (bad rows left out) and the bad rows with their reasons."""
+    from spin_diffusion import distributed
 
     if batch_size < 1:
         raise SpinDiffusionError(f"data.encode_batch_size must be >= 1, got {batch_size}")
@@ -350,25 +394,33 @@ def _cached_encode(
     unique, index_map = dedup(captions)
     key = _digest(
         {"version": CACHE_VERSION, "kind": kind, "data": fingerprint, "resolution": resolution, "model": model_id,
-         "dtype": dtype, "shard_size": shard_size}
+         "dtype": dtype, "shard_size": shard_size, "on_bad": bad_policy.on_bad, "min_side": bad_policy.min_side}
     )
-    state = PartialState()
+    state = distributed.state()
+    image_paths = _paths(cache_dir, kind, "images", _num_shards(n, shard_size))
 
-    def reuse() -> dict[str, RowStore] | None:
+    def finished() -> tuple[dict[str, RowStore], dict[int, str]]:
+        bad = _bad_rows(image_paths)
+        kept = _kept_rows(bad, n, bad_policy, desc.removeprefix("encoding "))
+        return _open_stores(cache_dir, kind, list(image_fns), n, index_map, len(unique), shard_size, key, kept), bad
+
+    def reuse() -> tuple[dict[str, RowStore], dict[int, str]] | None:
         try:
             if json.loads(meta_path.read_text()).get("key") != key:
                 return None
-            return _open_stores(cache_dir, kind, list(image_fns), n, index_map, len(unique), shard_size, key)
+            return finished()
+        except SpinDiffusionError:
+            raise
         except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
             if meta_path.exists():
                 logger.info("cache %s is unusable (%s); rebuilding", cache_dir, _one_line(err))
             return None
 
-    stores = reuse()
+    reused = reuse()
     state.wait_for_everyone()  # every rank decided before anyone writes, so they all take the same branch
-    if stores is not None:
+    if reused is not None:
         logger.info("reusing the %s cache in %s", kind, cache_dir)
-        return stores
+        return reused
 
     from tqdm.auto import tqdm
 
@@ -381,24 +433,40 @@ def _cached_encode(
     store_dtype = STORE_DTYPES[dtype]
     rank, world = state.process_index, state.num_processes
 
-    def encode_images(rows: range) -> dict[str, torch.Tensor]:
+    def pixels_of(fn: Callable[[int], Image.Image], i: int, bad: dict[int, str]) -> torch.Tensor:
+        """Row i's image as [3, R, R]; a bad one raises ("error") or is recorded and replaced by zeros ("skip")."""
+        try:
+            img = fn(i)
+            if min(img.size) < bad_policy.min_side:
+                raise SpinDiffusionError(
+                    f"{where(i)}: the image is {img.size[0]}x{img.size[1]} px, smaller than data.min_image_side="
+                    f"{bad_policy.min_side}; replace it, remove the row, or set data.on_bad_example=skip"
+                )
+            return image_to_tensor(img, resolution)
+        except SpinDiffusionError as err:
+            if bad_policy.on_bad == "error":
+                raise
+            bad[i] = str(err)
+            return torch.zeros(3, resolution, resolution)
+
+    def encode_images(rows: range) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         out: dict[str, list[torch.Tensor]] = {name: [] for name in image_fns}
+        bad: dict[int, str] = {}
         for start in range(rows.start, rows.stop, batch_size):
             batch = range(start, min(rows.stop, start + batch_size))
             for name, fn in image_fns.items():
-                pixels = torch.stack([image_to_tensor(fn(i), resolution) for i in batch])
+                pixels = torch.stack([pixels_of(fn, i, bad) for i in batch])
                 out[name].append(models.encode_images(c, pixels).detach().to("cpu", store_dtype))
             bar.update(len(batch))
-        return {name: torch.cat(parts) for name, parts in out.items()}
+        return {name: torch.cat(parts) for name, parts in out.items()}, {"bad": json.dumps(bad)}
 
     def encode_captions(rows: range) -> dict[str, torch.Tensor]:
         parts = []
         for start in range(rows.start, rows.stop, batch_size):
             texts = unique[start : min(rows.stop, start + batch_size)]
             parts.append(models.encode_prompts(c, texts, batch_size=len(texts)).detach().to("cpu", store_dtype))
-        return {"prompt_embeds": torch.cat(parts)}
+        return {"prompt_embeds": torch.cat(parts)}, {}
 
-    image_paths = _paths(cache_dir, kind, "images", _num_shards(n, shard_size))
     embed_paths = _paths(cache_dir, kind, "embeds", _num_shards(len(unique), shard_size))
     todo = sum(min(shard_size, n - s * shard_size) for s in range(rank, len(image_paths), world))
     with torch.no_grad(), tqdm(total=todo, desc=desc, unit="ex", disable=None) as bar:
@@ -411,7 +479,7 @@ def _cached_encode(
                 if old not in paths:
                     old.unlink(missing_ok=True)
         (cache_dir / f"{kind}.safetensors").unlink(missing_ok=True)  # the single-file cache of version 1
-        stores = _open_stores(cache_dir, kind, list(image_fns), n, index_map, len(unique), shard_size, key)
+        stores, bad = finished()
         meta = {
             "version": CACHE_VERSION,
             "key": key,
@@ -424,11 +492,12 @@ def _cached_encode(
             "num_examples": n,
             "num_unique_captions": len(unique),
             "shapes": {name: list(s.shape) for name, s in stores.items()},
+            "num_skipped": len(bad),
             "captions": captions,
         }
         _write_json_atomic(meta_path, meta)
     state.wait_for_everyone()
-    return _open_stores(cache_dir, kind, list(image_fns), n, index_map, len(unique), shard_size, key)
+    return finished()
 
 
 class _NoBar:
@@ -446,6 +515,7 @@ def build_latent_cache(
     model_id: str,
     dtype: StoreDtype = "fp32",
     shard_size: int = 1024,
+    bad_examples: BadExamples | None = None,
 ) -> LatentCache:
     """Encode every image (VAE) and distinct caption (text encoder) once into ``cache_dir``; reuse it while
     (data fingerprint, resolution, ``model_id``, ``dtype``, ``shard_size``) match, rebuild otherwise.
@@ -454,7 +524,7 @@ def build_latent_cache(
     Files: ``latents-images-*.safetensors`` (``latents``), ``latents-embeds-*.safetensors`` (``prompt_embeds``
     of the distinct captions) and ``latents.json`` (written last). Under accelerate, call it from every
     process: each encodes its share of the shards."""
-    stores = _cached_encode(
+    stores, bad = _cached_encode(
         c,
         "latents",
         images.captions,
@@ -467,9 +537,12 @@ def build_latent_cache(
         dtype=dtype,
         shard_size=shard_size,
         desc=f"encoding {images.name}",
+        where=images.where,
+        bad_policy=bad_examples or BadExamples(),
     )
-    return LatentCache(latents=stores["latents"], prompt_embeds=stores["prompt_embeds"],
-                       captions=list(images.captions))
+    captions = [text for i, text in enumerate(images.captions) if i not in bad]
+    return LatentCache(latents=stores["latents"], prompt_embeds=stores["prompt_embeds"], captions=captions,
+                       skipped=bad)
 
 
 def build_pair_cache(
@@ -482,10 +555,11 @@ def build_pair_cache(
     model_id: str,
     dtype: StoreDtype = "fp32",
     shard_size: int = 1024,
+    bad_examples: BadExamples | None = None,
 ) -> PairCache:
     """:func:`build_latent_cache` for preference pairs: ``pairs-images-*.safetensors`` (``winner_latents``,
     ``loser_latents``), ``pairs-embeds-*.safetensors`` + ``pairs.json``."""
-    stores = _cached_encode(
+    stores, bad = _cached_encode(
         c,
         "pairs",
         pairs.captions,
@@ -498,10 +572,13 @@ def build_pair_cache(
         dtype=dtype,
         shard_size=shard_size,
         desc=f"encoding {pairs.name}",
+        where=pairs.where,
+        bad_policy=bad_examples or BadExamples(),
     )
     return PairCache(
         winner_latents=stores["winner_latents"],
         loser_latents=stores["loser_latents"],
         prompt_embeds=stores["prompt_embeds"],
-        captions=list(pairs.captions),
+        captions=[text for i, text in enumerate(pairs.captions) if i not in bad],
+        skipped=bad,
     )

@@ -222,7 +222,11 @@ class _MetadataTable(_Table):
 
     def check_images_present(self, column: str, rows: Sequence[int]) -> None:
         for r in rows:
-            self._ref(column, r)
+            path = self.root / self._ref(column, r)
+            if not path.is_file():
+                raise SpinDiffusionError(
+                    f"image file not found: {path} ({self.where(r)}); restore the file or fix the reference"
+                )
 
     def image(self, column: str, row: int) -> Image.Image:
         return _decode_cell(self._ref(column, row), self.root, self.where(row))
@@ -419,23 +423,55 @@ def _column(table: _Table, preferred: str, fallbacks: Sequence[str], what: str, 
     )
 
 
-def _read_captions(table: _Table, column: str, rows: Sequence[int]) -> list[str]:
-    """Captions of `rows`, stripped; a list-valued cell (several captions per image) contributes its first one."""
+AUTO_SKIP_ROWS = 10_000  # data.on_bad_example "auto": error below this many rows, skip from it on
+
+
+def bad_example_policy(cfg: DataConfig, num_rows: int) -> str:
+    """"error" or "skip" for a source of `num_rows` rows (see DataConfig.on_bad_example)."""
+    if cfg.on_bad_example != "auto":
+        return cfg.on_bad_example
+    return "skip" if num_rows >= AUTO_SKIP_ROWS else "error"
+
+
+def _read_captions(
+    table: _Table, column: str, rows: Sequence[int], skipped: list[dict[str, str]] | None = None
+) -> list[str]:
+    """Captions of `rows`, stripped; a list-valued cell (several captions per image) contributes its first one.
+    A missing or empty caption raises, or with `skipped` given is appended there ({"where", "reason"}) and its
+    row removed from `rows` (which must then be a list)."""
     values = table.values(column)
-    captions = []
+    captions, kept = [], []
     for r in rows:
         value = values[r]
         if isinstance(value, (list, tuple)):
             value = value[0] if value else None
-        if value is None:
-            raise SpinDiffusionError(f"{table.where(r)} has no caption ('{column}'); add one or remove the row")
-        text = str(value).strip()
+        text = "" if value is None else str(value).strip()
         if not text:
-            raise SpinDiffusionError(
-                f"{table.where(r)} has an empty caption ('{column}'); write one or remove the row"
-            )
+            reason = f"{table.where(r)} has {'no' if value is None else 'an empty'} caption ('{column}')"
+            if skipped is None:
+                raise SpinDiffusionError(f"{reason}; write one or remove the row")
+            skipped.append({"where": table.where(r), "reason": reason})
+            continue
         captions.append(text)
+        kept.append(r)
+    if skipped is not None:
+        rows[:] = kept  # type: ignore[index]
     return captions
+
+
+def _present_rows(table: _Table, column: str, rows: list[int], skipped: list[dict[str, str]] | None) -> list[int]:
+    """`rows` whose image reference exists; a missing one raises, or is listed in `skipped` and left out."""
+    if skipped is None:
+        table.check_images_present(column, rows)
+        return rows
+    kept = []
+    for r in rows:
+        try:
+            table.check_images_present(column, [r])
+            kept.append(r)
+        except SpinDiffusionError as err:
+            skipped.append({"where": table.where(r), "reason": str(err)})
+    return kept
 
 
 def _digest(obj: Any) -> str:
@@ -455,6 +491,7 @@ class CaptionedImages:
     _table: _Table = field(repr=False)
     _column: str = field(repr=False)
     _rows: list[int] = field(repr=False)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # rows left out at load (on_bad_example=skip)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -465,6 +502,10 @@ class CaptionedImages:
     def image(self, i: int) -> Image.Image:
         """RGB image of example `i`; unreadable -> SpinDiffusionError naming the file/row."""
         return self._table.image(self._column, self._rows[i])
+
+    def where(self, i: int) -> str:
+        """Where example `i` comes from (file line or table row), for messages."""
+        return self._table.where(self._rows[i])
 
     def fingerprint(self) -> str:
         """Stable hash of the data: source files (paths, sizes, mtimes) or pixels, the rows used and captions."""
@@ -518,9 +559,11 @@ def load_captioned_images(cfg: DataConfig, *, seed: int = 0) -> CaptionedImages:
     else:
         image_column = _column(table, cfg.image_column, (), "image", "set data.image_column")
     caption_column = _column(table, cfg.caption_column, CAPTION_FALLBACKS, "caption", "set data.caption_column")
-    table.check_images_present(image_column, rows)
-    captions = _read_captions(table, caption_column, rows)
-    return CaptionedImages(table.name, captions, table, image_column, rows)
+    skipped: list[dict[str, str]] | None = [] if bad_example_policy(cfg, len(rows)) == "skip" else None
+    rows = _present_rows(table, image_column, rows, skipped)
+    captions = _read_captions(table, caption_column, rows, skipped)
+    _check_not_empty(table, rows, "usable rows")
+    return CaptionedImages(table.name, captions, table, image_column, rows, skipped or [])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -553,6 +596,9 @@ class PreferencePairs:
 
     def loser(self, i: int) -> Image.Image:
         return self._table.image(self._cols(i)[1], self._rows[i])
+
+    def where(self, i: int) -> str:
+        return self._table.where(self._rows[i])
 
     def fingerprint(self) -> str:
         cells = []

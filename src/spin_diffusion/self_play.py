@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +183,15 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
 
     # 2. Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards,
     #    then all of them read the same files lazily
+    bad_examples = cache_lib.BadExamples(
+        on_bad=data_lib.bad_example_policy(cfg.data, len(images) + len(getattr(images, "skipped", []))),
+        min_side=cfg.data.min_image_side if cfg.data.min_image_side is not None else resolution // 8,
+        max_fraction=cfg.data.max_bad_fraction,
+    )
     cache = build(c, images, cache_dir, resolution=resolution, batch_size=cfg.data.encode_batch_size,
-                  model_id=model_id(cfg), dtype=cfg.data.cache_dtype, shard_size=cfg.data.cache_shard_size)
+                  model_id=model_id(cfg), dtype=cfg.data.cache_dtype, shard_size=cfg.data.cache_shard_size,
+                  bad_examples=bad_examples)
+    _record_skipped(run_dir, images, cache, cfg.data.max_bad_fraction, state)
     captions = cache.captions
     negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
     empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
@@ -279,6 +287,28 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                       wall_seconds=time.perf_counter() - started, report=report_path)
 
 
+def _record_skipped(run_dir: Path, images, cache, max_fraction: float, state: RunState) -> None:
+    """List every example left out (at load: empty captions, missing files; at encoding: unreadable or tiny
+    images) in run_dir/skipped.jsonl, count them in state.json (and so in the report), say so on stderr, and
+    refuse the data when too many are bad in total."""
+    skipped = list(getattr(images, "skipped", []))
+    skipped += [{"where": images.where(i), "reason": reason} for i, reason in sorted(cache.skipped.items())]
+    total = len(images) + len(getattr(images, "skipped", []))
+    if len(skipped) > max_fraction * total:
+        raise SpinDiffusionError(
+            f"{len(skipped)} of {total} examples are unusable (more than data.max_bad_fraction={max_fraction}); "
+            f"first: {skipped[0]['reason']}"
+        )
+    if not distributed.is_main():
+        return
+    if skipped:
+        with open(run_dir / "skipped.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in skipped)
+        print(f"warning: skipped {len(skipped)} of {total} examples (data.on_bad_example=skip); the list and the "
+              f"reasons are in {run_dir / 'skipped.jsonl'}", file=sys.stderr, flush=True)
+    state.info["data"] = {"examples": total, "used": len(cache), "skipped": len(skipped)}
+
+
 def _stop_if_asked(message: str) -> None:
     """Stop every rank between phases once any of them got SIGTERM/SIGINT (all ranks call this together)."""
     if preemption.agree(distributed.state().device, preemption.requested())[0]:
@@ -338,7 +368,8 @@ def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images)
         reference: list[Image.Image] = []
     else:
         prompts = captions[: cfg.eval.num_prompts]
-        reference = [images.image(i) for i in range(len(prompts))] if hasattr(images, "image") else []
+        # the real images of these prompts: the shapes world's Fréchet distance compares against them
+        reference = [images.image(i) for i in range(len(prompts))] if cfg.data.builtin == "shapes" else []
     from spin_diffusion import evaluation
 
     scorers = []
