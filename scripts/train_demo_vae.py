@@ -19,6 +19,7 @@ import torch
 from spin_diffusion import models
 from spin_diffusion.demo import world
 from spin_diffusion.demo.pretrain import train_vae
+from spin_diffusion.images import pil_to_tensor
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "spin_diffusion" / "assets" / "demo_vae"
 
@@ -26,11 +27,11 @@ OUT = Path(__file__).resolve().parents[1] / "src" / "spin_diffusion" / "assets" 
 def main() -> int:
     torch.manual_seed(0)
     c = models.build_preset("demo", seed=0, pretrained_vae=False)
-    images = world.pil_to_tensor([img for img, _ in world.make_examples(4096, seed=2)]) * 2 - 1
+    images = pil_to_tensor([img for img, _ in world.make_examples(4096, seed=2)]) * 2 - 1
     started = time.perf_counter()
     info = train_vae(c, images, steps=1500, batch_size=32, lr=2e-3, seed=0)
     test = world.make_examples(480, seed=7)
-    recon = models.decode_latents(c, models.encode_images(c, world.pil_to_tensor([i for i, _ in test]) * 2 - 1))
+    recon = models.decode_latents(c, models.encode_images(c, pil_to_tensor([i for i, _ in test]) * 2 - 1))
     judged = world.judge_batch(recon, [cap for _, cap in test])
     info.update({f"judge_{k}": v for k, v in judged.items()}, train_seconds=round(time.perf_counter() - started, 1))
     print(json.dumps(info, indent=1))

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from spin_diffusion import rundir
 from spin_diffusion.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,12 +140,16 @@ def test_evaluate_command_scores_models_against_a_baseline(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     table = capsys.readouterr().out
     assert "win rate vs m0" in table and "shapes_color" in table
-    results = json.loads((out / "eval.json").read_text())
-    assert results["num_prompts"] == 3 and results["baseline"] == "m0"
-    assert "win_rate" not in results["results"]["m0"]["shapes_judge"]
-    assert 0.0 <= results["results"]["m1"]["shapes_judge"]["win_rate"] <= 1.0
-    for name in ("report.html", "table.md", "m0_grid.png", "m1_scores.safetensors"):
+    results = rundir.read_eval(out / "eval.json")
+    assert len(results.prompts) == 3 and results.baseline == "m0"
+    assert results.sampler == {"seed": 0, "num_steps": 2, "guidance_scale": 2.0}
+    assert [m.name for m in results.models] == ["m0", "m1"]
+    assert "shapes_judge_win_rate" not in results.model("m0").metrics
+    assert 0.0 <= results.model("m1").metrics["shapes_judge_win_rate"] <= 1.0
+    assert len(results.model("m1").scores["shapes_color"]) == 3 and results.model("m1").grid == "m1_grid.png"
+    for name in ("report.html", "table.md", "m0_grid.png", "m1_grid.png"):
         assert (out / name).exists(), name
+    assert "grid image not found" not in (out / "report.html").read_text()
 
 
 def test_evaluate_needs_weights_for_learned_scorers(tmp_path, capsys):
@@ -174,5 +179,6 @@ def test_evaluate_adds_fid_against_reference_images(tmp_path, capsys):
     assert main(args) == 2  # FID needs both the reference images and the feature network
     assert "--fid-features" in capsys.readouterr().err
     assert main([*args, "--fid-features", str(clip)]) == 0, capsys.readouterr().err
-    results = json.loads((out / "eval.json").read_text())["results"]["m0"]
-    assert results["fid"]["value"] >= 0.0 and "shapes_judge" in results
+    metrics = rundir.read_eval(out / "eval.json").model("m0").metrics
+    assert metrics["fd"] >= 0.0 and "shapes_judge" in metrics
+    assert "| fd |" in (out / "table.md").read_text().splitlines()[0]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from spin_diffusion.cli import main
 from spin_diffusion.config import SampleConfig
 from spin_diffusion.demo import runner
 from spin_diffusion.errors import SpinDiffusionError
@@ -20,10 +22,12 @@ def small_demo(monkeypatch):
     monkeypatch.setattr(runner, "SAMPLE", SampleConfig(num_steps=3, guidance_scale=3.0, batch_size=16, shard_size=8))
 
 
-def test_demo_end_to_end_and_rerun_continues(tmp_path, small_demo, capsys):
-    out = tmp_path / "demo"
-    report = runner.run_demo(out, scale=0.02, progress=False)
-    assert report == out / "report.html" and report.exists()
+def test_demo_end_to_end_and_rerun_continues(tmp_path, small_demo, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as with the default "demo_run"
+    out = Path("demo_run")
+    assert main(["demo", "--out", str(out), "--scale", "0.02"]) == 0, capsys.readouterr().err
+    report = out / "report.html"
+    assert report.exists()
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == ["base", "sft", "spin iter 1", "spin iter 2"]
     for model in results["models"]:
@@ -33,6 +37,14 @@ def test_demo_end_to_end_and_rerun_continues(tmp_path, small_demo, capsys):
     assert results["models"][0]["metrics"]["win_rate_vs_base"] == 0.5  # the base against itself: all ties
     html = report.read_text()
     assert "SFT vs SPIN-Diffusion" in html and "data:image/png;base64," in html
+    # every image of the report resolves: 2 plots + one sample grid per model, none missing
+    assert "not found" not in html
+    assert html.count('<img class="grid"') == 4 and html.count('<img class="plot"') == 2
+    for model in results["models"]:
+        assert (out / model["grid"]).is_file() and not Path(model["grid"]).is_absolute()
+    xs = {m["name"]: m["step"] for m in results["models"]}
+    assert xs["base"] == 0 < xs["spin iter 1"] < xs["spin iter 2"] == xs["sft"]  # optimizer steps, not iterations
+    assert results["x_label"].startswith("optimizer steps")
 
     base_model = out / "base" / "iter_01" / "model" / "model_index.json"
     stamp = base_model.stat().st_mtime_ns

@@ -11,7 +11,6 @@ arithmetic on hand-made tensors; FD on identical/different sets; the shapes judg
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import types
@@ -589,33 +588,26 @@ class _Brightness:
         return torch.tensor([float(np.asarray(im, dtype=np.float32).mean()) for im in images])
 
 
-def test_evaluate_and_outputs(tmp_path):
+def test_summaries_and_table():
     prompts = ["p0", "p1", "p2"]
     gray = lambda v: Image.new("RGB", (8, 8), (v, v, v))  # noqa: E731
-    models = {"base": [gray(10), gray(50), gray(90)], "spin": [gray(20), gray(50), gray(80)]}
+    images = {"base": [gray(10), gray(50), gray(90)], "spin": [gray(20), gray(50), gray(80)]}
     scorers = [_Brightness(), _Brightness("dark", higher_is_better=False)]
-    result = ev.evaluate(models, prompts, scorers, baseline="base")
-    assert "win_rate" not in result.results["base"]["bright"]
-    assert result.results["spin"]["bright"]["win_rate"] == pytest.approx(0.5)  # win, tie, loss
-    assert result.results["spin"]["dark"]["win_rate"] == pytest.approx(0.5)
-    assert result.scores["spin"]["bright"].tolist() == [20.0, 50.0, 80.0]
-    table = ev.format_table(result.results, baseline="base")
-    lines = table.splitlines()
-    assert lines[0] == "| model | scorer | mean | median | win rate vs base |" and len(lines) == 2 + 4
-    assert (
-        "| spin | bright | 50.0000 | 50.0000 | 50.0% |" in lines
-        and "| base | bright | 50.0000 | 50.0000 | – |" in lines
-    )
-    path = ev.write_eval_json(tmp_path / "sub" / "eval.json", {**result.results, "nan": {"x": {"mean": math.nan}}})
-    back = ev.read_eval_json(path)
-    assert back["spin"]["bright"] == result.results["spin"]["bright"] and back["nan"]["x"]["mean"] is None
-    assert not list(tmp_path.glob("sub/*.tmp"))
-    assert ev.flat_metrics(result.results["spin"])["bright_win_rate"] == pytest.approx(0.5)
-    ev.write_scores(tmp_path / "scores.safetensors", result.scores["base"])
-    again = ev.summarize(result.scores["spin"], ev.read_scores(tmp_path / "scores.safetensors"))
-    assert again["bright"] == result.results["spin"]["bright"]
-    with pytest.raises(SpinDiffusionError, match="baseline"):
-        ev.evaluate(models, prompts, scorers, baseline="nope")
+    hib = {s.name: s.higher_is_better for s in scorers}
+    scores = {m: ev.score_images(imgs, prompts, scorers) for m, imgs in images.items()}
+    assert scores["spin"]["bright"].tolist() == [20.0, 50.0, 80.0]
+    base = ev.summarize(scores["base"], higher_is_better=hib)
+    spin = ev.summarize(scores["spin"], scores["base"], higher_is_better=hib)
+    assert "win_rate" not in base["bright"]
+    assert spin["bright"]["win_rate"] == pytest.approx(0.5)  # win, tie, loss
+    assert spin["dark"]["win_rate"] == pytest.approx(0.5)
+    flat = {"base": ev.flat_metrics(base), "spin": {**ev.flat_metrics(spin), "fd": 1.25}}
+    assert flat["spin"]["bright_win_rate"] == pytest.approx(0.5) and flat["spin"]["bright"] == 50.0
+    lines = ev.format_table(flat, ["bright", "dark"], baseline="base").splitlines()
+    assert lines[0] == "| model | scorer | mean | median | win rate vs base | fd |" and len(lines) == 2 + 4
+    assert "| spin | bright | 50.0000 | 50.0000 | 50.0% | 1.2500 |" in lines
+    assert "| base | bright | 50.0000 | 50.0000 | – | – |" in lines
+    assert ev.format_table({"m": {"fd": 2.0}}, []).splitlines()[2] == "| m | – | – | – | – | 2.0000 |"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -649,6 +641,20 @@ def test_frechet_distance_metric():
     assert ev.frechet_distance_metric(a, bigger, net) > 0  # resized to a's 16x16
     with pytest.raises(SpinDiffusionError, match="at least 2"):
         ev.frechet_distance_metric(a[:1], b, net)
+
+
+class _Linear(torch.nn.Module):
+    num_features = 1
+
+    def forward(self, x):
+        return x[:, :1, 0, 0] * 6 - 1
+
+
+def test_frechet_distance_hand_checked():
+    """1-D features: means 0 and 3, sample variances 2 and 8 -> 3^2 + 2 + 8 - 2 * sqrt(2 * 8) = 11."""
+    red = lambda v: Image.new("RGB", (2, 2), (v, 0, 0))  # noqa: E731
+    a, b = [red(0), red(85)], [red(85), red(255)]  # features [-1, 1] and [1, 5]
+    assert ev.frechet_distance_metric(a, b, _Linear()) == pytest.approx(11.0, rel=1e-5)
 
 
 def test_clip_feature_network_fd(clip_dir, images):

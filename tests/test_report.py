@@ -8,16 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from spin_diffusion import rundir
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.report import (
-    Curve,
-    ModelEntry,
-    ReportData,
-    collect_run,
-    make_grid,
-    read_train_log,
-    write_report,
-)
+from spin_diffusion.images import make_grid
+from spin_diffusion.report import Curve, ModelEntry, ReportData, collect_run, train_curves, write_report
 
 
 def _images(n: int, size: int = 16) -> list[Image.Image]:
@@ -121,12 +115,8 @@ def test_make_grid_dimensions():
     assert grid.mode == "RGB"
     assert grid.size == (4 * 32 + 5 * 2, 3 * 32 + 4 * 2)
     assert make_grid(_images(3, size=8), ncol=8, scale=1, pad=0).size == (24, 8)
-    captioned = make_grid(_images(3, size=16), ncol=8, captions=["a red circle", "two blue squares", "x"])
-    assert captioned.width == 3 * 32 + 4 * 2 and captioned.height > 32 + 2 * 2
     # cell content is the upscaled image
     assert grid.getpixel((2, 2)) == _images(1)[0].getpixel((0, 0))
-    with pytest.raises(SpinDiffusionError):
-        make_grid(_images(2), captions=["only one"])
     with pytest.raises(SpinDiffusionError):
         make_grid([])
 
@@ -140,18 +130,18 @@ def test_read_train_log(tmp_path):
         {"step": 20, "loss": 0.5},  # resumed from step 10: the re-logged step 20 wins
     ]
     log.write_text("\n".join(json.dumps(r) for r in records) + '\n\n{"step": 30, "lo')  # truncated last line
-    curves = {c.metric: c for c in read_train_log(log, prefix="iter 1")}
+    curves = {c.metric: c for c in train_curves(log, prefix="iter 1")}
     assert list(curves) == ["loss", "accuracy", "lr", "margin"]
     assert curves["loss"].name == "iter 1 loss"
     assert curves["loss"].steps == [10, 20] and curves["loss"].values == [0.69, 0.5]
     assert curves["margin"].steps == [20] and curves["margin"].values == [0.1]
-    assert read_train_log(log)[0].name == "loss"
+    assert train_curves(log)[0].name == "loss"
 
     log.write_text('{"step": 1, "loss": 1}\nnot json\n{"step": 2, "loss": 2}\n')
     with pytest.raises(SpinDiffusionError, match=":2"):
-        read_train_log(log)
+        rundir.read_train_log(log)
     with pytest.raises(SpinDiffusionError, match="does not exist"):
-        read_train_log(tmp_path / "nope.jsonl")
+        rundir.read_train_log(tmp_path / "nope.jsonl")
 
 
 def _fake_run(run_dir: Path) -> None:
@@ -163,7 +153,8 @@ def _fake_run(run_dir: Path) -> None:
         it = run_dir / f"iter_{k:02d}"
         it.mkdir()
         make_grid(_images(2)).save(it / "grid.png")
-        (it / "eval.json").write_text(json.dumps({"metrics": metrics, "grid": "grid.png", "captions": ["a", "b"]}))
+        model = rundir.ModelEval(f"iter_{k:02d}", metrics, grid="grid.png", grid_size=2)
+        rundir.write_eval(it / "eval.json", rundir.EvalFile(prompts=["a", "b", "c"], models=[model]))
         if k:
             (it / "train").mkdir()
             lines = [json.dumps({"step": s, "loss": 0.7 - s / 100, "accuracy": 0.5 + s / 100}) for s in (1, 2, 3)]
@@ -207,11 +198,15 @@ def test_collect_run_errors(tmp_path):
     (tmp_path / "iter_00").mkdir()
     with pytest.raises(SpinDiffusionError, match="eval.json"):
         collect_run(tmp_path)
-    (tmp_path / "iter_00" / "eval.json").write_text(json.dumps({"metrics": {"judge": "high"}}))
+    (tmp_path / "iter_00" / "eval.json").write_text(json.dumps({"metrics": {"judge": 1.0}, "grid": "grid.png"}))
+    with pytest.raises(SpinDiffusionError, match="no 'models' list"):
+        collect_run(tmp_path)
+    (tmp_path / "iter_00" / "eval.json").write_text(json.dumps({"models": [{"metrics": {"judge": "high"}}]}))
     with pytest.raises(SpinDiffusionError, match="not a number"):
         collect_run(tmp_path)
     (tmp_path / "iter_00" / "eval.json").write_text(
-        json.dumps({"metrics": {"judge": 1, "win_rate": None}, "prompts": ["p"]})
+        json.dumps({"models": [{"name": "iter_00", "metrics": {"judge": 1, "win_rate": None}, "grid_size": 1}],
+                    "prompts": ["p", "q"]})
     )
     data = collect_run(tmp_path)
     assert data.models[0].metrics == {"judge": 1.0} and data.models[0].captions == ["p"]

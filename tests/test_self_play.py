@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spin_diffusion import rundir
 from spin_diffusion.config import load_config
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.self_play import run
@@ -48,12 +49,15 @@ def test_run_dir_layout_and_state(finished_run: Path):
     assert (finished_run / "config.yaml").exists()
     assert (finished_run / "report.html").exists()
     for k in (0, 1, 2):
-        ev = json.loads((finished_run / f"iter_{k:02d}" / "eval.json").read_text())
-        assert 0.0 <= ev["metrics"]["shapes_judge"] <= 1.0
-        assert len(ev["scores"]["shapes_judge"]) == 8
-        assert (finished_run / f"iter_{k:02d}" / "grid.png").exists()
-    ev2 = json.loads((finished_run / "iter_02" / "eval.json").read_text())
-    assert "shapes_judge_win_rate" in ev2["metrics"]  # against iteration 0
+        ev = rundir.read_eval(finished_run / f"iter_{k:02d}" / "eval.json")
+        model = ev.model()
+        assert model.name == f"iter_{k:02d}" and len(ev.prompts) == 8
+        assert 0.0 <= model.metrics["shapes_judge"] <= 1.0 and model.metrics["fd"] >= 0.0
+        assert len(model.scores["shapes_judge"]) == 8
+        assert (finished_run / f"iter_{k:02d}" / model.grid).exists()
+        assert ev.baseline == (None if k == 0 else "iter_00")
+    ev2 = rundir.read_eval(finished_run / "iter_02" / "eval.json").model()
+    assert "shapes_judge_win_rate" in ev2.metrics  # against iteration 0
     for k in (1, 2):
         log = [json.loads(line) for line in (finished_run / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
         assert [r["step"] for r in log] == [1, 2, 3, 4]

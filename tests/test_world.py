@@ -12,6 +12,8 @@ from PIL import Image, ImageFilter
 
 from spin_diffusion.demo import world
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.evaluation import frechet_distance_metric as fd
+from spin_diffusion.images import pil_to_tensor, tensor_to_pil
 
 SCENES = world.all_scenes()
 
@@ -144,7 +146,7 @@ def test_judge_batch():
     assert world.judge_batch(images, shifted) == {"color": 1.0, "shape": 1.0, "position": 0.0, "all": 0.0}
     half = images[:24] + [Image.new("RGB", (32, 32))] * 24
     assert world.judge_batch(half, captions)["all"] == 0.5
-    batch = world.pil_to_tensor(images)  # a [N, 3, H, W] tensor works too
+    batch = pil_to_tensor(images)  # a [N, 3, H, W] tensor works too
     assert world.judge_batch(batch, captions)["all"] == 1.0
     with pytest.raises(ValueError):
         world.judge_batch(images, captions[:-1])
@@ -194,21 +196,12 @@ def test_write_imagefolder(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Features and Fréchet distance
+# Features for the Fréchet distance
 
 
 @pytest.fixture(scope="module")
 def real_images():
-    return world.pil_to_tensor([image for image, _ in world.make_examples(96, seed=0)])
-
-
-def test_pil_to_tensor(real_images):
-    assert real_images.shape == (96, 3, 32, 32) and real_images.dtype == torch.float32
-    assert 0.0 <= real_images.min() and real_images.max() <= 1.0
-    image = Image.new("RGB", (4, 2), (255, 0, 0))
-    assert torch.equal(world.pil_to_tensor([image])[0, :, 1, 3], torch.tensor([1.0, 0.0, 0.0]))
-    with pytest.raises(ValueError):
-        world.pil_to_tensor([image, Image.new("RGB", (2, 2))])
+    return pil_to_tensor([image for image, _ in world.make_examples(96, seed=0)])
 
 
 def test_image_features_fixed_and_independent_of_global_rng(real_images):
@@ -224,27 +217,23 @@ def test_image_features_fixed_and_independent_of_global_rng(real_images):
     assert world.image_features(torch.nn.functional.interpolate(real_images[:2], size=64)).shape == (2, a.shape[1])
 
 
-def test_frechet_distance_properties(real_images):
-    feats = world.image_features(real_images)
-    assert world.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+def test_frechet_distance_in_world_features(real_images):
+    """The demo's FD: evaluation.frechet_distance_metric (torchmetrics) in the world's fixed feature space."""
+    net = world.FeatureNet()
+    assert net(real_images[:4]).shape == (4, net.num_features)
+    reals = tensor_to_pil(real_images)
+    assert fd(reals, reals, net) == pytest.approx(0.0, abs=1e-6)
     # Monotone in a brightness shift, and symmetric.
-    shifted = [world.image_features((real_images + s).clamp(0, 1)) for s in (0.02, 0.05, 0.1, 0.2)]
-    distances = [world.frechet_distance(feats, f) for f in shifted]
+    shifted = [tensor_to_pil((real_images + s).clamp(0, 1)) for s in (0.02, 0.05, 0.1, 0.2)]
+    distances = [fd(reals, f, net) for f in shifted]
     assert all(d1 < d2 for d1, d2 in zip(distances, distances[1:], strict=False)), distances
     assert distances[0] > 0
     for f in shifted:
-        assert world.frechet_distance(f, feats) == pytest.approx(world.frechet_distance(feats, f), rel=1e-4)
+        assert fd(f, reals, net) == pytest.approx(fd(reals, f, net), rel=1e-4)
     # Two samples of the world are much closer than the world and a blurred or single-color version of it.
-    other = world.image_features(world.pil_to_tensor([img for img, _ in world.make_examples(96, seed=1)]))
-    blurred = world.image_features(
-        world.pil_to_tensor([img.filter(ImageFilter.GaussianBlur(1.5)) for img, _ in world.make_examples(96, seed=1)])
-    )
-    reds = world.pil_to_tensor([img for img, cap in world.make_examples(384, seed=2) if " red " in cap])
-    same_world = world.frechet_distance(feats, other)
-    assert 3 * same_world < world.frechet_distance(feats, blurred)
-    assert 3 * same_world < world.frechet_distance(feats, world.image_features(reds))
-    # Hand-checked 1-D case: means 0 and 3, sample variances 2 and 8 -> 3^2 + 2 + 8 - 2 * sqrt(2 * 8) = 11.
-    x = torch.tensor([[-1.0], [1.0]])
-    assert world.frechet_distance(x, 2 * x + 3) == pytest.approx(11.0, rel=1e-9)
-    with pytest.raises(ValueError):
-        world.frechet_distance(feats[:1], feats)
+    other = [img for img, _ in world.make_examples(96, seed=1)]
+    blurred = [img.filter(ImageFilter.GaussianBlur(1.5)) for img in other]
+    reds = [img for img, cap in world.make_examples(384, seed=2) if " red " in cap]
+    same_world = fd(reals, other, net)
+    assert 3 * same_world < fd(reals, blurred, net)
+    assert 3 * same_world < fd(reals, reds, net)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from spin_diffusion import atomic
 from spin_diffusion.errors import SpinDiffusionError
 
 Objective = Literal["spin_approx", "spin_exact", "sft", "dpo"]
@@ -340,8 +341,4 @@ def dump_config(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(p)
+    atomic.write_text(path, dump_config(cfg))

@@ -1,9 +1,9 @@
 """Evaluation: scorers (PickScore, HPSv2, ImageReward, Aesthetic, CLIP score, the shapes judge), win rates,
-Fréchet distance, and the JSON / table outputs.
+Fréchet distance (torchmetrics, with the feature network passed in), and the markdown table.
 
 Images come in as ``list[PIL.Image.Image]`` (this module never imports diffusers or the sampler), one per
 prompt. A scorer maps ``(images, prompts)`` to per-image scores ``[N]``; ``summarize`` turns them into
-``{"mean", "median", "win_rate"}`` per scorer, and ``evaluate`` does both for several models at once.
+``{"mean", "median", "win_rate"}`` per scorer and ``flat_metrics`` into the flat ``metrics`` of eval.json.
 
 Scorers (``build_scorer(name, path)``; weights are always read from a local ``path``, hubs are never contacted).
 What ``path`` must hold, and what the score is:
@@ -44,7 +44,6 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -52,8 +51,7 @@ import torch
 from PIL import Image
 
 from spin_diffusion.errors import SpinDiffusionError
-
-STATS = ("mean", "median", "win_rate")
+from spin_diffusion.images import pil_to_tensor
 
 # name -> what it needs on disk (None: no weights)
 SCORER_HINTS: dict[str, str | None] = {
@@ -204,35 +202,6 @@ def summarize(
     return out
 
 
-@dataclass
-class Evaluation:
-    """``results[model][scorer] = {"mean", "median", "win_rate"?}``; ``scores[model][scorer] = [N]`` per prompt."""
-
-    results: dict[str, dict[str, dict[str, float]]]
-    scores: dict[str, dict[str, torch.Tensor]]
-    baseline: str | None = None
-
-
-def evaluate(
-    images_by_model: Mapping[str, Sequence[Image.Image]],
-    prompts: Sequence[str],
-    scorers: Sequence[Scorer],
-    *,
-    baseline: str | None = None,
-) -> Evaluation:
-    """Score every model's images for the same ``prompts`` and summarise; win rates against model ``baseline``
-    (one of the keys; the baseline's own entry has no win rate)."""
-    if baseline is not None and baseline not in images_by_model:
-        raise SpinDiffusionError(f"baseline {baseline!r} is not among the models {list(images_by_model)}")
-    hib = {s.name: bool(s.higher_is_better) for s in scorers}
-    scores = {model: score_images(imgs, prompts, scorers) for model, imgs in images_by_model.items()}
-    base = scores[baseline] if baseline is not None else None
-    results = {
-        model: summarize(s, None if model == baseline else base, higher_is_better=hib) for model, s in scores.items()
-    }
-    return Evaluation(results=results, scores=scores, baseline=baseline)
-
-
 def flat_metrics(summary: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """One model's summary -> flat ``{"<scorer>": mean, "<scorer>_median": ..., "<scorer>_win_rate": ...}``
     (the ``metrics`` object of an iteration's eval.json that report.py reads)."""
@@ -282,7 +251,7 @@ def frechet_distance_metric(
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from spin_diffusion.scorers._common import batches, pil_to_unit_tensor
+    from spin_diffusion.scorers._common import batches
 
     images_a, images_b = list(images_a), list(images_b)
     if len(images_a) < 2 or len(images_b) < 2:
@@ -301,12 +270,12 @@ def frechet_distance_metric(
         if isinstance(num, torch.Tensor):
             num = int(num.item())
         if not isinstance(num, int):
-            probe = pil_to_unit_tensor(images_a[: min(batch_size, len(images_a))], size).to(device)
+            probe = pil_to_tensor(images_a[: min(batch_size, len(images_a))], size).to(device)
             num = int(net(probe).reshape(probe.shape[0], -1).shape[1])
         metric = FrechetInceptionDistance(feature=_Features(net, num), normalize=True).to(device)
         for images, real in ((images_a, True), (images_b, False)):
             for sl in batches(len(images), batch_size):
-                metric.update(pil_to_unit_tensor(images[sl], size).to(device), real=real)
+                metric.update(pil_to_tensor(images[sl], size).to(device), real=real)
         value = float(metric.compute())
     if not math.isfinite(value):
         raise SpinDiffusionError("the Fréchet distance is not finite; check the feature network's outputs")
@@ -369,88 +338,33 @@ def clip_feature_network(path: str | os.PathLike) -> ClipImageFeatures:
 # Outputs
 
 
-def _jsonable(value):
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_eval_json(path: str | os.PathLike, results: Mapping) -> Path:
-    """Write ``results`` (``{model: {scorer: {"mean", "median", "win_rate"?}}}``) as indented JSON, atomically
-    (``x.tmp`` then ``os.replace``). Non-finite floats become ``null``. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def read_eval_json(path: str | os.PathLike) -> dict:
-    """Read what ``write_eval_json`` wrote."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise SpinDiffusionError(f"{path} does not exist; run the evaluation first") from e
-    except json.JSONDecodeError as e:
-        raise SpinDiffusionError(f"{path} is not valid JSON ({e.msg}); re-run the evaluation") from e
-
-
-def write_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor]) -> Path:
-    """Per-prompt scores ``{scorer: [N]}`` as safetensors (atomic), e.g. to compute win rates later."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: torch.as_tensor(v).detach().float().cpu().contiguous() for k, v in scores.items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def read_scores(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise SpinDiffusionError(f"{path} does not exist; score the baseline model first")
-    return dict(load_file(str(path)))
-
-
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return f"{float(value):.4f}"
 
 
-def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], *, baseline: str | None = None) -> str:
-    """A markdown table, one row per (model, scorer): ``| model | scorer | mean | median | win rate |``.
+def format_table(
+    metrics: Mapping[str, Mapping[str, float | None]], scorers: Sequence[str], *, baseline: str | None = None
+) -> str:
+    """A markdown table of flat metrics (``{model: {"<scorer>": mean, "<scorer>_median", "<scorer>_win_rate",
+    ...}}``, as in eval.json), one row per (model, scorer): ``| model | scorer | mean | median | win rate |``.
 
-    The win rate is a percentage ("–" where there is none, e.g. the baseline itself); other keys in an entry
-    (e.g. a set-level ``value`` such as an FD) get columns of their own after these.
+    The win rate is a percentage ("–" where there is none, e.g. the baseline itself). Set-level metrics (keys
+    that belong to no scorer, e.g. ``fd``) get a column each, repeated on every row of their model; a model
+    without scorers gets one row with scorer "–".
     """
-    extra: list[str] = []
-    for per_model in results.values():
-        for stats in per_model.values():
-            extra += [k for k in stats if k not in STATS and k not in extra]
+    scorer_keys = {f"{n}{suffix}" for n in scorers for suffix in ("", "_median", "_win_rate")}
+    extra = list(dict.fromkeys(k for per_model in metrics.values() for k in per_model if k not in scorer_keys))
     win_head = f"win rate vs {baseline}" if baseline else "win rate"
     header = ["model", "scorer", "mean", "median", win_head, *extra]
     rows = []
-    for model, per_model in results.items():
-        for scorer, stats in per_model.items():
-            w = stats.get("win_rate")
+    for model, m in metrics.items():
+        for scorer in scorers or ["–"]:
+            w = m.get(f"{scorer}_win_rate")
             win = "–" if w is None or not math.isfinite(float(w)) else f"{100.0 * float(w):.1f}%"
-            rows.append(
-                [model, scorer, _fmt(stats.get("mean")), _fmt(stats.get("median")), win]
-                + [_fmt(stats.get(k)) for k in extra]
-            )
+            rows.append([model, scorer, _fmt(m.get(scorer)), _fmt(m.get(f"{scorer}_median")), win]
+                        + [_fmt(m.get(k)) for k in extra])
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",

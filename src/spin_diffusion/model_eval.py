@@ -2,8 +2,8 @@
 
 `evaluation` holds the scorers and statistics on images; this module turns models into images for them,
 for the per-iteration evaluation of a run (`evaluate_unet`) and for `spin-diffusion evaluate`
-(`evaluate_models`). All models see the same initial noise for the same prompt, so win rates compare like
-with like.
+(`evaluate_models`). Both write the one eval.json schema of `rundir`. All models see the same initial noise
+for the same prompt, so win rates compare like with like.
 """
 
 from __future__ import annotations
@@ -14,8 +14,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from spin_diffusion import distributed, models, sampling
+from spin_diffusion import data as data_lib
+from spin_diffusion import distributed, evaluation, models, rundir, sampling
 from spin_diffusion.config import RunConfig
+from spin_diffusion.demo import world
+from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.images import save_grid, tensor_to_pil
+from spin_diffusion.report import ModelEntry, ReportData, write_report
 
 # The built-in world's default scorers: all of color, shape and position right, and each one alone.
 SHAPES_SCORERS = ("shapes_judge", "shapes_color", "shapes_shape", "shapes_position")
@@ -47,9 +52,7 @@ def render_images(
             num_steps=num_steps,
             guidance_scale=guidance_scale,
         )
-        pixels = models.decode_latents(c, out.latents.to(next(unet.parameters()).device))
-        for img in (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
-            images.append(Image.fromarray(img))
+        images += tensor_to_pil(models.decode_latents(c, out.latents.to(next(unet.parameters()).device)))
     return images
 
 
@@ -100,24 +103,15 @@ def default_scorer_names(cfg: RunConfig) -> list[str]:
     return list(cfg.eval.scorers) or (list(SHAPES_SCORERS) if cfg.data.builtin == "shapes" else [])
 
 
-def save_grid(images: list[Image.Image], path: Path) -> int:
-    """Save up to 32 images as an 8-wide grid (tiny demo images enlarged, big ones not); returns how many."""
-    from spin_diffusion.report import make_grid
-
-    shown = min(32, len(images))
-    make_grid(images[:shown], ncol=8, scale=max(1, 64 // max(images[0].size))).save(path)
-    return shown
-
-
 def evaluate_unet(
     cfg: RunConfig, c: models.Components, unet: torch.nn.Module, eval_set: EvalSet, negative_embed: torch.Tensor,
-    out_dir: Path, *, baseline: dict[str, list[float]] | None = None,
-) -> dict | None:
+    out_dir: Path, *, baseline: rundir.ModelEval | None = None,
+) -> rundir.ModelEval | None:
     """Render the evaluation prompts with `unet` (on every rank, each its share, into out_dir/eval_images/), then
-    on the main process score them and write eval.json + grid.png to out_dir. Returns the result on the main
-    process, None on the others; call it on every rank."""
-    from spin_diffusion import evaluation
-
+    on the main process score them (win rates against `baseline`, the base model's evaluation, if given) and
+    write eval.json + grid.png to out_dir. The model is named after out_dir (e.g. "iter_01"). For the built-in
+    shapes world the metrics include "fd", the Fréchet distance to the real images in the world's fixed feature
+    space. Returns the model's evaluation on the main process, None on the others; call it on every rank."""
     seeds = [sampling.sample_seed(cfg.eval.seed, 0, i) for i in range(len(eval_set.prompts))]
     images = render_shared(
         c, unet, eval_set.embeds, negative_embed, out_dir / "eval_images", seeds=seeds,
@@ -127,20 +121,19 @@ def evaluate_unet(
         return None
     scorers = eval_set.scorers
     scores = evaluation.score_images(images, eval_set.prompts, scorers)
-    base = {k: torch.tensor(v) for k, v in baseline.items()} if baseline else None
+    base = {k: torch.tensor(v) for k, v in baseline.scores.items()} if baseline is not None else None
     summary = evaluation.summarize(scores, base, higher_is_better={s.name: s.higher_is_better for s in scorers})
-    metrics = evaluation.flat_metrics(summary)
+    metrics: dict[str, float | None] = dict(evaluation.flat_metrics(summary))
     if cfg.data.builtin == "shapes" and len(eval_set.reference) >= 2:
-        from spin_diffusion.demo import world
-
-        metrics["fd"] = world.frechet_distance(
-            world.image_features(world.pil_to_tensor(images)), world.image_features(world.pil_to_tensor(eval_set.reference))
-        )
+        metrics["fd"] = evaluation.frechet_distance_metric(images, eval_set.reference, world.FeatureNet())
     out_dir.mkdir(parents=True, exist_ok=True)
     shown = save_grid(images, out_dir / "grid.png")
-    result = {"metrics": metrics, "grid": "grid.png", "captions": eval_set.prompts[:shown],
-              "scores": {k: v.tolist() for k, v in scores.items()}, "prompts": eval_set.prompts}
-    evaluation.write_eval_json(out_dir / "eval.json", result)
+    result = rundir.ModelEval(name=out_dir.name, metrics=metrics, scores={k: v.tolist() for k, v in scores.items()},
+                              grid="grid.png", grid_size=shown)
+    sampler = {"seed": cfg.eval.seed, "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale}
+    rundir.write_eval(out_dir / rundir.EVAL_FILE, rundir.EvalFile(
+        prompts=list(eval_set.prompts), models=[result], sampler=sampler,
+        baseline=baseline.name if baseline is not None else None))
     return result
 
 
@@ -163,16 +156,11 @@ def evaluate_models(
     """`spin-diffusion evaluate`: every model renders every prompt with the same noise, then is scored.
 
     With `fid_reference` (a folder of real images) and `fid_features` (a local CLIP folder used as the
-    feature network), each model also gets a set-level Fréchet distance ("fid", lower is better).
+    feature network), each model also gets a set-level Fréchet distance (metric "fd", lower is better).
 
-    Writes out_dir/eval.json (mean, median, win rate vs the baseline model per scorer), scores.safetensors
-    per model, a grid per model, table.md and report.html. Returns the table.
+    Writes out_dir/eval.json (schema in `rundir`: mean, median, win rate vs the baseline model per scorer, and
+    the per-prompt scores), a grid per model, table.md and report.html. Returns the table.
     """
-    from spin_diffusion import data as data_lib
-    from spin_diffusion import evaluation
-    from spin_diffusion.errors import SpinDiffusionError
-    from spin_diffusion.report import ModelEntry, ReportData, write_report
-
     if not model_dirs:
         raise SpinDiffusionError("give at least one --model folder")
     if not 0 <= baseline < len(model_dirs):
@@ -184,13 +172,14 @@ def evaluate_models(
         raise SpinDiffusionError("FID needs both --fid-reference (real images) and --fid-features (a CLIP folder)")
     fid_net = evaluation.clip_feature_network(fid_features) if fid_features is not None and main else None
     reference = _read_image_folder(fid_reference) if fid_reference is not None and main else []
-    fids: dict[str, float] = {}
     names = _unique_names(model_dirs)
     seeds = [sampling.sample_seed(seed, 0, i) for i in range(len(prompts))]
     device = distributed.state().device
     out_dir.mkdir(parents=True, exist_ok=True)
 
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
+    fds: dict[str, float] = {}
+    shown: dict[str, int] = {}
     for name, path in zip(names, model_dirs, strict=True):
         c = models.load_components(path)
         for module in (c.unet, c.text_encoder, c.vae):
@@ -202,32 +191,35 @@ def evaluate_models(
                                num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size)
         if images is None:  # not the main process: it only renders its share
             continue
-        save_grid(images, out_dir / f"{name}_grid.png")
+        shown[name] = save_grid(images, out_dir / f"{name}_grid.png")
         all_scores[name] = evaluation.score_images(images, prompts, built)
         if fid_net is not None:
-            fids[name] = evaluation.frechet_distance_metric(images, reference, fid_net, device=device)
-        evaluation.write_scores(out_dir / f"{name}_scores.safetensors", all_scores[name])
+            fds[name] = evaluation.frechet_distance_metric(images, reference, fid_net, device=device)
         del c, images
 
     if not main:
         return ""
     higher = {s.name: s.higher_is_better for s in built}
     base_name = names[baseline]
-    results = {
-        name: evaluation.summarize(scores, None if name == base_name else all_scores[base_name], higher_is_better=higher)
-        for name, scores in all_scores.items()
-    }
-    for name, value in fids.items():
-        results[name]["fid"] = {"value": value}
-    evaluation.write_eval_json(out_dir / "eval.json", {"prompts": str(prompts_path), "num_prompts": len(prompts),
-                                                       "baseline": base_name, "results": results})
-    table = evaluation.format_table(results, baseline=base_name)
+    results = []
+    for name, scores in all_scores.items():
+        base = None if name == base_name else all_scores[base_name]
+        metrics: dict[str, float | None] = dict(evaluation.flat_metrics(
+            evaluation.summarize(scores, base, higher_is_better=higher)))
+        if name in fds:
+            metrics["fd"] = fds[name]
+        results.append(rundir.ModelEval(name=name, metrics=metrics, scores={k: v.tolist() for k, v in scores.items()},
+                                        grid=f"{name}_grid.png", grid_size=shown[name]))
+    sampler = {"seed": seed, "num_steps": num_steps, "guidance_scale": guidance_scale}
+    rundir.write_eval(out_dir / rundir.EVAL_FILE,
+                      rundir.EvalFile(prompts=prompts, models=results, sampler=sampler, baseline=base_name))
+    table = evaluation.format_table({m.name: m.metrics for m in results}, [s.name for s in built], baseline=base_name)
     (out_dir / "table.md").write_text(table + "\n")
-    entries = [ModelEntry(name=name, metrics=evaluation.flat_metrics(results[name]), grid=f"{name}_grid.png",
-                          step=i, group="models", captions=prompts[:32]) for i, name in enumerate(names)]
+    entries = [ModelEntry(name=m.name, metrics={k: v for k, v in m.metrics.items() if v is not None}, grid=m.grid,
+                          step=i, group="models", captions=prompts[: m.grid_size]) for i, m in enumerate(results)]
     summary = f"{len(prompts)} prompts from {prompts_path}; win rates against {base_name} (ties count half)."
-    write_report(ReportData(title="spin-diffusion evaluate", summary=summary, models=entries,
-                            lower_is_better={k for k, v in higher.items() if not v} | {"fid_value"},
+    write_report(ReportData(title="spin-diffusion evaluate", summary=summary, models=entries, x_label="model",
+                            lower_is_better={k for k, v in higher.items() if not v} | {"fd"},
                             baseline=base_name), out_dir)
     return table
 
@@ -237,8 +229,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def _read_image_folder(folder: Path) -> list[Image.Image]:
     """Every image file directly in `folder`, sorted by name, as RGB (the FID reference set)."""
-    from spin_diffusion.errors import SpinDiffusionError
-
     if not Path(folder).is_dir():
         raise SpinDiffusionError(f"--fid-reference {folder} is not a folder of images")
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -16,6 +16,7 @@ are the images themselves, in [-1, 1].
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from spin_diffusion.card import CardInfo, render_card
 from spin_diffusion.errors import SpinDiffusionError
 
 __all__ = [
@@ -580,8 +582,9 @@ def save_lora(unet: Any, out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None) -> Path:
-    """Write a full diffusers pipeline folder (safetensors) for ``c``, with ``unet`` replacing ``c.unet`` if given.
+def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None, card: CardInfo | None = None) -> Path:
+    """Write a full diffusers pipeline folder (safetensors) for ``c``, with ``unet`` replacing ``c.unet`` if given,
+    and, with ``card``, its model card as README.md (``card.render_card``; metadata, training, evaluation, usage).
 
     With a VAE it is a ``StableDiffusionPipeline`` (no safety checker) that loads offline with plain
     ``DiffusionPipeline.from_pretrained(out_dir)``. A UNet carrying LoRA adapters is saved merged
@@ -612,6 +615,8 @@ def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None) -> Pa
         requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if card is not None:
+        (tmp / "README.md").write_text(render_card(dataclasses.replace(card, pixel_space=c.vae is None)))
     return _move_into_place(tmp, out_dir)
 
 

@@ -1,8 +1,9 @@
 """A self-contained HTML report: metric table, plots and sample grids in one file that can be moved or emailed.
 
 Pattern from nanochat's ``report.py``: stages write their own results (``iter_*/eval.json``,
-``iter_*/train/train_log.jsonl``); this module only reads those files and stitches them together.
-It never loads a model. Everything is embedded (inline CSS, base64 PNGs), so the page needs no network.
+``iter_*/train/train_log.jsonl``, read through ``rundir``); this module stitches them together. It never loads
+a model. The page comes from ``templates/report.html.j2`` (jinja2, autoescaped) with everything embedded
+(inline CSS, base64 PNGs), so it needs no network.
 
     data = collect_run(Path("runs/spin"))        # or build a ReportData by hand (the demo does)
     write_report(data, Path("runs/spin"))        # -> runs/spin/report.html
@@ -12,27 +13,22 @@ from __future__ import annotations
 
 import base64
 import datetime
-import html
 import io
-import json
 import math
 import mimetypes
-import os
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
-from PIL import Image, ImageDraw, ImageFont
 
+from spin_diffusion import atomic, rundir
 from spin_diffusion.errors import SpinDiffusionError
 
 # Metric keys that read "lower is better" when collect_run is not told otherwise (Fréchet distances, losses).
 LOWER_IS_BETTER_HINTS = ("fd", "fid", "kid", "loss")
-# Keys of a train_log.jsonl record that are coordinates or bookkeeping, not curves.
-_NOT_CURVES = frozenset({"step", "epoch", "time", "wall_time", "timestamp"})
 # Training-curve panels come in this order; any other logged metric follows, in order of first appearance.
 _CURVE_ORDER = ("loss", "accuracy", "margin")
 
@@ -49,7 +45,7 @@ class ModelEntry:
     metrics: dict[str, float]  # metric key -> value, e.g. {"judge_all": 0.42, "fd": 12.3}
     grid: str | None = None  # PNG (or JPEG) grid; relative to the report dir, or absolute
     group: str = ""  # models of one group are joined by a line in the metric-vs-step plot
-    step: int = 0  # x position in the plots (iteration number or compute units)
+    step: int = 0  # x position in the metric plots, in the units of ReportData.x_label
     notes: str = ""
     captions: list[str] = field(default_factory=list)  # prompts of the grid cells, listed under the grid
 
@@ -98,6 +94,7 @@ class ReportData:
     lower_is_better: set[str] = field(default_factory=set)  # metric keys where smaller wins; all others: larger
     sections: list[tuple[str, str]] = field(default_factory=list)  # (heading, preformatted text)
     baseline: str | None = None  # model name that deltas are computed against
+    x_label: str = "iteration"  # what ModelEntry.step counts (the x axis of the metric plots)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +106,7 @@ class ReportData:
             "lower_is_better": sorted(self.lower_is_better),
             "sections": [[h, t] for h, t in self.sections],
             "baseline": self.baseline,
+            "x_label": self.x_label,
         }
 
     @classmethod
@@ -122,135 +120,28 @@ class ReportData:
             lower_is_better=set(d.get("lower_is_better", [])),
             sections=[(str(h), str(t)) for h, t in d.get("sections", [])],
             baseline=d.get("baseline"),
+            x_label=d.get("x_label", "iteration"),
         )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Image grids
-
-
-def make_grid(
-    images: Sequence[Image.Image],
-    *,
-    ncol: int = 8,
-    captions: Sequence[str] | None = None,
-    scale: int = 2,
-    pad: int = 2,
-) -> Image.Image:
-    """Tile images into one RGB grid on a white background, optionally with a caption under each cell.
-
-    Every image is resized to the first image's size times ``scale`` (nearest neighbour, so small demo images
-    stay crisp). With ``cols = min(ncol, n)`` and ``rows = ceil(n / ncol)`` the result is
-    ``cols * w * scale + (cols + 1) * pad`` wide and ``rows * (h * scale + caption_h) + (rows + 1) * pad`` high,
-    where ``caption_h`` is 0 without captions and a few text lines (at most 3, wrapped to the cell width) with.
-    """
-    if not images:
-        raise SpinDiffusionError("make_grid got no images; pass at least one PIL image")
-    if ncol < 1 or scale < 1 or pad < 0:
-        raise SpinDiffusionError(f"make_grid needs ncol >= 1, scale >= 1, pad >= 0; got {ncol}, {scale}, {pad}")
-    if captions is not None and len(captions) != len(images):
-        raise SpinDiffusionError(f"make_grid got {len(images)} images but {len(captions)} captions; pass one each")
-    n = len(images)
-    cols, rows = min(ncol, n), math.ceil(n / ncol)
-    cw, ch = images[0].width * scale, images[0].height * scale
-
-    # 1. Caption layout: every cell of the grid reserves the same number of text lines.
-    font = ImageFont.load_default(size=max(9, min(14, cw // 8)))
-    wrapped = [_wrap(c, font, cw - 2) for c in captions] if captions is not None else []
-    line_h = font.getbbox("Ag")[3] + 2
-    cap_h = (max(len(w) for w in wrapped) * line_h + 4) if wrapped else 0
-
-    # 2. Paste cells and draw captions.
-    grid = Image.new("RGB", (cols * cw + (cols + 1) * pad, rows * (ch + cap_h) + (rows + 1) * pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncol)
-        x, y = pad + c * (cw + pad), pad + r * (ch + cap_h + pad)
-        grid.paste(img.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (x, y))
-        for j, line in enumerate(wrapped[i] if wrapped else []):
-            draw.text((x + 1, y + ch + 2 + j * line_h), line, fill=(40, 40, 40), font=font)
-    return grid
-
-
-def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int, max_lines: int = 3) -> list[str]:
-    """Greedy word wrap to ``width`` pixels; overlong words are split; the last kept line ends in '…' if cut."""
-    lines: list[str] = []
-    line = ""
-    for word in text.split():
-        while font.getlength(word) > width and len(word) > 1:  # split a word that cannot fit on any line
-            k = len(word)
-            while k > 1 and font.getlength(word[:k]) > width:
-                k -= 1
-            if line:
-                lines.append(line)
-                line = ""
-            lines.append(word[:k])
-            word = word[k:]
-        candidate = f"{line} {word}".strip()
-        if font.getlength(candidate) <= width:
-            line = candidate
-        else:
-            lines.append(line)
-            line = word
-    if line:
-        lines.append(line)
-    if len(lines) > max_lines:
-        last = lines[max_lines - 1]
-        while last and font.getlength(last + "…") > width:
-            last = last[:-1]
-        lines = lines[: max_lines - 1] + [last + "…"]
-    return lines or [""]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading a run directory
 
 
-def read_train_log(path: Path, *, prefix: str = "") -> list[Curve]:
-    """One Curve per numeric key of a ``train_log.jsonl`` (one JSON object per line, each with ``"step"``).
-
-    Curves are named ``f"{prefix} {key}"`` (or just ``key``) and keep ``metric=key``; they appear in order of
-    first appearance, sorted by step. A step logged twice (a resumed run appends again from its last checkpoint)
-    keeps the later value. Records without a numeric ``step`` are skipped, as is a truncated last line (a run
-    killed mid-write); any other unparsable line is an error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SpinDiffusionError(f"training log {path} does not exist; pass the train_log.jsonl of a training run")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    series: dict[str, dict[int, float]] = {}  # key -> step -> value
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):
-                break
-            raise SpinDiffusionError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or delete that line") from e
-        step = record.get("step") if isinstance(record, dict) else None
-        if not _is_number(step):
-            continue
-        for key, value in record.items():
-            if key in _NOT_CURVES or not _is_number(value):
-                continue
-            series.setdefault(key, {})[int(step)] = float(value)
+def train_curves(path: Path, *, prefix: str = "") -> list[Curve]:
+    """One Curve per numeric key of a ``train_log.jsonl`` (``rundir.read_train_log``), named ``f"{prefix} {key}"``
+    (or just ``key``), with ``metric=key``, in order of first appearance."""
     return [
-        Curve(
-            name=f"{prefix} {key}".strip(),
-            steps=sorted(points),
-            values=[points[s] for s in sorted(points)],
-            metric=key,
-        )
-        for key, points in series.items()
+        Curve(name=f"{prefix} {key}".strip(), steps=steps, values=values, metric=key)
+        for key, (steps, values) in rundir.read_train_log(path).items()
     ]
 
 
 def collect_run(run_dir: Path, *, lower_is_better: set[str] | None = None) -> ReportData:
     """Build ReportData from a self-play run dir (layout in docs/DESIGN.md).
 
-    Reads ``iter_*/eval.json`` (``{"metrics": {name: float | null}, "grid": "grid.png", "captions": [...]}``;
-    ``grid`` is relative to that iter dir; ``prompts`` stands in for ``captions``; a null metric is left out), ``iter_*/train/train_log.jsonl``, ``config.yaml`` and ``state.json``.
+    Reads ``iter_*/eval.json`` (schema in ``rundir``; a null metric is left out), ``iter_*/train/train_log.jsonl``,
+    ``config.yaml`` and ``state.json``.
     Models are named ``"iter k"`` with ``step = k``; ``iter 0`` (the base model) is the baseline. Metric keys in
     ``lower_is_better`` (default: inferred from LOWER_IS_BETTER_HINTS, e.g. ``fd``) count smaller as better.
     Iterations still in progress (no eval.json yet) contribute only their training curves.
@@ -258,14 +149,12 @@ def collect_run(run_dir: Path, *, lower_is_better: set[str] | None = None) -> Re
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SpinDiffusionError(f"run directory {run_dir} does not exist; pass the run_dir of a self-play run")
-    iters = sorted(
-        (int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := re.fullmatch(r"iter_(\d+)", p.name))
-    )
+    iters = rundir.iterations(run_dir)
 
     # 1. The resolved config names the objective, which becomes the plot group.
     sections: list[tuple[str, str]] = []
     group = "self-play"
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / rundir.CONFIG_FILE
     if config_path.is_file():
         text = config_path.read_text(encoding="utf-8")
         sections.append(("Resolved config (config.yaml)", text))
@@ -275,7 +164,7 @@ def collect_run(run_dir: Path, *, lower_is_better: set[str] | None = None) -> Re
             raise SpinDiffusionError(f"{config_path} is not valid YAML ({e}); fix or delete it") from e
         if isinstance(cfg, dict) and isinstance(cfg.get("loss"), dict) and cfg["loss"].get("objective"):
             group = str(cfg["loss"]["objective"])
-    state_path = run_dir / "state.json"
+    state_path = run_dir / rundir.STATE_FILE
     if state_path.is_file():
         sections.append(("Run state (state.json)", state_path.read_text(encoding="utf-8")))
 
@@ -283,12 +172,12 @@ def collect_run(run_dir: Path, *, lower_is_better: set[str] | None = None) -> Re
     models: list[ModelEntry] = []
     curves: list[Curve] = []
     for k, it_dir in iters:
-        log = it_dir / "train" / "train_log.jsonl"
+        log = it_dir / rundir.TRAIN_LOG
         if log.is_file():
-            curves.extend(read_train_log(log, prefix=f"iter {k}"))
-        eval_path = it_dir / "eval.json"
+            curves.extend(train_curves(log, prefix=f"iter {k}"))
+        eval_path = it_dir / rundir.EVAL_FILE
         if eval_path.is_file():
-            models.append(_read_eval(eval_path, name=f"iter {k}", group=group, step=k))
+            models.append(model_entry(eval_path, name=f"iter {k}", group=group, step=k))
     if not models:
         raise SpinDiffusionError(f"no iter_*/eval.json under {run_dir}; run evaluation before building a report")
 
@@ -308,30 +197,18 @@ def collect_run(run_dir: Path, *, lower_is_better: set[str] | None = None) -> Re
     )
 
 
-def _read_eval(path: Path, *, name: str, group: str, step: int) -> ModelEntry:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SpinDiffusionError(f"{path} is not valid JSON ({e.msg}); re-run evaluation for this iteration") from e
-    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
-        raise SpinDiffusionError(f"{path} has no 'metrics' object; re-run evaluation for this iteration")
-    metrics = {}
-    for key, value in record["metrics"].items():
-        if value is None:  # a scorer that had nothing to compare against (e.g. a win rate with no baseline)
-            continue
-        if not _is_number(value):
-            raise SpinDiffusionError(f"{path}: metric {key!r} is {value!r}, not a number; fix the scorer output")
-        metrics[key] = float(value)
-    grid = record.get("grid")
-    captions = record.get("captions", record.get("prompts"))
+def model_entry(eval_path: Path, *, name: str, group: str, step: int, model: str | None = None) -> ModelEntry:
+    """A ModelEntry from one model of an eval.json (the only one unless ``model`` names it): its non-null
+    metrics, its grid as an absolute path, and the prompts the grid shows."""
+    ev = rundir.read_eval(eval_path)
+    m = ev.model(model)
     return ModelEntry(
         name=name,
-        metrics=metrics,
-        grid=str((path.parent / grid).resolve()) if isinstance(grid, str) and grid else None,
+        metrics={k: v for k, v in m.metrics.items() if v is not None},
+        grid=str((Path(eval_path).parent / m.grid).resolve()) if m.grid else None,
         group=group,
         step=step,
-        notes=record["notes"] if isinstance(record.get("notes"), str) else "",
-        captions=[str(c) for c in captions] if isinstance(captions, list) else [],
+        captions=ev.prompts[: m.grid_size],
     )
 
 
@@ -372,7 +249,8 @@ def write_report(data: ReportData, out_dir: Path, *, filename: str = "report.htm
 
     The page holds: title, summary paragraphs, the metric table (best value per column in bold, deltas vs the
     baseline), metric-vs-step and training-curve plots, one image grid per model, then the extra sections.
-    A grid file that does not exist is shown as a visible warning in the page rather than failing the report.
+    A relative ``ModelEntry.grid`` is relative to ``out_dir``. A grid file that does not exist is shown as a
+    visible warning in the page rather than failing the report.
     """
     out_dir = Path(out_dir)
     if data.baseline is not None and not any(m.name == data.baseline for m in data.models):
@@ -382,118 +260,89 @@ def write_report(data: ReportData, out_dir: Path, *, filename: str = "report.htm
         )
     keys = _metric_keys(data.models)
     label = {k: data.metric_labels.get(k, k) for k in keys}
-
-    # 1. Build the body in page order; a part with no data is left out.
-    nav: list[str] = []
-    body: list[str] = []
-
-    def section(anchor: str, heading: str, content: str) -> None:
-        nav.append(f'<a href="#{anchor}">{_e(heading)}</a>')
-        body.append(f'<section id="{anchor}"><h2>{_e(heading)}</h2>\n{content}</section>')
-
-    if data.summary.strip():
-        paragraphs = [p for p in re.split(r"\n\s*\n", data.summary.strip()) if p.strip()]
-        section("summary", "Summary", "\n".join(f"<p>{_e(' '.join(p.split()))}</p>" for p in paragraphs))
-    if data.models:
-        section("metrics", "Metrics", _metric_table(data, keys, label))
     plots = []
     if keys and data.models:
-        png = _plot_metrics(data.models, keys, label, data.lower_is_better)
-        plots.append(_img(png, "Metrics vs step, one line per group", "plot"))
+        png = _plot_metrics(data.models, keys, label, data.lower_is_better, data.x_label)
+        plots.append({"alt": "Metrics vs step, one line per group", "src": _data_uri(png)})
     if data.curves:
-        plots.append(_img(_plot_curves(data.curves), "Training curves", "plot"))
-    if plots:
-        section("plots", "Plots", "\n".join(plots))
-    grids = [_grid_block(m, out_dir) for m in data.models if m.grid or m.captions]
-    if grids:
-        section("samples", "Samples", "\n".join(grids))
-    for i, (heading, text) in enumerate(data.sections):
-        section(f"section-{i}", heading, f"<pre>{_e(text)}</pre>")
+        plots.append({"alt": "Training curves", "src": _data_uri(_plot_curves(data.curves))})
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", data.summary.strip()) if p.strip()]
+    grids = [_grid(m, out_dir) for m in data.models if m.grid or m.captions]
+    parts = [("summary", "Summary", paragraphs), ("metrics", "Metrics", data.models), ("plots", "Plots", plots),
+             ("samples", "Samples", grids)]
+    nav = [(anchor, heading) for anchor, heading, content in parts if content]
+    nav += [(f"section-{i}", heading) for i, (heading, _) in enumerate(data.sections)]
+    page = _template().render(
+        title=data.title,
+        generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        nav=nav,
+        paragraphs=paragraphs,
+        table=_metric_table(data, keys, label) if data.models else None,
+        plots=plots,
+        grids=grids,
+        sections=data.sections,
+    )
+    return atomic.write_text(out_dir / filename, page)
 
-    generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    page = _PAGE.format(title=_e(data.title), generated=generated, css=_CSS, nav=" · ".join(nav), body="\n".join(body))
 
-    # 2. Atomic write: a reader never sees half a report.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / filename
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("spin_diffusion", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env.get_template("report.html.j2")
 
 
-def _metric_table(data: ReportData, keys: list[str], label: dict[str, str]) -> str:
+def _metric_table(data: ReportData, keys: list[str], label: dict[str, str]) -> dict[str, Any]:
+    """The metric table as plain values for the template: header cells, then one row per model."""
     base = next((m for m in data.models if m.name == data.baseline), None)
     best = {k: _best_value([m.metrics.get(k) for m in data.models], k in data.lower_is_better) for k in keys}
-    with_notes = any(m.notes for m in data.models)
-    head = ["<th>model</th>"]
-    for k in keys:
-        lower = k in data.lower_is_better
-        arrow = "↓" if lower else "↑"
-        hint = f"{'lower' if lower else 'higher'} is better"
-        key_line = f'<br><span class="key">{_e(k)}</span>' if label[k] != k else ""
-        head.append(f'<th title="{_e(hint)}">{_e(label[k])} <span class="dir">{arrow}</span>{key_line}</th>')
-    if with_notes:
-        head.append("<th>notes</th>")
+    header = [{"label": label[k], "key": k if label[k] != k else None, "lower": k in data.lower_is_better} for k in keys]
     rows = []
     for m in data.models:
         is_base = base is not None and m is base
-        tag = ' <span class="tag">baseline</span>' if is_base else ""
-        cells = [f'<td class="name">{_e(m.name)}{tag}</td>']
+        cells = []
         for k in keys:
             v = m.metrics.get(k)
-            if v is None:
-                cells.append('<td class="num missing">–</td>')
-                continue
-            text = _e(_fmt(v))
-            if best[k] is not None and v == best[k]:
-                text = f"<strong>{text}</strong>"
-            if base is not None and not is_base and _finite(base.metrics.get(k)) and math.isfinite(v):
+            cell: dict[str, Any] = {"text": None if v is None else _fmt(v), "best": v is not None and v == best[k],
+                                    "delta": None, "delta_class": None}
+            if v is not None and base is not None and not is_base and _finite(base.metrics.get(k)) and math.isfinite(v):
                 d = v - base.metrics[k]
                 better = -d if k in data.lower_is_better else d
-                cls = "up" if better > 0 else "down" if better < 0 else "same"
-                text += f' <span class="delta {cls}">({_e(f"{d:+.3g}")})</span>'
-            cells.append(f'<td class="num">{text}</td>')
-        if with_notes:
-            cells.append(f'<td class="notes">{_e(m.notes)}</td>')
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    caption = "Best value per column in bold (↑ higher is better, ↓ lower is better)."
-    if base is not None:
-        caption += f" Deltas in parentheses are against {_e(base.name)}; green = better, red = worse."
-    return (
-        f'<table class="metrics"><thead><tr>{"".join(head)}</tr></thead>\n<tbody>\n'
-        + "\n".join(rows)
-        + f'\n</tbody></table>\n<p class="note">{caption}</p>'
-    )
+                cell["delta"] = f"{d:+.3g}"
+                cell["delta_class"] = "up" if better > 0 else "down" if better < 0 else "same"
+            cells.append(cell)
+        rows.append({"name": m.name, "is_baseline": is_base, "cells": cells, "notes": m.notes})
+    return {"header": header, "rows": rows, "with_notes": any(m.notes for m in data.models),
+            "baseline": base.name if base is not None else None}
 
 
-def _grid_block(m: ModelEntry, out_dir: Path) -> str:
-    parts = [f"<h3>{_e(m.name)}</h3>"]
+def _grid(m: ModelEntry, out_dir: Path) -> dict[str, Any]:
+    """One model's sample grid for the template: an embedded image, or the path that was not found."""
+    grid: dict[str, Any] = {"name": m.name, "captions": m.captions, "src": None, "missing": None}
     if m.grid:
         path = Path(m.grid) if Path(m.grid).is_absolute() else out_dir / m.grid
         if path.is_file():
-            mime = mimetypes.guess_type(path.name)[0] or "image/png"
-            parts.append(_img(path.read_bytes(), f"samples of {m.name}", "grid", mime=mime))
+            grid["src"] = _data_uri(path.read_bytes(), mimetypes.guess_type(path.name)[0] or "image/png")
         else:
-            parts.append(f'<p class="warn">grid image not found: {_e(str(path))}</p>')
-    if m.captions:
-        items = "".join(f"<li>{_e(c)}</li>" for c in m.captions)
-        parts.append(
-            f"<details><summary>{len(m.captions)} prompts, in grid order (row by row)</summary><ol>{items}</ol></details>"
-        )
-    return '<div class="model">' + "\n".join(parts) + "</div>"
+            grid["missing"] = str(path)
+    return grid
 
 
-def _img(png: bytes, alt: str, cls: str, *, mime: str = "image/png") -> str:
-    b64 = base64.b64encode(png).decode("ascii")
-    return f'<img class="{cls}" alt="{_e(alt)}" src="data:{mime};base64,{b64}">'
+def _data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch)
 
 
-def _plot_metrics(models: list[ModelEntry], keys: list[str], label: dict[str, str], lower: set[str]) -> bytes:
+def _plot_metrics(
+    models: list[ModelEntry], keys: list[str], label: dict[str, str], lower: set[str], x_label: str
+) -> bytes:
     """One panel per metric: value vs ``step``, one line (with markers) per group."""
     from matplotlib.ticker import MaxNLocator
 
@@ -506,7 +355,7 @@ def _plot_metrics(models: list[ModelEntry], keys: list[str], label: dict[str, st
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o", color=f"C{gi}", label=g or "models")
         ax.set_title(f"{label[key]} {'↓' if key in lower else '↑'}", fontsize=10)
-        ax.set_xlabel("step", fontsize=9)
+        ax.set_xlabel(x_label, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
@@ -570,14 +419,6 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 # Small helpers
 
 
-def _e(text: str) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
@@ -598,56 +439,3 @@ def _best_value(values: list[float | None], lower: bool) -> float | None:
     if len(finite) < 2:  # nothing to compare
         return None
     return min(finite) if lower else max(finite)
-
-
-_CSS = """
-:root { --fg: #1d2330; --muted: #667085; --line: #e4e7ec; --bg-alt: #f7f8fa; --up: #067647; --down: #b42318; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--fg); background: #fff;
-  font: 15px/1.55 -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1180px; margin: 0 auto; padding: 28px 24px 60px; }
-h1 { font-size: 26px; margin: 0 0 2px; }
-h2 { font-size: 19px; margin: 34px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 15px; margin: 22px 0 8px; }
-nav { font-size: 13px; margin: 6px 0 0; color: var(--muted); }
-nav a { color: #175cd3; text-decoration: none; }
-.meta, .note { color: var(--muted); font-size: 13px; }
-.warn { color: var(--down); font-weight: 600; }
-table.metrics { border-collapse: collapse; font-size: 14px; margin: 4px 0; }
-table.metrics th, table.metrics td { padding: 6px 12px; border-bottom: 1px solid var(--line); }
-table.metrics th { background: var(--bg-alt); text-align: right; font-weight: 600; vertical-align: bottom; }
-table.metrics th:first-child, td.name, td.notes { text-align: left; }
-table.metrics tbody tr:hover { background: var(--bg-alt); }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.missing { color: var(--muted); }
-td.notes { color: var(--muted); font-size: 13px; }
-.key { font: 11px ui-monospace, SFMono-Regular, Menlo, monospace; color: var(--muted); font-weight: 400; }
-.dir { color: var(--muted); }
-.tag { font-size: 11px; color: var(--muted); border: 1px solid var(--line); border-radius: 4px; padding: 0 4px; }
-.delta { font-size: 12px; }
-.delta.up { color: var(--up); } .delta.down { color: var(--down); } .delta.same { color: var(--muted); }
-img.plot { display: block; max-width: 100%; height: auto; margin: 10px 0 18px; }
-img.grid { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); }
-details { font-size: 13px; margin: 6px 0; } summary { cursor: pointer; color: var(--muted); }
-pre { background: var(--bg-alt); border: 1px solid var(--line); border-radius: 6px; padding: 12px 14px;
-  font: 12.5px/1.45 ui-monospace, SFMono-Regular, Menlo, monospace; overflow-x: auto; }
-"""
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>{css}</style>
-</head>
-<body>
-<main>
-<h1>{title}</h1>
-<p class="meta">Generated {generated}</p>
-<nav>{nav}</nav>
-{body}
-</main>
-</body>
-</html>
-"""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from spin_diffusion import preemption
+from spin_diffusion import atomic, preemption
 from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, read_header, read_tensor
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -143,9 +142,8 @@ def _shard_path(out_dir: Path, shard: int) -> Path:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic.path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, check_only: bool = False) -> None:
@@ -170,9 +168,7 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, 
         return
     if check_only:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, path)
+    atomic.write_json(path, meta, indent=None)
 
 
 def generate_shards(

@@ -14,7 +14,6 @@ killed half way picks up its own partial work (generation shards, training check
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,19 +24,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from spin_diffusion import atomic, distributed, models, preemption, preflight, sampling, trainer
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
-from spin_diffusion import distributed, models, preemption, preflight, sampling, trainer
 from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.model_eval import EvalSet, default_scorer_names, evaluate_unet
-
-STATE_FILE = "state.json"
-CONFIG_FILE = "config.yaml"
-
-
-def iter_dir(run_dir: Path, k: int) -> Path:
-    return run_dir / f"iter_{k:02d}"
+from spin_diffusion.rundir import CONFIG_FILE, EVAL_FILE, STATE_FILE, iter_dir, read_eval
 
 
 class RunState:
@@ -64,9 +57,7 @@ class RunState:
         if info:
             self.info[phase] = info
         if distributed.is_main():  # every rank keeps the same list in memory; one writes it
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps({"completed": self.completed, "info": self.info}, indent=1))
-            os.replace(tmp, self.path)
+            atomic.write_json(self.path, {"completed": self.completed, "info": self.info})
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
@@ -203,11 +194,11 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         if eval_set is None or state.done(phase):
             return
         baseline = None
-        base_eval = iter_dir(run_dir, 0) / "eval.json"
+        base_eval = iter_dir(run_dir, 0) / EVAL_FILE
         if k > 0 and state_.is_main_process and base_eval.exists():
-            baseline = json.loads(base_eval.read_text())["scores"]
+            baseline = read_eval(base_eval).model()
         result = evaluate_unet(cfg, c, unet, eval_set, negative_embed, iter_dir(run_dir, k), baseline=baseline)
-        state.mark(phase, **(result["metrics"] if result is not None else {}))
+        state.mark(phase, **(result.metrics if result is not None else {}))
         state_.wait_for_everyone()
 
     # 3. Find where we are: the newest finished model is the current opponent θ_k

@@ -28,9 +28,11 @@ import torch
 from spin_diffusion import models
 from spin_diffusion.config import DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from spin_diffusion.demo import world
+from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.evaluation import win_rate
-from spin_diffusion.report import Curve, ModelEntry, ReportData, read_train_log, write_report
-from spin_diffusion.self_play import iter_dir, run
+from spin_diffusion.report import Curve, ModelEntry, ReportData, model_entry, train_curves, write_report
+from spin_diffusion.rundir import EVAL_FILE, TRAIN_LOG, iter_dir, read_eval
+from spin_diffusion.self_play import run
 
 # Sizes and budgets of the default demo (scale multiplies every step count).
 PRETRAIN_IMAGES = 2048  # noisy-caption pretraining corpus
@@ -106,8 +108,6 @@ MARKER = "demo.json"
 
 def _claim(out: Path, seed: int, scale: float) -> bool:
     """Make `out` a demo folder, or check that it is one made with the same settings. True if it existed."""
-    from spin_diffusion.errors import SpinDiffusionError
-
     settings = {"seed": seed, "scale": scale}
     marker = out / MARKER
     if marker.exists():
@@ -160,31 +160,30 @@ def run_demo(out: str | Path = "demo_run", *, seed: int = 0, scale: float = 1.0,
     return write_report(data, out)
 
 
-def _eval(run_dir: Path, k: int) -> dict:
-    return json.loads((iter_dir(run_dir, k) / "eval.json").read_text())
-
-
 def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: RunConfig,
                  spin_cfg: RunConfig) -> ReportData:
-    base = _eval(out / "spin", 0)
-    entries = [("base", "base", 0, base, out / "spin")]
-    entries.append(("sft", "sft", SPIN_ITERATIONS, _eval(out / "sft", 1), out / "sft"))
-    for k in range(1, SPIN_ITERATIONS + 1):
-        entries.append((f"spin iter {k}", "spin", k, _eval(out / "spin", k), out / "spin"))
-
-    base_scores = base["scores"]["shapes_judge"]
+    # (name, group, eval dir, x = optimizer steps since the base model): SFT ran all its steps in one go, as
+    # many as SPIN's iterations together, so its point shares x with SPIN's last iteration.
+    spin_steps = spin_cfg.train.max_steps
+    evaluated = [("base", "base", iter_dir(out / "spin", 0), 0),
+                 ("sft", "sft", iter_dir(out / "sft", 1), sft_cfg.train.max_steps)]
+    evaluated += [(f"spin iter {k}", "spin", iter_dir(out / "spin", k), k * spin_steps)
+                  for k in range(1, SPIN_ITERATIONS + 1)]
+    base_scores = torch.tensor(read_eval(evaluated[0][2] / EVAL_FILE).model().scores["shapes_judge"])
     models_: list[ModelEntry] = []
-    for name, group, step, ev, run_dir in entries:
-        metrics = {key: value for key, value in ev["metrics"].items() if not key.endswith(("_median", "_win_rate"))}
-        metrics["win_rate_vs_base"] = win_rate(torch.tensor(ev["scores"]["shapes_judge"]), torch.tensor(base_scores))
-        grid_k = 0 if name == "base" else (1 if group == "sft" else step)
-        models_.append(ModelEntry(name=name, metrics=metrics, group=group, step=step,
-                                  grid=str(iter_dir(run_dir, grid_k) / ev["grid"]), captions=ev.get("captions", [])))
+    for name, group, folder, step in evaluated:
+        entry = model_entry(folder / EVAL_FILE, name=name, group=group, step=step)
+        entry.metrics = {k: v for k, v in entry.metrics.items() if not k.endswith(("_median", "_win_rate"))}
+        scores = torch.tensor(read_eval(folder / EVAL_FILE).model().scores["shapes_judge"])
+        entry.metrics["win_rate_vs_base"] = win_rate(scores, base_scores)
+        if entry.grid is not None:  # relative to the report folder: the demo folder can be moved as a whole
+            entry.grid = os.path.relpath(entry.grid, out.resolve())
+        models_.append(entry)
 
     curves: list[Curve] = []
     for k in range(1, SPIN_ITERATIONS + 1):
-        curves += read_train_log(iter_dir(out / "spin", k) / "train" / "train_log.jsonl", prefix=f"spin iter {k} ")
-    curves += read_train_log(iter_dir(out / "sft", 1) / "train" / "train_log.jsonl", prefix="sft ")
+        curves += train_curves(iter_dir(out / "spin", k) / TRAIN_LOG, prefix=f"spin iter {k} ")
+    curves += train_curves(iter_dir(out / "sft", 1) / TRAIN_LOG, prefix="sft ")
 
     final = {m.name: m.metrics for m in models_}
     last = f"spin iter {SPIN_ITERATIONS}"
@@ -218,4 +217,4 @@ def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: 
     ]
     return ReportData(title="spin-diffusion demo: SFT vs SPIN-Diffusion in the shapes world", summary=summary,
                       models=models_, curves=curves, metric_labels=labels, lower_is_better={"fd"}, sections=sections,
-                      baseline="base")
+                      baseline="base", x_label="optimizer steps since the base model (SFT: as many as SPIN in all)")

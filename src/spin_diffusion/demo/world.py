@@ -6,8 +6,8 @@ scene ("a red circle on the left"), so prompt fidelity can be judged exactly by 
 analysis instead of a learned scorer. The world is small enough (48 scenes, 32x32 images) to pretrain a
 tiny text-to-image model on a CPU in about a minute.
 
-Also here: a fixed, deterministic feature extractor (`image_features`) and `frechet_distance`, the
-ingredients of an FID-like distribution metric for this world.
+Also here: a fixed, deterministic feature extractor (`image_features`, as a module `FeatureNet`), the
+feature space of the FID-like distribution metric for this world (`evaluation.frechet_distance_metric`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
@@ -376,7 +374,7 @@ def judge_batch(images, captions: list[str]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Distribution metric: fixed features + Fréchet distance
+# Distribution metric: fixed features for the Fréchet distance
 
 _FEATURE_RESOLUTION = 32
 _FEATURE_SEED = 20240214
@@ -400,7 +398,7 @@ def _feature_weights() -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
 
 @torch.no_grad()
 def image_features(images: torch.Tensor) -> torch.Tensor:
-    """Fixed deterministic features for `frechet_distance`: [N, 3, H, W] floats in [0, 1] -> [N, 91] float32.
+    """Fixed deterministic features for the Fréchet distance: [N, 3, H, W] floats in [0, 1] -> [N, 91] float32.
 
     Images are resized to 32x32 (area), then:
     - 32 + 32: spatial mean and max of a 3-layer random conv net (3x3 convs 3->16->32->32, strides 1/2/2, ReLU,
@@ -423,48 +421,10 @@ def image_features(images: torch.Tensor) -> torch.Tensor:
     return torch.cat([conv, layout], dim=1).cpu()
 
 
-def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets [Na, F] and [Nb, F] (Na, Nb >= 2).
+class FeatureNet(torch.nn.Module):
+    """`image_features` as the feature network of `evaluation.frechet_distance_metric` (91 features)."""
 
-    d² = ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), computed in float64 (Heusel et al. 2017,
-    https://arxiv.org/abs/1706.08500); the real part of scipy's sqrtm is used, with a small diagonal offset
-    when the product is singular (as in pytorch-fid). Returns a float >= 0.
-    """
-    a = np.asarray(torch.as_tensor(feats_a).detach().cpu().double().numpy())
-    b = np.asarray(torch.as_tensor(feats_b).detach().cpu().double().numpy())
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"expected feature matrices [N, F] with the same F, got {a.shape} and {b.shape}")
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError(f"the Fréchet distance needs >= 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    sigma_a = np.atleast_2d(np.cov(a, rowvar=False))
-    sigma_b = np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():
-        # Σ is singular whenever N <= F or a feature is constant; sqrtm still returns the right square root.
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma_a.shape[0]) * 1e-6
-            covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-    covmean = np.real(covmean)
-    diff = mu_a - mu_b
-    value = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean)
-    return max(float(value), 0.0)
+    num_features = 91
 
-
-def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images of one size -> [N, 3, H, W] float32 in [0, 1]."""
-    if len(images) == 0:
-        raise ValueError("pil_to_tensor needs at least one image")
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
-    if len({array.shape for array in arrays}) != 1:
-        raise ValueError(f"images differ in size: {sorted({array.shape[:2] for array in arrays})}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[N, 3, H, W] floats in [0, 1] -> N RGB PIL images (values are clamped and rounded)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(array) for array in arrays]
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return image_features(images).to(images.device)

@@ -10,12 +10,12 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.images import pil_to_tensor
 
 # OpenAI CLIP normalisation, used by CLIP, open_clip ViT-H-14 (HPSv2), BLIP (ImageReward) and the LAION aesthetic
 # predictor alike.
@@ -259,24 +259,9 @@ def to_normalized_tensor(
     images: Sequence[Image.Image], mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> torch.Tensor:
     """Same-size RGB PIL images -> ``[B, 3, H, W]`` float32, ``(x/255 - mean) / std``."""
-    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-    x = torch.from_numpy(array).permute(0, 3, 1, 2)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - m) / s).contiguous()
-
-
-def pil_to_unit_tensor(images: Sequence[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """RGB PIL images -> ``[B, 3, H, W]`` float32 in [0, 1]; resized (bicubic) to ``size=(H, W)`` when given."""
-    arrays = []
-    for im in images:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
-    if len({a.shape for a in arrays}) != 1:
-        raise SpinDiffusionError("images differ in size; pass resolution=(H, W) to resize them to one size")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ((pil_to_tensor(images) - m) / s).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""The model card (README.md) of an exported pipeline folder: Hugging Face metadata, training, evaluation, usage.
+
+``render_card`` is pure (a ``CardInfo`` in, markdown out; template ``templates/model_card.md.j2``);
+``models.save_pipeline(..., card=info)`` writes it into the folder it exports.
+
+    info = card.card_info(cfg, iteration=k + 1, steps=result.steps, data_size=len(captions))
+    models.save_pipeline(c, out_dir, unet=policy, card=info)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import yaml
+
+from spin_diffusion.config import RunConfig
+
+# What each objective is, in one line (the card's "Training" section).
+OBJECTIVES = {
+    "sft": "supervised fine-tuning: the plain denoising loss on the real images",
+    "dpo": "Diffusion-DPO on (winner, loser) image pairs against a frozen reference",
+    "spin_approx": "SPIN-Diffusion (approximate objective: logistic loss per timestep, then averaged) against the "
+    "previous iteration's model as opponent",
+    "spin_exact": "SPIN-Diffusion (exact objective: timestep-averaged margin inside the logistic, on the opponent's "
+    "own sampling trajectories) against the previous iteration's model as opponent",
+}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass
+class CardInfo:
+    """What a model card says about one exported model."""
+
+    base_model: str  # Hugging Face id or local path of the model training started from (θ_0)
+    objective: str  # sft | dpo | spin_approx | spin_exact
+    iteration: int  # this model is θ_iteration (1 = one round of training)
+    steps: int  # optimizer steps of the training that produced it
+    data_size: int  # training images (or preference pairs for dpo)
+    beta: float | None = None  # β of the dpo / spin objectives; None for sft
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    resolution: int | None = None
+    lora_rank: int = 0  # 0: full fine-tuning; else LoRA of this rank, merged into the saved UNet
+    license: str | None = None  # the base model's license, if known
+    evaluation: dict[str, float | None] = field(default_factory=dict)  # flat eval.json metrics of this model
+    eval_prompts: int = 0  # how many prompts the evaluation used
+    pixel_space: bool = False  # no VAE: diffusers needs vae=None and output_type="latent"
+    tags: list[str] = field(default_factory=list)  # extra tags beyond the default ones
+
+    @property
+    def hub_base_model(self) -> str | None:
+        """``base_model`` when it is a Hugging Face id (owner/name), which the Hub's metadata accepts."""
+        return self.base_model if _HUB_ID.fullmatch(self.base_model) and not Path(self.base_model).exists() else None
+
+
+def card_info(cfg: RunConfig, *, iteration: int, steps: int, data_size: int, resolution: int | None = None,
+              evaluation: dict[str, float | None] | None = None, eval_prompts: int = 0) -> CardInfo:
+    """A CardInfo from a run's config and what the run knows at export time (steps done, data size). The base
+    model's license is read from the metadata of its own README.md when the base is a local folder that has one."""
+    base = cfg.model.path if cfg.model.path is not None else f"spin-diffusion preset '{cfg.model.preset}'"
+    return CardInfo(
+        base_model=base,
+        objective=cfg.loss.objective,
+        iteration=iteration,
+        steps=steps,
+        data_size=data_size,
+        beta=None if cfg.loss.objective == "sft" else cfg.loss.beta,
+        learning_rate=cfg.train.learning_rate,
+        batch_size=cfg.train.batch_size,
+        resolution=resolution,
+        lora_rank=cfg.model.lora_rank,
+        license=base_license(cfg.model.path) if cfg.model.path is not None else None,
+        evaluation=dict(evaluation or {}),
+        eval_prompts=eval_prompts,
+    )
+
+
+def base_license(model_dir: str | Path) -> str | None:
+    """The ``license`` of a model folder's README.md metadata (YAML between ``---`` lines), or None."""
+    meta = read_metadata(Path(model_dir) / "README.md")
+    value = meta.get("license")
+    return str(value) if value else None
+
+
+def read_metadata(readme: Path) -> dict:
+    """The YAML metadata block at the top of a model card file, or {} if there is none (or it does not parse)."""
+    return read_metadata_text(readme.read_text(encoding="utf-8")) if readme.is_file() else {}
+
+
+def read_metadata_text(text: str) -> dict:
+    """The YAML metadata block at the top of a model card's text, or {}."""
+    match = re.match(r"---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    if not match:
+        return {}
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def render_card(info: CardInfo) -> str:
+    """The README.md of an exported model: YAML metadata, then training, evaluation and usage sections."""
+    metadata: dict = {}
+    if info.hub_base_model:
+        metadata["base_model"] = info.hub_base_model
+    if info.license:
+        metadata["license"] = info.license
+    metadata["library_name"] = "diffusers"
+    metadata["pipeline_tag"] = "text-to-image"
+    metadata["tags"] = list(dict.fromkeys(["diffusers", "text-to-image", "spin-diffusion", info.objective.replace(
+        "_", "-"), *info.tags]))
+    env = jinja2.Environment(loader=jinja2.PackageLoader("spin_diffusion", "templates"), autoescape=False,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template("model_card.md.j2").render(
+        metadata=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(),
+        info=info,
+        objective=OBJECTIVES.get(info.objective, info.objective),
+        evaluation=[(k, "–" if v is None else f"{v:.4g}") for k, v in info.evaluation.items()],
+    )

@@ -1,0 +1,65 @@
+"""card.py: the model card of an exported folder (metadata, training, evaluation, usage) and save_pipeline writing it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import yaml
+
+from spin_diffusion import card, models
+from spin_diffusion.config import load_config
+
+
+def _info(**changes) -> card.CardInfo:
+    info = card.CardInfo(base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", objective="spin_approx",
+                         iteration=2, steps=500, data_size=10000, beta=2000.0, learning_rate=2e-5, batch_size=8,
+                         resolution=512, license="creativeml-openrail-m",
+                         evaluation={"pickscore": 21.4567, "pickscore_win_rate": 0.61, "fd": None}, eval_prompts=500)
+    return dataclasses.replace(info, **changes)
+
+
+def test_render_card_metadata_training_evaluation_usage():
+    text = card.render_card(_info())
+    meta = card.read_metadata_text(text)
+    assert meta == {
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "license": "creativeml-openrail-m",
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": ["diffusers", "text-to-image", "spin-diffusion", "spin-approx"],
+    }
+    assert "| β | 2000.0 |" in text and "| iteration | 2 |" in text and "| optimizer steps | 500 |" in text
+    assert "| training data | 10000 images with captions |" in text
+    assert "| pickscore | 21.46 |" in text and "| pickscore_win_rate | 0.61 |" in text and "| fd | – |" in text
+    assert "500 prompts" in text
+    assert 'DiffusionPipeline.from_pretrained("path/to/this/folder")' in text
+
+
+def test_render_card_without_hub_base_license_or_evaluation(tmp_path):
+    text = card.render_card(_info(base_model=str(tmp_path), license=None, evaluation={}, objective="sft", beta=None,
+                                  lora_rank=4, pixel_space=True))
+    meta = card.read_metadata_text(text)
+    assert "base_model" not in meta and "license" not in meta  # a local path is not a Hub id
+    assert meta["pipeline_tag"] == "text-to-image" and "sft" in meta["tags"]
+    assert str(tmp_path) in text and "β" not in text and "Not evaluated" in text
+    assert "LoRA rank 4, merged" in text and "vae=None" in text
+
+
+def test_card_info_from_config_reads_the_base_license(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: openrail\ntags: [x]\n---\n# base\n")
+    cfg = load_config(None, [f"model.path={base}", "loss.objective=spin_exact", "loss.beta=5000"])
+    info = card.card_info(cfg, iteration=1, steps=40, data_size=256, resolution=32)
+    assert info.license == "openrail" and info.base_model == str(base) and info.beta == 5000.0
+    assert info.objective == "spin_exact" and info.steps == 40 and info.data_size == 256
+    assert card.base_license(tmp_path) is None  # no README.md
+
+
+def test_save_pipeline_writes_the_card(tmp_path):
+    c = models.build_preset("tiny", seed=0)
+    out = models.save_pipeline(c, tmp_path / "model", card=_info())
+    text = (out / "README.md").read_text()
+    assert yaml.safe_load(text.split("---")[1])["library_name"] == "diffusers"
+    assert ("vae=None" in text) == (c.vae is None)  # how to load it depends on whether there is a VAE
+    assert not (models.save_pipeline(c, tmp_path / "plain") / "README.md").exists()
