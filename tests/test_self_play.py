@@ -74,6 +74,16 @@ def test_iterations_differ_and_generated_follow_opponent(finished_run: Path):
     assert not torch.equal(g0, g1)
 
 
+def test_exported_models_carry_a_model_card_with_their_evaluation(finished_run: Path):
+    from spin_diffusion.card import read_metadata
+
+    readme = finished_run / "iter_02" / "model" / "README.md"
+    meta = read_metadata(readme)
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
+    text = readme.read_text()
+    assert "spin_approx" in text and "shapes_judge" in text  # how it was trained, and its evaluation table
+
+
 def test_exported_iteration_loads_in_plain_diffusers(finished_run: Path):
     from diffusers import DiffusionPipeline
 

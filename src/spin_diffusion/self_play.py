@@ -13,6 +13,7 @@ killed half way picks up its own partial work (generation shards, training check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from spin_diffusion import atomic, distributed, models, preemption, preflight, sampling, trainer
+from spin_diffusion import atomic, card, distributed, models, preemption, preflight, sampling, trainer
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
 from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
@@ -255,8 +256,10 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             if state_.is_main_process:
                 models.save_lora(policy, next_dir / "lora")
             policy = models.merge_lora(policy)
+        model_card = card.card_info(cfg, iteration=k + 1, steps=result.steps, data_size=len(cache),
+                                    resolution=resolution)
         if state_.is_main_process:
-            models.save_pipeline(c, next_dir / "model", unet=policy)
+            models.save_pipeline(c, next_dir / "model", unet=policy, card=model_card)
         state_.wait_for_everyone()
         state.mark(f"train:{k + 1}", steps=result.steps, final_loss=result.final_loss,
                    wall_seconds=round(result.wall_seconds, 2))
@@ -266,6 +269,10 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         opponent = policy.eval().requires_grad_(False)
         _stop_if_asked(f"stopped after training θ_{k + 1} (exported to {next_dir / 'model'})")
         evaluate(k + 1, opponent)
+        if state_.is_main_process and state.info.get(f"eval:{k + 1}"):  # the card gets its evaluation table
+            atomic.write_text(next_dir / "model" / "README.md", card.render_card(dataclasses.replace(
+                model_card, evaluation=state.info[f"eval:{k + 1}"], eval_prompts=len(eval_set.prompts),
+                pixel_space=c.vae is None)))
 
     # 6. Report
     report_path = None
