@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from PIL import Image
 
-from spin_diffusion.data import CaptionedImages, PreferencePairs, _digest, _one_line, image_to_tensor
+from spin_diffusion.data import (
+    CaptionedImages,
+    PreferencePairs,
+    _digest,
+    _one_line,
+    check_image_size,
+    image_to_tensor,
+)
 from spin_diffusion.errors import SpinDiffusionError
 
 if TYPE_CHECKING:
@@ -436,13 +443,7 @@ def _cached_encode(
     def pixels_of(fn: Callable[[int], Image.Image], i: int, bad: dict[int, str]) -> torch.Tensor:
         """Row i's image as [3, R, R]; a bad one raises ("error") or is recorded and replaced by zeros ("skip")."""
         try:
-            img = fn(i)
-            if min(img.size) < bad_policy.min_side:
-                raise SpinDiffusionError(
-                    f"{where(i)}: the image is {img.size[0]}x{img.size[1]} px, smaller than data.min_image_side="
-                    f"{bad_policy.min_side}; replace it, remove the row, or set data.on_bad_example=skip"
-                )
-            return image_to_tensor(img, resolution)
+            return image_to_tensor(check_image_size(fn(i), bad_policy.min_side, where(i)), resolution)
         except SpinDiffusionError as err:
             if bad_policy.on_bad == "error":
                 raise

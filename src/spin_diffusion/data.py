@@ -424,6 +424,37 @@ def _column(table: _Table, preferred: str, fallbacks: Sequence[str], what: str, 
 
 
 AUTO_SKIP_ROWS = 10_000  # data.on_bad_example "auto": error below this many rows, skip from it on
+SAMPLE_CHECK_ROWS = 16  # images decoded before any work starts (half the first rows, half spread over the rest)
+
+
+def check_image_size(img: Image.Image, min_side: int, where: str) -> Image.Image:
+    """`img`, or a SpinDiffusionError when its shorter side is below `min_side` pixels (data.min_image_side)."""
+    if min(img.size) < min_side:
+        raise SpinDiffusionError(
+            f"{where}: the image is {img.size[0]}x{img.size[1]} px, smaller than data.min_image_side={min_side}; "
+            "replace it, remove the row, or set data.on_bad_example=skip"
+        )
+    return img
+
+
+def check_sample(source: CaptionedImages | PreferencePairs, *, policy: str, min_side: int) -> None:
+    """Decode a sample of images before any expensive work. With policy "error" the first bad one stops the run;
+    with "skip" only a sample in which nothing is readable does (a wrong column or path prefix, not dirt)."""
+    n = len(source)
+    half = SAMPLE_CHECK_ROWS // 2
+    rows = sorted(set(range(min(n, half))) | {int(i) for i in np.linspace(0, n - 1, num=min(n, half))})
+    readers = [source.winner, source.loser] if isinstance(source, PreferencePairs) else [source.image]
+    errors = []
+    for i in rows:
+        for read in readers:
+            try:
+                check_image_size(read(i), min_side, source.where(i))
+            except SpinDiffusionError as err:
+                if policy == "error":
+                    raise
+                errors.append(str(err))
+    if errors and len(errors) == len(rows) * len(readers):
+        raise SpinDiffusionError(f"none of the {len(errors)} sampled images can be used; first: {errors[0]}")
 
 
 def bad_example_policy(cfg: DataConfig, num_rows: int) -> str:

@@ -78,6 +78,14 @@ class Scorer(Protocol):
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor: ...
 
 
+def check_prompts(scorers: Sequence[Scorer], prompts: Sequence[str]) -> None:
+    """Let every scorer that can refuse prompts (a `check_prompts` method) do so before anything is rendered."""
+    for scorer in scorers:
+        check = getattr(scorer, "check_prompts", None)
+        if check is not None:
+            check(list(prompts))
+
+
 def build_scorer(
     name: str,
     path: str | os.PathLike | None = None,

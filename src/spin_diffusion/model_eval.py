@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from spin_diffusion import data as data_lib
-from spin_diffusion import distributed, evaluation, models, rundir, sampling
+from spin_diffusion import distributed, evaluation, models, preflight, rundir, sampling
 from spin_diffusion.config import RunConfig
 from spin_diffusion.demo import world
 from spin_diffusion.errors import SpinDiffusionError
@@ -168,6 +168,11 @@ def evaluate_models(
     prompts = data_lib.load_prompts(prompts_path)[:num_prompts]
     main = distributed.is_main()  # scorers, FID and the outputs live on the main process; all ranks render
     built = [evaluation.build_scorer(n, scorer_paths.get(n)) for n in scorers] if main else []  # fail early
+    evaluation.check_prompts(built, prompts)  # before any image is rendered
+    for path in model_dirs:  # every model folder, before the first one renders
+        if not (Path(path) / "model_index.json").is_file():
+            raise SpinDiffusionError(f"--model {path} is not a diffusers pipeline folder (no model_index.json)")
+    preflight.check_writable(out_dir, "--out")
     if (fid_reference is None) != (fid_features is None):
         raise SpinDiffusionError("FID needs both --fid-reference (real images) and --fid-features (a CLIP folder)")
     fid_net = evaluation.clip_feature_network(fid_features) if fid_features is not None and main else None

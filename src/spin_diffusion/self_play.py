@@ -166,6 +166,12 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     else:
         images = data_lib.load_captioned_images(cfg.data, seed=cfg.seed)
         build, cache_dir = cache_lib.build_latent_cache, run_dir / "cache" / "real"
+    bad_examples = cache_lib.BadExamples(
+        on_bad=data_lib.bad_example_policy(cfg.data, len(images) + len(getattr(images, "skipped", []))),
+        min_side=cfg.data.min_image_side if cfg.data.min_image_side is not None else resolution // 8,
+        max_fraction=cfg.data.max_bad_fraction,
+    )
+    data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
     preflight.check_writable(run_dir, "run_dir")
     preflight.check_disk(run_dir, disk_estimate(cfg, c, images, resolution),
@@ -175,11 +181,6 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
 
     # 2. Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards,
     #    then all of them read the same files lazily
-    bad_examples = cache_lib.BadExamples(
-        on_bad=data_lib.bad_example_policy(cfg.data, len(images) + len(getattr(images, "skipped", []))),
-        min_side=cfg.data.min_image_side if cfg.data.min_image_side is not None else resolution // 8,
-        max_fraction=cfg.data.max_bad_fraction,
-    )
     cache = build(c, images, cache_dir, resolution=resolution, batch_size=cfg.data.encode_batch_size,
                   model_id=model_id(cfg), dtype=cfg.data.cache_dtype, shard_size=cfg.data.cache_shard_size,
                   bad_examples=bad_examples)
@@ -373,4 +374,5 @@ def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images)
     scorers = []
     if distributed.is_main():  # the other ranks only render
         scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in default_scorer_names(cfg)]
+        evaluation.check_prompts(scorers, prompts)
     return EvalSet(prompts=prompts, embeds=models.encode_prompts(c, prompts), scorers=scorers, reference=reference)

@@ -29,6 +29,20 @@ class ShapesJudgeScorer(BatchedScorer):
         self.name = "shapes_judge" if attribute == "all" else f"shapes_{attribute}"
         self.batch_size = batch_size
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Refuse, before any image is rendered, a prompt the world's judge cannot read."""
+        from spin_diffusion.demo.world import parse_caption
+        from spin_diffusion.errors import SpinDiffusionError
+
+        for i, prompt in enumerate(prompts):
+            try:
+                parse_caption(prompt)
+            except ValueError as err:
+                raise SpinDiffusionError(
+                    f"prompt {i + 1} cannot be scored by {self.name}: {err} (the shapes scorers only judge "
+                    "demo-world captions; use other scorers or prompts)"
+                ) from None
+
     def _score_batch(self, images, prompts):
         verdicts = [self._judge(im, caption) for im, caption in zip(images, prompts, strict=True)]
         return torch.tensor([float(getattr(v, self.attribute)) for v in verdicts], dtype=torch.float32)
