@@ -42,7 +42,8 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 def test_skip_trains_past_bad_examples_and_lists_them(tmp_path: Path):
-    summary = run(_cfg(tmp_path, "data.on_bad_example=skip", "data.max_bad_fraction=0.25"), progress=False)
+    summary = run(_cfg(tmp_path, "data.on_bad_example=skip", "data.max_bad_fraction=0.25", "eval.enabled=true",
+                       "eval.num_prompts=4"), progress=False)
     run_dir = summary.run_dir
     skipped = [json.loads(line) for line in (run_dir / "skipped.jsonl").open()]
     assert len(skipped) == 4
@@ -54,6 +55,9 @@ def test_skip_trains_past_bad_examples_and_lists_them(tmp_path: Path):
     meta = json.loads((run_dir / "iter_00" / "generated" / "meta.json").read_text())
     assert meta["spec"]["num_prompts"] == 16  # θ_0 generated for the usable rows only
     assert (run_dir / "iter_01" / "model" / "model_index.json").exists()
+    from spin_diffusion import report
+
+    assert "Trained on 16 of 20 examples; 4 skipped as unusable" in report.collect_run(run_dir).summary
 
 
 def test_error_policy_stops_at_the_first_bad_example(tmp_path: Path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime
 import io
+import json
 import math
 import mimetypes
 import re
@@ -165,8 +166,15 @@ def collect_run(run_dir: Path, *, lower_is_better: set[str] | None = None) -> Re
         if isinstance(cfg, dict) and isinstance(cfg.get("loss"), dict) and cfg["loss"].get("objective"):
             group = str(cfg["loss"]["objective"])
     state_path = run_dir / rundir.STATE_FILE
+    data_line = ""
     if state_path.is_file():
-        sections.append(("Run state (state.json)", state_path.read_text(encoding="utf-8")))
+        state_text = state_path.read_text(encoding="utf-8")
+        sections.append(("Run state (state.json)", state_text))
+        data = (json.loads(state_text).get("info") or {}).get("data")
+        if data:  # never let a run look as if it trained on every row when it skipped some
+            data_line = f" Trained on {data['used']} of {data['examples']} examples"
+            data_line += (f"; {data['skipped']} skipped as unusable (listed in skipped.jsonl)." if data["skipped"]
+                          else ".")
 
     # 2. One model per evaluated iteration; training curves from every iteration that trained.
     models: list[ModelEntry] = []
@@ -187,7 +195,7 @@ def collect_run(run_dir: Path, *, lower_is_better: set[str] | None = None) -> Re
     baseline = "iter 0" if any(m.name == "iter 0" for m in models) else None
     return ReportData(
         title=f"SPIN-Diffusion run: {run_dir.resolve().name}",
-        summary=_run_summary(models, keys, lower, group),
+        summary=_run_summary(models, keys, lower, group) + data_line,
         models=models,
         curves=curves,
         metric_labels={k: f"{k} ({'lower' if k in lower else 'higher'} is better)" for k in keys},
