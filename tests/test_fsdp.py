@@ -43,7 +43,7 @@ def _ddp_args(run_dir: Path, overrides: list[str]) -> list[str]:
 
 
 def _run(args: list[str], *, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, capture_output=True, text=True, env=env or ENV, timeout=300)
+    done = subprocess.run(args, capture_output=True, text=True, env=env or ENV, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 

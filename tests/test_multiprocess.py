@@ -38,7 +38,7 @@ def _sets(overrides: list[str]) -> list[str]:
     return [a for kv in overrides for a in ("--set", kv)]
 
 
-def _torchrun(command: str, *args: str, nproc: int = 2, check: bool = True, timeout: float = 300):
+def _torchrun(command: str, *args: str, nproc: int = 2, check: bool = True, timeout: float = 900):
     done = subprocess.run(_launch_args(nproc, command, *args), capture_output=True, text=True, env=ENV,
                           timeout=timeout)
     if check:
@@ -93,7 +93,7 @@ def test_two_processes_write_what_one_process_writes(spin_runs):
         assert [r["step"] for r in log] == [1, 2, 3, 4]  # written once (by the main process), not once per rank
     ev_two = json.loads((two / "iter_02" / "eval.json").read_text())
     ev_one = json.loads((one / "iter_02" / "eval.json").read_text())
-    assert ev_two["prompts"] == ev_one["prompts"] and len(ev_two["scores"]["shapes_judge"]) == 8
+    assert ev_two["prompts"] == ev_one["prompts"] and len(ev_two["models"][0]["scores"]["shapes_judge"]) == 8
 
 
 def test_two_processes_batch_b_equal_one_process_batch_2b(spin_runs):
@@ -289,7 +289,7 @@ def _start_nodes(command: str, *args: str) -> list[subprocess.Popen]:
     ]
 
 
-def _wait(nodes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+def _wait(nodes: list[subprocess.Popen], timeout: float = 900) -> list[tuple[int, str]]:
     out = []
     for proc in nodes:
         stdout, stderr = proc.communicate(timeout=timeout)

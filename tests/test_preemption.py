@@ -37,7 +37,7 @@ def _command(nproc: int, run_dir: Path, *extra: str) -> list[str]:
 def reference(request, tmp_path_factory) -> tuple[int, Path]:
     nproc = request.param
     run_dir = tmp_path_factory.mktemp(f"pre{nproc}") / "run"
-    done = subprocess.run(_command(nproc, run_dir), capture_output=True, text=True, env=ENV, timeout=300)
+    done = subprocess.run(_command(nproc, run_dir), capture_output=True, text=True, env=ENV, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return nproc, run_dir
 
@@ -74,7 +74,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(tmp_path: Path, re
         assert len(ckpts) == 1 and 3 <= int(ckpts[0].name[5:]) < 40  # written at the step the signal stopped
     else:
         assert "generate:0" not in completed
-    done = subprocess.run(_command(nproc, run_dir, "--resume"), capture_output=True, text=True, env=ENV, timeout=300)
+    done = subprocess.run(_command(nproc, run_dir, "--resume"), capture_output=True, text=True, env=ENV, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     w, ref = _unet(run_dir), _unet(ref_dir)
     for name in ref:

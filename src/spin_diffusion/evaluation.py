@@ -280,7 +280,9 @@ def frechet_distance_metric(
         if not isinstance(num, int):
             probe = pil_to_tensor(images_a[: min(batch_size, len(images_a))], size).to(device)
             num = int(net(probe).reshape(probe.shape[0], -1).shape[1])
-        metric = FrechetInceptionDistance(feature=_Features(net, num), normalize=True).to(device)
+        # sync_on_compute=False: the images are all here (the main process scores alone); a synced compute()
+        # would wait, inside a multi-process run, for ranks that never call it
+        metric = FrechetInceptionDistance(feature=_Features(net, num), normalize=True, sync_on_compute=False).to(device)
         for images, real in ((images_a, True), (images_b, False)):
             for sl in batches(len(images), batch_size):
                 metric.update(pil_to_tensor(images[sl], size).to(device), real=real)
