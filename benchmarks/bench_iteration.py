@@ -109,13 +109,21 @@ def _print_flops(name: str, fl: dict[str, float]) -> None:
 
 
 def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    return _compare([fn], repeats)[0]
+
+
+def _compare(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, run interleaved (a, b, c, a, b, c, ...) after one warm-up each, so that
+    load from other processes hits every candidate alike and the ratios stay meaningful."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def section_flops(c: models.Components, name: str) -> None:
@@ -156,7 +164,7 @@ def section_generate(c, device, batch: int, steps: int, repeats: int) -> None:
              num_inference_steps=steps, guidance_scale=7.5, height=side, width=side, output_type="latent",
              generator=[torch.Generator().manual_seed(s) for s in seeds])
 
-    t_ours, t_pipe = _timed(ours, repeats), _timed(diffusers_pipe, repeats)
+    t_ours, t_pipe = _compare([ours, diffusers_pipe], repeats)
     print(f"generate  ours {batch / t_ours:8.2f} img/s   diffusers pipeline {batch / t_pipe:8.2f} img/s   "
           f"pipeline time / ours = {t_pipe / t_ours:.2f}x  (DDIM{steps}+CFG, batch {batch}, latents only)")
 
@@ -171,21 +179,19 @@ def section_options(c, device, batch: int, steps: int, repeats: int) -> None:
         return lambda: sampling.sample(c.unet, c.scheduler.config, embeds[:n], negative, seeds=list(range(n)),
                                        latent_shape=shape, guidance_scale=7.5, **kw)
 
-    base = _timed(run(), repeats)
-    print(f"options   DDIM{steps} fp32 batch {batch}: {batch / base:8.2f} img/s (= 1.00x)")
     low = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
-    for label, fn in ((f"dtype {low}", run(dtype=low)),
-                      ("dtype fp16", run(dtype="fp16")),
-                      (f"dpmsolver++ {steps // 2} steps", run(num_steps=steps // 2, scheduler="dpmsolver++"))):
-        try:
-            sec = _timed(fn, repeats)
-        except RuntimeError as err:  # e.g. fp16 autocast unsupported on this CPU build
-            print(f"options   {label}: not available ({str(err).splitlines()[0][:80]})")
-            continue
-        print(f"options   {label:24s}: {batch / sec:8.2f} img/s  speed-up {base / sec:.2f}x")
-    for n in (max(1, batch // 4), batch * 2):
-        sec = _timed(run(n=n), repeats)
-        print(f"options   batch {n:3d}                : {n / sec:8.2f} img/s  speed-up {base / batch * n / sec:.2f}x")
+    small, large = max(1, batch // 4), batch * 2
+    cands = {f"DDIM{steps} fp32 batch {batch}": run(), f"dtype {low}": run(dtype=low), "dtype fp16": run(dtype="fp16"),
+             f"dpmsolver++ {steps // 2} steps": run(num_steps=steps // 2, scheduler="dpmsolver++"),
+             f"batch {small}": run(n=small), f"batch {large}": run(n=large)}
+    if low == "fp16":
+        del cands["dtype fp16"]
+    images = {name: small if name == f"batch {small}" else large if name == f"batch {large}" else batch
+              for name in cands}
+    secs = dict(zip(cands, _compare(list(cands.values()), repeats), strict=True))
+    base = secs[f"DDIM{steps} fp32 batch {batch}"] / batch
+    for name, sec in secs.items():
+        print(f"options   {name:24s}: {images[name] / sec:8.2f} img/s  speed-up {base / (sec / images[name]):.2f}x")
 
 
 def section_train(c, device, batch: int, repeats: int) -> None:
