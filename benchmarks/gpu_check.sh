@@ -14,13 +14,14 @@ export HF_HUB_OFFLINE=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${1:-}" == "--cpu" ]]; then
-  DEVICE=cpu; BATCH=4; STEPS=4; PROMPTS=16; REPEATS=1; ITERS_PROMPTS=32; TRAIN_STEPS=4; EVAL=8; ITER_STEPS=8
+  DEVICE=cpu; BATCH=4; STEPS=4; PROMPTS=32; REPEATS=1; ITERS_PROMPTS=32; TRAIN_STEPS=4; EVAL=8; ITER_STEPS=8
   export CUDA_VISIBLE_DEVICES=""
 else
-  DEVICE=cuda; BATCH=32; STEPS=50; PROMPTS=512; REPEATS=3; ITERS_PROMPTS=256; TRAIN_STEPS=40; EVAL=64; ITER_STEPS=50
+  DEVICE=cuda; BATCH=32; STEPS=50; PROMPTS=512; REPEATS=3; ITERS_PROMPTS=256; TRAIN_STEPS=8; EVAL=64; ITER_STEPS=50
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device; use --cpu')"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 fi
+MIXED=(); [[ $DEVICE == cuda ]] && MIXED=(--set train.mixed_precision=bf16)
 rm -rf "$OUT" && mkdir -p "$OUT"
 step() { local limit=$1; shift; echo; echo "=== [$limit s] $*"; timeout "$limit" "$@"; }
 
@@ -34,12 +35,12 @@ step 300 "$PY" benchmarks/bench_iteration.py --device "$DEVICE" --batch "$BATCH"
   --repeats "$REPEATS" --iteration-prompts "$ITERS_PROMPTS" 2>&1 | tee "$OUT/bench_iteration.txt"
 
 # 3. A 2-iteration self-play run on the demo model and shapes world (sample.dtype=auto: bf16 generation on CUDA),
-#    with training visiting only part of the prompts (max_steps x batch < prompts: partial generation)
+#    with training visiting half of the prompts (max_steps x batch = prompts / 2: partial generation)
 step 150 "$PY" -m spin_diffusion.cli spin --config configs/tiny.yaml --run-dir "$OUT/run" \
   --set model.preset=demo --set num_iterations=2 --set data.num_builtin="$PROMPTS" \
   --set sample.num_steps="$ITER_STEPS" --set sample.guidance_scale=7.5 --set sample.batch_size="$BATCH" \
   --set sample.shard_size=64 --set train.batch_size="$BATCH" --set train.max_steps="$TRAIN_STEPS" \
-  --set train.mixed_precision="$([[ $DEVICE == cuda ]] && echo bf16 || echo no)" \
+  "${MIXED[@]}" \
   --set eval.num_prompts="$EVAL" 2>&1 | tail -n 20 | tee "$OUT/run.txt"
 "$PY" - "$OUT/run" <<'PYEOF'
 import json, sys
@@ -50,6 +51,7 @@ assert state["completed"][-1] == "eval:2", state["completed"]
 for k in (0, 1):
     meta = json.loads((run / f"iter_{k:02d}" / "generated" / "meta.json").read_text())
     n, total = meta["num_generated"], meta["spec"]["num_prompts"]
+    assert n == total // 2, f"expected half of the {total} prompts generated (train.max_steps x batch), got {n}"
     print(f"iteration {k}: generated {n} of {total} prompts ({meta['spec']['dtype']}, {meta['spec']['scheduler']}); "
           f"train {state['info'][f'train:{k + 1}']['wall_seconds']} s; metrics {state['info'].get(f'eval:{k + 1}')}")
 PYEOF
