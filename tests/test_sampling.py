@@ -380,3 +380,82 @@ def test_generation_folder_from_before_store_dtype_resumes(tiny, sched_cfg, embe
     (tmp_path / "shard_00001.safetensors").unlink()
     _generate(tiny, sched_cfg, embeds, tmp_path, spec)  # no "other settings" error
     assert sampling.is_complete(tmp_path, spec.num_prompts, spec.shard_size)
+
+
+# ------------------------------------------------------------------ partial generation, samplers, dtypes
+
+
+def test_generate_shards_only_the_given_prompts_in_their_order(tiny, sched_cfg, embeds, tmp_path, monkeypatch):
+    """spec.prompts: shards hold those prompts in that order, rows stay indexed by prompt, the others are absent."""
+    order = (4, 1, 5)
+    spec = _spec(num_prompts=6, prompts=order)
+    sampled: list[int] = []
+    real_sample = sampling.sample
+
+    def counting_sample(*args, **kwargs):
+        sampled.extend(kwargs["seeds"])
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", counting_sample)
+    _generate(tiny, sched_cfg, embeds, tmp_path, spec)
+    assert sampled == [sampling.sample_seed(3, 1, i) for i in order]  # nothing else was sampled
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "shard_00000.safetensors",
+                                                          "shard_00001.safetensors"]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["prompts"] == list(order) and meta["num_generated"] == 3
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "shard_00000.safetensors"))["indices"].tolist() == [4, 1]
+
+    full = tmp_path / "full"
+    _generate(tiny, sched_cfg, embeds, full, _spec(num_prompts=6))
+    got, ref = sampling.load_generated(tmp_path), sampling.load_generated(full)
+    assert got.latents.shape == ref.latents.shape and got.prompts.tolist() == list(order) and ref.prompts is None
+    idx = torch.tensor([5, 4, 4, 1])
+    # same per-prompt seeds: the same samples (up to float rounding: the batches hold other prompts)
+    torch.testing.assert_close(got.latents[idx], ref.latents[idx], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.trajectory[idx], ref.trajectory[idx], atol=1e-5, rtol=1e-5)
+    with pytest.raises(IndexError, match="not stored"):
+        got.latents[[0]]
+
+    # Resume: only the missing shard; another set of prompts is refused.
+    (tmp_path / "shard_00001.safetensors").unlink()
+    sampled.clear()
+    _generate(tiny, sched_cfg, embeds, tmp_path, spec)
+    assert sampled == [sampling.sample_seed(3, 1, 5)]
+    assert torch.equal(sampling.load_generated(tmp_path).latents[idx], got.latents[idx])  # resume: bit-identical
+    with pytest.raises(SpinDiffusionError, match="other prompts"):
+        _generate(tiny, sched_cfg, embeds, tmp_path, replace(spec, prompts=(4, 1, 0)))
+    with pytest.raises(SpinDiffusionError, match="other prompts"):
+        _generate(tiny, sched_cfg, embeds, tmp_path, replace(spec, prompts=None))
+
+
+@pytest.mark.parametrize(("scheduler", "dtype"), [("dpmsolver++", None), ("ddim", "bf16"), ("dpmsolver++", "bf16")])
+def test_other_samplers_and_dtypes_are_seeded_and_batch_invariant(tiny, sched_cfg, embeds, scheduler, dtype):
+    cond, neg = embeds
+    kw = dict(num_steps=4, guidance_scale=2.0, scheduler=scheduler, dtype=dtype)
+    whole = _sample(tiny, sched_cfg, cond[:4], neg, _seeds(4), **kw)
+    again = _sample(tiny, sched_cfg, cond[:4], neg, _seeds(4), **kw)
+    assert torch.equal(whole.latents, again.latents)
+    parts = torch.cat([_sample(tiny, sched_cfg, cond[i:i + 2], neg, _seeds(2, start=i), **kw).latents for i in (0, 2)])
+    torch.testing.assert_close(parts, whole.latents, atol=1e-2 if dtype else 1e-5, rtol=1e-2 if dtype else 1e-5)
+    assert next(tiny.unet.parameters()).dtype == torch.float32  # autocast leaves the module as it was
+    base = _sample(tiny, sched_cfg, cond[:4], neg, _seeds(4), num_steps=4, guidance_scale=2.0)
+    assert not torch.equal(whole.latents, base.latents)
+    assert torch.isfinite(whole.latents).all()
+    if scheduler == "ddim":  # bf16 autocast: close to the fp32 samples
+        torch.testing.assert_close(whole.latents, base.latents, atol=0.1, rtol=0.1)
+
+
+def test_sampler_and_dtype_errors(tiny, sched_cfg, embeds):
+    from spin_diffusion.config import load_config
+
+    cond, neg = embeds
+    with pytest.raises(ValueError, match="eta > 0"):
+        _sample(tiny, sched_cfg, cond[:1], neg, _seeds(1), scheduler="dpmsolver++", eta=0.5)
+    with pytest.raises(SpinDiffusionError, match="spin_exact needs sample.scheduler=ddim"):
+        load_config(None, ["loss.objective=spin_exact", "sample.scheduler=dpmsolver++"])
+    with pytest.raises(SpinDiffusionError, match="sample.eta"):
+        load_config(None, ["sample.eta=0.5", "sample.scheduler=dpmsolver++"])
+    assert sampling.resolve_dtype("auto", "cpu") == "fp32" and sampling.resolve_dtype("auto", "cuda") == "bf16"
+    assert sampling.resolve_dtype("fp16", "cpu") == "fp16"

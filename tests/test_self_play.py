@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from spin_diffusion import rundir
 from spin_diffusion.config import load_config
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.self_play import run
+from spin_diffusion.self_play import run, train_seed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -166,6 +166,85 @@ def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: 
     _assert_same_weights(reference_run / "iter_01" / "model", run_dir / "iter_01" / "model")
     steps = [json.loads(line)["step"] for line in (run_dir / "iter_01" / "train" / "train_log.jsonl").open()]
     assert steps == list(range(1, 13))
+
+
+PARTIAL = ["train.max_steps=3", "sample.shard_size=1"]  # 3 steps x batch 4 = 12 of the 48 prompts, 12 shards
+
+
+@pytest.fixture(scope="module")
+def partial_reference_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ref_partial") / "run"
+    subprocess.run(_cli(run_dir, *[a for kv in PARTIAL for a in ("--set", kv)]), check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return run_dir
+
+
+def test_kill9_during_partial_generation_then_resume_completes_identically(tmp_path: Path, partial_reference_run):
+    run_dir = tmp_path / "run"
+    gen = run_dir / "iter_00" / "generated"
+    sets = [a for kv in PARTIAL for a in ("--set", kv)]
+    proc = subprocess.Popen(_cli(run_dir, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    try:
+        while not (gen / "shard_00001.safetensors").exists():
+            assert proc.poll() is None, "the run finished before it could be killed"
+            assert time.time() < deadline, "timed out waiting for the kill point"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (gen / "shard_00011.safetensors").exists()
+    done = subprocess.run(_cli(run_dir, *sets, "--resume"), capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    shards = sorted(p.name for p in gen.glob("shard_*.safetensors"))
+    assert shards == [f"shard_{i:05d}.safetensors" for i in range(12)]  # 12 of 48 prompts, nothing else
+    ref_gen = partial_reference_run / "iter_00" / "generated"
+    assert json.loads((gen / "meta.json").read_text()) == json.loads((ref_gen / "meta.json").read_text())
+    for name in shards:
+        new, ref = load_file(str(gen / name)), load_file(str(ref_gen / name))
+        assert torch.equal(new["indices"], ref["indices"]) and torch.equal(new["latents"], ref["latents"])
+    wa, wb = _unet_weights(partial_reference_run / "iter_01" / "model"), _unet_weights(run_dir / "iter_01" / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_partial_generation_generates_what_training_visits_and_trains_the_same(tmp_path: Path, monkeypatch):
+    """max_steps x batch covering half the prompts generates half of them (in the order training visits them), and
+    trains the same weights as generating every prompt."""
+    from spin_diffusion import sampling, trainer
+
+    overrides = ["num_iterations=1", "eval.enabled=false", "train.max_steps=2", "sample.batch_size=1"]
+    run(load_config(TINY, [*overrides, f"run_dir={tmp_path / 'part'}"]), progress=False)
+    gen = tmp_path / "part" / "iter_00" / "generated"
+    meta = json.loads((gen / "meta.json").read_text())
+    assert meta["num_generated"] == 8 and len(meta["prompts"]) == 8  # 2 steps x batch 4 of 16 prompts
+    assert sorted(p.name for p in gen.glob("shard_*")) == ["shard_00000.safetensors"]
+    state = json.loads((tmp_path / "part" / "state.json").read_text())
+    assert state["info"]["generate:0"] == {"generated": 8, "prompts": 16}
+    stream = trainer._IndexStream(16, train_seed(load_config(TINY, overrides), 0))
+    assert meta["prompts"] == list(dict.fromkeys(stream.take(0, 8).tolist()))
+    assert load_file(str(gen / "shard_00000.safetensors"))["indices"].tolist() == meta["prompts"]
+
+    # The same run generating every prompt (as before this change) trains bit-identical weights.
+    monkeypatch.setattr(trainer, "visited_rows", lambda n, seed, positions: torch.arange(n))
+    run(load_config(TINY, [*overrides, f"run_dir={tmp_path / 'full'}"]), progress=False)
+    full = sampling.load_generated(tmp_path / "full" / "iter_00" / "generated")
+    assert full.prompts is None and full.latents.shape[0] == 16
+    part = sampling.load_generated(gen)
+    assert torch.equal(part.latents[part.prompts], full.latents[part.prompts])
+    wa, wb = _unet_weights(tmp_path / "part" / "iter_01" / "model"), _unet_weights(tmp_path / "full" / "iter_01" / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_every_prompt_visited_keeps_the_prompt_order_layout(finished_run: Path):
+    """f = 1: meta.json records no subset and shards hold consecutive prompt indices, exactly as before."""
+    for k in (0, 1):
+        gen = finished_run / f"iter_{k:02d}" / "generated"
+        meta = json.loads((gen / "meta.json").read_text())
+        assert meta["prompts"] is None and meta["num_generated"] == 16
+        indices = torch.cat([load_file(str(gen / f"shard_{s:05d}.safetensors"))["indices"] for s in (0, 1)])
+        assert indices.tolist() == list(range(16))
 
 
 # ------------------------------------------------------------------------------------------------------------

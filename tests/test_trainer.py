@@ -432,6 +432,20 @@ def test_data_check_errors():
     data.check("sft")
 
 
+@pytest.mark.parametrize(("n", "positions"), [(10, 1), (10, 7), (10, 10), (10, 25), (1, 3)])
+def test_visited_rows_are_the_distinct_rows_of_the_stream_in_first_visit_order(n, positions):
+    taken = trainer._IndexStream(n, seed=5).take(0, positions).tolist()
+    first_visits = list(dict.fromkeys(taken))
+    assert trainer.visited_rows(n, 5, positions).tolist() == first_visits
+    assert len(first_visits) == min(n, positions)
+
+
+def test_stream_positions():
+    cfg = TrainConfig(batch_size=3, gradient_accumulation_steps=2, max_steps=5)
+    assert trainer.stream_positions(100, cfg, world_size=2) == 5 * 2 * 2 * 3
+    assert trainer.stream_positions(10, TrainConfig(batch_size=4, epochs=1.0), world_size=1) == 12  # ceil(10/4)*4
+
+
 def test_num_optimizer_steps():
     f = trainer.num_optimizer_steps
     assert f(1000, TrainConfig(max_steps=7)) == 7

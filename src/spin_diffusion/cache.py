@@ -115,7 +115,8 @@ class RowStore:
 
     ``store[i]`` (int), ``store[a:b]`` (slice), ``store[[...]]`` / ``store[LongTensor]`` (any order,
     duplicates allowed) read just those rows and return a float32 CPU tensor. With ``index_map`` ([N] long),
-    logical row i is stored row ``index_map[i]`` (the deduplicated caption embeddings). Pickles as paths and
+    logical row i is stored row ``index_map[i]`` (the deduplicated caption embeddings), or absent when that is -1
+    (reading it raises IndexError; the opponent's samples of prompts that training does not visit). Pickles as paths and
     offsets only, so it can travel into DataLoader workers.
     """
 
@@ -135,7 +136,7 @@ class RowStore:
         self._row_bytes = self.row_shape.numel() * torch.empty((), dtype=storage_dtype).element_size()
         if index_map is not None:
             index_map = torch.as_tensor(index_map, dtype=torch.long).reshape(-1)
-            if len(index_map) and (int(index_map.min()) < 0 or int(index_map.max()) >= self.num_stored):
+            if len(index_map) and (int(index_map.min()) < -1 or int(index_map.max()) >= self.num_stored):
                 raise ValueError(f"index_map points outside the {self.num_stored} stored rows")
         self.index_map = index_map
 
@@ -198,7 +199,9 @@ class RowStore:
                 raise IndexError(f"index out of range for a RowStore of {n} rows")
         flat = rows.reshape(-1)
         if self.index_map is not None:
-            flat = self.index_map[flat]
+            logical, flat = flat, self.index_map[flat]
+            if flat.numel() and int(flat.min()) < 0:  # -1: a row that was never stored (e.g. a prompt not generated)
+                raise IndexError(f"row {int(logical[flat < 0][0])} of this RowStore was not stored")
         unique, inverse = torch.unique(flat, return_inverse=True)  # sorted: contiguous runs coalesce
         out = self._read_sorted(unique.tolist())[inverse].float()
         return out.reshape(*rows.shape, *self.row_shape)

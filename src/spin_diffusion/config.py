@@ -82,6 +82,9 @@ class SampleConfig:
     shard_size: int = 256  # prompts per saved shard (the unit of resumption)
     negative_prompt: str = ""  # unconditional prompt for guidance
     store_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage dtype of sampled latents/trajectories (reads: fp32)
+    # Opponent generation only (evaluation images always use fp32 DDIM, so scores stay comparable):
+    scheduler: Literal["ddim", "dpmsolver++"] = "ddim"  # dpmsolver++: as good at ~20 steps as DDIM at 50; spin_approx
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # UNet compute dtype (autocast); auto: bf16 on CUDA, else fp32
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,12 @@ class RunConfig:
             raise SpinDiffusionError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.data.path is not None and self.data.builtin is not None:
             raise SpinDiffusionError("set either data.path or data.builtin, not both")
+        if self.sample.scheduler != "ddim" and self.loss.objective == "spin_exact":
+            raise SpinDiffusionError(f"spin_exact needs sample.scheduler=ddim (it inverts the DDIM step), "
+                                     f"not {self.sample.scheduler}; or use loss.objective=spin_approx")
+        if self.sample.scheduler != "ddim" and self.sample.eta != 0:
+            raise SpinDiffusionError(f"sample.eta > 0 needs sample.scheduler=ddim ({self.sample.scheduler} is "
+                                     "deterministic); set sample.eta=0")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Seeded, batched DDIM sampling with classifier-free guidance, and the sharded writer of opponent samples.
 
-The opponent θ_k draws one image per training prompt. Every draw is keyed by ``sample_seed(run_seed,
+The opponent θ_k draws one image per training prompt that training visits (all of them unless the iteration
+stops before the end of its first epoch). Every draw is keyed by ``sample_seed(run_seed,
 iteration, prompt_index)`` alone, so regenerating one prompt, changing the batch size or resuming after a
 kill gives bit-identical latents. Samples are kept as latents (never decoded and re-encoded) and, for the
 exact objective, with the whole trajectory x'_T … x'_0 plus the sampler's schedule.
@@ -17,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -26,6 +27,8 @@ from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, read_header
 from spin_diffusion.errors import SpinDiffusionError
 
 META_FILE = "meta.json"
+SAMPLERS = ("ddim", "dpmsolver++")  # `sample.scheduler`; only DDIM has the invertible step spin_exact needs
+SAMPLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sample_seed(run_seed: int, iteration: int, prompt_index: int) -> int:
@@ -37,6 +40,27 @@ def sample_seed(run_seed: int, iteration: int, prompt_index: int) -> int:
 def ddim_scheduler(scheduler_config: dict) -> DDIMScheduler:
     """The sampler used for opponent and evaluation images: DDIM on the model's own noise schedule."""
     return DDIMScheduler.from_config(scheduler_config)
+
+
+def make_scheduler(name: str, scheduler_config: dict):
+    """`sample.scheduler` on the model's noise schedule: "ddim" (η-DDIM; its step can be inverted for the implied
+    noise, so spin_exact uses it) or "dpmsolver++" (2nd-order multistep DPM-Solver++, deterministic; good images in
+    ~20 steps where DDIM needs ~50; spin_approx only)."""
+    if name == "ddim":
+        return ddim_scheduler(scheduler_config)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown sampler {name!r}; use one of {SAMPLERS}")
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> str:
+    """`sample.dtype` -> "fp32" | "bf16" | "fp16": "auto" is bf16 on CUDA and fp32 elsewhere (bf16 matmuls on
+    CPUs without bf16 units are slower than fp32)."""
+    if name == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if name not in SAMPLE_DTYPES:
+        raise ValueError(f"unknown sample dtype {name!r}; use auto, fp32, bf16 or fp16")
+    return name
 
 
 class SampleOutput(NamedTuple):
@@ -63,8 +87,10 @@ def sample(
     guidance_scale: float,
     eta: float = 0.0,
     return_trajectory: bool = False,
+    scheduler: str = "ddim",
+    dtype: str | None = None,
 ) -> SampleOutput:
-    """DDIM sampling with classifier-free guidance.
+    """DDIM (or DPM-Solver++) sampling with classifier-free guidance.
 
     Args:
         unet: a diffusers UNet2DConditionModel (or any callable with its signature returning `.sample`).
@@ -74,13 +100,21 @@ def sample(
         seeds: one seed per sample; sample i depends on seeds[i] only (batch-size invariant).
         latent_shape: `(C, h, w)`.
         eta: DDIM η; the per-step noise (η > 0) is also drawn from each sample's own generator.
+        scheduler: "ddim" or "dpmsolver++" (η must be 0), see `make_scheduler`.
+        dtype: None or the UNet's own dtype runs the UNet as it is; "bf16" / "fp16" run its forward passes under
+            autocast (the module keeps its weights; the scheduler's arithmetic stays float32).
     """
     batch = prompt_embeds.shape[0]
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
+    if scheduler != "ddim" and eta > 0:
+        raise ValueError(f"eta > 0 needs the ddim sampler, not {scheduler}")
     param = next(unet.parameters())  # type: ignore[attr-defined]
-    device, dtype = param.device, param.dtype
-    scheduler = ddim_scheduler(scheduler_config)
+    device, param_dtype = param.device, param.dtype
+    compute = SAMPLE_DTYPES[dtype] if dtype is not None else param_dtype
+    autocast = torch.autocast(device.type, dtype=compute, enabled=compute != param_dtype)
+    dtype = param_dtype
+    sampler_name, scheduler = scheduler, make_scheduler(scheduler, scheduler_config)
     scheduler.set_timesteps(num_steps)
     use_cfg = guidance_scale != 1.0
     cond = prompt_embeds.to(device, dtype)
@@ -95,16 +129,21 @@ def sample(
 
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(latents, t).to(dtype)
+        with autocast:
+            if use_cfg:
+                out = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=context).sample.float()
+            else:
+                model_out = unet(model_in, t, encoder_hidden_states=cond).sample.float()
         if use_cfg:
-            out = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=context).sample.float()
             uncond_out, cond_out = out.chunk(2)
             model_out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        if sampler_name == "ddim":
+            variance_noise = None
+            if eta > 0:
+                variance_noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+            latents = scheduler.step(model_out, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
         else:
-            model_out = unet(model_in, t, encoder_hidden_states=cond).sample.float()
-        variance_noise = None
-        if eta > 0:
-            variance_noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
-        latents = scheduler.step(model_out, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
+            latents = scheduler.step(model_out, t, latents).prev_sample
         if trajectory is not None:
             trajectory.append(latents.cpu())
 
@@ -130,11 +169,21 @@ class GenerationSpec:
     store_trajectory: bool
     shard_size: int
     store_dtype: StoreDtype = "fp32"  # dtype of the stored latents / trajectories (reads return float32)
+    scheduler: str = "ddim"  # sampler (`make_scheduler`)
+    dtype: str = "fp32"  # compute dtype of the UNet's forward passes (resolved: fp32 | bf16 | fp16)
+    # Prompt indices to sample, in the order the shards hold them (the order training first visits them);
+    # None = all num_prompts in prompt order. Recorded in meta.json as "prompts".
+    prompts: tuple[int, ...] | None = None
 
     def to_json(self) -> dict:
         d = self.__dict__.copy()
         d["latent_shape"] = list(self.latent_shape)
+        del d["prompts"]
         return d
+
+    def order(self) -> list[int]:
+        """The prompt indices sampled, shard by shard."""
+        return list(range(self.num_prompts)) if self.prompts is None else list(self.prompts)
 
 
 def _shard_path(out_dir: Path, shard: int) -> Path:
@@ -150,9 +199,14 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, 
     """Write meta.json, or check that an existing one holds the same spec; `check_only` never writes."""
     sched = ddim_scheduler(scheduler_config)
     sched.set_timesteps(spec.num_steps)
+    sampler = make_scheduler(spec.scheduler, scheduler_config)
+    sampler.set_timesteps(spec.num_steps)
     meta = {
         "spec": spec.to_json(),
-        "timesteps": sched.timesteps.tolist(),
+        # which prompts were sampled (shard order); null = all of them in prompt order
+        "num_generated": len(spec.order()),
+        "prompts": None if spec.prompts is None else list(spec.prompts),
+        "timesteps": sampler.timesteps.tolist(),
         "alphas_cumprod": sched.alphas_cumprod.tolist(),
         "final_alpha_cumprod": float(sched.final_alpha_cumprod),
         "num_train_timesteps": int(sched.config.num_train_timesteps),
@@ -160,10 +214,18 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, 
     path = out_dir / META_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        if {"store_dtype": "fp32", **old["spec"]} != meta["spec"]:  # folders from before store_dtype are fp32
+        # folders from before these settings: fp32 storage, DDIM in fp32, every prompt
+        old_spec = {"store_dtype": "fp32", "scheduler": "ddim", "dtype": "fp32", **old["spec"]}
+        if old_spec != meta["spec"]:
             raise SpinDiffusionError(
                 f"{out_dir} holds samples made with other settings ({old['spec']}); "
                 "delete that folder or restore the original config to resume"
+            )
+        if old.get("prompts") != meta["prompts"]:
+            raise SpinDiffusionError(
+                f"{out_dir} holds samples of other prompts ({old.get('num_generated', spec.num_prompts)} generated, "
+                f"now {meta['num_generated']}: the training length, batch or number of processes changed); "
+                "delete that folder or restore the original settings to resume"
             )
         return
     if check_only:
@@ -184,10 +246,10 @@ def generate_shards(
     world_size: int = 1,
     progress: bool = True,
 ) -> None:
-    """Sample one image per prompt with θ_k and write `shard_XXXXX.safetensors` files to `out_dir`.
+    """Sample one image per prompt of `spec.order()` with θ_k and write `shard_XXXXX.safetensors` files to `out_dir`.
 
-    Each shard holds `indices [n]`, `latents [n, C, h, w]` and, when `spec.store_trajectory`, `trajectory
-    [n, S+1, C, h, w]`. Finished shards are skipped, so a killed run resumes where it stopped; shards are
+    Shard s holds the prompts `spec.order()[s·shard_size : (s+1)·shard_size]`: `indices [n]` (their prompt
+    indices), `latents [n, C, h, w]` and, when `spec.store_trajectory`, `trajectory [n, S+1, C, h, w]`. Finished shards are skipped, so a killed run resumes where it stopped; shards are
     written atomically. With several processes, process `rank` takes shards `rank, rank + world_size, …`.
 
     Args:
@@ -204,17 +266,20 @@ def generate_shards(
     # Every rank checks an existing meta.json: otherwise rank > 0 would add shards made with other settings
     # to a folder that rank 0 refuses, and a later resume with the original settings would keep them.
     _write_meta(out, spec, scheduler_config, check_only=rank != 0)
-    num_shards = math.ceil(n / spec.shard_size)
+    order = spec.order()
+    if order and (min(order) < 0 or max(order) >= n or len(set(order)) != len(order)):
+        raise ValueError("spec.prompts must be distinct prompt indices in [0, num_prompts)")
+    num_shards = math.ceil(len(order) / spec.shard_size)
     todo = [s for s in range(rank, num_shards, world_size) if not _shard_path(out, s).exists()]
-    bar = tqdm(total=sum(min(spec.shard_size, n - s * spec.shard_size) for s in todo), desc=f"generate θ_{spec.iteration}",
-               disable=not progress, unit="img")
+    bar = tqdm(total=sum(len(order[s * spec.shard_size:(s + 1) * spec.shard_size]) for s in todo),
+               desc=f"generate θ_{spec.iteration}", disable=not progress, unit="img")
     for shard in todo:
         if preemption.requested():  # SIGTERM/SIGINT: keep the finished shards, the caller stops the run
             break
-        lo, hi = shard * spec.shard_size, min(n, (shard + 1) * spec.shard_size)
+        rows = order[shard * spec.shard_size:(shard + 1) * spec.shard_size]
         latents, trajs = [], []
-        for start in range(lo, hi, batch_size):
-            idx = list(range(start, min(hi, start + batch_size)))
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start:start + batch_size]
             result = sample(
                 unet,
                 scheduler_config,
@@ -226,12 +291,14 @@ def generate_shards(
                 guidance_scale=spec.guidance_scale,
                 eta=spec.eta,
                 return_trajectory=spec.store_trajectory,
+                scheduler=spec.scheduler,
+                dtype=spec.dtype,
             )
             latents.append(result.latents.to(store_dtype))
             if result.trajectory is not None:
                 trajs.append(result.trajectory.to(store_dtype))
             bar.update(len(idx))
-        tensors = {"indices": torch.arange(lo, hi), "latents": torch.cat(latents)}
+        tensors = {"indices": torch.tensor(rows, dtype=torch.long), "latents": torch.cat(latents)}
         if trajs:
             tensors["trajectory"] = torch.cat(trajs)
         _atomic_save(tensors, _shard_path(out, shard))
@@ -239,6 +306,7 @@ def generate_shards(
 
 
 def is_complete(out_dir: str | Path, num_prompts: int, shard_size: int) -> bool:
+    """Whether meta.json and every shard exist (num_prompts: how many prompts were to be generated)."""
     out = Path(out_dir)
     return (out / META_FILE).exists() and all(
         _shard_path(out, s).exists() for s in range(math.ceil(num_prompts / shard_size))
@@ -247,7 +315,8 @@ def is_complete(out_dir: str | Path, num_prompts: int, shard_size: int) -> bool:
 
 @dataclass
 class GeneratedSet:
-    """The opponent's samples for every training prompt, in prompt order; rows are read from disk on demand."""
+    """The opponent's samples indexed by prompt (row i = prompt i); rows are read from disk on demand. When only
+    some prompts were generated (`prompts`), reading another prompt's row raises IndexError."""
 
     latents: RowStore  # [N, C, h, w]
     trajectory: RowStore | None  # [N, S+1, C, h, w]
@@ -255,6 +324,7 @@ class GeneratedSet:
     alphas_cumprod: torch.Tensor  # [T_train] ᾱ of the noise schedule
     final_alpha_cumprod: float  # ᾱ used after the last step (DDIM's set_alpha_to_one)
     eta: float
+    prompts: torch.Tensor | None = None  # [M] the generated prompt indices in shard order; None = all N
 
 
 def load_generated(out_dir: str | Path) -> GeneratedSet:
@@ -268,11 +338,17 @@ def load_generated(out_dir: str | Path) -> GeneratedSet:
     meta = json.loads(meta_path.read_text())
     spec = meta["spec"]
     n, shard_size = spec["num_prompts"], spec["shard_size"]
-    paths = [_shard_path(out, shard) for shard in range(math.ceil(n / shard_size))]
+    prompts = meta.get("prompts")
+    order = torch.arange(n) if prompts is None else torch.tensor(prompts, dtype=torch.long)
+    index_map = None
+    if prompts is not None:  # prompt i -> stored row, -1 for prompts that were not generated
+        index_map = torch.full((n,), -1, dtype=torch.long)
+        index_map[order] = torch.arange(len(order))
+    paths = [_shard_path(out, shard) for shard in range(math.ceil(len(order) / shard_size))]
     for shard, path in enumerate(paths):
         if not path.exists():
             raise SpinDiffusionError(f"generation in {out} is incomplete ({path.name} missing); rerun with --resume")
-        expected = torch.arange(shard * shard_size, min(n, (shard + 1) * shard_size))
+        expected = order[shard * shard_size:(shard + 1) * shard_size]
         try:
             indices = read_tensor(path, "indices")
         except (OSError, ValueError, KeyError) as err:
@@ -280,8 +356,9 @@ def load_generated(out_dir: str | Path) -> GeneratedSet:
         if not torch.equal(indices, expected):
             raise SpinDiffusionError(f"{path} holds unexpected prompt indices; delete it and rerun with --resume")
     try:
-        latents = RowStore.open(paths, "latents")
-        trajectory = RowStore.open(paths, "trajectory") if "trajectory" in read_header(paths[0])[0] else None
+        latents = RowStore.open(paths, "latents", index_map=index_map)
+        trajectory = (RowStore.open(paths, "trajectory", index_map=index_map)
+                      if "trajectory" in read_header(paths[0])[0] else None)
     except (OSError, ValueError) as err:
         raise SpinDiffusionError(
             f"generation in {out} is unreadable ({err}); delete that shard and rerun with --resume"
@@ -293,6 +370,7 @@ def load_generated(out_dir: str | Path) -> GeneratedSet:
         alphas_cumprod=torch.tensor(meta["alphas_cumprod"], dtype=torch.float64),
         final_alpha_cumprod=float(meta["final_alpha_cumprod"]),
         eta=float(spec["eta"]),
+        prompts=None if prompts is None else order,
     )
 
 

@@ -185,7 +185,6 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                   model_id=model_id(cfg), dtype=cfg.data.cache_dtype, shard_size=cfg.data.cache_shard_size,
                   bad_examples=bad_examples)
     _record_skipped(run_dir, images, cache, cfg.data.max_bad_fraction, state)
-    captions = cache.captions
     negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
     empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
 
@@ -217,16 +216,22 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     for k in range(start, num_iterations):
         data = trainer.TrainData(winner=cache.latents if objective != "dpo" else cache.winner_latents,
                                  prompt_embeds=cache.prompt_embeds, empty_embed=empty_embed)
-        # 4. generate:k — θ_k's own image for every training prompt
+        # 4. generate:k — θ_k's own image for every prompt that train:k+1 will visit, in the order of its first
+        #    visit (the pair stream is a seeded permutation per epoch, so this is known before training starts)
         if self_play:
             gen_dir = iter_dir(run_dir, k) / "generated"
             phase = f"generate:{k}"
+            visited = trainer.visited_rows(
+                len(data), train_seed(cfg, k), trainer.stream_positions(len(data), cfg.train, state_.num_processes))
+            prompts = None if len(visited) == len(data) else tuple(visited.tolist())  # None: all, in prompt order
             if not state.done(phase):
                 spec = sampling.GenerationSpec(
-                    run_seed=cfg.seed, iteration=k, num_prompts=len(captions), num_steps=cfg.sample.num_steps,
+                    run_seed=cfg.seed, iteration=k, num_prompts=len(data), num_steps=cfg.sample.num_steps,
                     guidance_scale=cfg.sample.guidance_scale, eta=cfg.sample.eta,
                     latent_shape=tuple(cache.latents.shape[1:]), store_trajectory=objective == "spin_exact",
                     shard_size=cfg.sample.shard_size, store_dtype=cfg.sample.store_dtype,
+                    scheduler=cfg.sample.scheduler, dtype=sampling.resolve_dtype(cfg.sample.dtype, state_.device),
+                    prompts=prompts,
                 )
                 sampling.generate_shards(
                     opponent, c.scheduler.config, cache.prompt_embeds, negative_embed, gen_dir, spec,
@@ -235,8 +240,14 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                 )
                 state_.wait_for_everyone()
                 _stop_if_asked(f"generation of θ_{k} stopped; its finished shards are kept in {gen_dir}")
-                state.mark(phase)
+                state.mark(phase, generated=len(visited), prompts=len(data))
             generated = sampling.load_generated(gen_dir)
+            if generated.prompts is not None and not torch.equal(generated.prompts, visited):
+                raise SpinDiffusionError(
+                    f"{gen_dir} holds θ_{k}'s samples of {len(generated.prompts)} prompts, but this training visits "
+                    f"{len(visited)} others (train.* or the number of processes changed); resume with the original "
+                    "settings"
+                )
             data.loser = generated.latents
             if objective == "spin_exact":
                 data.loser_trajectory = generated.trajectory

@@ -105,6 +105,11 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which epoch `epoch` of the pair stream visits the n pairs. -> [n] long"""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+
+
 class _IndexStream:
     """Pair indices for any micro-step, reproducible without state: epoch e visits a fixed permutation."""
 
@@ -117,9 +122,22 @@ class _IndexStream:
         for pos in range(start, start + count):
             epoch, offset = divmod(pos, self.n)
             if epoch not in self._perms:
-                self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))}
+                self._perms = {epoch: _epoch_perm(self.n, self.seed, epoch)}
             out.append(self._perms[epoch][offset])
         return torch.stack(out)
+
+
+def stream_positions(n: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """How many positions of the pair stream `train` consumes over n pairs: steps × accumulation × ranks × batch."""
+    return num_optimizer_steps(n, cfg, world_size) * cfg.gradient_accumulation_steps * world_size * cfg.batch_size
+
+
+def visited_rows(n: int, seed: int, num_positions: int) -> torch.Tensor:
+    """The distinct pair indices that positions [0, num_positions) of `_IndexStream(n, seed)` visit, in the order
+    of their first visit. Every index is visited once per epoch, so this is the first `num_positions` entries of
+    epoch 0's permutation, or all n of them once the stream reaches a second epoch. -> [min(n, num_positions)] long
+    """
+    return _epoch_perm(n, seed, 0)[: max(0, min(n, num_positions))]
 
 
 def _to_epsilon(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The speed benchmarks and a 2-iteration self-play run on CUDA, in under 10 minutes on one GPU (A100/H100/H200).
+#
+#   bash benchmarks/gpu_check.sh          # on a GPU machine: CUDA, paper-like sampling (50 DDIM steps, CFG 7.5)
+#   bash benchmarks/gpu_check.sh --cpu    # the same steps, shrunk, on the CPU (checks this script; ~3 min)
+#
+# Environment: PYTHON (default: python), OUT (default: /tmp/spin_gpu_check; the run dirs and logs go there).
+# Every step has its own time limit; the script stops at the first failure. Nothing is downloaded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${OUT:-/tmp/spin_gpu_check}
+export HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ "${1:-}" == "--cpu" ]]; then
+  DEVICE=cpu; BATCH=4; STEPS=4; PROMPTS=32; REPEATS=1; ITERS_PROMPTS=32; TRAIN_STEPS=4; EVAL=8; ITER_STEPS=8
+  export CUDA_VISIBLE_DEVICES=""
+else
+  DEVICE=cuda; BATCH=32; STEPS=50; PROMPTS=512; REPEATS=3; ITERS_PROMPTS=256; TRAIN_STEPS=8; EVAL=64; ITER_STEPS=50
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device; use --cpu')"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+fi
+MIXED=(); [[ $DEVICE == cuda ]] && MIXED=(--set train.mixed_precision=bf16)
+rm -rf "$OUT" && mkdir -p "$OUT"
+step() { local limit=$1; shift; echo; echo "=== [$limit s] $*"; timeout "$limit" "$@"; }
+
+# 1. Core loops (training step of each objective, sampling) on the demo model: ~1 min on a GPU
+step 90 "$PY" benchmarks/bench_core.py --device "$DEVICE" --batch "$BATCH" --steps "$STEPS" --repeats "$REPEATS" \
+  2>&1 | tee "$OUT/bench_core.txt"
+
+# 2. Side by side on the SD-like model (FLOP ratios, generation vs diffusers pipeline, sampling options,
+#    SPIN vs Diffusion-DPO-structured step, whole-iteration split): ~4 min on a GPU
+step 300 "$PY" benchmarks/bench_iteration.py --device "$DEVICE" --batch "$BATCH" --steps "$STEPS" \
+  --repeats "$REPEATS" --iteration-prompts "$ITERS_PROMPTS" 2>&1 | tee "$OUT/bench_iteration.txt"
+
+# 3. A 2-iteration self-play run on the demo model and shapes world (sample.dtype=auto: bf16 generation on CUDA),
+#    with training visiting half of the prompts (max_steps x batch = prompts / 2: partial generation)
+step 150 "$PY" -m spin_diffusion.cli spin --config configs/tiny.yaml --run-dir "$OUT/run" \
+  --set model.preset=demo --set num_iterations=2 --set data.num_builtin="$PROMPTS" \
+  --set sample.num_steps="$ITER_STEPS" --set sample.guidance_scale=7.5 --set sample.batch_size="$BATCH" \
+  --set sample.shard_size=64 --set train.batch_size="$BATCH" --set train.max_steps="$TRAIN_STEPS" \
+  "${MIXED[@]}" \
+  --set eval.num_prompts="$EVAL" 2>&1 | tail -n 20 | tee "$OUT/run.txt"
+"$PY" - "$OUT/run" <<'PYEOF'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+state = json.loads((run / "state.json").read_text())
+assert state["completed"][-1] == "eval:2", state["completed"]
+for k in (0, 1):
+    meta = json.loads((run / f"iter_{k:02d}" / "generated" / "meta.json").read_text())
+    n, total = meta["num_generated"], meta["spec"]["num_prompts"]
+    assert n == total // 2, f"expected half of the {total} prompts generated (train.max_steps x batch), got {n}"
+    print(f"iteration {k}: generated {n} of {total} prompts ({meta['spec']['dtype']}, {meta['spec']['scheduler']}); "
+          f"train {state['info'][f'train:{k + 1}']['wall_seconds']} s; metrics {state['info'].get(f'eval:{k + 1}')}")
+PYEOF
+
+# 4. The same run shape with DPM-Solver++ at half the steps (spin_approx): it must complete
+step 90 "$PY" -m spin_diffusion.cli spin --config configs/tiny.yaml --run-dir "$OUT/run_dpm" \
+  --set model.preset=demo --set num_iterations=1 --set data.num_builtin="$PROMPTS" \
+  --set sample.num_steps=$((ITER_STEPS / 2)) --set sample.scheduler=dpmsolver++ --set sample.guidance_scale=7.5 \
+  --set sample.batch_size="$BATCH" --set train.batch_size="$BATCH" --set train.max_steps="$TRAIN_STEPS" \
+  --set eval.num_prompts="$EVAL" 2>&1 | tail -n 5 | tee "$OUT/run_dpm.txt"
+echo; echo "gpu_check: all steps passed; logs in $OUT"
