@@ -309,3 +309,13 @@ def test_resume_scores_an_iteration_killed_before_its_evaluation(tmp_path: Path)
     summary = run(cfg, resume=True, progress=False)
     assert "eval:1" in json.loads(state_path.read_text())["completed"]
     assert (run_dir / "iter_01" / "eval.json").exists() and 1 in summary.metrics
+
+
+def test_resume_accepts_a_run_saved_before_a_config_key_existed(finished_run: Path):
+    """A run dir whose config.yaml predates a key (here: sample.scheduler) resumes with that key's default."""
+    import yaml
+
+    saved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    del saved["sample"]["scheduler"]
+    (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
+    run(load_config(TINY, [f"run_dir={finished_run}"]), resume=True, progress=False)

@@ -83,7 +83,8 @@ def check_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
             raise SpinDiffusionError(
                 f"{run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir"
             )
-        diff = _first_difference(read_yaml(saved_cfg), to_dict(cfg))
+        # the saved config read back through today's defaults: a key added since the run started is not a change
+        diff = _first_difference(to_dict(config_from_dict(read_yaml(saved_cfg))), to_dict(cfg))
         if diff:
             raise SpinDiffusionError(f"--resume with a config that differs from the saved one ({diff})")
     elif resume and (run_dir / STATE_FILE).exists():
