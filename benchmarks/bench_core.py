@@ -74,7 +74,7 @@ def main() -> None:
     data = trainer.TrainData(
         winner=latents, prompt_embeds=embeds.repeat(4, 1, 1), loser=torch.randn(n * 4, *shape, generator=gen),
         loser_trajectory=traj,
-        sampler=trainer.SamplerSchedule(out.timesteps, sched.alphas_cumprod.double(),
+        sampler=sampling.SamplerSchedule(out.timesteps, sched.alphas_cumprod.double(),
                                         float(sampling.ddim_scheduler(c.scheduler.config).final_alpha_cumprod), 0.0),
     )
     for objective in ("sft", "spin_approx", "spin_exact"):

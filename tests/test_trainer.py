@@ -85,7 +85,7 @@ def exact_pairs(tiny, tmp_path_factory) -> trainer.TrainData:
     gen = sampling.load_generated(out)
     data.loser = gen.latents
     data.loser_trajectory = gen.trajectory
-    data.sampler = trainer.SamplerSchedule.of(gen)
+    data.sampler = sampling.SamplerSchedule.of(gen)
     return data
 
 
@@ -479,15 +479,15 @@ def test_exact_objective_never_draws_a_step_with_zero_b():
 
     sched = DDIMScheduler(timestep_spacing="linspace", set_alpha_to_one=False)
     sched.set_timesteps(6)
-    schedule = trainer.SamplerSchedule(sched.timesteps, sched.alphas_cumprod.double(),
+    schedule = sampling.SamplerSchedule(sched.timesteps, sched.alphas_cumprod.double(),
                                        float(sched.final_alpha_cumprod), 0.0)
-    valid = trainer.valid_exact_steps(schedule)
+    valid = sampling.valid_exact_steps(schedule)
     assert valid.tolist() == [0, 1, 2, 3, 4]
     leading = DDIMScheduler(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     leading.set_timesteps(6)
-    schedule = trainer.SamplerSchedule(leading.timesteps, leading.alphas_cumprod.double(),
+    schedule = sampling.SamplerSchedule(leading.timesteps, leading.alphas_cumprod.double(),
                                        float(leading.final_alpha_cumprod), 0.0)
-    assert trainer.valid_exact_steps(schedule).tolist() == list(range(6))
+    assert sampling.valid_exact_steps(schedule).tolist() == list(range(6))
 
 
 def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
@@ -503,7 +503,7 @@ def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
                              progress=False)
     gen = sampling.load_generated(tmp_path / "gen")
     data.loser, data.loser_trajectory = gen.latents, gen.trajectory
-    data.sampler = trainer.SamplerSchedule.of(gen)
+    data.sampler = sampling.SamplerSchedule.of(gen)
     noise_scheduler = DDPMScheduler.from_config(config)
     assert noise_scheduler.config.prediction_type == "v_prediction"
     result = trainer.train(

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from PIL import Image
 
+from spin_diffusion import atomic
 from spin_diffusion.data import (
     CaptionedImages,
     PreferencePairs,
@@ -236,15 +237,12 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     """Write one shard atomically (``x.tmp`` then ``os.replace``)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic.path(path, per_process=True) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, indent=None)
 
 
 def _shard_key(path: Path) -> str | None:

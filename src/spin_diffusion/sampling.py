@@ -374,6 +374,30 @@ def load_generated(out_dir: str | Path) -> GeneratedSet:
     )
 
 
+@dataclass
+class SamplerSchedule:
+    """The opponent's DDIM schedule, needed to turn stored trajectories into ε̃' targets (spin_exact)."""
+
+    timesteps: torch.Tensor  # [S] descending
+    alphas_cumprod: torch.Tensor  # [T_train]
+    final_alpha_cumprod: float
+    eta: float
+
+    @classmethod
+    def of(cls, generated: GeneratedSet) -> SamplerSchedule:
+        """The schedule that `generated` (sampling.load_generated) was sampled with."""
+        return cls(generated.timesteps, generated.alphas_cumprod, generated.final_alpha_cumprod, generated.eta)
+
+
+def valid_exact_steps(sampler: SamplerSchedule) -> torch.Tensor:
+    """Indices of sampling steps usable by spin_exact: those with B_t != 0 (ε̃' is undefined when B_t = 0, e.g.
+    the last step of a "linspace" schedule that ends at t = 0)."""
+    steps = torch.arange(len(sampler.timesteps))
+    _, coef_b = ddim_coefficients(sampler.timesteps, steps, sampler.alphas_cumprod, sampler.final_alpha_cumprod,
+                                  sampler.eta)
+    return steps[coef_b.abs() > 1e-6]
+
+
 def ddim_coefficients(
     timesteps: torch.Tensor, step_index: torch.Tensor, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float,
     eta: float,

@@ -252,7 +252,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             data.loser = generated.latents
             if objective == "spin_exact":
                 data.loser_trajectory = generated.trajectory
-                data.sampler = trainer.SamplerSchedule.of(generated)
+                data.sampler = sampling.SamplerSchedule.of(generated)
         elif objective == "dpo":
             data.loser = cache.loser_latents
 

@@ -35,25 +35,10 @@ from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.models import adapters_disabled
-from spin_diffusion.sampling import GeneratedSet, ddim_coefficients, implied_noise
+from spin_diffusion.sampling import SamplerSchedule, ddim_coefficients, implied_noise, valid_exact_steps
 
 CHECKPOINT_PREFIX = "step_"
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SamplerSchedule:
-    """The opponent's DDIM schedule, needed to turn stored trajectories into ε̃' targets (spin_exact)."""
-
-    timesteps: torch.Tensor  # [S] descending
-    alphas_cumprod: torch.Tensor  # [T_train]
-    final_alpha_cumprod: float
-    eta: float
-
-    @classmethod
-    def of(cls, generated: GeneratedSet) -> SamplerSchedule:
-        """The schedule that `generated` (sampling.load_generated) was sampled with."""
-        return cls(generated.timesteps, generated.alphas_cumprod, generated.final_alpha_cumprod, generated.eta)
 
 
 @dataclass
@@ -416,15 +401,6 @@ class _Draws:
     noise: torch.Tensor  # [B*K, C, h, w] ε for the winner (and the loser when shared)
     loser_noise: torch.Tensor  # [B*K, C, h, w] ε' for the loser
     drop_caption: torch.Tensor  # [B*K] bool: train this row on the empty prompt
-
-
-def valid_exact_steps(sampler: SamplerSchedule) -> torch.Tensor:
-    """Indices of sampling steps usable by spin_exact: those with B_t != 0 (ε̃' is undefined when B_t = 0, e.g.
-    the last step of a "linspace" schedule that ends at t = 0)."""
-    steps = torch.arange(len(sampler.timesteps))
-    _, coef_b = ddim_coefficients(sampler.timesteps, steps, sampler.alphas_cumprod, sampler.final_alpha_cumprod,
-                                  sampler.eta)
-    return steps[coef_b.abs() > 1e-6]
 
 
 def _draw_noise(positions: range, seed: int, *, latent_shape: torch.Size, k_steps: int, share_noise: bool,
