@@ -77,8 +77,16 @@ def child(n: int, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         images = load_captioned_images(DataConfig(path=str(root)))
         cache_dir = Path(tmp) / "cache" / "real"
-        real = cache.build_latent_cache(c, images, cache_dir, resolution=c.resolution, batch_size=args.encode_batch,
-                                        model_id="preset:tiny", dtype=args.dtype, shard_size=args.shard_size)
+        real = cache.build_latent_cache(
+            c,
+            images,
+            cache_dir,
+            resolution=c.resolution,
+            batch_size=args.encode_batch,
+            model_id="preset:tiny",
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+        )
         timings["build cache"] = time.perf_counter() - t0
         phases["after cache"] = _rss_mb()[0]
 
@@ -86,12 +94,27 @@ def child(n: int, args: argparse.Namespace) -> dict:
         gen_dir = Path(tmp) / "generated"
         negative = models.encode_prompts(c, [""])
         spec = sampling.GenerationSpec(
-            run_seed=0, iteration=0, num_prompts=n, num_steps=args.steps, guidance_scale=2.0, eta=0.0,
-            latent_shape=tuple(real.latents.shape[1:]), store_trajectory=True, shard_size=args.shard_size,
+            run_seed=0,
+            iteration=0,
+            num_prompts=n,
+            num_steps=args.steps,
+            guidance_scale=2.0,
+            eta=0.0,
+            latent_shape=tuple(real.latents.shape[1:]),
+            store_trajectory=True,
+            shard_size=args.shard_size,
             store_dtype=args.dtype,
         )
-        sampling.generate_shards(c.unet, c.scheduler.config, real.prompt_embeds, negative, gen_dir, spec,
-                                 batch_size=args.sample_batch, progress=False)
+        sampling.generate_shards(
+            c.unet,
+            c.scheduler.config,
+            real.prompt_embeds,
+            negative,
+            gen_dir,
+            spec,
+            batch_size=args.sample_batch,
+            progress=False,
+        )
         generated = sampling.load_generated(gen_dir)
         timings["generate"] = time.perf_counter() - t0
         phases["after generate"] = _rss_mb()[0]
@@ -123,14 +146,27 @@ def _end_to_end(n: int, root: Path, run_dir: Path, args: argparse.Namespace, pha
     from spin_diffusion.config import load_config
     from spin_diffusion.self_play import run
 
-    cfg = load_config(None, [
-        f"run_dir={run_dir}", "model.preset=tiny", f"data.path={root}", f"data.cache_dtype={args.dtype}",
-        f"data.cache_shard_size={args.shard_size}", f"data.encode_batch_size={args.encode_batch}",
-        "num_iterations=1", f"sample.num_steps={args.steps}", "sample.guidance_scale=2.0",
-        f"sample.batch_size={args.sample_batch}", f"sample.shard_size={args.shard_size}", f"sample.store_dtype={args.dtype}",
-        f"train.batch_size={args.batch}", f"train.max_steps={args.batches}", "train.checkpoint_every=0",
-        "eval.enabled=false",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            "model.preset=tiny",
+            f"data.path={root}",
+            f"data.cache_dtype={args.dtype}",
+            f"data.cache_shard_size={args.shard_size}",
+            f"data.encode_batch_size={args.encode_batch}",
+            "num_iterations=1",
+            f"sample.num_steps={args.steps}",
+            "sample.guidance_scale=2.0",
+            f"sample.batch_size={args.sample_batch}",
+            f"sample.shard_size={args.shard_size}",
+            f"sample.store_dtype={args.dtype}",
+            f"train.batch_size={args.batch}",
+            f"train.max_steps={args.batches}",
+            "train.checkpoint_every=0",
+            "eval.enabled=false",
+        ],
+    )
     t0 = time.perf_counter()
     run(cfg, progress=False)
     timings["build cache"] = timings["generate"] = 0.0
@@ -158,9 +194,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="training batches read at random")
     parser.add_argument("--batch", type=int, default=64, help="rows per training batch")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--end-to-end", action="store_true",
-                        help="run one real `spin` iteration (self_play.run: cache, generation, training, export) "
-                             "instead of the cache steps alone; --batches = optimizer steps, --batch = pairs per step")
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="run one real `spin` iteration (self_play.run: cache, generation, training, export) "
+        "instead of the cache steps alone; --batches = optimizer steps, --batch = pairs per step",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -172,16 +211,26 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(n), *sys.argv[1:]]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    what = ("one spin_approx iteration (self_play.run), no trajectory" if args.end_to_end
-            else "cache steps, trajectory stored")
-    print(f"{what}: tiny preset, cache dtype {args.dtype}, shard size {args.shard_size}, {args.steps} DDIM steps, "
-          f"{args.batches} batches of {args.batch}")
-    print(f"{'N':>7} {'unique':>7} {'peak RSS MB':>12} {'cache MB':>9} {'generated MB':>13}  seconds (images/cache/gen/read)")
+    what = (
+        "one spin_approx iteration (self_play.run), no trajectory"
+        if args.end_to_end
+        else "cache steps, trajectory stored"
+    )
+    print(
+        f"{what}: tiny preset, cache dtype {args.dtype}, shard size {args.shard_size}, {args.steps} DDIM steps, "
+        f"{args.batches} batches of {args.batch}"
+    )
+    print(
+        f"{'N':>7} {'unique':>7} {'peak RSS MB':>12} {'cache MB':>9} {'generated MB':>13}"
+        "  seconds (images/cache/gen/read)"
+    )
     for r in rows:
         s = r["seconds"]
-        print(f"{r['n']:>7} {r['unique_captions']:>7} {r['peak_rss_mb']:>12.1f} {r['cache_mb']:>9.1f} "
-              f"{r['generated_mb']:>13.1f}  {s['write images']:.1f}/{s['build cache']:.1f}/{s['generate']:.1f}/"
-              f"{s['read batches']:.1f}")
+        print(
+            f"{r['n']:>7} {r['unique_captions']:>7} {r['peak_rss_mb']:>12.1f} {r['cache_mb']:>9.1f} "
+            f"{r['generated_mb']:>13.1f}  {s['write images']:.1f}/{s['build cache']:.1f}/{s['generate']:.1f}/"
+            f"{s['read batches']:.1f}"
+        )
     for r in rows:
         print(f"  N={r['n']}: RSS by phase (MB) " + ", ".join(f"{k} {v:.0f}" for k, v in r["phases_rss_mb"].items()))
     if len(rows) >= 2:

@@ -54,45 +54,86 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     embeds = models.encode_prompts(c, ["a red circle on the left"] * n).cpu()
     negative = models.encode_prompts(c, [""]).cpu()
-    print(f"model: {args.model or 'demo preset'}, UNet {sum(p.numel() for p in c.unet.parameters()) / 1e6:.2f} M "
-          f"params, latents {shape}, device {device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {args.model or 'demo preset'}, UNet {sum(p.numel() for p in c.unet.parameters()) / 1e6:.2f} M "
+        f"params, latents {shape}, device {device}, torch threads {torch.get_num_threads()}"
+    )
 
     # Sampling
     seeds = list(range(n))
     for traj in (False, True):
-        sec = _timed(lambda traj=traj: sampling.sample(c.unet, c.scheduler.config, embeds, negative, seeds=seeds,
-                                                       latent_shape=shape, num_steps=args.steps, guidance_scale=7.5,
-                                                       return_trajectory=traj), args.repeats)
+        sec = _timed(
+            lambda traj=traj: sampling.sample(
+                c.unet,
+                c.scheduler.config,
+                embeds,
+                negative,
+                seeds=seeds,
+                latent_shape=shape,
+                num_steps=args.steps,
+                guidance_scale=7.5,
+                return_trajectory=traj,
+            ),
+            args.repeats,
+        )
         print(f"sample  DDIM{args.steps}+CFG  batch {n:3d}  trajectory={traj!s:5}  {sec:7.3f} s  {n / sec:8.1f} img/s")
 
     # Training steps: each objective, `repeats` optimizer steps per measurement
     latents = torch.randn(n * 4, *shape, generator=gen)
-    out = sampling.sample(c.unet, c.scheduler.config, embeds[:2], negative, seeds=[0, 1], latent_shape=shape,
-                          num_steps=args.steps, guidance_scale=7.5, return_trajectory=True)
+    out = sampling.sample(
+        c.unet,
+        c.scheduler.config,
+        embeds[:2],
+        negative,
+        seeds=[0, 1],
+        latent_shape=shape,
+        num_steps=args.steps,
+        guidance_scale=7.5,
+        return_trajectory=True,
+    )
     traj = out.trajectory.repeat(2 * n, 1, 1, 1, 1)[: n * 4]
     sched = c.noise_scheduler()
     data = trainer.TrainData(
-        winner=latents, prompt_embeds=embeds.repeat(4, 1, 1), loser=torch.randn(n * 4, *shape, generator=gen),
+        winner=latents,
+        prompt_embeds=embeds.repeat(4, 1, 1),
+        loser=torch.randn(n * 4, *shape, generator=gen),
         loser_trajectory=traj,
-        sampler=sampling.SamplerSchedule(out.timesteps, sched.alphas_cumprod.double(),
-                                        float(sampling.ddim_scheduler(c.scheduler.config).final_alpha_cumprod), 0.0),
+        sampler=sampling.SamplerSchedule(
+            out.timesteps,
+            sched.alphas_cumprod.double(),
+            float(sampling.ddim_scheduler(c.scheduler.config).final_alpha_cumprod),
+            0.0,
+        ),
     )
     for objective in ("sft", "spin_approx", "spin_exact"):
         policy = c.unet
         ref = None if objective == "sft" else models.frozen_copy(c.unet)
-        cfg = TrainConfig(batch_size=n, max_steps=args.repeats + 1, checkpoint_every=0, log_every=1000,
-                          learning_rate=1e-5)
+        cfg = TrainConfig(
+            batch_size=n, max_steps=args.repeats + 1, checkpoint_every=0, log_every=1000, learning_rate=1e-5
+        )
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            result = trainer.train(policy, ref, data, objective=objective, loss_cfg=LossConfig(objective=objective),
-                                   train_cfg=cfg, noise_scheduler=sched, out_dir=tmp, seed=0, progress=False)
+            result = trainer.train(
+                policy,
+                ref,
+                data,
+                objective=objective,
+                loss_cfg=LossConfig(objective=objective),
+                train_cfg=cfg,
+                noise_scheduler=sched,
+                out_dir=tmp,
+                seed=0,
+                progress=False,
+            )
             total = time.perf_counter() - t0
         per_step = result.wall_seconds / result.steps
         print(f"train   {objective:11s}  {n:3d} pairs/step  {per_step:7.3f} s/step  ({total:.1f} s incl. set-up)")
 
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"peak RSS {peak_kb / 1024:.0f} MB" + (f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-                                                 if device.type == "cuda" else ""))
+    print(
+        f"peak RSS {peak_kb / 1024:.0f} MB"
+        + (f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "")
+    )
 
 
 if __name__ == "__main__":

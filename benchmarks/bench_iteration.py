@@ -38,8 +38,13 @@ from spin_diffusion import models, sampling, trainer  # noqa: E402
 from spin_diffusion.config import LossConfig, TrainConfig  # noqa: E402
 
 SD15 = dict(  # the architecture of stable-diffusion-v1-5 (configs only)
-    unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-              layers_per_block=2),
+    unet=dict(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    ),
     vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
     text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
     seq_len=77,
@@ -47,8 +52,14 @@ SD15 = dict(  # the architecture of stable-diffusion-v1-5 (configs only)
 # SD-1.5 with channels ~/8, latents 16x16 (128-px images) and a 3-layer text encoder: VAE/text/UNet FLOP ratios
 # within ~2% of SD-1.5's (see `flops`); chosen by counting FLOPs of candidate configs against SD-1.5's.
 SDLIKE = dict(
-    unet=dict(sample_size=16, cross_attention_dim=96, attention_head_dim=8, block_out_channels=(40, 80, 160, 160),
-              layers_per_block=2, norm_num_groups=8),
+    unet=dict(
+        sample_size=16,
+        cross_attention_dim=96,
+        attention_head_dim=8,
+        block_out_channels=(40, 80, 160, 160),
+        layers_per_block=2,
+        norm_num_groups=8,
+    ),
     vae=dict(block_out_channels=(15, 30, 60, 60), layers_per_block=2, norm_num_groups=5),
     text=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=12),
     seq_len=16,  # the shipped tokenizer's length
@@ -61,13 +72,27 @@ def _modules(arch: dict, vocab: int = 49408, tokenizer=None):
 
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **arch["unet"])
     n = len(arch["vae"]["block_out_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                        up_block_types=("UpDecoderBlock2D",) * n, latent_channels=4,
-                        sample_size=arch["unet"]["sample_size"] * 2 ** (n - 1), **arch["vae"])
-    extra = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                              pad_token_id=tokenizer.pad_token_id)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, max_position_embeddings=arch["seq_len"], **arch["text"],
-                                        **extra))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        latent_channels=4,
+        sample_size=arch["unet"]["sample_size"] * 2 ** (n - 1),
+        **arch["vae"],
+    )
+    extra = (
+        {}
+        if tokenizer is None
+        else dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(vocab_size=vocab, max_position_embeddings=arch["seq_len"], **arch["text"], **extra)
+    )
     return unet, vae, text
 
 
@@ -94,8 +119,13 @@ def component_flops(unet, vae, text, latent: int, seq_len: int, cross_dim: int) 
     dev = next(unet.parameters()).device
     f = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     return {
-        "unet": _count(lambda: unet(torch.randn(1, 4, latent, latent, device=dev), torch.tensor([10], device=dev),
-                                    encoder_hidden_states=torch.randn(1, seq_len, cross_dim, device=dev))),
+        "unet": _count(
+            lambda: unet(
+                torch.randn(1, 4, latent, latent, device=dev),
+                torch.tensor([10], device=dev),
+                encoder_hidden_states=torch.randn(1, seq_len, cross_dim, device=dev),
+            )
+        ),
         "vae_enc": _count(lambda: vae.encode(torch.randn(1, 3, latent * f, latent * f, device=dev))) if vae else 0.0,
         "vae_dec": _count(lambda: vae.decode(torch.randn(1, 4, latent, latent, device=dev))) if vae else 0.0,
         "text": _count(lambda: text(torch.zeros(1, seq_len, dtype=torch.long, device=dev))),
@@ -104,8 +134,10 @@ def component_flops(unet, vae, text, latent: int, seq_len: int, cross_dim: int) 
 
 def _print_flops(name: str, fl: dict[str, float]) -> None:
     u = fl["unet"]
-    print(f"flops   {name:10s} UNet fwd {u / 1e9:9.3f} GFLOP/img | VAE enc {fl['vae_enc'] / u:5.2f}x  VAE dec "
-          f"{fl['vae_dec'] / u:5.2f}x  text {fl['text'] / u:6.4f}x  (of one UNet forward)")
+    print(
+        f"flops   {name:10s} UNet fwd {u / 1e9:9.3f} GFLOP/img | VAE enc {fl['vae_enc'] / u:5.2f}x  VAE dec "
+        f"{fl['vae_dec'] / u:5.2f}x  text {fl['text'] / u:6.4f}x  (of one UNet forward)"
+    )
 
 
 def _timed(fn, repeats: int) -> float:
@@ -129,24 +161,44 @@ def _compare(fns, repeats: int) -> list[float]:
 def section_flops(c: models.Components, name: str) -> None:
     with torch.device("meta"):
         unet, vae, text = _modules(SD15)
-    rows = [("SD-1.5", component_flops(unet, vae, text, 64, 77, 768)),
-            (name, component_flops(c.unet, c.vae, c.text_encoder, c.sample_size, c.tokenizer.model_max_length,
-                                   c.unet.config.cross_attention_dim))]
+    rows = [
+        ("SD-1.5", component_flops(unet, vae, text, 64, 77, 768)),
+        (
+            name,
+            component_flops(
+                c.unet,
+                c.vae,
+                c.text_encoder,
+                c.sample_size,
+                c.tokenizer.model_max_length,
+                c.unet.config.cross_attention_dim,
+            ),
+        ),
+    ]
     for label, fl in rows:
         _print_flops(label, fl)
     u = 8.0  # UNet forwards per SPIN pair: policy fwd+bwd (3x) and ref fwd, on winner and loser
     for label, fl in rows:
         extra = (2 * fl["vae_enc"] + fl["text"]) / fl["unet"]
-        print(f"flops   {label:10s} Diffusion-DPO-structured / SPIN training FLOPs = {(u + extra) / u:.2f}x; one "
-              f"opponent image (50 steps x CFG = 100 UNet fwd) / one pair's training (8) = {100 / u:.1f}x")
+        print(
+            f"flops   {label:10s} Diffusion-DPO-structured / SPIN training FLOPs = {(u + extra) / u:.2f}x; one "
+            f"opponent image (50 steps x CFG = 100 UNet fwd) / one pair's training (8) = {100 / u:.1f}x"
+        )
 
 
 def section_generate(c, device, batch: int, steps: int, repeats: int) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                   scheduler=DDIMScheduler.from_config(c.scheduler.config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        tokenizer=c.tokenizer,
+        unet=c.unet,
+        scheduler=DDIMScheduler.from_config(c.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     prompts = [f"a red circle number {i}" for i in range(batch)]
     embeds = models.encode_prompts(c, prompts)
@@ -156,17 +208,34 @@ def section_generate(c, device, batch: int, steps: int, repeats: int) -> None:
     side = c.sample_size * c.vae_scale_factor
 
     def ours():
-        sampling.sample(c.unet, c.scheduler.config, embeds, negative, seeds=seeds, latent_shape=shape,
-                        num_steps=steps, guidance_scale=7.5)
+        sampling.sample(
+            c.unet,
+            c.scheduler.config,
+            embeds,
+            negative,
+            seeds=seeds,
+            latent_shape=shape,
+            num_steps=steps,
+            guidance_scale=7.5,
+        )
 
     def diffusers_pipe():
-        pipe(prompt_embeds=embeds.to(device), negative_prompt_embeds=negative.expand(batch, -1, -1).to(device),
-             num_inference_steps=steps, guidance_scale=7.5, height=side, width=side, output_type="latent",
-             generator=[torch.Generator().manual_seed(s) for s in seeds])
+        pipe(
+            prompt_embeds=embeds.to(device),
+            negative_prompt_embeds=negative.expand(batch, -1, -1).to(device),
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            height=side,
+            width=side,
+            output_type="latent",
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+        )
 
     t_ours, t_pipe = _compare([ours, diffusers_pipe], repeats)
-    print(f"generate  ours {batch / t_ours:8.2f} img/s   diffusers pipeline {batch / t_pipe:8.2f} img/s   "
-          f"pipeline time / ours = {t_pipe / t_ours:.2f}x  (DDIM{steps}+CFG, batch {batch}, latents only)")
+    print(
+        f"generate  ours {batch / t_ours:8.2f} img/s   diffusers pipeline {batch / t_pipe:8.2f} img/s   "
+        f"pipeline time / ours = {t_pipe / t_ours:.2f}x  (DDIM{steps}+CFG, batch {batch}, latents only)"
+    )
 
 
 def section_options(c, device, batch: int, steps: int, repeats: int) -> None:
@@ -176,18 +245,32 @@ def section_options(c, device, batch: int, steps: int, repeats: int) -> None:
 
     def run(n=batch, **kw):
         kw = {"num_steps": steps, **kw}
-        return lambda: sampling.sample(c.unet, c.scheduler.config, embeds[:n], negative, seeds=list(range(n)),
-                                       latent_shape=shape, guidance_scale=7.5, **kw)
+        return lambda: sampling.sample(
+            c.unet,
+            c.scheduler.config,
+            embeds[:n],
+            negative,
+            seeds=list(range(n)),
+            latent_shape=shape,
+            guidance_scale=7.5,
+            **kw,
+        )
 
     low = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
     small, large = max(1, batch // 4), batch * 2
-    cands = {f"DDIM{steps} fp32 batch {batch}": run(), f"dtype {low}": run(dtype=low), "dtype fp16": run(dtype="fp16"),
-             f"dpmsolver++ {steps // 2} steps": run(num_steps=steps // 2, scheduler="dpmsolver++"),
-             f"batch {small}": run(n=small), f"batch {large}": run(n=large)}
+    cands = {
+        f"DDIM{steps} fp32 batch {batch}": run(),
+        f"dtype {low}": run(dtype=low),
+        "dtype fp16": run(dtype="fp16"),
+        f"dpmsolver++ {steps // 2} steps": run(num_steps=steps // 2, scheduler="dpmsolver++"),
+        f"batch {small}": run(n=small),
+        f"batch {large}": run(n=large),
+    }
     if low == "fp16":
         del cands["dtype fp16"]
-    images = {name: small if name == f"batch {small}" else large if name == f"batch {large}" else batch
-              for name in cands}
+    images = {
+        name: small if name == f"batch {small}" else large if name == f"batch {large}" else batch for name in cands
+    }
     secs = dict(zip(cands, _compare(list(cands.values()), repeats), strict=True))
     base = secs[f"DDIM{steps} fp32 batch {batch}"] / batch
     for name, sec in secs.items():
@@ -199,30 +282,55 @@ def section_train(c, device, batch: int, repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
     n = batch * 4
     prompts = [f"a green triangle at the top {i}" for i in range(n)]
-    data = trainer.TrainData(winner=torch.randn(n, *shape, generator=gen),
-                             prompt_embeds=models.encode_prompts(c, prompts).cpu(),
-                             loser=torch.randn(n, *shape, generator=gen))
-    cfg = TrainConfig(batch_size=batch, max_steps=repeats + 1, checkpoint_every=0, log_every=1000, learning_rate=1e-5,
-                      mixed_precision="bf16" if device.type == "cuda" else "no")
+    data = trainer.TrainData(
+        winner=torch.randn(n, *shape, generator=gen),
+        prompt_embeds=models.encode_prompts(c, prompts).cpu(),
+        loser=torch.randn(n, *shape, generator=gen),
+    )
+    cfg = TrainConfig(
+        batch_size=batch,
+        max_steps=repeats + 1,
+        checkpoint_every=0,
+        log_every=1000,
+        learning_rate=1e-5,
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+    )
     ref = models.frozen_copy(c.unet)
     with tempfile.TemporaryDirectory() as tmp:
-        result = trainer.train(c.unet, ref, data, objective="spin_approx", loss_cfg=LossConfig(), train_cfg=cfg,
-                               noise_scheduler=c.noise_scheduler(), out_dir=tmp, seed=0, progress=False)
+        result = trainer.train(
+            c.unet,
+            ref,
+            data,
+            objective="spin_approx",
+            loss_cfg=LossConfig(),
+            train_cfg=cfg,
+            noise_scheduler=c.noise_scheduler(),
+            out_dir=tmp,
+            seed=0,
+            progress=False,
+        )
     spin_step = result.wall_seconds / result.steps
     del ref
     side = c.sample_size * c.vae_scale_factor
     images = torch.rand(2 * batch, 3, side, side, generator=gen) * 2 - 1  # winner and loser pixels
 
     def encode():  # what the Diffusion-DPO train.py does per step besides the UNet work
-        tokens = c.tokenizer(prompts[:batch], padding="max_length", max_length=c.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
+        tokens = c.tokenizer(
+            prompts[:batch],
+            padding="max_length",
+            max_length=c.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         with torch.no_grad():
             c.text_encoder(tokens)
             c.vae.encode(images.to(device)).latent_dist.sample() * c.vae.config.scaling_factor
 
     enc = _timed(encode, repeats)
-    print(f"train     SPIN step {spin_step:7.3f} s ({batch} pairs)   + encoding {enc:7.3f} s   "
-          f"Diffusion-DPO-structured / SPIN = {(spin_step + enc) / spin_step:.2f}x")
+    print(
+        f"train     SPIN step {spin_step:7.3f} s ({batch} pairs)   + encoding {enc:7.3f} s   "
+        f"Diffusion-DPO-structured / SPIN = {(spin_step + enc) / spin_step:.2f}x"
+    )
 
 
 def section_iteration(c, device, num_prompts: int, steps: int, batch: int) -> None:
@@ -238,17 +346,31 @@ def section_iteration(c, device, num_prompts: int, steps: int, batch: int) -> No
                 return fn(*args, **kwargs)
             finally:
                 phases[name] += time.perf_counter() - t0
+
         return wrapper
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = models.save_pipeline(c, Path(tmp) / "model")
-        cfg = load_config(None, [
-            f"run_dir={Path(tmp) / 'run'}", f"model.path={model_dir}", "data.builtin=shapes",
-            f"data.num_builtin={num_prompts}", "num_iterations=1", f"sample.num_steps={steps}",
-            "sample.guidance_scale=7.5", f"sample.batch_size={batch}", f"train.batch_size={batch}", "train.epochs=1",
-            "train.checkpoint_every=0", "eval.include_base=false", f"eval.num_prompts={max(8, num_prompts // 4)}",
-            "loss.objective=spin_approx",
-        ] + (["train.mixed_precision=bf16"] if device.type == "cuda" else []))
+        cfg = load_config(
+            None,
+            [
+                f"run_dir={Path(tmp) / 'run'}",
+                f"model.path={model_dir}",
+                "data.builtin=shapes",
+                f"data.num_builtin={num_prompts}",
+                "num_iterations=1",
+                f"sample.num_steps={steps}",
+                "sample.guidance_scale=7.5",
+                f"sample.batch_size={batch}",
+                f"train.batch_size={batch}",
+                "train.epochs=1",
+                "train.checkpoint_every=0",
+                "eval.include_base=false",
+                f"eval.num_prompts={max(8, num_prompts // 4)}",
+                "loss.objective=spin_approx",
+            ]
+            + (["train.mixed_precision=bf16"] if device.type == "cuda" else []),
+        )
         saved = sampling.generate_shards, trainer.train, self_play.evaluate_unet
         sampling.generate_shards = timed("generate", saved[0])
         trainer.train = timed("train", saved[1])
@@ -260,8 +382,10 @@ def section_iteration(c, device, num_prompts: int, steps: int, batch: int) -> No
         finally:
             sampling.generate_shards, trainer.train, self_play.evaluate_unet = saved
     other = total - sum(phases.values())
-    print(f"iteration {num_prompts} prompts, DDIM{steps}+CFG, 1 epoch batch {batch}, eval {cfg.eval.num_prompts} "
-          f"prompts: total {total:.1f} s")
+    print(
+        f"iteration {num_prompts} prompts, DDIM{steps}+CFG, 1 epoch batch {batch}, eval {cfg.eval.num_prompts} "
+        f"prompts: total {total:.1f} s"
+    )
     for name, sec in [*phases.items(), ("other (load, cache, export)", other)]:
         print(f"iteration   {name:28s} {sec:8.1f} s  {100 * sec / total:5.1f} %")
     print(f"iteration   generation / training = {phases['generate'] / phases['train']:.1f}x")
@@ -289,8 +413,11 @@ def main() -> None:
     for module in (c.unet, c.text_encoder, c.vae):
         if module is not None:
             module.to(device)
-    print(f"model {args.model}: UNet {sum(p.numel() for p in c.unet.parameters()) / 1e6:.2f} M params, latents "
-          f"{c.latent_channels}x{c.sample_size}x{c.sample_size}, device {device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}: UNet {sum(p.numel() for p in c.unet.parameters()) / 1e6:.2f} M params, latents "
+        f"{c.latent_channels}x{c.sample_size}x{c.sample_size}, device {device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     if "flops" in args.only:
         section_flops(c, args.model if len(args.model) < 11 else "model")
     if "generate" in args.only:

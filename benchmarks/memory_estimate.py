@@ -36,23 +36,54 @@ import torch
 
 GiB = 2**30
 SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
-    sample_size=64, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+    sample_size=64,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )
 SDXL = dict(
-    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, use_linear_projection=True, layers_per_block=2, sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True,
+    layers_per_block=2,
+    sample_size=128,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 )
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu")
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
+CLIP_BIGG = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -69,8 +100,11 @@ def meta_unet(cfg: dict) -> torch.nn.Module:
 
 
 def lora_params(unet: torch.nn.Module, rank: int) -> int:
-    return sum(rank * (m.in_features + m.out_features) for name, m in unet.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS))
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS)
+    )
 
 
 def frozen_parts(sdxl: bool) -> int:
@@ -101,11 +135,17 @@ def leaf_output_elements(cfg: dict, latent: int, batch: int = 2) -> int:
             m.register_forward_hook(hook)
     kw = {}
     if cfg.get("addition_embed_type") == "text_time":
-        kw["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, 1280, device="meta"),
-                                   "time_ids": torch.zeros(batch, 6, device="meta")}
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, 1280, device="meta"),
+            "time_ids": torch.zeros(batch, 6, device="meta"),
+        }
     with torch.no_grad():
-        unet(torch.zeros(batch, 4, latent, latent, device="meta"), torch.zeros(batch, device="meta"),
-             encoder_hidden_states=torch.zeros(batch, 77, cfg["cross_attention_dim"], device="meta"), **kw)
+        unet(
+            torch.zeros(batch, 4, latent, latent, device="meta"),
+            torch.zeros(batch, device="meta"),
+            encoder_hidden_states=torch.zeros(batch, 77, cfg["cross_attention_dim"], device="meta"),
+            **kw,
+        )
     return total
 
 
@@ -146,14 +186,23 @@ def measure_child(latent: int, checkpointing: bool) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = unet(x, t, encoder_hidden_states=ctx).sample.float().pow(2).mean()
     loss.backward()
-    return {"peak_growth": _rss("VmHWM") - base, "saved": sum(saved.values()), "seconds": time.perf_counter() - started,
-            "weights_and_grads": 8 * _numel(unet)}
+    return {
+        "peak_growth": _rss("VmHWM") - base,
+        "saved": sum(saved.values()),
+        "seconds": time.perf_counter() - started,
+        "weights_and_grads": 8 * _numel(unet),
+    }
 
 
 def measure(latent: int, checkpointing: bool) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    out = subprocess.run([sys.executable, __file__, "--child", str(latent), str(int(checkpointing))],
-                         capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(latent), str(int(checkpointing))],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -185,8 +234,16 @@ def rows(n_gpus: int, act_sd15: float, act_sdxl: float, lora_rank: int) -> list[
                 else:  # frozen base fp32 (+ adapter), grads/Adam of the adapter only, no reference copy
                     weights, grads, adam, ref = 4 * (p + lp) / shards, 4 * lp / shards, 8 * lp / shards, 0
                 total = weights + grads + adam + ref + act
-                out.append([model, mode, strategy, *(f"{v / GiB:.2f}" for v in (weights, grads, adam, ref, act, total)),
-                            f"{frozen / GiB:.2f}", f"{(4 * p + frozen) / GiB:.2f}"])
+                out.append(
+                    [
+                        model,
+                        mode,
+                        strategy,
+                        *(f"{v / GiB:.2f}" for v in (weights, grads, adam, ref, act, total)),
+                        f"{frozen / GiB:.2f}",
+                        f"{(4 * p + frozen) / GiB:.2f}",
+                    ]
+                )
     return out
 
 
@@ -202,15 +259,19 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    counts = {name: (_numel(u := meta_unet(cfg)), lora_params(u, args.lora_rank)) for name, cfg in
-              (("SD-1.5", SD15), ("SDXL", SDXL))}
+    counts = {
+        name: (_numel(u := meta_unet(cfg)), lora_params(u, args.lora_rank))
+        for name, cfg in (("SD-1.5", SD15), ("SDXL", SDXL))
+    }
     for name, (p, lp) in counts.items():
         print(f"{name} UNet: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
     sd15_elems = leaf_output_elements(SD15, 64)
     sdxl_elems = leaf_output_elements(SDXL, 128)
     ratio = sdxl_elems / sd15_elems
-    print(f"leaf-module output elements per pair: SD-1.5 @64² {sd15_elems:,}, SDXL @128² {sdxl_elems:,} "
-          f"(ratio {ratio:.2f})")
+    print(
+        f"leaf-module output elements per pair: SD-1.5 @64² {sd15_elems:,}, SDXL @128² {sdxl_elems:,} "
+        f"(ratio {ratio:.2f})"
+    )
 
     if args.no_measure:
         m = MEASURED
@@ -218,8 +279,10 @@ def main() -> None:
         m = {key: measure(*key) for key in MEASURED}
     for (latent, ckpt), r in m.items():
         extra = f", {r['seconds']:.0f} s" if "seconds" in r else ""
-        print(f"SD-1.5 one pair @ {latent}×{latent} latents, bf16 autocast{', gradient checkpointing' if ckpt else ''}: "
-              f"peak RSS growth {r['peak_growth'] / GiB:.2f} GiB, saved for backward {r['saved'] / GiB:.2f} GiB{extra}")
+        print(
+            f"SD-1.5 one pair @ {latent}×{latent} latents, bf16 autocast{', gradient checkpointing' if ckpt else ''}: "
+            f"peak RSS growth {r['peak_growth'] / GiB:.2f} GiB, saved for backward {r['saved'] / GiB:.2f} GiB{extra}"
+        )
     # growth = C + s·area: C does not grow with the latent (mostly the bf16 copies of the weights that autocast
     # makes and keeps for backward, ≈ 2 bytes/param; CUDA autocast caches them the same way), s·area does.
     g16, g32 = m[(16, False)]["peak_growth"], m[(32, False)]["peak_growth"]
@@ -229,26 +292,46 @@ def main() -> None:
     act_sd15 = const + per_px * 64**2
     act_sdxl = const * sdxl_p / sd15_p + per_px * 64**2 * ratio
     ckpt_ratio = m[(32, True)]["peak_growth"] / g32
-    print(f"fit growth = C + s·area: C = {const / GiB:.2f} GiB (bf16 weight copies: {2 * sd15_p / GiB:.2f} GiB), "
-          f"s·64² = {per_px * 64**2 / GiB:.2f} GiB")
-    print(f"gradient checkpointing at 32²: peak growth ×{ckpt_ratio:.2f}, saved-for-backward "
-          f"×{m[(32, True)]['saved'] / m[(32, False)]['saved']:.2f}")
-    print(f"=> activations per pair: SD-1.5 @64² ≈ {act_sd15 / GiB:.2f} GiB (fit of two measured sizes); "
-          f"SDXL @128² ≈ {act_sdxl / GiB:.2f} GiB (estimate: C × params ratio {sdxl_p / sd15_p:.2f} + s·64² × "
-          f"leaf-output ratio {ratio:.2f})\n")
+    print(
+        f"fit growth = C + s·area: C = {const / GiB:.2f} GiB (bf16 weight copies: {2 * sd15_p / GiB:.2f} GiB), "
+        f"s·64² = {per_px * 64**2 / GiB:.2f} GiB"
+    )
+    print(
+        f"gradient checkpointing at 32²: peak growth ×{ckpt_ratio:.2f}, saved-for-backward "
+        f"×{m[(32, True)]['saved'] / m[(32, False)]['saved']:.2f}"
+    )
+    print(
+        f"=> activations per pair: SD-1.5 @64² ≈ {act_sd15 / GiB:.2f} GiB (fit of two measured sizes); "
+        f"SDXL @128² ≈ {act_sdxl / GiB:.2f} GiB (estimate: C × params ratio {sdxl_p / sd15_p:.2f} + s·64² × "
+        f"leaf-output ratio {ratio:.2f})\n"
+    )
 
-    header = ["model", "training", "strategy", "policy weights", "grads", "AdamW", "reference (bf16)",
-              "activations / pair", "total / GPU", "text enc.+VAE (bf16, generation only)", "opponent for generation"]
+    header = [
+        "model",
+        "training",
+        "strategy",
+        "policy weights",
+        "grads",
+        "AdamW",
+        "reference (bf16)",
+        "activations / pair",
+        "total / GPU",
+        "text enc.+VAE (bf16, generation only)",
+        "opponent for generation",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows(args.gpus, act_sd15, act_sdxl, args.lora_rank):
         print("| " + " | ".join(row) + " |")
-    print(f"\nGiB per GPU; one pair per GPU per micro-step (activations scale with it); gradient checkpointing "
-          f"measured at 32² cut the peak growth to {ckpt_ratio:.0%} (it removes the area-proportional part; the "
-          f"constant bf16 weight copies stay, so the saving grows with resolution). Not included: CUDA context and allocator slack "
-          f"(~1-3 GiB), DDP's gradient buckets (a second gradient copy unless gradient_as_bucket_view), FSDP's "
-          f"transient all-gathered unit. 'opponent for generation' = the gathered fp32 policy every rank holds after "
-          f"training + text encoders/VAE (training state is freed by then). ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"\nGiB per GPU; one pair per GPU per micro-step (activations scale with it); gradient checkpointing "
+        f"measured at 32² cut the peak growth to {ckpt_ratio:.0%} (it removes the area-proportional part; the "
+        "constant bf16 weight copies stay, so the saving grows with resolution). Not included: CUDA context "
+        "and allocator slack "
+        f"(~1-3 GiB), DDP's gradient buckets (a second gradient copy unless gradient_as_bucket_view), FSDP's "
+        f"transient all-gathered unit. 'opponent for generation' = the gathered fp32 policy every rank holds after "
+        f"training + text encoders/VAE (training state is freed by then). ({time.perf_counter() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

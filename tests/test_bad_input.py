@@ -43,8 +43,9 @@ def world_dir(tmp_path_factory) -> dict[str, Path]:
     paths = {
         "empty": folder("empty", [], {}),
         "corrupt": folder("corrupt", good_rows, {**good_images, "2.png": b"not a png"}),
-        "no_caption_column": folder("no_caption_column", [{"file_name": r["file_name"], "label": 1} for r in good_rows],
-                                    good_images),
+        "no_caption_column": folder(
+            "no_caption_column", [{"file_name": r["file_name"], "label": 1} for r in good_rows], good_images
+        ),
         "empty_caption": folder("empty_caption", [*good_rows[:3], {"file_name": "3.png", "text": " "}], good_images),
         "tiny_image": folder("tiny_image", good_rows, {**good_images, "1.png": Image.new("RGB", (2, 2))}),
         "no_pairs": folder("no_pairs", good_rows, good_images),
@@ -62,8 +63,11 @@ def world_dir(tmp_path_factory) -> dict[str, Path]:
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 P = "[^ ]+"  # any path in a message
@@ -71,58 +75,127 @@ P = "[^ ]+"  # any path in a message
 CASES = [
     # spin / sft / dpo: the config
     ("spin-missing-config", ["spin", "--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
-    ("spin-unknown-key", ["spin", "--config", "{tiny}", "--set", "train.bogus=1"],
-     "unknown config key 'train.bogus'; valid keys here: .*"),
-    ("spin-wrong-type", ["spin", "--config", "{tiny}", "--set", "train.max_steps=abc"],
-     "train.max_steps must be an integer; got 'abc'"),
-    ("spin-wrong-objective", ["spin", "--config", "{tiny}", "--set", "loss.objective=sft"],
-     "`spin` runs loss.objective spin_approx or spin_exact, not sft; use `spin-diffusion sft`"),
+    (
+        "spin-unknown-key",
+        ["spin", "--config", "{tiny}", "--set", "train.bogus=1"],
+        "unknown config key 'train.bogus'; valid keys here: .*",
+    ),
+    (
+        "spin-wrong-type",
+        ["spin", "--config", "{tiny}", "--set", "train.max_steps=abc"],
+        "train.max_steps must be an integer; got 'abc'",
+    ),
+    (
+        "spin-wrong-objective",
+        ["spin", "--config", "{tiny}", "--set", "loss.objective=sft"],
+        "`spin` runs loss.objective spin_approx or spin_exact, not sft; use `spin-diffusion sft`",
+    ),
     # the model
-    ("spin-missing-model", ["spin", "--config", "{tiny}", "--set", "model.path=/no/such/model"],
-     r"model folder not found: /no/such/model \(give a local diffusers pipeline folder, or leave model.path unset "
-     r"to use a built-in preset\)"),
-    ("sft-missing-model", ["sft", "--config", "{tiny}", "--set", "model.path=/no/such/model"],
-     "model folder not found: /no/such/model .*"),
+    (
+        "spin-missing-model",
+        ["spin", "--config", "{tiny}", "--set", "model.path=/no/such/model"],
+        r"model folder not found: /no/such/model \(give a local diffusers pipeline folder, or leave model.path unset "
+        r"to use a built-in preset\)",
+    ),
+    (
+        "sft-missing-model",
+        ["sft", "--config", "{tiny}", "--set", "model.path=/no/such/model"],
+        "model folder not found: /no/such/model .*",
+    ),
     # the data
-    ("spin-empty-folder", ["spin", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={empty}"],
-     f"the dataset {P} is empty \\(0 rows\\); add examples or fix data.path"),
-    ("spin-corrupt-image", ["spin", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={corrupt}"],
-     f"cannot read image {P}2.png \\(line 3 of {P}\\): .*; replace the file or remove its row"),
-    ("spin-no-caption-column", ["spin", "--config", "{tiny}", "--set", "data.builtin=null",
-                                "--set", "data.path={no_caption_column}"], "no caption column in .*"),
-    ("spin-empty-caption", ["spin", "--config", "{tiny}", "--set", "data.builtin=null",
-                            "--set", "data.path={empty_caption}"],
-     f"line 4 of {P} has an empty caption \\('text'\\); write one or remove the row"),
-    ("spin-tiny-image", ["spin", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={tiny_image}",
-                         "--set", "data.min_image_side=8"],
-     f"line 2 of {P}: the image is 2x2 px, smaller than data.min_image_side=8; replace it, remove the row, or set "
-     "data.on_bad_example=skip"),
-    ("sft-corrupt-image", ["sft", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={corrupt}"],
-     f"cannot read image {P}2.png .*"),
-    ("dpo-no-pairs", ["dpo", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={no_pairs}"],
-     "no preference columns in .*"),
-    ("dpo-builtin-data", ["dpo", "--config", "{tiny}"],
-     r"preference pairs need data.path \(the built-in shapes world has no pairs\)"),
+    (
+        "spin-empty-folder",
+        ["spin", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={empty}"],
+        f"the dataset {P} is empty \\(0 rows\\); add examples or fix data.path",
+    ),
+    (
+        "spin-corrupt-image",
+        ["spin", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={corrupt}"],
+        f"cannot read image {P}2.png \\(line 3 of {P}\\): .*; replace the file or remove its row",
+    ),
+    (
+        "spin-no-caption-column",
+        ["spin", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={no_caption_column}"],
+        "no caption column in .*",
+    ),
+    (
+        "spin-empty-caption",
+        ["spin", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={empty_caption}"],
+        f"line 4 of {P} has an empty caption \\('text'\\); write one or remove the row",
+    ),
+    (
+        "spin-tiny-image",
+        [
+            "spin",
+            "--config",
+            "{tiny}",
+            "--set",
+            "data.builtin=null",
+            "--set",
+            "data.path={tiny_image}",
+            "--set",
+            "data.min_image_side=8",
+        ],
+        f"line 2 of {P}: the image is 2x2 px, smaller than data.min_image_side=8; replace it, remove the row, or set "
+        "data.on_bad_example=skip",
+    ),
+    (
+        "sft-corrupt-image",
+        ["sft", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={corrupt}"],
+        f"cannot read image {P}2.png .*",
+    ),
+    (
+        "dpo-no-pairs",
+        ["dpo", "--config", "{tiny}", "--set", "data.builtin=null", "--set", "data.path={no_pairs}"],
+        "no preference columns in .*",
+    ),
+    (
+        "dpo-builtin-data",
+        ["dpo", "--config", "{tiny}"],
+        r"preference pairs need data.path \(the built-in shapes world has no pairs\)",
+    ),
     # the run dir
-    ("spin-run-dir-is-a-file", ["spin", "--config", "{tiny}", "--run-dir", "{file}/run"],
-     f"run_dir {P}: {P} is a file, not a folder; choose another path"),
-    ("spin-eval-prompts-unscorable", ["spin", "--config", "{tiny}", "--set", "eval.enabled=true",
-                                      "--set", "eval.prompts={bad_prompts}"],
-     "prompt 2 cannot be scored by shapes_judge: not a demo-world caption: 'a green triangle in the center'; .*"),
+    (
+        "spin-run-dir-is-a-file",
+        ["spin", "--config", "{tiny}", "--run-dir", "{file}/run"],
+        f"run_dir {P}: {P} is a file, not a folder; choose another path",
+    ),
+    (
+        "spin-eval-prompts-unscorable",
+        ["spin", "--config", "{tiny}", "--set", "eval.enabled=true", "--set", "eval.prompts={bad_prompts}"],
+        "prompt 2 cannot be scored by shapes_judge: not a demo-world caption: 'a green triangle in the center'; .*",
+    ),
     # evaluate
-    ("evaluate-unscorable-prompt", ["evaluate", "-m", "{model}", "--prompts", "{bad_prompts}", "--scorer",
-                                    "shapes_judge"],
-     "prompt 2 cannot be scored by shapes_judge: not a demo-world caption: 'a green triangle in the center'; .*"),
-    ("evaluate-missing-model", ["evaluate", "-m", "{model}", "-m", "/no/such/model", "--prompts", "{prompts}"],
-     r"--model /no/such/model is not a diffusers pipeline folder \(no model_index.json\)"),
-    ("evaluate-missing-prompts", ["evaluate", "-m", "{model}", "--prompts", "/no/prompts.txt"],
-     "prompt file not found: /no/prompts.txt"),
-    ("evaluate-unknown-scorer", ["evaluate", "-m", "{model}", "--prompts", "{prompts}", "--scorer", "nope"],
-     "unknown scorer .*"),
-    ("evaluate-missing-weights", ["evaluate", "-m", "{model}", "--prompts", "{prompts}", "--scorer", "pickscore"],
-     ".*pickscore.*"),
-    ("evaluate-bad-baseline", ["evaluate", "-m", "{model}", "--prompts", "{prompts}", "--baseline", "3"],
-     "--baseline 3 is not an index into the 1 --model folders"),
+    (
+        "evaluate-unscorable-prompt",
+        ["evaluate", "-m", "{model}", "--prompts", "{bad_prompts}", "--scorer", "shapes_judge"],
+        "prompt 2 cannot be scored by shapes_judge: not a demo-world caption: 'a green triangle in the center'; .*",
+    ),
+    (
+        "evaluate-missing-model",
+        ["evaluate", "-m", "{model}", "-m", "/no/such/model", "--prompts", "{prompts}"],
+        r"--model /no/such/model is not a diffusers pipeline folder \(no model_index.json\)",
+    ),
+    (
+        "evaluate-missing-prompts",
+        ["evaluate", "-m", "{model}", "--prompts", "/no/prompts.txt"],
+        "prompt file not found: /no/prompts.txt",
+    ),
+    (
+        "evaluate-unknown-scorer",
+        ["evaluate", "-m", "{model}", "--prompts", "{prompts}", "--scorer", "nope"],
+        "unknown scorer .*",
+    ),
+    (
+        "evaluate-missing-weights",
+        ["evaluate", "-m", "{model}", "--prompts", "{prompts}", "--scorer", "pickscore"],
+        ".*pickscore.*",
+    ),
+    (
+        "evaluate-bad-baseline",
+        ["evaluate", "-m", "{model}", "--prompts", "{prompts}", "--baseline", "3"],
+        "--baseline 3 is not an index into the 1 --model folders",
+    ),
     # demo and config
     ("demo-bad-scale", ["demo", "--scale", "0"], "--scale must be > 0, got 0.0"),
     ("config-unknown-key", ["config", "--set", "sample.bogus=1"], "unknown config key 'sample.bogus'; .*"),
@@ -145,7 +218,7 @@ def test_bad_input_gives_one_line_and_status_2(world_dir, tmp_path, capsys, argv
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("error: ")
-    assert re.fullmatch(message, lines[0][len("error: "):]), lines[0]
+    assert re.fullmatch(message, lines[0][len("error: ") :]), lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert not run_dir.exists()  # a failed start leaves nothing behind
     assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())
@@ -156,8 +229,17 @@ def test_bad_input_gives_one_line_and_status_2(world_dir, tmp_path, capsys, argv
 def test_resume_with_another_config_leaves_the_finished_run_untouched(world_dir, capsys, command):
     finished = world_dir["finished"]
     before = _snapshot(finished)
-    args = [command, "--config", str(TINY), "--run-dir", str(finished), "--resume", *FAST,
-            "--set", "train.learning_rate=0.5"]
+    args = [
+        command,
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(finished),
+        "--resume",
+        *FAST,
+        "--set",
+        "train.learning_rate=0.5",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --resume with a config that differs from the saved one (") and "\n" not in err

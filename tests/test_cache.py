@@ -179,7 +179,9 @@ def test_latent_cache_built_once_matches_direct_encoding(tmp_path, tiny, monkeyp
 
     again = C.build_latent_cache(tiny, _load(root), cache_dir, **kw)  # reused: no encoder call
     assert (calls["images"], calls["prompts"]) == (0, 0)
-    assert torch.equal(again.latents[:], cache.latents[:]) and torch.equal(again.prompt_embeds[:], cache.prompt_embeds[:])
+    assert torch.equal(again.latents[:], cache.latents[:]) and torch.equal(
+        again.prompt_embeds[:], cache.prompt_embeds[:]
+    )
     assert not list(cache_dir.glob("*.tmp"))
 
     C.build_latent_cache(tiny, _load(root), cache_dir, **{**kw, "model_id": "other"})  # other model -> rebuild
@@ -231,9 +233,15 @@ def test_latent_cache_resumes_only_missing_or_corrupt_shards(tmp_path, tiny, mon
     kw = dict(KW, batch_size=2, shard_size=2)
     full = C.build_latent_cache(tiny, _load(root), cache_dir, **kw).latents[:]
     names = sorted(p.name for p in cache_dir.iterdir())
-    assert names == ["latents-embeds-00000.safetensors", "latents-embeds-00001.safetensors",
-                     "latents-embeds-00002.safetensors", "latents-images-00000.safetensors",
-                     "latents-images-00001.safetensors", "latents-images-00002.safetensors", "latents.json"]
+    assert names == [
+        "latents-embeds-00000.safetensors",
+        "latents-embeds-00001.safetensors",
+        "latents-embeds-00002.safetensors",
+        "latents-images-00000.safetensors",
+        "latents-images-00001.safetensors",
+        "latents-images-00002.safetensors",
+        "latents.json",
+    ]
     calls = _count_encodes(monkeypatch)
 
     (cache_dir / "latents.json").unlink()  # killed before the marker was written: every shard is reused

@@ -1,4 +1,4 @@
-"""card.py: the model card of an exported folder (metadata, training, evaluation, usage) and save_pipeline writing it."""
+"""card.py: the model card of an exported folder (metadata, training, evaluation, usage); save_pipeline writes it."""
 
 from __future__ import annotations
 
@@ -11,10 +11,20 @@ from spin_diffusion.config import load_config
 
 
 def _info(**changes) -> card.CardInfo:
-    info = card.CardInfo(base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", objective="spin_approx",
-                         iteration=2, steps=500, data_size=10000, beta=2000.0, learning_rate=2e-5, batch_size=8,
-                         resolution=512, license="creativeml-openrail-m",
-                         evaluation={"pickscore": 21.4567, "pickscore_win_rate": 0.61, "fd": None}, eval_prompts=500)
+    info = card.CardInfo(
+        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        objective="spin_approx",
+        iteration=2,
+        steps=500,
+        data_size=10000,
+        beta=2000.0,
+        learning_rate=2e-5,
+        batch_size=8,
+        resolution=512,
+        license="creativeml-openrail-m",
+        evaluation={"pickscore": 21.4567, "pickscore_win_rate": 0.61, "fd": None},
+        eval_prompts=500,
+    )
     return dataclasses.replace(info, **changes)
 
 
@@ -36,8 +46,17 @@ def test_render_card_metadata_training_evaluation_usage():
 
 
 def test_render_card_without_hub_base_license_or_evaluation(tmp_path):
-    text = card.render_card(_info(base_model=str(tmp_path), license=None, evaluation={}, objective="sft", beta=None,
-                                  lora_rank=4, pixel_space=True))
+    text = card.render_card(
+        _info(
+            base_model=str(tmp_path),
+            license=None,
+            evaluation={},
+            objective="sft",
+            beta=None,
+            lora_rank=4,
+            pixel_space=True,
+        )
+    )
     meta = card.read_metadata_text(text)
     assert "base_model" not in meta and "license" not in meta  # a local path is not a Hub id
     assert meta["pipeline_tag"] == "text-to-image" and "sft" in meta["tags"]

@@ -63,8 +63,9 @@ def test_invalid_yaml_file(tmp_path, capsys):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "spin_diffusion.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "spin_diffusion.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def _imagefolder(root: Path, rows: list[dict], images: dict[str, bytes | None]) -> Path:
@@ -82,11 +83,15 @@ def _bad_data(tmp_path: Path, kind: str) -> Path:
     if kind == "empty":
         return _imagefolder(tmp_path / "d", [], {})
     if kind == "missing_caption":
-        return _imagefolder(tmp_path / "d", [{"file_name": "a.png", "text": "a red circle"}, {"file_name": "b.png"}],
-                            {"a.png": None, "b.png": None})
+        return _imagefolder(
+            tmp_path / "d",
+            [{"file_name": "a.png", "text": "a red circle"}, {"file_name": "b.png"}],
+            {"a.png": None, "b.png": None},
+        )
     if kind == "corrupt_image":
-        return _imagefolder(tmp_path / "d", [{"file_name": "a.png", "text": "a red circle"}],
-                            {"a.png": b"this is not a png"})
+        return _imagefolder(
+            tmp_path / "d", [{"file_name": "a.png", "text": "a red circle"}], {"a.png": b"this is not a png"}
+        )
     raise ValueError(kind)
 
 
@@ -96,8 +101,17 @@ def _bad_data(tmp_path: Path, kind: str) -> Path:
 )
 def test_bad_dataset_exits_2_with_one_line(tmp_path, kind, message):
     data = _bad_data(tmp_path, kind)
-    out = _cli("sft", "--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", f"data.path={data}",
-               "--set", "data.builtin=null")
+    out = _cli(
+        "sft",
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "data.builtin=null",
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     err = out.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
@@ -105,8 +119,9 @@ def test_bad_dataset_exits_2_with_one_line(tmp_path, kind, message):
 
 
 def test_missing_model_folder(tmp_path):
-    out = _cli("spin", "--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set",
-               f"model.path={tmp_path / 'nope'}")
+    out = _cli(
+        "spin", "--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", f"model.path={tmp_path / 'nope'}"
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "nope" in out.stderr and "Traceback" not in out.stderr
@@ -134,9 +149,27 @@ def test_evaluate_command_scores_models_against_a_baseline(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on the left\na blue square at the top\n\na green triangle on the right\n")
     out = tmp_path / "eval"
-    code = main(["evaluate", "-m", str(tmp_path / "m0"), "-m", str(tmp_path / "m1"), "--prompts", str(prompts),
-                 "--scorer", "shapes_judge", "--scorer", "shapes_color", "--out", str(out), "--steps", "2",
-                 "--guidance-scale", "2.0"])
+    code = main(
+        [
+            "evaluate",
+            "-m",
+            str(tmp_path / "m0"),
+            "-m",
+            str(tmp_path / "m1"),
+            "--prompts",
+            str(prompts),
+            "--scorer",
+            "shapes_judge",
+            "--scorer",
+            "shapes_color",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--guidance-scale",
+            "2.0",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     table = capsys.readouterr().out
     assert "win rate vs m0" in table and "shapes_color" in table
@@ -174,8 +207,21 @@ def test_evaluate_adds_fid_against_reference_images(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle on the left\na blue square at the top\na green circle on the right\n")
     out = tmp_path / "eval"
-    args = ["evaluate", "-m", str(tmp_path / "m0"), "--prompts", str(prompts), "--scorer", "shapes_judge",
-            "--out", str(out), "--steps", "2", "--fid-reference", str(reference)]
+    args = [
+        "evaluate",
+        "-m",
+        str(tmp_path / "m0"),
+        "--prompts",
+        str(prompts),
+        "--scorer",
+        "shapes_judge",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--fid-reference",
+        str(reference),
+    ]
     assert main(args) == 2  # FID needs both the reference images and the feature network
     assert "--fid-features" in capsys.readouterr().err
     assert main([*args, "--fid-features", str(clip)]) == 0, capsys.readouterr().err

@@ -37,13 +37,31 @@ def _dirty_folder(root: Path, n: int = 20) -> Path:
 
 def _cfg(tmp_path: Path, *overrides: str):
     root = tmp_path / "data" if (tmp_path / "data").exists() else _dirty_folder(tmp_path / "data")
-    return load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.builtin=null", f"data.path={root}",
-                              "num_iterations=1", "eval.enabled=false", "data.min_image_side=8", *overrides])
+    return load_config(
+        TINY,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "data.builtin=null",
+            f"data.path={root}",
+            "num_iterations=1",
+            "eval.enabled=false",
+            "data.min_image_side=8",
+            *overrides,
+        ],
+    )
 
 
 def test_skip_trains_past_bad_examples_and_lists_them(tmp_path: Path):
-    summary = run(_cfg(tmp_path, "data.on_bad_example=skip", "data.max_bad_fraction=0.25", "eval.enabled=true",
-                       "eval.num_prompts=4"), progress=False)
+    summary = run(
+        _cfg(
+            tmp_path,
+            "data.on_bad_example=skip",
+            "data.max_bad_fraction=0.25",
+            "eval.enabled=true",
+            "eval.num_prompts=4",
+        ),
+        progress=False,
+    )
     run_dir = summary.run_dir
     skipped = [json.loads(line) for line in (run_dir / "skipped.jsonl").open()]
     assert len(skipped) == 4

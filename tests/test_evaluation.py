@@ -312,7 +312,10 @@ def test_open_clip_key_mapping_round_trips_exactly():
 def test_hpsv2_transformers_backend_matches_open_clip_forward(hps_dir, images, monkeypatch):
     folder, state = hps_dir
     monkeypatch.setitem(sys.modules, "open_clip", None)  # make sure open_clip is not importable
-    spec = f"ckpt={folder / 'HPS_v2_compressed.pt'},tokenizer={folder / 'tokenizer'},config={folder / 'open_clip_config.json'}"
+    spec = (
+        f"ckpt={folder / 'HPS_v2_compressed.pt'},tokenizer={folder / 'tokenizer'},"
+        f"config={folder / 'open_clip_config.json'}"
+    )
     scorer = ev.build_scorer("hpsv2", spec, batch_size=2)
     assert scorer.backend == "transformers"
     scores = scorer(images, PROMPTS)
@@ -341,7 +344,10 @@ def test_hpsv2_open_clip_backend(hps_dir, images, monkeypatch):
     assert scorer.backend == "open_clip"
     via_open_clip = scorer(images, PROMPTS)
     monkeypatch.setitem(sys.modules, "open_clip", None)
-    spec = f"ckpt={folder / 'HPS_v2_compressed.pt'},tokenizer={folder / 'tokenizer'},config={folder / 'open_clip_config.json'}"
+    spec = (
+        f"ckpt={folder / 'HPS_v2_compressed.pt'},tokenizer={folder / 'tokenizer'},"
+        f"config={folder / 'open_clip_config.json'}"
+    )
     torch.testing.assert_close(via_open_clip, ev.build_scorer("hpsv2", spec)(images, PROMPTS), rtol=1e-4, atol=1e-5)
 
 

@@ -32,14 +32,38 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 def _fsdp_args(run_dir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-            str(REPO / "tests" / "_fsdp_on_cpu.py"), "spin", "--config", str(TINY), "--run-dir", str(run_dir),
-            *_sets(overrides)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(FSDP_CONFIG),
+        str(REPO / "tests" / "_fsdp_on_cpu.py"),
+        "spin",
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(run_dir),
+        *_sets(overrides),
+    ]
 
 
 def _ddp_args(run_dir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-            "spin_diffusion.cli", "spin", "--config", str(TINY), "--run-dir", str(run_dir), *_sets(overrides)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "spin_diffusion.cli",
+        "spin",
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(run_dir),
+        *_sets(overrides),
+    ]
 
 
 def _run(args: list[str], *, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -88,9 +112,23 @@ def test_fsdp_two_processes_train_what_ddp_trains(tmp_path: Path, overrides: lis
 def test_fsdp_config_without_the_cpu_override_runs_ddp_and_says_so(tmp_path: Path):
     """What a user gets from accelerate on CPU: two processes, plain DDP, one warning line."""
     run_dir = tmp_path / "run"
-    done = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "-m",
-                 "spin_diffusion.cli", "spin", "--config", str(TINY), "--run-dir", str(run_dir),
-                 *_sets([*ONE_ITER, "train.max_steps=1"])])
+    done = _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(FSDP_CONFIG),
+            "-m",
+            "spin_diffusion.cli",
+            "spin",
+            "--config",
+            str(TINY),
+            "--run-dir",
+            str(run_dir),
+            *_sets([*ONE_ITER, "train.max_steps=1"]),
+        ]
+    )
     assert done.stderr.count("accelerate does not shard on CPU") == 1
     assert _completed(run_dir) == ["generate:0", "train:1"]
 
@@ -98,8 +136,14 @@ def test_fsdp_config_without_the_cpu_override_runs_ddp_and_says_so(tmp_path: Pat
 # ------------------------------------------------------------------------------------------------------------
 # kill -9 of all ranks during FSDP training, then --resume: sharded checkpoints give back the same weights
 
-KILL = ["num_iterations=1", "data.num_builtin=32", "train.max_steps=8", "train.checkpoint_every=2",
-        "train.batch_size=2", "eval.enabled=false"]
+KILL = [
+    "num_iterations=1",
+    "data.num_builtin=32",
+    "train.max_steps=8",
+    "train.checkpoint_every=2",
+    "train.batch_size=2",
+    "eval.enabled=false",
+]
 
 
 @pytest.mark.slow  # ~45 s: three 2-process runs
@@ -115,8 +159,13 @@ def test_fsdp_kill9_then_resume_equals_uninterrupted(tmp_path: Path):
             seen.extend(sorted(q.name for q in found[0].iterdir()))
         return bool(found)
 
-    proc = subprocess.Popen(_fsdp_args(run_dir, KILL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _fsdp_args(run_dir, KILL),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     try:
         while not checkpoint_written():
@@ -142,8 +191,13 @@ def test_deepspeed_config_without_deepspeed_is_one_line(tmp_path: Path):
 
     if is_deepspeed_available():
         pytest.skip("deepspeed is installed")
-    done = subprocess.run(_ddp_args(tmp_path / "run", ONE_ITER), capture_output=True, text=True, timeout=120,
-                          env={**ENV, "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_DEEPSPEED": "true"})
+    done = subprocess.run(
+        _ddp_args(tmp_path / "run", ONE_ITER),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ENV, "ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_DEEPSPEED": "true"},
+    )
     assert done.returncode != 0
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "deepspeed is not installed" in lines[0], done.stderr[-3000:]

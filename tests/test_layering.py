@@ -40,7 +40,9 @@ def _imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("module", sorted(FORBIDDEN))
 def test_imports_point_downward(module):
     imported = _imports(PKG / f"{module}.py")
-    bad = {name for name in imported for banned in FORBIDDEN[module] if name == banned or name.startswith(banned + ".")}
+    bad = {
+        name for name in imported for banned in FORBIDDEN[module] if name == banned or name.startswith(banned + ".")
+    }
     assert not bad, f"{module}.py imports {sorted(bad)}"
 
 
@@ -48,4 +50,6 @@ def test_scorers_do_not_import_diffusers_or_orchestration():
     for path in (PKG / "scorers").glob("*.py"):
         imported = _imports(path)
         assert not any(n.split(".")[0] == "diffusers" for n in imported), path.name
-        assert not any(n.startswith(("spin_diffusion.self_play", "spin_diffusion.sampling")) for n in imported), path.name
+        assert not any(n.startswith(("spin_diffusion.self_play", "spin_diffusion.sampling")) for n in imported), (
+            path.name
+        )

@@ -30,8 +30,17 @@ BASE = ["num_iterations=2", "train.batch_size=4", "eval.num_prompts=8", "data.ca
 
 
 def _launch_args(nproc: int, command: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "spin_diffusion.cli", command, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "spin_diffusion.cli",
+        command,
+        *args,
+    ]
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -39,8 +48,9 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 def _torchrun(command: str, *args: str, nproc: int = 2, check: bool = True, timeout: float = 900):
-    done = subprocess.run(_launch_args(nproc, command, *args), capture_output=True, text=True, env=ENV,
-                          timeout=timeout)
+    done = subprocess.run(
+        _launch_args(nproc, command, *args), capture_output=True, text=True, env=ENV, timeout=timeout
+    )
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
@@ -51,7 +61,9 @@ def _unet(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _files(run_dir: Path) -> set[str]:
-    return {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+    return {
+        p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file() and "tensorboard" not in p.parts
+    }
 
 
 def _completed(run_dir: Path) -> list[str]:
@@ -71,8 +83,11 @@ def spin_runs(tmp_path_factory) -> tuple[Path, Path]:
 def test_two_processes_write_what_one_process_writes(spin_runs):
     two, one = spin_runs
     assert _files(two) == _files(one)
-    assert _completed(two) == _completed(one) == [
-        "eval:0", "generate:0", "train:1", "eval:1", "generate:1", "train:2", "eval:2"]
+    assert (
+        _completed(two)
+        == _completed(one)
+        == ["eval:0", "generate:0", "train:1", "eval:1", "generate:1", "train:2", "eval:2"]
+    )
     # the real-image cache is encoded by both ranks (each its shards) and equals the one-process cache (up to
     # float rounding: the ranks run 1 OpenMP thread each, this process 2, and the VAE's convolutions sum in
     # another order)
@@ -185,7 +200,10 @@ def test_evaluate_on_two_processes_equals_one_process(spin_runs, tmp_path: Path)
     done = _torchrun("evaluate", *args, "--out", str(tmp_path / "two"))
     assert done.stdout.count("shapes_color") >= 1
     assert sorted(p.name for p in (tmp_path / "two" / "iter_02_model_images").iterdir()) == [
-        "00000.png", "00001.png", "00002.png"]
+        "00000.png",
+        "00001.png",
+        "00002.png",
+    ]
     from spin_diffusion.cli import main
 
     assert main(["evaluate", *args, "--out", str(tmp_path / "one")]) == 0
@@ -197,8 +215,16 @@ def test_evaluate_on_two_processes_equals_one_process(spin_runs, tmp_path: Path)
 # ------------------------------------------------------------------------------------------------------------
 # kill -9 of the launcher and all its ranks, then the same command with --resume
 
-KILL = ["num_iterations=1", "data.num_builtin=48", "sample.shard_size=4", "sample.num_steps=8",
-        "train.max_steps=12", "train.checkpoint_every=2", "train.batch_size=2", "eval.enabled=false"]
+KILL = [
+    "num_iterations=1",
+    "data.num_builtin=48",
+    "sample.shard_size=4",
+    "sample.num_steps=8",
+    "train.max_steps=12",
+    "train.checkpoint_every=2",
+    "train.batch_size=2",
+    "eval.enabled=false",
+]
 
 
 def _spin_args(run_dir: Path, *extra: str) -> list[str]:
@@ -230,8 +256,13 @@ def _kill_tree(pid: int) -> None:
 
 
 def _kill_all_when(run_dir: Path, ready, timeout: float = 180.0) -> None:
-    proc = subprocess.Popen(_launch_args(2, "spin", *_spin_args(run_dir)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    proc = subprocess.Popen(
+        _launch_args(2, "spin", *_spin_args(run_dir)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        start_new_session=True,
+    )
     deadline = time.time() + timeout
     try:
         while not ready():
@@ -260,8 +291,10 @@ def test_kill9_of_all_ranks_then_resume_equals_uninterrupted(tmp_path: Path, uni
     assert _completed(run_dir) == ["generate:0", "train:1"]
     for shard in range(12):
         name = f"shard_{shard:05d}.safetensors"
-        assert torch.equal(load_file(str(gen / name))["latents"],
-                           load_file(str(uninterrupted / "iter_00" / "generated" / name))["latents"])
+        assert torch.equal(
+            load_file(str(gen / name))["latents"],
+            load_file(str(uninterrupted / "iter_00" / "generated" / name))["latents"],
+        )
     w, ref = _unet(run_dir / "iter_01" / "model"), _unet(uninterrupted / "iter_01" / "model")
     for name in ref:
         assert torch.equal(w[name], ref[name]), f"UNet weight {name} differs after resume"
@@ -276,8 +309,17 @@ def test_kill9_of_all_ranks_then_resume_equals_uninterrupted(tmp_path: Path, uni
 def test_bad_input_stops_every_rank_with_one_line(tmp_path: Path):
     run_dir = tmp_path / "run"
     started = time.time()
-    done = _torchrun("spin", "--config", str(TINY), "--run-dir", str(run_dir), "--set", "model.path=/no/such/model",
-                     check=False, timeout=120)
+    done = _torchrun(
+        "spin",
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "model.path=/no/such/model",
+        check=False,
+        timeout=120,
+    )
     assert done.returncode != 0
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "/no/such/model" in lines[0], done.stderr[-3000:]
@@ -302,10 +344,27 @@ def _free_port() -> int:
 def _start_nodes(command: str, *args: str) -> list[subprocess.Popen]:
     port = _free_port()
     return [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                          f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                          "-m", "spin_diffusion.cli", command, *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "spin_diffusion.cli",
+                command,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            start_new_session=True,
+        )
         for node in (0, 1)
     ]
 
@@ -359,11 +418,33 @@ def test_run_dir_must_be_shared_by_all_nodes(tmp_path: Path):
     for node in (0, 1):
         cwd = tmp_path / f"node{node}"  # a relative run dir resolves to a different folder per node
         cwd.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "spin_diffusion.cli", "spin",
-             "--config", str(TINY), "--run-dir", "run"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    "--nproc_per_node=1",
+                    f"--node_rank={node}",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                    "-m",
+                    "spin_diffusion.cli",
+                    "spin",
+                    "--config",
+                    str(TINY),
+                    "--run-dir",
+                    "run",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=ENV,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        )
     results = _wait(procs, timeout=120)
     assert all(rc != 0 for rc, _ in results)
     lines = [line for _, out in results for line in out.splitlines() if line.startswith("error: ")]

@@ -21,16 +21,37 @@ from spin_diffusion.preemption import EXIT_PREEMPTED
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-CONFIG = ["num_iterations=1", "data.num_builtin=48", "sample.shard_size=4", "sample.num_steps=8",
-          "train.max_steps=40", "train.checkpoint_every=1000", "train.batch_size=2", "eval.enabled=false"]
+CONFIG = [
+    "num_iterations=1",
+    "data.num_builtin=48",
+    "sample.shard_size=4",
+    "sample.num_steps=8",
+    "train.max_steps=40",
+    "train.checkpoint_every=1000",
+    "train.batch_size=2",
+    "eval.enabled=false",
+]
 
 
 def _command(nproc: int, run_dir: Path, *extra: str) -> list[str]:
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     sets = [a for kv in CONFIG for a in ("--set", kv)]
-    return [*launcher, "-m", "spin_diffusion.cli", "spin", "--config", str(TINY), "--run-dir", str(run_dir),
-            *sets, *extra]
+    return [
+        *launcher,
+        "-m",
+        "spin_diffusion.cli",
+        "spin",
+        "--config",
+        str(TINY),
+        "--run-dir",
+        str(run_dir),
+        *sets,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
@@ -52,10 +73,14 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(tmp_path: Path, re
     run_dir = tmp_path / "run"
     gen = run_dir / "iter_00" / "generated"
     log = run_dir / "iter_01" / "train" / "train_log.jsonl"
-    ready = (lambda: (gen / "shard_00001.safetensors").exists()) if phase == "generate" else (
-        lambda: log.exists() and len(log.read_text().splitlines()) >= 3)
-    proc = subprocess.Popen(_command(nproc, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+    ready = (
+        (lambda: (gen / "shard_00001.safetensors").exists())
+        if phase == "generate"
+        else (lambda: log.exists() and len(log.read_text().splitlines()) >= 3)
+    )
+    proc = subprocess.Popen(
+        _command(nproc, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
     deadline = time.time() + 180
     while not ready():
         assert proc.poll() is None, "the run ended before the signal"

@@ -19,9 +19,20 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 def test_estimate_adds_up_what_a_run_writes():
     """SD-1.5-like: 1000 rows, 250 captions, fp16 cache, 3 iterations of spin_exact with 50 steps."""
     est = preflight.estimate_run_bytes(
-        num_rows=1000, num_captions=250, latent_shape=(4, 64, 64), embed_shape=(77, 768), cache_dtype="fp16",
-        images_per_row=1, iterations=3, self_play=True, store_dtype="bf16", trajectory_steps=50,
-        pipeline_params=1_000_000, unet_params=800_000, trainable_params=800_000, eval_images=10,
+        num_rows=1000,
+        num_captions=250,
+        latent_shape=(4, 64, 64),
+        embed_shape=(77, 768),
+        cache_dtype="fp16",
+        images_per_row=1,
+        iterations=3,
+        self_play=True,
+        store_dtype="bf16",
+        trajectory_steps=50,
+        pipeline_params=1_000_000,
+        unet_params=800_000,
+        trainable_params=800_000,
+        eval_images=10,
         image_pixels=512 * 512,
     )
     assert est.cache == 1000 * 16384 * 2 + 250 * 77 * 768 * 2

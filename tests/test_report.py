@@ -205,8 +205,12 @@ def test_collect_run_errors(tmp_path):
     with pytest.raises(SpinDiffusionError, match="not a number"):
         collect_run(tmp_path)
     (tmp_path / "iter_00" / "eval.json").write_text(
-        json.dumps({"models": [{"name": "iter_00", "metrics": {"judge": 1, "win_rate": None}, "grid_size": 1}],
-                    "prompts": ["p", "q"]})
+        json.dumps(
+            {
+                "models": [{"name": "iter_00", "metrics": {"judge": 1, "win_rate": None}, "grid_size": 1}],
+                "prompts": ["p", "q"],
+            }
+        )
     )
     data = collect_run(tmp_path)
     assert data.models[0].metrics == {"judge": 1.0} and data.models[0].captions == ["p"]

@@ -24,8 +24,10 @@ def test_iter_dir_and_iterations_are_inverse(tmp_path):
 
 
 def test_eval_json_round_trip(tmp_path):
-    models = [rundir.ModelEval("a", {"judge": 0.5, "fd": math.nan}, {"judge": [0.0, 1.0]}, grid="a.png", grid_size=2),
-              rundir.ModelEval("b", {"judge": 1.0, "judge_win_rate": 0.75})]
+    models = [
+        rundir.ModelEval("a", {"judge": 0.5, "fd": math.nan}, {"judge": [0.0, 1.0]}, grid="a.png", grid_size=2),
+        rundir.ModelEval("b", {"judge": 1.0, "judge_win_rate": 0.75}),
+    ]
     ev = rundir.EvalFile(prompts=["p", "q"], models=models, sampler={"seed": 1, "num_steps": 4}, baseline="a")
     path = rundir.write_eval(tmp_path / "sub" / "eval.json", ev)
     raw = json.loads(path.read_text())
@@ -52,7 +54,8 @@ def test_atomic_write_leaves_the_old_file_on_error(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert json.loads(target.read_text()) == {"x": 1} and sorted(p.name for p in target.parent.iterdir()) == [
-        "state.json"]
+        "state.json"
+    ]
     with atomic.path(target, per_process=True) as tmp:
         assert ".tmp" in tmp.name and str(__import__("os").getpid()) in tmp.name
         tmp.write_text("{}")

@@ -362,7 +362,10 @@ def test_generate_shards_store_dtype_and_lazy_embeddings(tiny, sched_cfg, embeds
     half = replace(spec, store_dtype=store_dtype)
     sampling.generate_shards(tiny.unet, sched_cfg, lazy, neg, tmp_path / "half", half, batch_size=2, progress=False)
     header = read_header(tmp_path / "half" / "shard_00000.safetensors")[0]
-    assert header["latents"]["dtype"] == {"fp16": "F16", "bf16": "BF16"}[store_dtype] and header["indices"]["dtype"] == "I64"
+    assert (
+        header["latents"]["dtype"] == {"fp16": "F16", "bf16": "BF16"}[store_dtype]
+        and header["indices"]["dtype"] == "I64"
+    )
     full, got = sampling.load_generated(tmp_path / "fp32"), sampling.load_generated(tmp_path / "half")
     assert got.latents.shape == full.latents.shape and got.trajectory.shape == full.trajectory.shape
     idx = torch.tensor([4, 0, 0, 3])
@@ -399,8 +402,11 @@ def test_generate_shards_only_the_given_prompts_in_their_order(tiny, sched_cfg, 
     monkeypatch.setattr(sampling, "sample", counting_sample)
     _generate(tiny, sched_cfg, embeds, tmp_path, spec)
     assert sampled == [sampling.sample_seed(3, 1, i) for i in order]  # nothing else was sampled
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "shard_00000.safetensors",
-                                                          "shard_00001.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "meta.json",
+        "shard_00000.safetensors",
+        "shard_00001.safetensors",
+    ]
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["prompts"] == list(order) and meta["num_generated"] == 3
     from safetensors.torch import load_file
@@ -437,7 +443,9 @@ def test_other_samplers_and_dtypes_are_seeded_and_batch_invariant(tiny, sched_cf
     whole = _sample(tiny, sched_cfg, cond[:4], neg, _seeds(4), **kw)
     again = _sample(tiny, sched_cfg, cond[:4], neg, _seeds(4), **kw)
     assert torch.equal(whole.latents, again.latents)
-    parts = torch.cat([_sample(tiny, sched_cfg, cond[i:i + 2], neg, _seeds(2, start=i), **kw).latents for i in (0, 2)])
+    parts = torch.cat(
+        [_sample(tiny, sched_cfg, cond[i : i + 2], neg, _seeds(2, start=i), **kw).latents for i in (0, 2)]
+    )
     torch.testing.assert_close(parts, whole.latents, atol=1e-2 if dtype else 1e-5, rtol=1e-2 if dtype else 1e-5)
     assert next(tiny.unet.parameters()).dtype == torch.float32  # autocast leaves the module as it was
     base = _sample(tiny, sched_cfg, cond[:4], neg, _seeds(4), num_steps=4, guidance_scale=2.0)

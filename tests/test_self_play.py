@@ -88,8 +88,14 @@ def test_exported_iteration_loads_in_plain_diffusers(finished_run: Path):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(finished_run / "iter_02" / "model", local_files_only=True)
-    out = pipe("a red circle on the left", num_inference_steps=2, height=16, width=16, output_type="np",
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a red circle on the left",
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images.shape == (1, 16, 16, 3)
 
 
@@ -110,8 +116,15 @@ def test_existing_run_dir_needs_resume_and_same_config(finished_run: Path):
 # ------------------------------------------------------------------------------------------------------------
 # kill -9 at any phase, then --resume: the run completes with the same result as an uninterrupted run
 
-KILL_CONFIG = ["num_iterations=1", "data.num_builtin=48", "sample.shard_size=4", "sample.num_steps=8",
-               "train.max_steps=12", "train.checkpoint_every=2", "eval.enabled=false"]
+KILL_CONFIG = [
+    "num_iterations=1",
+    "data.num_builtin=48",
+    "sample.shard_size=4",
+    "sample.num_steps=8",
+    "train.max_steps=12",
+    "train.checkpoint_every=2",
+    "eval.enabled=false",
+]
 
 
 def _cli(run_dir: Path, *extra: str) -> list[str]:
@@ -127,8 +140,9 @@ def reference_run(tmp_path_factory) -> Path:
 
 
 def _kill_when(run_dir: Path, ready, timeout: float = 120.0) -> None:
-    proc = subprocess.Popen(_cli(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        _cli(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     deadline = time.time() + timeout
     try:
         while not ready():
@@ -156,8 +170,9 @@ def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: 
     state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
     assert "train:1" not in state.get("completed", [])
 
-    done = subprocess.run(_cli(run_dir, "--resume"), capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        _cli(run_dir, "--resume"), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run_dir / "state.json").read_text())["completed"] == ["generate:0", "train:1"]
     ref_gen = load_file(str(reference_run / "iter_00" / "generated" / "shard_00003.safetensors"))
@@ -174,8 +189,12 @@ PARTIAL = ["train.max_steps=3", "sample.shard_size=1"]  # 3 steps x batch 4 = 12
 @pytest.fixture(scope="module")
 def partial_reference_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref_partial") / "run"
-    subprocess.run(_cli(run_dir, *[a for kv in PARTIAL for a in ("--set", kv)]), check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        _cli(run_dir, *[a for kv in PARTIAL for a in ("--set", kv)]),
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return run_dir
 
 
@@ -183,8 +202,12 @@ def test_kill9_during_partial_generation_then_resume_completes_identically(tmp_p
     run_dir = tmp_path / "run"
     gen = run_dir / "iter_00" / "generated"
     sets = [a for kv in PARTIAL for a in ("--set", kv)]
-    proc = subprocess.Popen(_cli(run_dir, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        _cli(run_dir, *sets),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     deadline = time.time() + 120
     try:
         while not (gen / "shard_00001.safetensors").exists():
@@ -195,8 +218,9 @@ def test_kill9_during_partial_generation_then_resume_completes_identically(tmp_p
     finally:
         proc.wait()
     assert not (gen / "shard_00011.safetensors").exists()
-    done = subprocess.run(_cli(run_dir, *sets, "--resume"), capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        _cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     shards = sorted(p.name for p in gen.glob("shard_*.safetensors"))
     assert shards == [f"shard_{i:05d}.safetensors" for i in range(12)]  # 12 of 48 prompts, nothing else
@@ -233,7 +257,10 @@ def test_partial_generation_generates_what_training_visits_and_trains_the_same(t
     assert full.prompts is None and full.latents.shape[0] == 16
     part = sampling.load_generated(gen)
     assert torch.equal(part.latents[part.prompts], full.latents[part.prompts])
-    wa, wb = _unet_weights(tmp_path / "part" / "iter_01" / "model"), _unet_weights(tmp_path / "full" / "iter_01" / "model")
+    wa, wb = (
+        _unet_weights(tmp_path / "part" / "iter_01" / "model"),
+        _unet_weights(tmp_path / "full" / "iter_01" / "model"),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -252,8 +279,16 @@ def test_every_prompt_visited_keeps_the_prompt_order_layout(finished_run: Path):
 
 
 def test_spin_exact_stores_trajectories_and_trains(tmp_path: Path):
-    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "loss.objective=spin_exact", "loss.timesteps_per_pair=2",
-                             "num_iterations=1", "eval.enabled=false"])
+    cfg = load_config(
+        TINY,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "loss.objective=spin_exact",
+            "loss.timesteps_per_pair=2",
+            "num_iterations=1",
+            "eval.enabled=false",
+        ],
+    )
     run(cfg, progress=False)
     shard = load_file(str(tmp_path / "run" / "iter_00" / "generated" / "shard_00000.safetensors"))
     assert shard["trajectory"].shape == (8, 4 + 1, 4, 8, 8)  # [n, S+1, C, h, w]
@@ -263,8 +298,16 @@ def test_spin_exact_stores_trajectories_and_trains(tmp_path: Path):
 
 
 def test_lora_run_merges_adapter_into_exported_model(tmp_path: Path):
-    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "model.lora_rank=4", "num_iterations=2",
-                             "train.learning_rate=1e-2", "eval.enabled=false"])
+    cfg = load_config(
+        TINY,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "model.lora_rank=4",
+            "num_iterations=2",
+            "train.learning_rate=1e-2",
+            "eval.enabled=false",
+        ],
+    )
     run(cfg, progress=False)
     for k in (1, 2):
         assert (tmp_path / "run" / f"iter_{k:02d}" / "lora" / "pytorch_lora_weights.safetensors").exists()
@@ -285,8 +328,16 @@ def test_dpo_baseline_on_preference_pairs(tmp_path: Path):
         img.convert("L").convert("RGB").save(root / f"l{i}.png")  # the rejected image: grey
         rows.append({"winner": f"w{i}.png", "loser": f"l{i}.png", "text": caption})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "loss.objective=dpo", "data.builtin=null",
-                             f"data.path={root}", "eval.enabled=false"])
+    cfg = load_config(
+        TINY,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "loss.objective=dpo",
+            "data.builtin=null",
+            f"data.path={root}",
+            "eval.enabled=false",
+        ],
+    )
     run(cfg, progress=False)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["completed"] == ["train:1"]  # no self-play generation for a baseline

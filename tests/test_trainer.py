@@ -344,8 +344,18 @@ def test_accumulation_matches_full_batch(tiny, tmp_path, objective):
     ref = None if objective == "sft" else models.frozen_copy(tiny.unet)
 
     policy_b = copy.deepcopy(tiny.unet)
-    _, log_b = _train(tiny, policy_b, ref, data, tmp_path / "b", objective, seed=seed, batch_size=2,
-                      gradient_accumulation_steps=2, **sgd_like)
+    _, log_b = _train(
+        tiny,
+        policy_b,
+        ref,
+        data,
+        tmp_path / "b",
+        objective,
+        seed=seed,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        **sgd_like,
+    )
     policy_a = copy.deepcopy(tiny.unet)
     _, log_a = _train(tiny, policy_a, ref, data, tmp_path / "a", objective, seed=seed, batch_size=4, **sgd_like)
 
@@ -479,14 +489,16 @@ def test_exact_objective_never_draws_a_step_with_zero_b():
 
     sched = DDIMScheduler(timestep_spacing="linspace", set_alpha_to_one=False)
     sched.set_timesteps(6)
-    schedule = sampling.SamplerSchedule(sched.timesteps, sched.alphas_cumprod.double(),
-                                       float(sched.final_alpha_cumprod), 0.0)
+    schedule = sampling.SamplerSchedule(
+        sched.timesteps, sched.alphas_cumprod.double(), float(sched.final_alpha_cumprod), 0.0
+    )
     valid = sampling.valid_exact_steps(schedule)
     assert valid.tolist() == [0, 1, 2, 3, 4]
     leading = DDIMScheduler(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     leading.set_timesteps(6)
-    schedule = sampling.SamplerSchedule(leading.timesteps, leading.alphas_cumprod.double(),
-                                       float(leading.final_alpha_cumprod), 0.0)
+    schedule = sampling.SamplerSchedule(
+        leading.timesteps, leading.alphas_cumprod.double(), float(leading.final_alpha_cumprod), 0.0
+    )
     assert sampling.valid_exact_steps(schedule).tolist() == list(range(6))
 
 
@@ -497,19 +509,36 @@ def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
 
     config = dict(DDIMScheduler.from_config(tiny.scheduler.config, prediction_type="v_prediction").config)
     data = _pairs(4)
-    spec = sampling.GenerationSpec(run_seed=0, iteration=0, num_prompts=4, num_steps=4, guidance_scale=1.0, eta=0.0,
-                                   latent_shape=LATENT_SHAPE, store_trajectory=True, shard_size=4)
-    sampling.generate_shards(tiny.unet, config, data.prompt_embeds, None, tmp_path / "gen", spec, batch_size=4,
-                             progress=False)
+    spec = sampling.GenerationSpec(
+        run_seed=0,
+        iteration=0,
+        num_prompts=4,
+        num_steps=4,
+        guidance_scale=1.0,
+        eta=0.0,
+        latent_shape=LATENT_SHAPE,
+        store_trajectory=True,
+        shard_size=4,
+    )
+    sampling.generate_shards(
+        tiny.unet, config, data.prompt_embeds, None, tmp_path / "gen", spec, batch_size=4, progress=False
+    )
     gen = sampling.load_generated(tmp_path / "gen")
     data.loser, data.loser_trajectory = gen.latents, gen.trajectory
     data.sampler = sampling.SamplerSchedule.of(gen)
     noise_scheduler = DDPMScheduler.from_config(config)
     assert noise_scheduler.config.prediction_type == "v_prediction"
     result = trainer.train(
-        copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet), data, objective="spin_exact",
-        loss_cfg=LossConfig(objective="spin_exact", timesteps_per_pair=4), train_cfg=_cfg(max_steps=1),
-        noise_scheduler=noise_scheduler, out_dir=tmp_path / "train", seed=0, progress=False,
+        copy.deepcopy(tiny.unet),
+        models.frozen_copy(tiny.unet),
+        data,
+        objective="spin_exact",
+        loss_cfg=LossConfig(objective="spin_exact", timesteps_per_pair=4),
+        train_cfg=_cfg(max_steps=1),
+        noise_scheduler=noise_scheduler,
+        out_dir=tmp_path / "train",
+        seed=0,
+        progress=False,
     )
     log = _log(result.log_path)
     assert log[0]["policy_error_loser"] < 1e-5
@@ -524,8 +553,17 @@ def test_bf16_mixed_precision_keeps_a_bf16_reference(tiny, tmp_path):
     GradientState._reset_state()
     try:
         ref = models.frozen_copy(tiny.unet)
-        _, log = _train(tiny, copy.deepcopy(tiny.unet), ref, _pairs(), tmp_path, "spin_approx", beta=50.0,
-                        max_steps=2, mixed_precision="bf16")
+        _, log = _train(
+            tiny,
+            copy.deepcopy(tiny.unet),
+            ref,
+            _pairs(),
+            tmp_path,
+            "spin_approx",
+            beta=50.0,
+            max_steps=2,
+            mixed_precision="bf16",
+        )
         assert next(ref.parameters()).dtype == torch.bfloat16
         assert log[0]["loss"] == pytest.approx(LOG2, abs=0.05)
         assert all(math.isfinite(r["loss"]) for r in log)
@@ -556,8 +594,9 @@ def test_data_loader_workers_and_on_disk_cache_give_the_same_run(tiny, tmp_path)
         else:
             run_data = data
         policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
-        _train(tiny, policy, ref, run_data, tmp_path / name, "spin_approx", max_steps=3, batch_size=4,
-               num_workers=workers)
+        _train(
+            tiny, policy, ref, run_data, tmp_path / name, "spin_approx", max_steps=3, batch_size=4, num_workers=workers
+        )
         runs[name] = _snapshot(policy)
     for key in runs["memory"]:
         assert torch.equal(runs["memory"][key], runs["disk"][key]), key
@@ -567,6 +606,14 @@ def test_time_based_checkpoints(tiny, tmp_path):
     """train.checkpoint_every_minutes checkpoints on the clock even with step-based checkpoints off."""
     _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), tmp_path / "off", "sft", max_steps=3)
     assert not (tmp_path / "off" / "checkpoints").exists()
-    _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), tmp_path / "on", "sft", max_steps=3,
-           checkpoint_every_minutes=1e-9)  # due after every step; the newest replaces the older ones
+    _train(
+        tiny,
+        copy.deepcopy(tiny.unet),
+        None,
+        _pairs(),
+        tmp_path / "on",
+        "sft",
+        max_steps=3,
+        checkpoint_every_minutes=1e-9,
+    )  # due after every step; the newest replaces the older ones
     assert [p.name for p in (tmp_path / "on" / "checkpoints").iterdir()] == ["step_0000002"]

@@ -55,8 +55,14 @@ CACHE_VERSION = 2
 StoreDtype = Literal["fp32", "fp16", "bf16"]
 STORE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ST_DTYPES: dict[str, torch.dtype] = {  # safetensors header dtype -> torch
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "U8": torch.uint8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "U8": torch.uint8,
 }
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
@@ -117,7 +123,8 @@ class RowStore:
     ``store[i]`` (int), ``store[a:b]`` (slice), ``store[[...]]`` / ``store[LongTensor]`` (any order,
     duplicates allowed) read just those rows and return a float32 CPU tensor. With ``index_map`` ([N] long),
     logical row i is stored row ``index_map[i]`` (the deduplicated caption embeddings), or absent when that is -1
-    (reading it raises IndexError; the opponent's samples of prompts that training does not visit). Pickles as paths and
+    (reading it raises IndexError; the opponent's samples of prompts that training does not visit). Pickles as
+    paths and
     offsets only, so it can travel into DataLoader workers.
     """
 
@@ -184,8 +191,10 @@ class RowStore:
         return torch.float32  # what reads return
 
     def __repr__(self) -> str:
-        return (f"RowStore(shape={tuple(self.shape)}, storage={self.storage_dtype}, shards={len(self._shards)}, "
-                f"dedup={self.index_map is not None})")
+        return (
+            f"RowStore(shape={tuple(self.shape)}, storage={self.storage_dtype}, shards={len(self._shards)}, "
+            f"dedup={self.index_map is not None})"
+        )
 
     def __getitem__(self, idx: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
         n = len(self)
@@ -321,8 +330,15 @@ def _num_shards(n: int, shard_size: int) -> int:
 
 
 def _open_stores(
-    cache_dir: Path, kind: str, names: Sequence[str], n: int, index_map: torch.Tensor, num_unique: int,
-    shard_size: int, key: str, kept: torch.Tensor | None = None,
+    cache_dir: Path,
+    kind: str,
+    names: Sequence[str],
+    n: int,
+    index_map: torch.Tensor,
+    num_unique: int,
+    shard_size: int,
+    key: str,
+    kept: torch.Tensor | None = None,
 ) -> dict[str, RowStore]:
     """The stores of a finished cache; with `kept` ([M] row indices) they show only those rows, in that order."""
     image_paths = _paths(cache_dir, kind, "images", _num_shards(n, shard_size))
@@ -351,8 +367,14 @@ def _kept_rows(bad: dict[int, str], n: int, policy: BadExamples, what: str) -> t
 
 
 def _encode_shards(
-    paths: list[Path], n: int, shard_size: int, key: str, rank: int, world_size: int,
-    encode: Callable[[range], tuple[dict[str, torch.Tensor], dict[str, str]]], bar: Any,
+    paths: list[Path],
+    n: int,
+    shard_size: int,
+    key: str,
+    rank: int,
+    world_size: int,
+    encode: Callable[[range], tuple[dict[str, torch.Tensor], dict[str, str]]],
+    bar: Any,
 ) -> None:
     """Write the shards s % world_size == rank of `paths` whose key does not match; `encode(rows)` -> (tensors,
     extra metadata)."""
@@ -401,8 +423,17 @@ def _cached_encode(
     n = len(captions)
     unique, index_map = dedup(captions)
     key = _digest(
-        {"version": CACHE_VERSION, "kind": kind, "data": fingerprint, "resolution": resolution, "model": model_id,
-         "dtype": dtype, "shard_size": shard_size, "on_bad": bad_policy.on_bad, "min_side": bad_policy.min_side}
+        {
+            "version": CACHE_VERSION,
+            "kind": kind,
+            "data": fingerprint,
+            "resolution": resolution,
+            "model": model_id,
+            "dtype": dtype,
+            "shard_size": shard_size,
+            "on_bad": bad_policy.on_bad,
+            "min_side": bad_policy.min_side,
+        }
     )
     state = distributed.state()
     image_paths = _paths(cache_dir, kind, "images", _num_shards(n, shard_size))
@@ -543,8 +574,9 @@ def build_latent_cache(
         bad_policy=bad_examples or BadExamples(),
     )
     captions = [text for i, text in enumerate(images.captions) if i not in bad]
-    return LatentCache(latents=stores["latents"], prompt_embeds=stores["prompt_embeds"], captions=captions,
-                       skipped=bad)
+    return LatentCache(
+        latents=stores["latents"], prompt_embeds=stores["prompt_embeds"], captions=captions, skipped=bad
+    )
 
 
 def build_pair_cache(

@@ -56,8 +56,16 @@ class CardInfo:
         return self.base_model if _HUB_ID.fullmatch(self.base_model) and not Path(self.base_model).exists() else None
 
 
-def card_info(cfg: RunConfig, *, iteration: int, steps: int, data_size: int, resolution: int | None = None,
-              evaluation: dict[str, float | None] | None = None, eval_prompts: int = 0) -> CardInfo:
+def card_info(
+    cfg: RunConfig,
+    *,
+    iteration: int,
+    steps: int,
+    data_size: int,
+    resolution: int | None = None,
+    evaluation: dict[str, float | None] | None = None,
+    eval_prompts: int = 0,
+) -> CardInfo:
     """A CardInfo from a run's config and what the run knows at export time (steps done, data size). The base
     model's license is read from the metadata of its own README.md when the base is a local folder that has one."""
     base = cfg.model.path if cfg.model.path is not None else f"spin-diffusion preset '{cfg.model.preset}'"
@@ -111,11 +119,17 @@ def render_card(info: CardInfo) -> str:
         metadata["license"] = info.license
     metadata["library_name"] = "diffusers"
     metadata["pipeline_tag"] = "text-to-image"
-    metadata["tags"] = list(dict.fromkeys(["diffusers", "text-to-image", "spin-diffusion", info.objective.replace(
-        "_", "-"), *info.tags]))
-    env = jinja2.Environment(loader=jinja2.PackageLoader("spin_diffusion", "templates"), autoescape=False,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined)
+    metadata["tags"] = list(
+        dict.fromkeys(["diffusers", "text-to-image", "spin-diffusion", info.objective.replace("_", "-"), *info.tags])
+    )
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("spin_diffusion", "templates"),
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
     return env.get_template("model_card.md.j2").render(
         metadata=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(),
         info=info,

@@ -76,8 +76,13 @@ def _run(cfg, resume: bool) -> None:
 
 
 @app.command()
-def spin(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False,
-         exact: Annotated[bool, typer.Option("--exact", help="Use the exact objective (stores trajectories).")] = False):
+def spin(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    resume: ResumeOpt = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Use the exact objective (stores trajectories).")] = False,
+):
     """Self-play fine-tuning: K iterations of generate with θ_k → train θ_{k+1} against θ_k → evaluate."""
     cfg = _config(config, set_, run_dir, resume)
     if exact:
@@ -135,10 +140,13 @@ def demo(
 def evaluate(
     model: Annotated[list[Path], typer.Option("--model", "-m", help="Diffusers pipeline folder (repeatable).")],
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file: .txt, .csv, .jsonl or .parquet.")],
-    scorer: Annotated[list[str] | None, typer.Option("--scorer", help="pickscore, hpsv2, imagereward, aesthetic, "
-                                                     "clip, shapes_judge (repeatable).")] = None,
-    scorer_path: Annotated[list[str] | None, typer.Option("--scorer-path", help="name=/local/weights (repeatable).")]
-    = None,
+    scorer: Annotated[
+        list[str] | None,
+        typer.Option("--scorer", help="pickscore, hpsv2, imagereward, aesthetic, clip, shapes_judge (repeatable)."),
+    ] = None,
+    scorer_path: Annotated[
+        list[str] | None, typer.Option("--scorer-path", help="name=/local/weights (repeatable).")
+    ] = None,
     baseline: Annotated[int, typer.Option(help="Index of the --model that win rates are computed against.")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (eval.json, table, image grids).")] = Path(
         "eval_out"
@@ -161,9 +169,19 @@ def evaluate(
             raise SpinDiffusionError(f"--scorer-path '{item}' must look like name=/path/to/weights")
         paths[name.strip()] = path.strip()
     table = evaluate_models(
-        model, prompts, scorers=list(scorer or []), scorer_paths=paths, baseline=baseline, out_dir=out,
-        num_prompts=num_prompts or None, num_steps=steps, guidance_scale=guidance_scale, batch_size=batch_size,
-        seed=seed, fid_reference=fid_reference, fid_features=fid_features,
+        model,
+        prompts,
+        scorers=list(scorer or []),
+        scorer_paths=paths,
+        baseline=baseline,
+        out_dir=out,
+        num_prompts=num_prompts or None,
+        num_steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        seed=seed,
+        fid_reference=fid_reference,
+        fid_features=fid_features,
     )
     if table:  # the main process's; the other ranks only rendered their share
         typer.echo(table)

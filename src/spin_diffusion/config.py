@@ -81,10 +81,14 @@ class SampleConfig:
     batch_size: int = 8  # prompts per sampling batch (does not change the images)
     shard_size: int = 256  # prompts per saved shard (the unit of resumption)
     negative_prompt: str = ""  # unconditional prompt for guidance
-    store_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage dtype of sampled latents/trajectories (reads: fp32)
+    store_dtype: Literal["fp32", "fp16", "bf16"] = (
+        "fp32"  # storage dtype of sampled latents/trajectories (reads: fp32)
+    )
     # Opponent generation only (evaluation images always use fp32 DDIM, so scores stay comparable):
     scheduler: Literal["ddim", "dpmsolver++"] = "ddim"  # dpmsolver++: as good at ~20 steps as DDIM at 50; spin_approx
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # UNet compute dtype (autocast); auto: bf16 on CUDA, else fp32
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = (
+        "auto"  # UNet compute dtype (autocast); auto: bf16 on CUDA, else fp32
+    )
 
 
 @dataclass(frozen=True)
@@ -119,10 +123,14 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
-    caption_dropout: float = 0.0  # fraction of pairs trained on the empty prompt (what makes CFG work when pretraining)
+    caption_dropout: float = (
+        0.0  # fraction of pairs trained on the empty prompt (what makes CFG work when pretraining)
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
-    checkpoint_every_minutes: float = 0.0  # also checkpoint when this much time has passed since the last one (0 = off)
+    checkpoint_every_minutes: float = (
+        0.0  # also checkpoint when this much time has passed since the last one (0 = off)
+    )
     log_every: int = 10  # optimizer steps between log lines
     num_workers: int = 0  # data loader workers
 
@@ -135,7 +143,9 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise SpinDiffusionError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if self.checkpoint_every_minutes < 0:
-            raise SpinDiffusionError(f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}")
+            raise SpinDiffusionError(
+                f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}"
+            )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise SpinDiffusionError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -173,11 +183,15 @@ class RunConfig:
         if self.data.path is not None and self.data.builtin is not None:
             raise SpinDiffusionError("set either data.path or data.builtin, not both")
         if self.sample.scheduler != "ddim" and self.loss.objective == "spin_exact":
-            raise SpinDiffusionError(f"spin_exact needs sample.scheduler=ddim (it inverts the DDIM step), "
-                                     f"not {self.sample.scheduler}; or use loss.objective=spin_approx")
+            raise SpinDiffusionError(
+                f"spin_exact needs sample.scheduler=ddim (it inverts the DDIM step), "
+                f"not {self.sample.scheduler}; or use loss.objective=spin_approx"
+            )
         if self.sample.scheduler != "ddim" and self.sample.eta != 0:
-            raise SpinDiffusionError(f"sample.eta > 0 needs sample.scheduler=ddim ({self.sample.scheduler} is "
-                                     "deterministic); set sample.eta=0")
+            raise SpinDiffusionError(
+                f"sample.eta > 0 needs sample.scheduler=ddim ({self.sample.scheduler} is "
+                "deterministic); set sample.eta=0"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------

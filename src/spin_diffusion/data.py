@@ -458,7 +458,7 @@ def check_sample(source: CaptionedImages | PreferencePairs, *, policy: str, min_
 
 
 def bad_example_policy(cfg: DataConfig, num_rows: int) -> str:
-    """"error" or "skip" for a source of `num_rows` rows (see DataConfig.on_bad_example)."""
+    """ "error" or "skip" for a source of `num_rows` rows (see DataConfig.on_bad_example)."""
     if cfg.on_bad_example != "auto":
         return cfg.on_bad_example
     return "skip" if num_rows >= AUTO_SKIP_ROWS else "error"

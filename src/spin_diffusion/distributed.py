@@ -51,8 +51,10 @@ def state() -> PartialState:
         from accelerate.utils import is_deepspeed_available
 
         if not is_deepspeed_available():
-            raise SpinDiffusionError("the accelerate config asks for DeepSpeed, but deepspeed is not installed: "
-                                     "pip install deepspeed, or launch with configs/accelerate/fsdp.yaml")
+            raise SpinDiffusionError(
+                "the accelerate config asks for DeepSpeed, but deepspeed is not installed: "
+                "pip install deepspeed, or launch with configs/accelerate/fsdp.yaml"
+            )
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     return PartialState(cpu=cpu)
 

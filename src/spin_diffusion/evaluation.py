@@ -282,7 +282,9 @@ def frechet_distance_metric(
             num = int(net(probe).reshape(probe.shape[0], -1).shape[1])
         # sync_on_compute=False: the images are all here (the main process scores alone); a synced compute()
         # would wait, inside a multi-process run, for ranks that never call it
-        metric = FrechetInceptionDistance(feature=_Features(net, num), normalize=True, sync_on_compute=False).to(device)
+        metric = FrechetInceptionDistance(feature=_Features(net, num), normalize=True, sync_on_compute=False).to(
+            device
+        )
         for images, real in ((images_a, True), (images_b, False)):
             for sl in batches(len(images), batch_size):
                 metric.update(pil_to_tensor(images[sl], size).to(device), real=real)
@@ -373,8 +375,10 @@ def format_table(
         for scorer in scorers or ["–"]:
             w = m.get(f"{scorer}_win_rate")
             win = "–" if w is None or not math.isfinite(float(w)) else f"{100.0 * float(w):.1f}%"
-            rows.append([model, scorer, _fmt(m.get(scorer)), _fmt(m.get(f"{scorer}_median")), win]
-                        + [_fmt(m.get(k)) for k in extra])
+            rows.append(
+                [model, scorer, _fmt(m.get(scorer)), _fmt(m.get(f"{scorer}_median")), win]
+                + [_fmt(m.get(k)) for k in extra]
+            )
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",

@@ -72,9 +72,16 @@ def render_shared(
     it to `folder/00000.png …` (lossless, so the result equals a one-process render); after a barrier the main
     process reads them all back. Returns the N images in prompt order on the main process, None elsewhere."""
     part = distributed.split(prompt_embeds.shape[0])
-    images = render_images(c, unet, prompt_embeds[part.start : part.stop], negative_embed,
-                           seeds=seeds[part.start : part.stop], num_steps=num_steps,
-                           guidance_scale=guidance_scale, batch_size=batch_size)
+    images = render_images(
+        c,
+        unet,
+        prompt_embeds[part.start : part.stop],
+        negative_embed,
+        seeds=seeds[part.start : part.stop],
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in zip(part, images, strict=True):
         img.save(folder / f"{i:05d}.png")
@@ -104,8 +111,14 @@ def default_scorer_names(cfg: RunConfig) -> list[str]:
 
 
 def evaluate_unet(
-    cfg: RunConfig, c: models.Components, unet: torch.nn.Module, eval_set: EvalSet, negative_embed: torch.Tensor,
-    out_dir: Path, *, baseline: rundir.ModelEval | None = None,
+    cfg: RunConfig,
+    c: models.Components,
+    unet: torch.nn.Module,
+    eval_set: EvalSet,
+    negative_embed: torch.Tensor,
+    out_dir: Path,
+    *,
+    baseline: rundir.ModelEval | None = None,
 ) -> rundir.ModelEval | None:
     """Render the evaluation prompts with `unet` (on every rank, each its share, into out_dir/eval_images/), then
     on the main process score them (win rates against `baseline`, the base model's evaluation, if given) and
@@ -114,8 +127,15 @@ def evaluate_unet(
     space. Returns the model's evaluation on the main process, None on the others; call it on every rank."""
     seeds = [sampling.sample_seed(cfg.eval.seed, 0, i) for i in range(len(eval_set.prompts))]
     images = render_shared(
-        c, unet, eval_set.embeds, negative_embed, out_dir / "eval_images", seeds=seeds,
-        num_steps=cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale, batch_size=cfg.sample.batch_size,
+        c,
+        unet,
+        eval_set.embeds,
+        negative_embed,
+        out_dir / "eval_images",
+        seeds=seeds,
+        num_steps=cfg.sample.num_steps,
+        guidance_scale=cfg.sample.guidance_scale,
+        batch_size=cfg.sample.batch_size,
     )
     if images is None:
         return None
@@ -128,12 +148,23 @@ def evaluate_unet(
         metrics["fd"] = evaluation.frechet_distance_metric(images, eval_set.reference, world.FeatureNet())
     out_dir.mkdir(parents=True, exist_ok=True)
     shown = save_grid(images, out_dir / "grid.png")
-    result = rundir.ModelEval(name=out_dir.name, metrics=metrics, scores={k: v.tolist() for k, v in scores.items()},
-                              grid="grid.png", grid_size=shown)
+    result = rundir.ModelEval(
+        name=out_dir.name,
+        metrics=metrics,
+        scores={k: v.tolist() for k, v in scores.items()},
+        grid="grid.png",
+        grid_size=shown,
+    )
     sampler = {"seed": cfg.eval.seed, "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale}
-    rundir.write_eval(out_dir / rundir.EVAL_FILE, rundir.EvalFile(
-        prompts=list(eval_set.prompts), models=[result], sampler=sampler,
-        baseline=baseline.name if baseline is not None else None))
+    rundir.write_eval(
+        out_dir / rundir.EVAL_FILE,
+        rundir.EvalFile(
+            prompts=list(eval_set.prompts),
+            models=[result],
+            sampler=sampler,
+            baseline=baseline.name if baseline is not None else None,
+        ),
+    )
     return result
 
 
@@ -192,8 +223,17 @@ def evaluate_models(
                 module.to(device)
         embeds = models.encode_prompts(c, prompts)
         negative = models.encode_prompts(c, [""])
-        images = render_shared(c, c.unet.eval(), embeds, negative, out_dir / f"{name}_images", seeds=seeds,
-                               num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+        images = render_shared(
+            c,
+            c.unet.eval(),
+            embeds,
+            negative,
+            out_dir / f"{name}_images",
+            seeds=seeds,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+        )
         if images is None:  # not the main process: it only renders its share
             continue
         shown[name] = save_grid(images, out_dir / f"{name}_grid.png")
@@ -209,23 +249,50 @@ def evaluate_models(
     results = []
     for name, scores in all_scores.items():
         base = None if name == base_name else all_scores[base_name]
-        metrics: dict[str, float | None] = dict(evaluation.flat_metrics(
-            evaluation.summarize(scores, base, higher_is_better=higher)))
+        metrics: dict[str, float | None] = dict(
+            evaluation.flat_metrics(evaluation.summarize(scores, base, higher_is_better=higher))
+        )
         if name in fds:
             metrics["fd"] = fds[name]
-        results.append(rundir.ModelEval(name=name, metrics=metrics, scores={k: v.tolist() for k, v in scores.items()},
-                                        grid=f"{name}_grid.png", grid_size=shown[name]))
+        results.append(
+            rundir.ModelEval(
+                name=name,
+                metrics=metrics,
+                scores={k: v.tolist() for k, v in scores.items()},
+                grid=f"{name}_grid.png",
+                grid_size=shown[name],
+            )
+        )
     sampler = {"seed": seed, "num_steps": num_steps, "guidance_scale": guidance_scale}
-    rundir.write_eval(out_dir / rundir.EVAL_FILE,
-                      rundir.EvalFile(prompts=prompts, models=results, sampler=sampler, baseline=base_name))
+    rundir.write_eval(
+        out_dir / rundir.EVAL_FILE,
+        rundir.EvalFile(prompts=prompts, models=results, sampler=sampler, baseline=base_name),
+    )
     table = evaluation.format_table({m.name: m.metrics for m in results}, [s.name for s in built], baseline=base_name)
     (out_dir / "table.md").write_text(table + "\n")
-    entries = [ModelEntry(name=m.name, metrics={k: v for k, v in m.metrics.items() if v is not None}, grid=m.grid,
-                          step=i, group="models", captions=prompts[: m.grid_size]) for i, m in enumerate(results)]
+    entries = [
+        ModelEntry(
+            name=m.name,
+            metrics={k: v for k, v in m.metrics.items() if v is not None},
+            grid=m.grid,
+            step=i,
+            group="models",
+            captions=prompts[: m.grid_size],
+        )
+        for i, m in enumerate(results)
+    ]
     summary = f"{len(prompts)} prompts from {prompts_path}; win rates against {base_name} (ties count half)."
-    write_report(ReportData(title="spin-diffusion evaluate", summary=summary, models=entries, x_label="model",
-                            lower_is_better={k for k, v in higher.items() if not v} | {"fd"},
-                            baseline=base_name), out_dir)
+    write_report(
+        ReportData(
+            title="spin-diffusion evaluate",
+            summary=summary,
+            models=entries,
+            x_label="model",
+            lower_is_better={k for k, v in higher.items() if not v} | {"fd"},
+            baseline=base_name,
+        ),
+        out_dir,
+    )
     return table
 
 

@@ -30,8 +30,12 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         uninstall()
         raise KeyboardInterrupt
     _requested = signum
-    print(f"{signal.Signals(signum).name}: stopping after the current step or shard and saving a checkpoint "
-          "(send it again to stop at once)", file=sys.stderr, flush=True)
+    print(
+        f"{signal.Signals(signum).name}: stopping after the current step or shard and saving a checkpoint "
+        "(send it again to stop at once)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def install() -> None:

@@ -52,8 +52,13 @@ class DiskEstimate:
         return self.cache + self.samples + self.exports + self.checkpoints + self.eval_images
 
     def describe(self) -> str:
-        parts = [("cache", self.cache), ("opponent samples", self.samples), ("exported models", self.exports),
-                 ("checkpoints", self.checkpoints), ("evaluation images", self.eval_images)]
+        parts = [
+            ("cache", self.cache),
+            ("opponent samples", self.samples),
+            ("exported models", self.exports),
+            ("checkpoints", self.checkpoints),
+            ("evaluation images", self.eval_images),
+        ]
         return ", ".join(f"{name} {size / GB:.2f} GB" for name, size in parts if size)
 
 
@@ -79,8 +84,10 @@ def estimate_run_bytes(
     opponent sample (spin_exact); a checkpoint holds the UNet's weights and AdamW's two moments of the trainable
     ones (fp32), and the newest is written before the previous one is removed, so two can exist at once."""
     latent = math.prod(latent_shape)
-    cache = num_rows * images_per_row * latent * BYTES[cache_dtype] + num_captions * math.prod(embed_shape) * BYTES[
-        cache_dtype]
+    cache = (
+        num_rows * images_per_row * latent * BYTES[cache_dtype]
+        + num_captions * math.prod(embed_shape) * BYTES[cache_dtype]
+    )
     per_sample = latent * BYTES[store_dtype] * ((trajectory_steps + 1) if trajectory_steps else 1)
     samples = iterations * num_rows * per_sample if self_play else 0
     exports = iterations * pipeline_params * 4

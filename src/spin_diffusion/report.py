@@ -173,8 +173,9 @@ def collect_run(run_dir: Path, *, lower_is_better: set[str] | None = None) -> Re
         data = (json.loads(state_text).get("info") or {}).get("data")
         if data:  # never let a run look as if it trained on every row when it skipped some
             data_line = f" Trained on {data['used']} of {data['examples']} examples"
-            data_line += (f"; {data['skipped']} skipped as unusable (listed in skipped.jsonl)." if data["skipped"]
-                          else ".")
+            data_line += (
+                f"; {data['skipped']} skipped as unusable (listed in skipped.jsonl)." if data["skipped"] else "."
+            )
 
     # 2. One model per evaluated iteration; training curves from every iteration that trained.
     models: list[ModelEntry] = []
@@ -276,8 +277,12 @@ def write_report(data: ReportData, out_dir: Path, *, filename: str = "report.htm
         plots.append({"alt": "Training curves", "src": _data_uri(_plot_curves(data.curves))})
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", data.summary.strip()) if p.strip()]
     grids = [_grid(m, out_dir) for m in data.models if m.grid or m.captions]
-    parts = [("summary", "Summary", paragraphs), ("metrics", "Metrics", data.models), ("plots", "Plots", plots),
-             ("samples", "Samples", grids)]
+    parts = [
+        ("summary", "Summary", paragraphs),
+        ("metrics", "Metrics", data.models),
+        ("plots", "Plots", plots),
+        ("samples", "Samples", grids),
+    ]
     nav = [(anchor, heading) for anchor, heading, content in parts if content]
     nav += [(f"section-{i}", heading) for i, (heading, _) in enumerate(data.sections)]
     page = _template().render(
@@ -308,24 +313,40 @@ def _metric_table(data: ReportData, keys: list[str], label: dict[str, str]) -> d
     """The metric table as plain values for the template: header cells, then one row per model."""
     base = next((m for m in data.models if m.name == data.baseline), None)
     best = {k: _best_value([m.metrics.get(k) for m in data.models], k in data.lower_is_better) for k in keys}
-    header = [{"label": label[k], "key": k if label[k] != k else None, "lower": k in data.lower_is_better} for k in keys]
+    header = [
+        {"label": label[k], "key": k if label[k] != k else None, "lower": k in data.lower_is_better} for k in keys
+    ]
     rows = []
     for m in data.models:
         is_base = base is not None and m is base
         cells = []
         for k in keys:
             v = m.metrics.get(k)
-            cell: dict[str, Any] = {"text": None if v is None else _fmt(v), "best": v is not None and v == best[k],
-                                    "delta": None, "delta_class": None}
-            if v is not None and base is not None and not is_base and _finite(base.metrics.get(k)) and math.isfinite(v):
+            cell: dict[str, Any] = {
+                "text": None if v is None else _fmt(v),
+                "best": v is not None and v == best[k],
+                "delta": None,
+                "delta_class": None,
+            }
+            if (
+                v is not None
+                and base is not None
+                and not is_base
+                and _finite(base.metrics.get(k))
+                and math.isfinite(v)
+            ):
                 d = v - base.metrics[k]
                 better = -d if k in data.lower_is_better else d
                 cell["delta"] = f"{d:+.3g}"
                 cell["delta_class"] = "up" if better > 0 else "down" if better < 0 else "same"
             cells.append(cell)
         rows.append({"name": m.name, "is_baseline": is_base, "cells": cells, "notes": m.notes})
-    return {"header": header, "rows": rows, "with_notes": any(m.notes for m in data.models),
-            "baseline": base.name if base is not None else None}
+    return {
+        "header": header,
+        "rows": rows,
+        "with_notes": any(m.notes for m in data.models),
+        "baseline": base.name if base is not None else None,
+    }
 
 
 def _grid(m: ModelEntry, out_dir: Path) -> dict[str, Any]:

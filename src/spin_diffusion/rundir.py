@@ -106,7 +106,9 @@ def read_eval(path: str | Path) -> EvalFile:
     except json.JSONDecodeError as e:
         raise SpinDiffusionError(f"{path} is not valid JSON ({e.msg}); re-run the evaluation") from e
     if not isinstance(record, dict) or not isinstance(record.get("models"), list):
-        raise SpinDiffusionError(f"{path} has no 'models' list (an eval.json from an older version?); re-run evaluation")
+        raise SpinDiffusionError(
+            f"{path} has no 'models' list (an eval.json from an older version?); re-run evaluation"
+        )
     models = []
     for m in record["models"]:
         if not isinstance(m, dict) or not isinstance(m.get("metrics"), dict):
@@ -114,15 +116,21 @@ def read_eval(path: str | Path) -> EvalFile:
         for key, value in m["metrics"].items():
             if value is not None and not _is_number(value):
                 raise SpinDiffusionError(f"{path}: metric {key!r} is {value!r}, not a number; fix the scorer output")
-        models.append(ModelEval(
-            name=str(m.get("name", "")),
-            metrics={k: (None if v is None else float(v)) for k, v in m["metrics"].items()},
-            scores={str(k): [float(x) for x in v] for k, v in m.get("scores", {}).items()},
-            grid=m["grid"] if isinstance(m.get("grid"), str) and m["grid"] else None,
-            grid_size=int(m.get("grid_size", 0)),
-        ))
-    return EvalFile(prompts=[str(p) for p in record.get("prompts", [])], models=models,
-                    sampler=dict(record.get("sampler") or {}), baseline=record.get("baseline"))
+        models.append(
+            ModelEval(
+                name=str(m.get("name", "")),
+                metrics={k: (None if v is None else float(v)) for k, v in m["metrics"].items()},
+                scores={str(k): [float(x) for x in v] for k, v in m.get("scores", {}).items()},
+                grid=m["grid"] if isinstance(m.get("grid"), str) and m["grid"] else None,
+                grid_size=int(m.get("grid_size", 0)),
+            )
+        )
+    return EvalFile(
+        prompts=[str(p) for p in record.get("prompts", [])],
+        models=models,
+        sampler=dict(record.get("sampler") or {}),
+        baseline=record.get("baseline"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

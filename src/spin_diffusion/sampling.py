@@ -249,7 +249,8 @@ def generate_shards(
     """Sample one image per prompt of `spec.order()` with θ_k and write `shard_XXXXX.safetensors` files to `out_dir`.
 
     Shard s holds the prompts `spec.order()[s·shard_size : (s+1)·shard_size]`: `indices [n]` (their prompt
-    indices), `latents [n, C, h, w]` and, when `spec.store_trajectory`, `trajectory [n, S+1, C, h, w]`. Finished shards are skipped, so a killed run resumes where it stopped; shards are
+    indices), `latents [n, C, h, w]` and, when `spec.store_trajectory`, `trajectory [n, S+1, C, h, w]`.
+    Finished shards are skipped, so a killed run resumes where it stopped; shards are
     written atomically. With several processes, process `rank` takes shards `rank, rank + world_size, …`.
 
     Args:
@@ -271,15 +272,19 @@ def generate_shards(
         raise ValueError("spec.prompts must be distinct prompt indices in [0, num_prompts)")
     num_shards = math.ceil(len(order) / spec.shard_size)
     todo = [s for s in range(rank, num_shards, world_size) if not _shard_path(out, s).exists()]
-    bar = tqdm(total=sum(len(order[s * spec.shard_size:(s + 1) * spec.shard_size]) for s in todo),
-               desc=f"generate θ_{spec.iteration}", disable=not progress, unit="img")
+    bar = tqdm(
+        total=sum(len(order[s * spec.shard_size : (s + 1) * spec.shard_size]) for s in todo),
+        desc=f"generate θ_{spec.iteration}",
+        disable=not progress,
+        unit="img",
+    )
     for shard in todo:
         if preemption.requested():  # SIGTERM/SIGINT: keep the finished shards, the caller stops the run
             break
-        rows = order[shard * spec.shard_size:(shard + 1) * spec.shard_size]
+        rows = order[shard * spec.shard_size : (shard + 1) * spec.shard_size]
         latents, trajs = [], []
         for start in range(0, len(rows), batch_size):
-            idx = rows[start:start + batch_size]
+            idx = rows[start : start + batch_size]
             result = sample(
                 unet,
                 scheduler_config,
@@ -348,7 +353,7 @@ def load_generated(out_dir: str | Path) -> GeneratedSet:
     for shard, path in enumerate(paths):
         if not path.exists():
             raise SpinDiffusionError(f"generation in {out} is incomplete ({path.name} missing); rerun with --resume")
-        expected = order[shard * shard_size:(shard + 1) * shard_size]
+        expected = order[shard * shard_size : (shard + 1) * shard_size]
         try:
             indices = read_tensor(path, "indices")
         except (OSError, ValueError, KeyError) as err:
@@ -357,8 +362,11 @@ def load_generated(out_dir: str | Path) -> GeneratedSet:
             raise SpinDiffusionError(f"{path} holds unexpected prompt indices; delete it and rerun with --resume")
     try:
         latents = RowStore.open(paths, "latents", index_map=index_map)
-        trajectory = (RowStore.open(paths, "trajectory", index_map=index_map)
-                      if "trajectory" in read_header(paths[0])[0] else None)
+        trajectory = (
+            RowStore.open(paths, "trajectory", index_map=index_map)
+            if "trajectory" in read_header(paths[0])[0]
+            else None
+        )
     except (OSError, ValueError) as err:
         raise SpinDiffusionError(
             f"generation in {out} is unreadable ({err}); delete that shard and rerun with --resume"
@@ -393,13 +401,17 @@ def valid_exact_steps(sampler: SamplerSchedule) -> torch.Tensor:
     """Indices of sampling steps usable by spin_exact: those with B_t != 0 (ε̃' is undefined when B_t = 0, e.g.
     the last step of a "linspace" schedule that ends at t = 0)."""
     steps = torch.arange(len(sampler.timesteps))
-    _, coef_b = ddim_coefficients(sampler.timesteps, steps, sampler.alphas_cumprod, sampler.final_alpha_cumprod,
-                                  sampler.eta)
+    _, coef_b = ddim_coefficients(
+        sampler.timesteps, steps, sampler.alphas_cumprod, sampler.final_alpha_cumprod, sampler.eta
+    )
     return steps[coef_b.abs() > 1e-6]
 
 
 def ddim_coefficients(
-    timesteps: torch.Tensor, step_index: torch.Tensor, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float,
+    timesteps: torch.Tensor,
+    step_index: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod: float,
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A_t and B_t of the DDIM step x_{t-1} = A_t x_t + B_t ε + σ_t z used by `sample`.
@@ -428,9 +440,7 @@ def ddim_coefficients(
     return coef_a, coef_b
 
 
-def implied_noise(
-    x_t: torch.Tensor, x_prev: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor
-) -> torch.Tensor:
+def implied_noise(x_t: torch.Tensor, x_prev: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor:
     """ε̃_t = (x_{t-1} - A_t x_t) / B_t: the noise the sampler effectively used on this step.
 
     With η = 0 and no guidance this is exactly the opponent's ε-prediction at x_t; with guidance it is the

@@ -175,20 +175,30 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
     preflight.check_writable(run_dir, "run_dir")
-    preflight.check_disk(run_dir, disk_estimate(cfg, c, images, resolution),
-                         already_written=preflight.folder_bytes(run_dir) if resume else 0)
+    preflight.check_disk(
+        run_dir,
+        disk_estimate(cfg, c, images, resolution),
+        already_written=preflight.folder_bytes(run_dir) if resume else 0,
+    )
     create_run_dir(cfg)
     state = RunState(run_dir)
 
     # 2. Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards,
     #    then all of them read the same files lazily
-    cache = build(c, images, cache_dir, resolution=resolution, batch_size=cfg.data.encode_batch_size,
-                  model_id=model_id(cfg), dtype=cfg.data.cache_dtype, shard_size=cfg.data.cache_shard_size,
-                  bad_examples=bad_examples)
+    cache = build(
+        c,
+        images,
+        cache_dir,
+        resolution=resolution,
+        batch_size=cfg.data.encode_batch_size,
+        model_id=model_id(cfg),
+        dtype=cfg.data.cache_dtype,
+        shard_size=cfg.data.cache_shard_size,
+        bad_examples=bad_examples,
+    )
     _record_skipped(run_dir, images, cache, cfg.data.max_bad_fraction, state)
     negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
     empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
-
 
     def evaluate(k: int, unet: torch.nn.Module) -> None:
         """Every rank renders its share of the evaluation prompts; the main process scores and records them."""
@@ -215,28 +225,46 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         evaluate(start, opponent)  # a kill between train:k and eval:k leaves θ_k unscored
 
     for k in range(start, num_iterations):
-        data = trainer.TrainData(winner=cache.latents if objective != "dpo" else cache.winner_latents,
-                                 prompt_embeds=cache.prompt_embeds, empty_embed=empty_embed)
+        data = trainer.TrainData(
+            winner=cache.latents if objective != "dpo" else cache.winner_latents,
+            prompt_embeds=cache.prompt_embeds,
+            empty_embed=empty_embed,
+        )
         # 4. generate:k — θ_k's own image for every prompt that train:k+1 will visit, in the order of its first
         #    visit (the pair stream is a seeded permutation per epoch, so this is known before training starts)
         if self_play:
             gen_dir = iter_dir(run_dir, k) / "generated"
             phase = f"generate:{k}"
             visited = trainer.visited_rows(
-                len(data), train_seed(cfg, k), trainer.stream_positions(len(data), cfg.train, state_.num_processes))
+                len(data), train_seed(cfg, k), trainer.stream_positions(len(data), cfg.train, state_.num_processes)
+            )
             prompts = None if len(visited) == len(data) else tuple(visited.tolist())  # None: all, in prompt order
             if not state.done(phase):
                 spec = sampling.GenerationSpec(
-                    run_seed=cfg.seed, iteration=k, num_prompts=len(data), num_steps=cfg.sample.num_steps,
-                    guidance_scale=cfg.sample.guidance_scale, eta=cfg.sample.eta,
-                    latent_shape=tuple(cache.latents.shape[1:]), store_trajectory=objective == "spin_exact",
-                    shard_size=cfg.sample.shard_size, store_dtype=cfg.sample.store_dtype,
-                    scheduler=cfg.sample.scheduler, dtype=sampling.resolve_dtype(cfg.sample.dtype, state_.device),
+                    run_seed=cfg.seed,
+                    iteration=k,
+                    num_prompts=len(data),
+                    num_steps=cfg.sample.num_steps,
+                    guidance_scale=cfg.sample.guidance_scale,
+                    eta=cfg.sample.eta,
+                    latent_shape=tuple(cache.latents.shape[1:]),
+                    store_trajectory=objective == "spin_exact",
+                    shard_size=cfg.sample.shard_size,
+                    store_dtype=cfg.sample.store_dtype,
+                    scheduler=cfg.sample.scheduler,
+                    dtype=sampling.resolve_dtype(cfg.sample.dtype, state_.device),
                     prompts=prompts,
                 )
                 sampling.generate_shards(
-                    opponent, c.scheduler.config, cache.prompt_embeds, negative_embed, gen_dir, spec,
-                    batch_size=cfg.sample.batch_size, rank=state_.process_index, world_size=state_.num_processes,
+                    opponent,
+                    c.scheduler.config,
+                    cache.prompt_embeds,
+                    negative_embed,
+                    gen_dir,
+                    spec,
+                    batch_size=cfg.sample.batch_size,
+                    rank=state_.process_index,
+                    world_size=state_.num_processes,
                     progress=progress and state_.is_main_process,
                 )
                 state_.wait_for_everyone()
@@ -260,8 +288,15 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         next_dir = iter_dir(run_dir, k + 1)
         policy, ref = _policy_and_ref(cfg, opponent, needs_ref=objective != "sft", seed=train_seed(cfg, k))
         result = trainer.train(
-            policy, ref, data, objective=objective, loss_cfg=cfg.loss, train_cfg=cfg.train,
-            noise_scheduler=c.noise_scheduler(), out_dir=next_dir / "train", seed=train_seed(cfg, k),
+            policy,
+            ref,
+            data,
+            objective=objective,
+            loss_cfg=cfg.loss,
+            train_cfg=cfg.train,
+            noise_scheduler=c.noise_scheduler(),
+            out_dir=next_dir / "train",
+            seed=train_seed(cfg, k),
             progress=progress,
         )
         policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
@@ -269,13 +304,18 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             if state_.is_main_process:
                 models.save_lora(policy, next_dir / "lora")
             policy = models.merge_lora(policy)
-        model_card = card.card_info(cfg, iteration=k + 1, steps=result.steps, data_size=len(cache),
-                                    resolution=resolution)
+        model_card = card.card_info(
+            cfg, iteration=k + 1, steps=result.steps, data_size=len(cache), resolution=resolution
+        )
         if state_.is_main_process:
             models.save_pipeline(c, next_dir / "model", unet=policy, card=model_card)
         state_.wait_for_everyone()
-        state.mark(f"train:{k + 1}", steps=result.steps, final_loss=result.final_loss,
-                   wall_seconds=round(result.wall_seconds, 2))
+        state.mark(
+            f"train:{k + 1}",
+            steps=result.steps,
+            final_loss=result.final_loss,
+            wall_seconds=round(result.wall_seconds, 2),
+        )
         if state_.is_main_process:
             trainer.remove_checkpoints(next_dir / "train")
         del ref
@@ -283,9 +323,17 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         _stop_if_asked(f"stopped after training θ_{k + 1} (exported to {next_dir / 'model'})")
         evaluate(k + 1, opponent)
         if state_.is_main_process and state.info.get(f"eval:{k + 1}"):  # the card gets its evaluation table
-            atomic.write_text(next_dir / "model" / "README.md", card.render_card(dataclasses.replace(
-                model_card, evaluation=state.info[f"eval:{k + 1}"], eval_prompts=len(eval_set.prompts),
-                pixel_space=c.vae is None)))
+            atomic.write_text(
+                next_dir / "model" / "README.md",
+                card.render_card(
+                    dataclasses.replace(
+                        model_card,
+                        evaluation=state.info[f"eval:{k + 1}"],
+                        eval_prompts=len(eval_set.prompts),
+                        pixel_space=c.vae is None,
+                    )
+                ),
+            )
 
     # 6. Report
     report_path = None
@@ -294,8 +342,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
 
         report_path = report.write_report(report.collect_run(run_dir), run_dir)
     metrics = {int(p.split(":")[1]): m for p, m in state.info.items() if p.startswith("eval:")}
-    return RunSummary(run_dir=run_dir, iterations=num_iterations, metrics=metrics,
-                      wall_seconds=time.perf_counter() - started, report=report_path)
+    return RunSummary(
+        run_dir=run_dir,
+        iterations=num_iterations,
+        metrics=metrics,
+        wall_seconds=time.perf_counter() - started,
+        report=report_path,
+    )
 
 
 def _record_skipped(run_dir: Path, images, cache, max_fraction: float, state: RunState) -> None:
@@ -315,8 +368,12 @@ def _record_skipped(run_dir: Path, images, cache, max_fraction: float, state: Ru
     if skipped:
         with open(run_dir / "skipped.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in skipped)
-        print(f"warning: skipped {len(skipped)} of {total} examples (data.on_bad_example=skip); the list and the "
-              f"reasons are in {run_dir / 'skipped.jsonl'}", file=sys.stderr, flush=True)
+        print(
+            f"warning: skipped {len(skipped)} of {total} examples (data.on_bad_example=skip); the list and the "
+            f"reasons are in {run_dir / 'skipped.jsonl'}",
+            file=sys.stderr,
+            flush=True,
+        )
     state.info["data"] = {"examples": total, "used": len(cache), "skipped": len(skipped)}
 
 
@@ -337,15 +394,21 @@ def disk_estimate(cfg: RunConfig, c: models.Components, images, resolution: int)
     f = c.vae_scale_factor
     unet = params(c.unet)
     return preflight.estimate_run_bytes(
-        num_rows=len(images), num_captions=len(set(images.captions)),
+        num_rows=len(images),
+        num_captions=len(set(images.captions)),
         latent_shape=(c.latent_channels, resolution // f, resolution // f),
-        embed_shape=tuple(models.encode_prompts(c, [""]).shape[1:]), cache_dtype=cfg.data.cache_dtype,
-        images_per_row=2 if objective == "dpo" else 1, iterations=cfg.num_iterations if self_play else 1,
-        self_play=self_play, store_dtype=cfg.sample.store_dtype,
+        embed_shape=tuple(models.encode_prompts(c, [""]).shape[1:]),
+        cache_dtype=cfg.data.cache_dtype,
+        images_per_row=2 if objective == "dpo" else 1,
+        iterations=cfg.num_iterations if self_play else 1,
+        self_play=self_play,
+        store_dtype=cfg.sample.store_dtype,
         trajectory_steps=cfg.sample.num_steps if objective == "spin_exact" else None,
-        pipeline_params=unet + params(c.text_encoder) + params(c.vae), unet_params=unet,
+        pipeline_params=unet + params(c.text_encoder) + params(c.vae),
+        unet_params=unet,
         trainable_params=unet if cfg.model.lora_rank == 0 else 0,
-        eval_images=cfg.eval.num_prompts if cfg.eval.enabled else 0, image_pixels=resolution * resolution,
+        eval_images=cfg.eval.num_prompts if cfg.eval.enabled else 0,
+        image_pixels=resolution * resolution,
     )
 
 
@@ -366,8 +429,13 @@ def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: boo
         policy.enable_gradient_checkpointing()
     if cfg.model.lora_rank > 0:
         policy.requires_grad_(False)
-        models.add_lora(policy, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha or cfg.model.lora_rank,
-                        target_modules=list(cfg.model.lora_target_modules), seed=seed)
+        models.add_lora(
+            policy,
+            rank=cfg.model.lora_rank,
+            alpha=cfg.model.lora_alpha or cfg.model.lora_rank,
+            target_modules=list(cfg.model.lora_target_modules),
+            seed=seed,
+        )
         return policy, None
     ref = models.frozen_copy(policy) if needs_ref else None
     return policy, ref

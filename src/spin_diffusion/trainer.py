@@ -47,7 +47,9 @@ class TrainData:
 
     winner: torch.Tensor | RowStore  # [N, C, h, w] latents of the real (or preferred) images
     prompt_embeds: torch.Tensor | RowStore  # [N, L, D]
-    loser: torch.Tensor | RowStore | None = None  # [N, C, h, w] latents of θ_k's sample (spin) or the rejected image (dpo)
+    loser: torch.Tensor | RowStore | None = (
+        None  # [N, C, h, w] latents of θ_k's sample (spin) or the rejected image (dpo)
+    )
     loser_trajectory: torch.Tensor | RowStore | None = None  # [N, S+1, C, h, w] θ_k's sampling chain (spin_exact)
     sampler: SamplerSchedule | None = None  # spin_exact only
     empty_embed: torch.Tensor | None = None  # [1, L, D] embedding of the empty prompt (train.caption_dropout > 0)
@@ -135,9 +137,9 @@ def _to_epsilon(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, 
 
 def _latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
     found = [
-        (int(p.name[len(CHECKPOINT_PREFIX):]), p)
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
         for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
-        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
     ]
     return max(found) if found else None
 
@@ -146,7 +148,9 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be written again)."""
     if not log_path.exists():
         return
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [
+        line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step
+    ]
     log_path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -206,9 +210,14 @@ def train(
     )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     _warn_if_fsdp_ignored(accelerator)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise SpinDiffusionError("DeepSpeed ZeRO-3 is not supported (the trained UNet could not be exported on every "
-                                 "rank); use ZeRO-2 or configs/accelerate/fsdp.yaml")
+    if (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    ):
+        raise SpinDiffusionError(
+            "DeepSpeed ZeRO-3 is not supported (the trained UNet could not be exported on every "
+            "rank); use ZeRO-2 or configs/accelerate/fsdp.yaml"
+        )
     total_steps = num_optimizer_steps(len(data), train_cfg, accelerator.num_processes)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -255,21 +264,34 @@ def train(
     accelerator.init_trackers("spin_diffusion", config={"objective": objective, "beta": loss_cfg.beta})
 
     micro_batches = _MicroBatches(
-        data, seed, objective=objective, batch_size=train_cfg.batch_size, world_size=accelerator.num_processes,
-        rank=accelerator.process_index, k_steps=loss_cfg.timesteps_per_pair, share_noise=loss_cfg.share_noise,
-        num_train_timesteps=num_train_timesteps, exact_steps=exact_steps, caption_dropout=train_cfg.caption_dropout,
+        data,
+        seed,
+        objective=objective,
+        batch_size=train_cfg.batch_size,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        k_steps=loss_cfg.timesteps_per_pair,
+        share_noise=loss_cfg.share_noise,
+        num_train_timesteps=num_train_timesteps,
+        exact_steps=exact_steps,
+        caption_dropout=train_cfg.caption_dropout,
         first_micro_step=start_step * train_cfg.gradient_accumulation_steps,
         num_micro_steps=(total_steps - start_step) * train_cfg.gradient_accumulation_steps,
     )
     # batch_size=None: each item already is one micro-batch; workers read the cache ahead of the GPU.
-    loader = iter(torch.utils.data.DataLoader(micro_batches, batch_size=None, shuffle=False,
-                                              num_workers=train_cfg.num_workers))
+    loader = iter(
+        torch.utils.data.DataLoader(micro_batches, batch_size=None, shuffle=False, num_workers=train_cfg.num_workers)
+    )
     ga = train_cfg.gradient_accumulation_steps
     window: dict[str, list[float]] = defaultdict(list)
     last_loss = float("nan")
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {objective}",
-               disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=f"train {objective}",
+        disable=not (progress and accelerator.is_main_process),
+    )
 
     clock = preemption.Clock(train_cfg.checkpoint_every_minutes)
     policy.train()
@@ -278,9 +300,17 @@ def train(
             batch = next(loader)
             with accelerator.accumulate(policy):
                 loss, metrics = _micro_step_loss(
-                    policy, ref, batch, objective=objective, loss_cfg=loss_cfg, alphas_cumprod=alphas_cumprod,
-                    prediction_type=prediction_type, noise_scheduler=noise_scheduler, accelerator=accelerator,
-                    sampler=data.sampler, fsdp=fsdp,
+                    policy,
+                    ref,
+                    batch,
+                    objective=objective,
+                    loss_cfg=loss_cfg,
+                    alphas_cumprod=alphas_cumprod,
+                    prediction_type=prediction_type,
+                    noise_scheduler=noise_scheduler,
+                    accelerator=accelerator,
+                    sampler=data.sampler,
+                    fsdp=fsdp,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
@@ -314,7 +344,9 @@ def train(
             clock.reset()
         if stop and done < total_steps:
             bar.close()
-            raise preemption.Preempted(f"training stopped at step {done} of {total_steps}; checkpoint saved in {ckpt_dir}")
+            raise preemption.Preempted(
+                f"training stopped at step {done} of {total_steps}; checkpoint saved in {ckpt_dir}"
+            )
 
     bar.close()
     accelerator.wait_for_everyone()
@@ -342,11 +374,15 @@ def train(
 
 def _warn_if_fsdp_ignored(accelerator: Accelerator) -> None:
     """accelerate 1.15 shards only on accelerators: on CPU an FSDP config silently becomes DDP (MULTI_CPU)."""
-    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get(
-        "ACCELERATE_USE_FSDP", "false"
-    ).lower() == "true" and accelerator.is_main_process:
-        logger.warning("the accelerate config asks for FSDP, but accelerate does not shard on CPU: "
-                       "this run is plain data parallel (DDP) with full weights on every process")
+    if (
+        accelerator.distributed_type == DistributedType.MULTI_CPU
+        and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and accelerator.is_main_process
+    ):
+        logger.warning(
+            "the accelerate config asks for FSDP, but accelerate does not shard on CPU: "
+            "this run is plain data parallel (DDP) with full weights on every process"
+        )
 
 
 def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -403,8 +439,17 @@ class _Draws:
     drop_caption: torch.Tensor  # [B*K] bool: train this row on the empty prompt
 
 
-def _draw_noise(positions: range, seed: int, *, latent_shape: torch.Size, k_steps: int, share_noise: bool,
-                num_train_timesteps: int, exact_steps: torch.Tensor | None, caption_dropout: float) -> _Draws:
+def _draw_noise(
+    positions: range,
+    seed: int,
+    *,
+    latent_shape: torch.Size,
+    k_steps: int,
+    share_noise: bool,
+    num_train_timesteps: int,
+    exact_steps: torch.Tensor | None,
+    caption_dropout: float,
+) -> _Draws:
     """Per pair: K timesteps (or, with `exact_steps`, K of those sampling-step indices) and the noises, from a
     generator keyed by (seed, position of the pair in the stream)."""
     shape = (k_steps, *latent_shape)
@@ -430,14 +475,32 @@ class _MicroBatches(torch.utils.data.Dataset):
     O(batch), whatever the number of prompts. Rows of the returned tensors are pair-major (b*K + k).
     """
 
-    def __init__(self, data: TrainData, seed: int, *, objective: Objective, batch_size: int, world_size: int,
-                 rank: int, k_steps: int, share_noise: bool, num_train_timesteps: int,
-                 exact_steps: torch.Tensor | None, caption_dropout: float, first_micro_step: int,
-                 num_micro_steps: int) -> None:
+    def __init__(
+        self,
+        data: TrainData,
+        seed: int,
+        *,
+        objective: Objective,
+        batch_size: int,
+        world_size: int,
+        rank: int,
+        k_steps: int,
+        share_noise: bool,
+        num_train_timesteps: int,
+        exact_steps: torch.Tensor | None,
+        caption_dropout: float,
+        first_micro_step: int,
+        num_micro_steps: int,
+    ) -> None:
         self.data, self.seed, self.objective = data, seed, objective
         self.bsz, self.world, self.rank, self.k_steps = batch_size, world_size, rank, k_steps
-        self.draw_kwargs = dict(k_steps=k_steps, share_noise=share_noise, num_train_timesteps=num_train_timesteps,
-                                exact_steps=exact_steps, caption_dropout=caption_dropout)
+        self.draw_kwargs = dict(
+            k_steps=k_steps,
+            share_noise=share_noise,
+            num_train_timesteps=num_train_timesteps,
+            exact_steps=exact_steps,
+            caption_dropout=caption_dropout,
+        )
         self.first, self.count = first_micro_step, num_micro_steps
         self.stream = _IndexStream(len(data), seed)
 
@@ -448,13 +511,20 @@ class _MicroBatches(torch.utils.data.Dataset):
         first = ((self.first + i) * self.world + self.rank) * self.bsz
         idx = self.stream.take(first, self.bsz)  # [B]
         data, k = self.data, self.k_steps
-        draws = _draw_noise(range(first, first + self.bsz), self.seed, latent_shape=data.winner.shape[1:],
-                            **self.draw_kwargs)
+        draws = _draw_noise(
+            range(first, first + self.bsz), self.seed, latent_shape=data.winner.shape[1:], **self.draw_kwargs
+        )
         context = data.prompt_embeds[idx].repeat_interleave(k, dim=0)  # [B*K, L, D]
         if draws.drop_caption.any():
             context = torch.where(draws.drop_caption[:, None, None], data.empty_embed.to(context), context)
-        batch = {"idx": idx, "winner": data.winner[idx].repeat_interleave(k, dim=0), "context": context,
-                 "t_or_step": draws.t_or_step, "noise": draws.noise, "loser_noise": draws.loser_noise}
+        batch = {
+            "idx": idx,
+            "winner": data.winner[idx].repeat_interleave(k, dim=0),
+            "context": context,
+            "t_or_step": draws.t_or_step,
+            "noise": draws.noise,
+            "loser_noise": draws.loser_noise,
+        }
         if self.objective == "spin_exact":
             traj = data.loser_trajectory[idx].repeat_interleave(k, dim=0)  # [B*K, S+1, C, h, w]
             rows = torch.arange(traj.shape[0])

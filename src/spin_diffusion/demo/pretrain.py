@@ -13,7 +13,13 @@ from spin_diffusion.models import Components
 
 
 def train_vae(
-    c: Components, images: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-6,
+    c: Components,
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    kl_weight: float = 1e-6,
     seed: int = 0,
 ) -> dict[str, float]:
     """Train `c.vae` in place on `images` ([N, 3, H, W] in [-1, 1]); set its scaling_factor. Returns metrics."""

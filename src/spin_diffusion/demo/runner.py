@@ -85,9 +85,22 @@ def _stage0(out: Path, seed: int) -> tuple[Path, dict]:
     return folder, json.loads(info_path.read_text()) if info_path.exists() else {}
 
 
-def _config(run_dir: Path, model: Path, data: DataConfig, objective: str, *, seed: int, iterations: int, steps: int,
-            batch: int, lr: float, warmup: int, include_base: bool, eval_enabled: bool = True,
-            caption_dropout: float = 0.0) -> RunConfig:
+def _config(
+    run_dir: Path,
+    model: Path,
+    data: DataConfig,
+    objective: str,
+    *,
+    seed: int,
+    iterations: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    warmup: int,
+    include_base: bool,
+    eval_enabled: bool = True,
+    caption_dropout: float = 0.0,
+) -> RunConfig:
     return RunConfig(
         run_dir=str(run_dir),
         seed=seed,
@@ -96,9 +109,17 @@ def _config(run_dir: Path, model: Path, data: DataConfig, objective: str, *, see
         data=data,
         sample=SAMPLE,
         loss=LossConfig(objective=objective, beta=SPIN_BETA),
-        train=TrainConfig(learning_rate=lr, batch_size=batch, max_steps=steps, warmup_steps=warmup,
-                          lr_scheduler="constant_with_warmup", weight_decay=0.0, checkpoint_every=50, log_every=5,
-                          caption_dropout=caption_dropout),
+        train=TrainConfig(
+            learning_rate=lr,
+            batch_size=batch,
+            max_steps=steps,
+            warmup_steps=warmup,
+            lr_scheduler="constant_with_warmup",
+            weight_decay=0.0,
+            checkpoint_every=50,
+            log_every=5,
+            caption_dropout=caption_dropout,
+        ),
         eval=EvalConfig(enabled=eval_enabled, include_base=include_base, num_prompts=EVAL_PROMPTS, seed=seed + 99),
     )
 
@@ -140,18 +161,51 @@ def run_demo(out: str | Path = "demo_run", *, seed: int = 0, scale: float = 1.0,
     pretrain_dir, _ = timed("world", lambda: _write_world(out, seed))
     stage0, vae_info = timed("stage0", lambda: _stage0(out, seed))
     clean = DataConfig(builtin="shapes", num_builtin=FINETUNE_PAIRS)
-    base_cfg = _config(out / "base", stage0, DataConfig(path=str(pretrain_dir)), "sft", seed=seed, iterations=1,
-                       steps=_steps(BASE_STEPS, scale), batch=32, lr=1e-3, warmup=20, include_base=False,
-                       eval_enabled=False, caption_dropout=0.1)
+    base_cfg = _config(
+        out / "base",
+        stage0,
+        DataConfig(path=str(pretrain_dir)),
+        "sft",
+        seed=seed,
+        iterations=1,
+        steps=_steps(BASE_STEPS, scale),
+        batch=32,
+        lr=1e-3,
+        warmup=20,
+        include_base=False,
+        eval_enabled=False,
+        caption_dropout=0.1,
+    )
     timed("base", lambda: run(base_cfg, resume=(out / "base").exists(), progress=progress))
     base_model = iter_dir(out / "base", 1) / "model"
 
     spin_steps = _steps(STEPS_PER_ITERATION, scale)
-    sft_cfg = _config(out / "sft", base_model, clean, "sft", seed=seed, iterations=1,
-                      steps=spin_steps * SPIN_ITERATIONS, batch=2 * PAIRS_PER_STEP, lr=SFT_LR, warmup=5,
-                      include_base=False)
-    spin_cfg = _config(out / "spin", base_model, clean, "spin_approx", seed=seed, iterations=SPIN_ITERATIONS,
-                       steps=spin_steps, batch=PAIRS_PER_STEP, lr=SPIN_LR, warmup=5, include_base=True)
+    sft_cfg = _config(
+        out / "sft",
+        base_model,
+        clean,
+        "sft",
+        seed=seed,
+        iterations=1,
+        steps=spin_steps * SPIN_ITERATIONS,
+        batch=2 * PAIRS_PER_STEP,
+        lr=SFT_LR,
+        warmup=5,
+        include_base=False,
+    )
+    spin_cfg = _config(
+        out / "spin",
+        base_model,
+        clean,
+        "spin_approx",
+        seed=seed,
+        iterations=SPIN_ITERATIONS,
+        steps=spin_steps,
+        batch=PAIRS_PER_STEP,
+        lr=SPIN_LR,
+        warmup=5,
+        include_base=True,
+    )
     timed("sft", lambda: run(sft_cfg, resume=(out / "sft").exists(), progress=progress))
     timed("spin", lambda: run(spin_cfg, resume=(out / "spin").exists(), progress=progress))
 
@@ -160,15 +214,19 @@ def run_demo(out: str | Path = "demo_run", *, seed: int = 0, scale: float = 1.0,
     return write_report(data, out)
 
 
-def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: RunConfig,
-                 spin_cfg: RunConfig) -> ReportData:
+def _report_data(
+    out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: RunConfig, spin_cfg: RunConfig
+) -> ReportData:
     # (name, group, eval dir, x = optimizer steps since the base model): SFT ran all its steps in one go, as
     # many as SPIN's iterations together, so its point shares x with SPIN's last iteration.
     spin_steps = spin_cfg.train.max_steps
-    evaluated = [("base", "base", iter_dir(out / "spin", 0), 0),
-                 ("sft", "sft", iter_dir(out / "sft", 1), sft_cfg.train.max_steps)]
-    evaluated += [(f"spin iter {k}", "spin", iter_dir(out / "spin", k), k * spin_steps)
-                  for k in range(1, SPIN_ITERATIONS + 1)]
+    evaluated = [
+        ("base", "base", iter_dir(out / "spin", 0), 0),
+        ("sft", "sft", iter_dir(out / "sft", 1), sft_cfg.train.max_steps),
+    ]
+    evaluated += [
+        (f"spin iter {k}", "spin", iter_dir(out / "spin", k), k * spin_steps) for k in range(1, SPIN_ITERATIONS + 1)
+    ]
     base_scores = torch.tensor(read_eval(evaluated[0][2] / EVAL_FILE).model().scores["shapes_judge"])
     models_: list[ModelEntry] = []
     for name, group, folder, step in evaluated:
@@ -203,18 +261,33 @@ def _report_data(out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: 
         "end and how to read it, not a claim about Stable Diffusion."
     )
     labels = {
-        "shapes_judge": "judge: all correct", "shapes_color": "judge: color", "shapes_shape": "judge: shape",
-        "shapes_position": "judge: position", "fd": "Fréchet distance", "win_rate_vs_base": "win rate vs base",
+        "shapes_judge": "judge: all correct",
+        "shapes_color": "judge: color",
+        "shapes_shape": "judge: shape",
+        "shapes_position": "judge: position",
+        "fd": "Fréchet distance",
+        "win_rate_vs_base": "win rate vs base",
     }
     sections = [
         ("Stage wall-clock (s)", json.dumps(timings, indent=1)),
         ("Shipped VAE (scripts/train_demo_vae.py)", json.dumps(vae_info, indent=1)),
-        ("Set-up", f"pretraining corpus: {PRETRAIN_IMAGES} images, {CAPTION_NOISE:.0%} wrong captions; "
-                   f"fine-tuning: {FINETUNE_PAIRS} clean pairs; sampler: DDIM {SAMPLE.num_steps} steps, CFG "
-                   f"{SAMPLE.guidance_scale}; SPIN β = {spin_cfg.loss.beta}, lr = {spin_cfg.train.learning_rate}; SFT lr = "
-                   f"{sft_cfg.train.learning_rate} (each method's best of 2e-4, 5e-5, 2e-5 in a one-seed sweep); "
-                   f"evaluation prompts are training captions (the world has only 48 distinct scenes)"),
+        (
+            "Set-up",
+            f"pretraining corpus: {PRETRAIN_IMAGES} images, {CAPTION_NOISE:.0%} wrong captions; "
+            f"fine-tuning: {FINETUNE_PAIRS} clean pairs; sampler: DDIM {SAMPLE.num_steps} steps, CFG "
+            f"{SAMPLE.guidance_scale}; SPIN β = {spin_cfg.loss.beta}, lr = {spin_cfg.train.learning_rate}; SFT lr = "
+            f"{sft_cfg.train.learning_rate} (each method's best of 2e-4, 5e-5, 2e-5 in a one-seed sweep); "
+            f"evaluation prompts are training captions (the world has only 48 distinct scenes)",
+        ),
     ]
-    return ReportData(title="spin-diffusion demo: SFT vs SPIN-Diffusion in the shapes world", summary=summary,
-                      models=models_, curves=curves, metric_labels=labels, lower_is_better={"fd"}, sections=sections,
-                      baseline="base", x_label="optimizer steps since the base model (SFT: as many as SPIN in all)")
+    return ReportData(
+        title="spin-diffusion demo: SFT vs SPIN-Diffusion in the shapes world",
+        summary=summary,
+        models=models_,
+        curves=curves,
+        metric_labels=labels,
+        lower_is_better={"fd"},
+        sections=sections,
+        baseline="base",
+        x_label="optimizer steps since the base model (SFT: as many as SPIN in all)",
+    )

@@ -107,7 +107,8 @@ def single_file(path: Path, suffixes: Sequence[str], *, name: str, what: str, ex
     if len(matches) != 1:
         found = ", ".join(p.name for p in matches) or "none"
         raise SpinDiffusionError(
-            f"{name}: expected exactly one {what} ({'/'.join(suffixes)}) in {path}, found {found}; pass the file itself"
+            f"{name}: expected exactly one {what} ({'/'.join(suffixes)}) in {path}, found {found}; "
+            "pass the file itself"
         )
     return matches[0]
 

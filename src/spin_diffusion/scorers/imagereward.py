@@ -251,7 +251,10 @@ class ImageRewardScorer(BatchedScorer):
 
     def __init__(self, path, *, device="cpu", dtype=torch.float32, batch_size=16):
         root, parts, ckpt_loc = locate_checkpoint(
-            self.name, path, ("ckpt", "tokenizer", "med_config"), hint=IMAGEREWARD_HINT,
+            self.name,
+            path,
+            ("ckpt", "tokenizer", "med_config"),
+            hint=IMAGEREWARD_HINT,
             what="ImageReward checkpoint (ImageReward.pt)",
         )
         if ckpt_loc.is_dir() and (ckpt_loc / "ImageReward.pt").is_file():
