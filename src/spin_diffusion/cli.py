@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     hits (a bad config) is printed once, by rank 0, before the launcher stops the rest."""
     try:
         app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        if launched_ranks() > 1:
+            from spin_diffusion.distributed import shutdown
+
+            shutdown()
     except Preempted as stop:
         if launched_rank() == 0:
             typer.echo(f"preempted: {stop}; run the same command with --resume to continue", err=True)

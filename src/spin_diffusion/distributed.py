@@ -87,3 +87,14 @@ def main_first() -> Iterator[None]:
     """The main process runs the block first (e.g. fills a cache), then the other ranks run it (and reuse it)."""
     with state().main_process_first():
         yield
+
+
+def shutdown() -> None:
+    """End of a command: wait for every rank, then take the process group down in order. Leaving it to the
+    interpreter's exit lets a rank abort in gloo's teardown ("terminate called without an active exception")
+    when its peers are already gone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
