@@ -15,9 +15,9 @@ from typing import Annotated
 import click
 import typer
 
-from spin_diffusion.distributed import is_main, launched_rank, launched_ranks
+from spin_diffusion import preemption
+from spin_diffusion.distributed import is_main, launched_rank, launched_ranks, shutdown
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.preemption import EXIT_PREEMPTED, Preempted
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are never needed: every model comes from a local folder
 
@@ -57,7 +57,6 @@ def _config(config: Path | None, overrides: list[str] | None, run_dir: Path | No
 
 
 def _run(cfg, resume: bool) -> None:
-    from spin_diffusion import preemption
     from spin_diffusion.self_play import run
 
     preemption.install()  # SIGTERM/SIGINT: finish the step or shard, checkpoint, exit EXIT_PREEMPTED
@@ -205,13 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
         if launched_ranks() > 1:
-            from spin_diffusion.distributed import shutdown
-
             shutdown()
-    except Preempted as stop:
+    except preemption.Preempted as stop:
         if launched_rank() == 0:
             typer.echo(f"preempted: {stop}; run the same command with --resume to continue", err=True)
-        return EXIT_PREEMPTED
+        return preemption.EXIT_PREEMPTED
     except SpinDiffusionError as err:
         if launched_ranks() > 1 and launched_rank() != 0:
             time.sleep(RANK_ERROR_DELAY_S)

@@ -611,6 +611,7 @@ class PreferencePairs:
     _rows: list[int] = field(repr=False)
     _columns: tuple[str, str] = field(repr=False)  # (first, second) image columns
     _swapped: list[bool] = field(repr=False)  # True: the second column holds the winner in that row
+    skipped: list[dict[str, str]] = field(default_factory=list)  # rows left out at load (none today)
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -19,8 +19,7 @@ keeps MULTI_CPU (plain DDP) whatever the config says, and the trainer warns.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from spin_diffusion.errors import SpinDiffusionError
@@ -80,13 +79,6 @@ def split(n: int) -> range:
     per, extra = divmod(n, s.num_processes)
     start = s.process_index * per + min(s.process_index, extra)
     return range(start, start + per + (1 if s.process_index < extra else 0))
-
-
-@contextmanager
-def main_first() -> Iterator[None]:
-    """The main process runs the block first (e.g. fills a cache), then the other ranks run it (and reuse it)."""
-    with state().main_process_first():
-        yield
 
 
 def shutdown() -> None:

@@ -57,12 +57,6 @@ def requested() -> bool:
     return _requested is not None
 
 
-def request(signum: int = signal.SIGTERM) -> None:
-    """Ask this process to stop as a signal would (tests, or code that knows the job is ending)."""
-    global _requested
-    _requested = signum
-
-
 class Clock:
     """Time-based checkpoints next to step-based ones: `due()` once `minutes` have passed since the last
     `reset()` (0 disables)."""

@@ -168,16 +168,18 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         images = data_lib.load_captioned_images(cfg.data, seed=cfg.seed)
         build, cache_dir = cache_lib.build_latent_cache, run_dir / "cache" / "real"
     bad_examples = cache_lib.BadExamples(
-        on_bad=data_lib.bad_example_policy(cfg.data, len(images) + len(getattr(images, "skipped", []))),
+        on_bad=data_lib.bad_example_policy(cfg.data, len(images) + len(images.skipped)),
         min_side=cfg.data.min_image_side if cfg.data.min_image_side is not None else resolution // 8,
         max_fraction=cfg.data.max_bad_fraction,
     )
     data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
+    negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
+    empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
     preflight.check_writable(run_dir, "run_dir")
     preflight.check_disk(
         run_dir,
-        disk_estimate(cfg, c, images, resolution),
+        disk_estimate(cfg, c, images, resolution, embed_shape=tuple(negative_embed.shape[1:])),
         already_written=preflight.folder_bytes(run_dir) if resume else 0,
     )
     create_run_dir(cfg)
@@ -197,8 +199,6 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         bad_examples=bad_examples,
     )
     _record_skipped(run_dir, images, cache, cfg.data.max_bad_fraction, state)
-    negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
-    empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
 
     def evaluate(k: int, unet: torch.nn.Module) -> None:
         """Every rank renders its share of the evaluation prompts; the main process scores and records them."""
@@ -304,8 +304,9 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             if state_.is_main_process:
                 models.save_lora(policy, next_dir / "lora")
             policy = models.merge_lora(policy)
-        model_card = card.card_info(
-            cfg, iteration=k + 1, steps=result.steps, data_size=len(cache), resolution=resolution
+        model_card = dataclasses.replace(
+            card.card_info(cfg, iteration=k + 1, steps=result.steps, data_size=len(cache), resolution=resolution),
+            pixel_space=c.vae is None,
         )
         if state_.is_main_process:
             models.save_pipeline(c, next_dir / "model", unet=policy, card=model_card)
@@ -327,10 +328,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                 next_dir / "model" / "README.md",
                 card.render_card(
                     dataclasses.replace(
-                        model_card,
-                        evaluation=state.info[f"eval:{k + 1}"],
-                        eval_prompts=len(eval_set.prompts),
-                        pixel_space=c.vae is None,
+                        model_card, evaluation=state.info[f"eval:{k + 1}"], eval_prompts=len(eval_set.prompts)
                     )
                 ),
             )
@@ -355,9 +353,8 @@ def _record_skipped(run_dir: Path, images, cache, max_fraction: float, state: Ru
     """List every example left out (at load: empty captions, missing files; at encoding: unreadable or tiny
     images) in run_dir/skipped.jsonl, count them in state.json (and so in the report), say so on stderr, and
     refuse the data when too many are bad in total."""
-    skipped = list(getattr(images, "skipped", []))
-    skipped += [{"where": images.where(i), "reason": reason} for i, reason in sorted(cache.skipped.items())]
-    total = len(images) + len(getattr(images, "skipped", []))
+    skipped = images.skipped + [{"where": images.where(i), "reason": r} for i, r in sorted(cache.skipped.items())]
+    total = len(images) + len(images.skipped)
     if len(skipped) > max_fraction * total:
         raise SpinDiffusionError(
             f"{len(skipped)} of {total} examples are unusable (more than data.max_bad_fraction={max_fraction}); "
@@ -366,8 +363,7 @@ def _record_skipped(run_dir: Path, images, cache, max_fraction: float, state: Ru
     if not distributed.is_main():
         return
     if skipped:
-        with open(run_dir / "skipped.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in skipped)
+        atomic.write_text(run_dir / "skipped.jsonl", "".join(json.dumps(row) + "\n" for row in skipped))
         print(
             f"warning: skipped {len(skipped)} of {total} examples (data.on_bad_example=skip); the list and the "
             f"reasons are in {run_dir / 'skipped.jsonl'}",
@@ -383,8 +379,11 @@ def _stop_if_asked(message: str) -> None:
         raise preemption.Preempted(message)
 
 
-def disk_estimate(cfg: RunConfig, c: models.Components, images, resolution: int) -> preflight.DiskEstimate:
-    """What this run will write to its run dir (see preflight.estimate_run_bytes)."""
+def disk_estimate(
+    cfg: RunConfig, c: models.Components, images, resolution: int, *, embed_shape: tuple[int, ...]
+) -> preflight.DiskEstimate:
+    """What this run will write to its run dir (see preflight.estimate_run_bytes); `embed_shape` = (L, D) of one
+    caption's embedding."""
     objective = cfg.loss.objective
     self_play = objective in ("spin_approx", "spin_exact")
 
@@ -397,7 +396,7 @@ def disk_estimate(cfg: RunConfig, c: models.Components, images, resolution: int)
         num_rows=len(images),
         num_captions=len(set(images.captions)),
         latent_shape=(c.latent_channels, resolution // f, resolution // f),
-        embed_shape=tuple(models.encode_prompts(c, [""]).shape[1:]),
+        embed_shape=embed_shape,
         cache_dtype=cfg.data.cache_dtype,
         images_per_row=2 if objective == "dpo" else 1,
         iterations=cfg.num_iterations if self_play else 1,
