@@ -20,15 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _launch import set_args, torchrun_args
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 ONE_ITER = ["num_iterations=1", "eval.enabled=false"]
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for kv in overrides for a in ("--set", kv)]
 
 
 def _fsdp_args(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -44,26 +42,12 @@ def _fsdp_args(run_dir: Path, overrides: list[str]) -> list[str]:
         str(TINY),
         "--run-dir",
         str(run_dir),
-        *_sets(overrides),
+        *set_args(overrides),
     ]
 
 
 def _ddp_args(run_dir: Path, overrides: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "spin_diffusion.cli",
-        "spin",
-        "--config",
-        str(TINY),
-        "--run-dir",
-        str(run_dir),
-        *_sets(overrides),
-    ]
+    return torchrun_args(2, "spin", "--config", str(TINY), "--run-dir", str(run_dir), *set_args(overrides))
 
 
 def _run(args: list[str], *, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -126,7 +110,7 @@ def test_fsdp_config_without_the_cpu_override_runs_ddp_and_says_so(tmp_path: Pat
             str(TINY),
             "--run-dir",
             str(run_dir),
-            *_sets([*ONE_ITER, "train.max_steps=1"]),
+            *set_args([*ONE_ITER, "train.max_steps=1"]),
         ]
     )
     assert done.stderr.count("accelerate does not shard on CPU") == 1

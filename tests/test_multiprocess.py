@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _launch import node_args, set_args, torchrun_args
 from spin_diffusion.config import load_config
 from spin_diffusion.self_play import run
 
@@ -29,27 +29,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_
 BASE = ["num_iterations=2", "train.batch_size=4", "eval.num_prompts=8", "data.cache_shard_size=8"]
 
 
-def _launch_args(nproc: int, command: str, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "spin_diffusion.cli",
-        command,
-        *args,
-    ]
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for kv in overrides for a in ("--set", kv)]
-
-
 def _torchrun(command: str, *args: str, nproc: int = 2, check: bool = True, timeout: float = 900):
     done = subprocess.run(
-        _launch_args(nproc, command, *args), capture_output=True, text=True, env=ENV, timeout=timeout
+        torchrun_args(nproc, command, *args), capture_output=True, text=True, env=ENV, timeout=timeout
     )
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -75,7 +57,7 @@ def spin_runs(tmp_path_factory) -> tuple[Path, Path]:
     """The same spin_approx run on 2 processes × batch 4 and on 1 process × batch 8."""
     root = tmp_path_factory.mktemp("mp")
     two, one = root / "two", root / "one"
-    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *_sets(BASE))
+    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args(BASE))
     run(load_config(TINY, [*BASE, "train.batch_size=8", f"run_dir={one}"]), progress=False)
     return two, one
 
@@ -135,7 +117,7 @@ def test_partial_generation_on_two_processes_equals_one_process(tmp_path: Path):
     exactly what one process with batch 8 generates, and train the same weights."""
     part = ["num_iterations=1", "eval.enabled=false", "train.max_steps=1", "sample.shard_size=2"]
     two, one = tmp_path / "two", tmp_path / "one"
-    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *_sets([*part, "train.batch_size=4"]))
+    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*part, "train.batch_size=4"]))
     run(load_config(TINY, [*part, "train.batch_size=8", f"run_dir={one}"]), progress=False)
     gen2, gen1 = two / "iter_00" / "generated", one / "iter_00" / "generated"
     meta = json.loads((gen2 / "meta.json").read_text())
@@ -166,7 +148,7 @@ def test_every_objective_runs_on_two_processes(tmp_path: Path, command, override
         overrides = ["data.builtin=null", f"data.path={_write_pairs(tmp_path / 'pairs')}"]
     common = ["num_iterations=1", "eval.enabled=false", "train.batch_size=4", *overrides]
     two, one = tmp_path / "two", tmp_path / "one"
-    _torchrun(command, "--config", str(TINY), "--run-dir", str(two), *_sets(common))
+    _torchrun(command, "--config", str(TINY), "--run-dir", str(two), *set_args(common))
     objective = {"sft": "sft", "dpo": "dpo"}.get(command)
     one_overrides = [*common, "train.batch_size=8", f"run_dir={one}"]
     run(load_config(TINY, one_overrides + ([f"loss.objective={objective}"] if objective else [])), progress=False)
@@ -228,7 +210,7 @@ KILL = [
 
 
 def _spin_args(run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(TINY), "--run-dir", str(run_dir), *_sets(KILL), *extra]
+    return ["--config", str(TINY), "--run-dir", str(run_dir), *set_args(KILL), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +239,7 @@ def _kill_tree(pid: int) -> None:
 
 def _kill_all_when(run_dir: Path, ready, timeout: float = 180.0) -> None:
     proc = subprocess.Popen(
-        _launch_args(2, "spin", *_spin_args(run_dir)),
+        torchrun_args(2, "spin", *_spin_args(run_dir)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=ENV,
@@ -345,20 +327,7 @@ def _start_nodes(command: str, *args: str) -> list[subprocess.Popen]:
     port = _free_port()
     return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc_per_node=1",
-                f"--node_rank={node}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m",
-                "spin_diffusion.cli",
-                command,
-                *args,
-            ],
+            node_args(node, port, command, *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -380,7 +349,7 @@ def _wait(nodes: list[subprocess.Popen], timeout: float = 900) -> list[tuple[int
 def test_two_nodes_equal_one_node_with_two_processes(spin_runs, tmp_path: Path):
     """Ranks 0 and 1 in two launchers do exactly what they do in one: same shards, same weights."""
     two, _ = spin_runs
-    results = _wait(_start_nodes("spin", "--config", str(TINY), "--run-dir", str(tmp_path / "run"), *_sets(BASE)))
+    results = _wait(_start_nodes("spin", "--config", str(TINY), "--run-dir", str(tmp_path / "run"), *set_args(BASE)))
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     assert _files(tmp_path / "run") == _files(two)
     for k in (1, 2):
@@ -420,23 +389,7 @@ def test_run_dir_must_be_shared_by_all_nodes(tmp_path: Path):
         cwd.mkdir()
         procs.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nnodes=2",
-                    "--nproc_per_node=1",
-                    f"--node_rank={node}",
-                    "--master_addr=127.0.0.1",
-                    f"--master_port={port}",
-                    "-m",
-                    "spin_diffusion.cli",
-                    "spin",
-                    "--config",
-                    str(TINY),
-                    "--run-dir",
-                    "run",
-                ],
+                node_args(node, port, "spin", "--config", str(TINY), "--run-dir", "run"),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _launch import set_args, torchrun_args
 from spin_diffusion.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,24 +35,10 @@ CONFIG = [
 
 
 def _command(nproc: int, run_dir: Path, *extra: str) -> list[str]:
-    launcher = (
-        [sys.executable]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    )
-    sets = [a for kv in CONFIG for a in ("--set", kv)]
-    return [
-        *launcher,
-        "-m",
-        "spin_diffusion.cli",
-        "spin",
-        "--config",
-        str(TINY),
-        "--run-dir",
-        str(run_dir),
-        *sets,
-        *extra,
-    ]
+    args = ["--config", str(TINY), "--run-dir", str(run_dir), *set_args(CONFIG), *extra]
+    if nproc == 1:
+        return [sys.executable, "-m", "spin_diffusion.cli", "spin", *args]
+    return torchrun_args(nproc, "spin", *args)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
