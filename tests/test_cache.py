@@ -174,13 +174,15 @@ def test_latent_cache_built_once_matches_direct_encoding(tmp_path, tiny, monkeyp
 
     pixels = torch.stack([D.image_to_tensor(src.image(i), 16) for i in range(3)])
     torch.testing.assert_close(cache.latents[:], models.encode_images(tiny, pixels), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache.prompt_embeds[:], models.encode_prompts(tiny, CAPTIONS[:3]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cache.prompt_embeds.embeds[:], models.encode_prompts(tiny, CAPTIONS[:3]), atol=1e-5, rtol=1e-5
+    )
     calls.update(images=0, prompts=0)
 
     again = C.build_latent_cache(tiny, _load(root), cache_dir, **kw)  # reused: no encoder call
     assert (calls["images"], calls["prompts"]) == (0, 0)
     assert torch.equal(again.latents[:], cache.latents[:]) and torch.equal(
-        again.prompt_embeds[:], cache.prompt_embeds[:]
+        again.prompt_embeds.embeds[:], cache.prompt_embeds.embeds[:]
     )
     assert not list(cache_dir.glob("*.tmp"))
 
@@ -217,7 +219,7 @@ def test_latent_cache_dedups_captions(tmp_path, tiny, monkeypatch):
     cache = C.build_latent_cache(tiny, _load(root), tmp_path / "cache", **KW, batch_size=8, shard_size=2)
     assert calls["texts"] == ["b", "a", "c"]  # each distinct caption once, in order of first appearance
     assert calls["num_images"] == 6
-    emb = cache.prompt_embeds
+    emb = cache.prompt_embeds.embeds
     assert emb.shape == (6, 16, 8) and emb.num_stored == 3
     assert emb.index_map.tolist() == [0, 1, 0, 2, 1, 0]
     assert len(list((tmp_path / "cache").glob("latents-embeds-*.safetensors"))) == 2  # ceil(3 / 2)

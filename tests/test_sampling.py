@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spin_diffusion import models, sampling  # noqa: E402
+from spin_diffusion import families, models, sampling  # noqa: E402
 from spin_diffusion.errors import SpinDiffusionError  # noqa: E402
 
 LATENT_SHAPE = (4, 8, 8)
@@ -53,7 +53,9 @@ def _seeds(n: int, *, run_seed: int = 0, iteration: int = 0, start: int = 0) -> 
 
 def _sample(tiny, cfg, cond, neg, seeds, **kw):
     kw = {"num_steps": 4, "guidance_scale": 1.0, **kw}
-    return sampling.sample(tiny.unet, cfg, cond, neg, seeds=seeds, latent_shape=LATENT_SHAPE, **kw)
+    return sampling.sample(
+        tiny.unet, families.make("sd", cfg), cond, neg, seeds=seeds, latent_shape=LATENT_SHAPE, **kw
+    )
 
 
 # ------------------------------------------------------------------ sample_seed
@@ -140,7 +142,7 @@ def test_sample_argument_errors(tiny, sched_cfg, embeds):
     cond, _ = embeds
     with pytest.raises(ValueError, match="seeds"):
         _sample(tiny, sched_cfg, cond[:2], None, _seeds(3))
-    with pytest.raises(ValueError, match="negative_embeds"):
+    with pytest.raises(ValueError, match="negative conditioning"):
         _sample(tiny, sched_cfg, cond[:2], None, _seeds(2), guidance_scale=3.0)
 
 
@@ -245,7 +247,7 @@ def _spec(**kw) -> sampling.GenerationSpec:
 def _generate(tiny, cfg, embeds, out_dir, spec, **kw):
     cond, neg = embeds
     kw = {"batch_size": 2, "progress": False, **kw}
-    sampling.generate_shards(tiny.unet, cfg, cond[: spec.num_prompts], neg, out_dir, spec, **kw)
+    sampling.generate_shards(tiny.unet, families.make("sd", cfg), cond[: spec.num_prompts], neg, out_dir, spec, **kw)
 
 
 def test_generate_shards_matches_direct_sampling(tiny, sched_cfg, embeds, tmp_path):
@@ -360,7 +362,9 @@ def test_generate_shards_store_dtype_and_lazy_embeddings(tiny, sched_cfg, embeds
     write_shard(tmp_path / "emb.safetensors", {"prompt_embeds": cond[:5]}, {})
     lazy = RowStore.open([tmp_path / "emb.safetensors"], "prompt_embeds")
     half = replace(spec, store_dtype=store_dtype)
-    sampling.generate_shards(tiny.unet, sched_cfg, lazy, neg, tmp_path / "half", half, batch_size=2, progress=False)
+    sampling.generate_shards(
+        tiny.unet, families.make("sd", sched_cfg), lazy, neg, tmp_path / "half", half, batch_size=2, progress=False
+    )
     header = read_header(tmp_path / "half" / "shard_00000.safetensors")[0]
     assert (
         header["latents"]["dtype"] == {"fp16": "F16", "bf16": "BF16"}[store_dtype]

@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spin_diffusion import losses, models, sampling, trainer  # noqa: E402
+from spin_diffusion import families, losses, models, sampling, trainer  # noqa: E402
 from spin_diffusion.config import LossConfig, TrainConfig  # noqa: E402
 
 LOG2 = math.log(2)
@@ -79,9 +79,7 @@ def exact_pairs(tiny, tmp_path_factory) -> trainer.TrainData:
         store_trajectory=True,
         shard_size=4,
     )
-    sampling.generate_shards(
-        tiny.unet, tiny.scheduler.config, data.prompt_embeds, None, out, spec, batch_size=4, progress=False
-    )
+    sampling.generate_shards(tiny.unet, tiny.family, data.prompt_embeds, None, out, spec, batch_size=4, progress=False)
     gen = sampling.load_generated(out)
     data.loser = gen.latents
     data.loser_trajectory = gen.trajectory
@@ -116,7 +114,7 @@ def _train(
         objective=objective,
         loss_cfg=LossConfig(objective=objective, beta=beta, timesteps_per_pair=timesteps_per_pair),
         train_cfg=_cfg(**train_kw),
-        noise_scheduler=tiny.noise_scheduler(),
+        family=tiny.family,
         out_dir=out_dir,
         seed=seed,
         progress=False,
@@ -210,7 +208,7 @@ def test_lora_policy_without_ref(tiny, tmp_path):
     torch.testing.assert_close(base, original, rtol=0, atol=0)
     # Adapters are enabled again after training: the policy differs from the base model.
     x = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
-    ctx = _pairs(2).prompt_embeds
+    ctx = _pairs(2).prompt_embeds.embeds
     t = torch.tensor([100, 700])
     with torch.no_grad():
         out_policy = policy(x, t, encoder_hidden_states=ctx).sample
@@ -233,7 +231,7 @@ def _eval_errors(tiny, unet, data: trainer.TrainData, draws: int = 64) -> losses
     eps = torch.randn(len(rows), *LATENT_SHAPE, generator=g)
     t = torch.randint(0, 1000, (len(rows),), generator=g)
     ns = tiny.noise_scheduler()
-    ctx = data.prompt_embeds[rows]
+    ctx = data.prompt_embeds[rows].embeds
 
     def err(x0):
         pred = unet(ns.add_noise(x0[rows], eps, t), t, encoder_hidden_states=ctx).sample
@@ -521,7 +519,14 @@ def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
         shard_size=4,
     )
     sampling.generate_shards(
-        tiny.unet, config, data.prompt_embeds, None, tmp_path / "gen", spec, batch_size=4, progress=False
+        tiny.unet,
+        families.make("sd", config),
+        data.prompt_embeds,
+        None,
+        tmp_path / "gen",
+        spec,
+        batch_size=4,
+        progress=False,
     )
     gen = sampling.load_generated(tmp_path / "gen")
     data.loser, data.loser_trajectory = gen.latents, gen.trajectory
@@ -535,7 +540,7 @@ def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
         objective="spin_exact",
         loss_cfg=LossConfig(objective="spin_exact", timesteps_per_pair=4),
         train_cfg=_cfg(max_steps=1),
-        noise_scheduler=noise_scheduler,
+        family=families.make("sd", config),
         out_dir=tmp_path / "train",
         seed=0,
         progress=False,
@@ -583,7 +588,7 @@ def test_data_loader_workers_and_on_disk_cache_give_the_same_run(tiny, tmp_path)
         if name == "disk":
             stores = {}
             for field in ("winner", "prompt_embeds", "loser"):
-                tensor = getattr(data, field)
+                tensor = data.prompt_embeds.embeds if field == "prompt_embeds" else getattr(data, field)
                 paths = []
                 for i, start in enumerate(range(0, len(tensor), 3)):  # shards of 3 rows: reads cross shards
                     path = tmp_path / f"{field}-{i}.safetensors"

@@ -43,8 +43,10 @@ from spin_diffusion.data import (
     _one_line,
     check_image_size,
     image_to_tensor,
+    sdxl_time_ids,
 )
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.families import Cond
 
 if TYPE_CHECKING:
     from spin_diffusion.models import Components
@@ -299,9 +301,11 @@ class LatentCache:
     """Encoded (image, caption) data, ready for the UNet; rows are read from disk on demand."""
 
     latents: RowStore  # [N, C, h, w], VAE latents * scaling_factor (pixels in [-1, 1] without VAE)
-    prompt_embeds: RowStore  # [N, L, D], row i = embedding of captions[i] (stored once per distinct caption)
+    prompt_embeds: Cond  # of RowStores: embeds [N, L, D] (+ pooled [N, P]), row i = captions[i]'s (stored once per
+    # distinct caption)
     captions: list[str]
     skipped: dict[int, str] = field(default_factory=dict)  # source row -> why it was left out (on_bad_example=skip)
+    time_ids: RowStore | None = None  # [N, 6] SDXL micro-conditioning of each image; None for other families
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -313,9 +317,11 @@ class PairCache:
 
     winner_latents: RowStore  # [N, C, h, w]
     loser_latents: RowStore  # [N, C, h, w]
-    prompt_embeds: RowStore  # [N, L, D]
+    prompt_embeds: Cond  # of RowStores, as LatentCache's
     captions: list[str]
     skipped: dict[int, str] = field(default_factory=dict)  # source row -> why it was left out (on_bad_example=skip)
+    winner_time_ids: RowStore | None = None  # [N, 6] SDXL only
+    loser_time_ids: RowStore | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -342,13 +348,17 @@ def _open_stores(
 ) -> dict[str, RowStore]:
     """The stores of a finished cache; with `kept` ([M] row indices) they show only those rows, in that order."""
     image_paths = _paths(cache_dir, kind, "images", _num_shards(n, shard_size))
+    stored = read_header(image_paths[0])[0] if image_paths else {}
+    names = [*names, *(f"{name}_time_ids" for name in names if f"{name}_time_ids" in stored)]  # SDXL
     stores = {name: RowStore.open(image_paths, name, key=key, index_map=kept) for name in names}
     embed_paths = _paths(cache_dir, kind, "embeds", _num_shards(num_unique, shard_size))
     rows_map = index_map if kept is None else index_map[kept]
-    stores["prompt_embeds"] = RowStore.open(embed_paths, "prompt_embeds", index_map=rows_map, key=key)
-    if any(s.num_stored != n for name, s in stores.items() if name != "prompt_embeds"):
+    embeds = ["prompt_embeds", *(["pooled_embeds"] if "pooled_embeds" in read_header(embed_paths[0])[0] else [])]
+    for name in embeds:
+        stores[name] = RowStore.open(embed_paths, name, index_map=rows_map, key=key)
+    if any(s.num_stored != n for name, s in stores.items() if name not in embeds):
         raise ValueError("row count differs from the data")
-    if stores["prompt_embeds"].num_stored != num_unique:
+    if any(stores[name].num_stored != num_unique for name in embeds):
         raise ValueError("caption count differs from the data")
     return stores
 
@@ -472,24 +482,31 @@ def _cached_encode(
     store_dtype = STORE_DTYPES[dtype]
     rank, world = state.process_index, state.num_processes
 
-    def pixels_of(fn: Callable[[int], Image.Image], i: int, bad: dict[int, str]) -> torch.Tensor:
-        """Row i's image as [3, R, R]; a bad one raises ("error") or is recorded and replaced by zeros ("skip")."""
+    time_ids = c.family.uses_time_ids  # SDXL: each image's original size and crop (stored in float32)
+
+    def pixels_of(fn: Callable[[int], Image.Image], i: int, bad: dict[int, str]) -> tuple[torch.Tensor, list[float]]:
+        """Row i's image as [3, R, R] and its SDXL time ids; a bad one raises ("error") or is recorded and replaced
+        by zeros ("skip")."""
         try:
-            return image_to_tensor(check_image_size(fn(i), bad_policy.min_side, where(i)), resolution)
+            img = check_image_size(fn(i), bad_policy.min_side, where(i))
+            return image_to_tensor(img, resolution), sdxl_time_ids(img.size, resolution)
         except SpinDiffusionError as err:
             if bad_policy.on_bad == "error":
                 raise
             bad[i] = str(err)
-            return torch.zeros(3, resolution, resolution)
+            return torch.zeros(3, resolution, resolution), [0.0] * 6
 
     def encode_images(rows: range) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         out: dict[str, list[torch.Tensor]] = {name: [] for name in image_fns}
+        out.update({f"{name}_time_ids": [] for name in image_fns if time_ids})
         bad: dict[int, str] = {}
         for start in range(rows.start, rows.stop, batch_size):
             batch = range(start, min(rows.stop, start + batch_size))
             for name, fn in image_fns.items():
-                pixels = torch.stack([pixels_of(fn, i, bad) for i in batch])
-                out[name].append(models.encode_images(c, pixels).detach().to("cpu", store_dtype))
+                pixels, ids = zip(*(pixels_of(fn, i, bad) for i in batch), strict=True)
+                out[name].append(models.encode_images(c, torch.stack(pixels)).detach().to("cpu", store_dtype))
+                if time_ids:
+                    out[f"{name}_time_ids"].append(torch.tensor(ids, dtype=torch.float32))
             bar.update(len(batch))
         return {name: torch.cat(parts) for name, parts in out.items()}, {"bad": json.dumps(bad)}
 
@@ -497,8 +514,10 @@ def _cached_encode(
         parts = []
         for start in range(rows.start, rows.stop, batch_size):
             texts = unique[start : min(rows.stop, start + batch_size)]
-            parts.append(models.encode_prompts(c, texts, batch_size=len(texts)).detach().to("cpu", store_dtype))
-        return {"prompt_embeds": torch.cat(parts)}, {}
+            parts.append(
+                models.encode(c, texts, batch_size=len(texts)).map(lambda x: x.detach().to("cpu", store_dtype))
+            )
+        return Cond.cat(parts).tensors(), {}
 
     embed_paths = _paths(cache_dir, kind, "embeds", _num_shards(len(unique), shard_size))
     todo = sum(min(shard_size, n - s * shard_size) for s in range(rank, len(image_paths), world))
@@ -575,7 +594,11 @@ def build_latent_cache(
     )
     captions = [text for i, text in enumerate(images.captions) if i not in bad]
     return LatentCache(
-        latents=stores["latents"], prompt_embeds=stores["prompt_embeds"], captions=captions, skipped=bad
+        latents=stores["latents"],
+        prompt_embeds=Cond(stores["prompt_embeds"], stores.get("pooled_embeds")),
+        captions=captions,
+        skipped=bad,
+        time_ids=stores.get("latents_time_ids"),
     )
 
 
@@ -612,7 +635,9 @@ def build_pair_cache(
     return PairCache(
         winner_latents=stores["winner_latents"],
         loser_latents=stores["loser_latents"],
-        prompt_embeds=stores["prompt_embeds"],
+        prompt_embeds=Cond(stores["prompt_embeds"], stores.get("pooled_embeds")),
         captions=[text for i, text in enumerate(pairs.captions) if i not in bad],
         skipped=bad,
+        winner_time_ids=stores.get("winner_latents_time_ids"),
+        loser_time_ids=stores.get("loser_latents_time_ids"),
     )

@@ -27,7 +27,8 @@ class ModelConfig:
     """Which model to start from and which of its parameters train (only the UNet ever trains)."""
 
     path: str | None = None  # local diffusers pipeline folder (model_index.json); None -> built-in `preset`
-    preset: Literal["tiny", "demo"] = "tiny"  # built-in model built from configs (no download)
+    # built-in model built from configs (no download): tiny (SD-1.x family), tiny-sdxl, tiny-sd3 (tests), demo
+    preset: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3"] = "tiny"
     lora_rank: int = 0  # 0 = full fine-tuning of the UNet; > 0 = LoRA of this rank (merged at each iteration end)
     lora_alpha: float | None = None  # LoRA scaling numerator; None -> equal to lora_rank
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")

@@ -108,6 +108,19 @@ def _decode_cell(value: Any, base_dir: Path | None, where: str) -> Image.Image:
     )
 
 
+def sdxl_time_ids(size: tuple[int, int], resolution: int) -> list[float]:
+    """SDXL's micro-conditioning of an image of ``size`` (w, h) prepared by :func:`image_to_tensor`: original (h, w),
+    the crop's top-left (y, x) in resized pixels, target (R, R) — as diffusers' SDXL training scripts record it."""
+    w, h = size
+    if min(w, h) != resolution:
+        scale = resolution / min(w, h)
+        rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    else:
+        rw, rh = w, h
+    top, left = int(round((rh - resolution) / 2.0)), int(round((rw - resolution) / 2.0))
+    return [float(h), float(w), float(top), float(left), float(resolution), float(resolution)]
+
+
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to ``resolution`` (bicubic, antialiased), center-crop -> ``[3, R, R]`` in [-1, 1]."""
     if resolution < 1:

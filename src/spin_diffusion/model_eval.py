@@ -19,6 +19,7 @@ from spin_diffusion import distributed, evaluation, models, preflight, rundir, s
 from spin_diffusion.config import RunConfig
 from spin_diffusion.demo import world
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.families import Cond
 from spin_diffusion.images import save_grid, tensor_to_pil
 from spin_diffusion.report import ModelEntry, ReportData, write_report
 
@@ -30,23 +31,24 @@ SHAPES_SCORERS = ("shapes_judge", "shapes_color", "shapes_shape", "shapes_positi
 def render_images(
     c: models.Components,
     unet: torch.nn.Module,
-    prompt_embeds: torch.Tensor,
-    negative_embed: torch.Tensor,
+    prompt_embeds: Cond,
+    negative_embed: Cond,
     *,
     seeds: list[int],
     num_steps: int,
     guidance_scale: float,
     batch_size: int,
 ) -> list[Image.Image]:
-    """Sample and decode one image per prompt embedding (`[N, L, D]`) with the given seeds."""
+    """Sample and decode one image per prompt (conditioning `prompt_embeds`, `models.encode`) with the given seeds."""
     shape = (c.latent_channels, c.sample_size, c.sample_size)
     images: list[Image.Image] = []
-    for start in range(0, prompt_embeds.shape[0], batch_size):
+    for start in range(0, len(prompt_embeds), batch_size):
         out = sampling.sample(
             unet,
-            c.scheduler.config,
+            c.family,
             prompt_embeds[start : start + batch_size],
             negative_embed,
+            image_size=c.sample_size * c.vae_scale_factor,
             seeds=seeds[start : start + batch_size],
             latent_shape=shape,
             num_steps=num_steps,
@@ -59,8 +61,8 @@ def render_images(
 def render_shared(
     c: models.Components,
     unet: torch.nn.Module,
-    prompt_embeds: torch.Tensor,
-    negative_embed: torch.Tensor,
+    prompt_embeds: Cond,
+    negative_embed: Cond,
     folder: Path,
     *,
     seeds: list[int],
@@ -71,7 +73,7 @@ def render_shared(
     """`render_images` with the prompts split over all ranks: each rank renders its contiguous part and writes
     it to `folder/00000.png …` (lossless, so the result equals a one-process render); after a barrier the main
     process reads them all back. Returns the N images in prompt order on the main process, None elsewhere."""
-    part = distributed.split(prompt_embeds.shape[0])
+    part = distributed.split(len(prompt_embeds))
     images = render_images(
         c,
         unet,
@@ -89,7 +91,7 @@ def render_shared(
     if not distributed.is_main():
         return None
     out = []
-    for i in range(prompt_embeds.shape[0]):
+    for i in range(len(prompt_embeds)):
         with Image.open(folder / f"{i:05d}.png") as img:
             out.append(img.convert("RGB"))
     return out
@@ -100,7 +102,7 @@ class EvalSet:
     """Evaluation prompts, their embeddings, the scorers (loaded once per run) and, if known, real images."""
 
     prompts: list[str]
-    embeds: torch.Tensor  # [N, L, D]
+    embeds: Cond  # the prompts' conditioning (models.encode)
     scorers: list = field(default_factory=list)  # evaluation.Scorer
     reference: list[Image.Image] = field(default_factory=list)
 
@@ -115,7 +117,7 @@ def evaluate_unet(
     c: models.Components,
     unet: torch.nn.Module,
     eval_set: EvalSet,
-    negative_embed: torch.Tensor,
+    negative_embed: Cond,
     out_dir: Path,
     *,
     baseline: rundir.ModelEval | None = None,
@@ -218,11 +220,11 @@ def evaluate_models(
     shown: dict[str, int] = {}
     for name, path in zip(names, model_dirs, strict=True):
         c = models.load_components(path)
-        for module in (c.unet, c.text_encoder, c.vae):
+        for module in (c.unet, *c.text_encoders(), c.vae):
             if module is not None:
                 module.to(device)
-        embeds = models.encode_prompts(c, prompts)
-        negative = models.encode_prompts(c, [""])
+        embeds = models.encode(c, prompts)
+        negative = c.family.negative(c, "")
         images = render_shared(
             c,
             c.unet.eval(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from spin_diffusion import families
 from spin_diffusion.card import CardInfo, render_card
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -41,17 +43,19 @@ __all__ = [
     "build_preset",
     "decode_latents",
     "encode_images",
+    "encode",
     "encode_prompts",
     "frozen_copy",
     "load_components",
     "lora_state_dict",
     "merge_lora",
+    "pipeline",
     "save_lora",
     "save_pipeline",
 ]
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"  # vocab.json + merges.txt (make_tokenizer.py)
-PRESETS = ("tiny", "demo")
+PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3")
 
 
 @dataclass
@@ -69,17 +73,32 @@ class Components:
     vae: Any | None  # diffusers.AutoencoderKL; None = pixel-space model (latents are images in [-1, 1])
     pipeline_class: str = "StableDiffusionPipeline"  # `_class_name` of model_index.json
     source: Path | None = None  # folder it was loaded from; None for presets
+    # SDXL: CLIP-G (with projection); SD3: CLIP-G and T5 (text_encoder_3). None for SD-1.x/2.x.
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: Any = None
+    pipeline_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra model_index.json entries
+
+    @functools.cached_property
+    def family(self) -> families.Family:
+        """How this model is conditioned, noised and called (``families``): sd, sdxl or sd3."""
+        return families.make(families.family_name(self.pipeline_class, self.unet), self.scheduler.config)
 
     @property
     def prediction_type(self) -> str:
-        """What the UNet predicts: ``"epsilon"`` or ``"v_prediction"`` (from the scheduler config)."""
-        pred = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        if pred not in ("epsilon", "v_prediction"):
-            raise SpinDiffusionError(
-                f"scheduler prediction_type {pred!r} is not supported; "
-                "use a model trained for 'epsilon' or 'v_prediction'"
-            )
-        return pred
+        """What the denoiser predicts: ``"epsilon"``, ``"v_prediction"`` or ``"flow"`` (velocity ε - x₀)."""
+        return self.family.process.prediction_type
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders this model has (one for SD, two for SDXL, three for SD3)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
+
+    @property
+    def shift_factor(self) -> float:
+        """Subtracted from the VAE posterior mean before scaling (SD3's VAE: ``shift_factor``); 0 elsewhere."""
+        value = getattr(self.vae.config, "shift_factor", None) if self.vae is not None else None
+        return 0.0 if value is None else float(value)
 
     @property
     def latent_channels(self) -> int:
@@ -115,9 +134,12 @@ class Components:
         return self.sample_size * self.vae_scale_factor
 
     def noise_scheduler(self) -> Any:
-        """A fresh ``DDPMScheduler`` with this model's betas and prediction type: the training forward process."""
+        """A fresh ``DDPMScheduler`` with this model's betas and prediction type (DDPM families only; the forward
+        process of any family is ``family.process``)."""
         from diffusers import DDPMScheduler
 
+        if self.family.process.kind != "ddpm":
+            raise SpinDiffusionError(f"a {self.family.name} model has no DDPM noise schedule")
         return DDPMScheduler.from_config(self.scheduler.config)
 
 
@@ -149,26 +171,39 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _check_compatible(c: Components) -> None:
-    """Raise SpinDiffusionError when the components cannot form a plain text-to-image model."""
+    """Raise SpinDiffusionError when the components cannot form a plain text-to-image model of their family."""
     where = f" in {c.source}" if c.source is not None else ""
     cfg = c.unet.config
+    family = c.family.name  # raises for unsupported prediction types
     if cfg.in_channels != c.latent_channels:
         raise SpinDiffusionError(
-            f"the UNet{where} takes {cfg.in_channels} input channels but latents have {c.latent_channels} "
-            "(inpainting/depth UNets are not supported; use a text-to-image model)"
+            f"the denoiser{where} takes {cfg.in_channels} input channels but latents have {c.latent_channels} "
+            "(inpainting/depth models are not supported; use a text-to-image model)"
         )
     if cfg.out_channels != cfg.in_channels:
         raise SpinDiffusionError(
-            f"the UNet{where} outputs {cfg.out_channels} channels for {cfg.in_channels} input channels "
-            "(learned-variance models are not supported; use an epsilon/v-prediction text-to-image model)"
+            f"the denoiser{where} outputs {cfg.out_channels} channels for {cfg.in_channels} input channels "
+            "(learned-variance models are not supported; use an epsilon/v-prediction or flow-matching model)"
         )
-    hidden = getattr(getattr(c.text_encoder, "config", None), "hidden_size", None)
-    if isinstance(cfg.cross_attention_dim, int) and hidden is not None and hidden != cfg.cross_attention_dim:
+    needs = {"sd": 1, "sdxl": 2, "sd3": 3}[family]
+    if len(c.text_encoders()) < needs or (family == "sd3" and c.text_encoder_2 is None):
         raise SpinDiffusionError(
-            f"the text encoder{where} gives {hidden}-dim embeddings but the UNet expects "
-            f"cross_attention_dim={cfg.cross_attention_dim}"
+            f"a {c.pipeline_class}{where} needs {needs} text encoder(s), found {len(c.text_encoders())}"
         )
-    c.prediction_type  # noqa: B018  (raises for unsupported prediction types)
+    if family == "sd":
+        hidden = getattr(getattr(c.text_encoder, "config", None), "hidden_size", None)
+        if isinstance(cfg.cross_attention_dim, int) and hidden is not None and hidden != cfg.cross_attention_dim:
+            raise SpinDiffusionError(
+                f"the text encoder{where} gives {hidden}-dim embeddings but the UNet expects "
+                f"cross_attention_dim={cfg.cross_attention_dim}"
+            )
+    if family == "sdxl":
+        hidden = c.text_encoder.config.hidden_size + c.text_encoder_2.config.hidden_size
+        if cfg.cross_attention_dim != hidden:
+            raise SpinDiffusionError(
+                f"the two text encoders{where} give {hidden}-dim embeddings together but the UNet expects "
+                f"cross_attention_dim={cfg.cross_attention_dim}"
+            )
 
 
 def load_components(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Components:
@@ -188,9 +223,9 @@ def load_components(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
             f"model folder not found: {root} (give a local diffusers pipeline folder, or leave model.path "
             "unset to use a built-in preset)"
         )
-    if not (root / "model_index.json").is_file() or not (root / "unet").is_dir():
+    if not (root / "model_index.json").is_file() or not ((root / "unet").is_dir() or (root / "transformer").is_dir()):
         raise SpinDiffusionError(
-            f"{root} is not a diffusers pipeline folder (it needs model_index.json and unet/; "
+            f"{root} is not a diffusers pipeline folder (it needs model_index.json and unet/ or transformer/; "
             "save one with DiffusionPipeline.save_pretrained)"
         )
     index = _read_json(root / "model_index.json")
@@ -213,18 +248,31 @@ def load_components(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
         except Exception as e:  # any loader failure becomes one user-facing line
             raise SpinDiffusionError(f"cannot load {name} from {folder}: {_first_line(e)}") from e
 
-    unet = load("unet", lambda f: UNet2DConditionModel.from_pretrained(f, local_files_only=True, torch_dtype=dtype))
+    denoiser_name = "transformer" if (root / "transformer").is_dir() and not (root / "unet").is_dir() else "unet"
 
-    def load_text_encoder(folder: Path) -> torch.nn.Module:
-        cls = getattr(transformers, entry_class("text_encoder") or "", None) or transformers.AutoModel
-        model = cls.from_pretrained(folder, local_files_only=True)
-        return model.to(dtype)
-
-    def load_tokenizer(folder: Path) -> Any:
-        cls = getattr(transformers, entry_class("tokenizer") or "", None)
+    def load_denoiser(folder: Path) -> Any:
+        cls = getattr(diffusers, entry_class(denoiser_name) or "", None)
         if cls is None or not hasattr(cls, "from_pretrained"):
-            cls = transformers.AutoTokenizer
-        return cls.from_pretrained(folder, local_files_only=True)
+            cls = UNet2DConditionModel
+        return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+
+    unet = load(denoiser_name, load_denoiser)
+
+    def load_text_encoder(name: str):
+        def fn(folder: Path) -> torch.nn.Module:
+            cls = getattr(transformers, entry_class(name) or "", None) or transformers.AutoModel
+            return cls.from_pretrained(folder, local_files_only=True).to(dtype)
+
+        return fn
+
+    def load_tokenizer(name: str):
+        def fn(folder: Path) -> Any:
+            cls = getattr(transformers, entry_class(name) or "", None)
+            if cls is None or not hasattr(cls, "from_pretrained"):
+                cls = transformers.AutoTokenizer
+            return cls.from_pretrained(folder, local_files_only=True)
+
+        return fn
 
     def load_scheduler(folder: Path) -> Any:
         config = _read_json(folder / "scheduler_config.json")
@@ -234,16 +282,43 @@ def load_components(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
             raise SpinDiffusionError(f"cannot load scheduler from {folder}: unknown scheduler class {name!r}")
         return cls.from_config(config)
 
-    text_encoder = _freeze(load("text_encoder", load_text_encoder))
-    tokenizer = load("tokenizer", load_tokenizer)
+    def optional(name: str, fn) -> Any:
+        """Components 2 and 3 (SDXL, SD3): loaded when model_index.json names them."""
+        if entry_class(name) is None:
+            return None
+        return load(name, fn)
+
+    text_encoder = _freeze(load("text_encoder", load_text_encoder("text_encoder")))
+    tokenizer = load("tokenizer", load_tokenizer("tokenizer"))
     scheduler = load("scheduler", load_scheduler)
+    extra = {}
+    for n in ("2", "3"):
+        encoder = optional(f"text_encoder_{n}", load_text_encoder(f"text_encoder_{n}"))
+        extra[f"text_encoder_{n}"] = _freeze(encoder) if encoder is not None else None
+        extra[f"tokenizer_{n}"] = optional(f"tokenizer_{n}", load_tokenizer(f"tokenizer_{n}"))
     vae = None
     if (root / "vae").is_dir() and index.get("vae", ["", ""]) != [None, None]:
+        # An fp16 VAE that asks for it (force_upcast, SDXL's default) runs in fp32, as the diffusers pipelines decode
+        # and its training scripts encode ("to avoid NaN"); the fp16-fix VAE sets force_upcast=False.
+        vae_dtype = dtype
+        if dtype == torch.float16 and _read_json(root / "vae" / "config.json").get("force_upcast", True):
+            vae_dtype = torch.float32
         vae = _freeze(
-            load("vae", lambda f: AutoencoderKL.from_pretrained(f, local_files_only=True, torch_dtype=dtype))
+            load("vae", lambda f: AutoencoderKL.from_pretrained(f, local_files_only=True, torch_dtype=vae_dtype))
         )
     unet.eval()
-    c = Components(unet, text_encoder, tokenizer, scheduler, vae, pipeline_class=pipeline_class, source=root)
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list | tuple)}
+    c = Components(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        vae,
+        pipeline_class=pipeline_class,
+        source=root,
+        pipeline_config=settings,
+        **extra,
+    )
     _check_compatible(c)
     return c
 
@@ -302,8 +377,13 @@ def _load_shipped_tokenizer() -> Any:
 DEMO_VAE_DIR = Path(__file__).parent / "assets" / "demo_vae"  # made by scripts/train_demo_vae.py
 
 
-def build_preset(name: Literal["tiny", "demo"], *, seed: int = 0, pretrained_vae: bool = True) -> Components:
+def build_preset(
+    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3"], *, seed: int = 0, pretrained_vae: bool = True
+) -> Components:
     """Build a randomly initialised built-in model from configs (no download, no files).
+
+    - ``"tiny-sdxl"``, ``"tiny-sd3"``: for tests, the SDXL and SD3 families at the ``"tiny"`` sizes
+      (:func:`_build_family_preset`).
 
     - ``"tiny"``: for tests. UNet (4, 8) channels, 8x8x4 latents, 16x16 images, 8-dim text encoder.
     - ``"demo"``: the CPU demo world. UNet (32, 64, 64) channels, ~1.7 M parameters, 16x16x4 latents,
@@ -319,6 +399,8 @@ def build_preset(name: Literal["tiny", "demo"], *, seed: int = 0, pretrained_vae
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if name in ("tiny-sdxl", "tiny-sd3"):
+        return _build_family_preset(name, seed)
     if name not in _PRESET_CONFIGS:
         raise SpinDiffusionError(f"unknown model preset {name!r} (choose one of: {', '.join(PRESETS)})")
     cfg = _PRESET_CONFIGS[name]
@@ -370,6 +452,123 @@ def build_preset(name: Literal["tiny", "demo"], *, seed: int = 0, pretrained_vae
     return c
 
 
+def _tiny_t5_tokenizer() -> Any:
+    """A T5 tokenizer built offline (a Unigram model over letters and a few word pieces), for ``tiny-sd3``."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + list(string.ascii_lowercase + string.digits + ",.-'")
+    pieces += ["\u2581" + ch for ch in string.ascii_lowercase]
+    vocab = [(p, 0.0 if i < 3 else -float(len(p) == 1)) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0, model_max_length=77
+    )
+
+
+def _build_family_preset(name: str, seed: int) -> Components:
+    """``tiny-sdxl``: UNet (4, 8) with SDXL's text-time embedding (pooled 8 + 6 time ids x 4), CLIP (8-dim) +
+    CLIP with projection (8-dim, pooled 8), concatenated cross-attention 16, SDXL's Euler scheduler config.
+    ``tiny-sd3``: SD3Transformer2DModel (2 layers, patch 2), CLIP-L + CLIP-G with projections (pooled 8 + 8),
+    a T5 encoder (32-dim) with an offline tokenizer, FlowMatchEulerDiscreteScheduler (shift 3, as SD3), a VAE with
+    SD3's scaling and shift factors. Both: 8x8x4 latents, 16x16 images; same seed, same weights."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = _load_shipped_tokenizer()
+    tiny = _PRESET_CONFIGS["tiny"]
+
+    def clip_config(projection: int = 8) -> Any:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=projection,
+            **tiny["text"],
+        )
+
+    extra: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "tiny-sdxl":
+            unet = UNet2DConditionModel(
+                in_channels=4,
+                out_channels=4,
+                **{**tiny["unet"], "cross_attention_dim": 16},
+                addition_embed_type="text_time",
+                addition_time_embed_dim=4,
+                projection_class_embeddings_input_dim=8 + 6 * 4,
+            )
+            text_encoder = CLIPTextModel(clip_config())
+            extra = dict(text_encoder_2=_freeze(CLIPTextModelWithProjection(clip_config())), tokenizer_2=tokenizer)
+            vae_extra: dict[str, Any] = {"scaling_factor": 0.13025}
+            scheduler: Any = EulerDiscreteScheduler(
+                num_train_timesteps=1000,
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                steps_offset=1,
+                timestep_spacing="leading",
+                prediction_type="epsilon",
+            )
+            pipeline_class = "StableDiffusionXLPipeline"
+        else:
+            unet = SD3Transformer2DModel(
+                sample_size=8,
+                patch_size=2,
+                in_channels=4,
+                out_channels=4,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                caption_projection_dim=16,
+                pooled_projection_dim=16,
+                pos_embed_max_size=16,
+            )
+            text_encoder = CLIPTextModelWithProjection(clip_config())
+            tokenizer_3 = _tiny_t5_tokenizer()
+            t5 = T5EncoderModel(
+                T5Config(vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+            )
+            extra = dict(
+                text_encoder_2=_freeze(CLIPTextModelWithProjection(clip_config())),
+                tokenizer_2=tokenizer,
+                text_encoder_3=_freeze(t5),
+                tokenizer_3=tokenizer_3,
+            )
+            vae_extra = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+            pipeline_class = "StableDiffusion3Pipeline"
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            sample_size=16,
+            **tiny["vae"],
+            **vae_extra,
+        )
+    unet.eval()
+    c = Components(unet, _freeze(text_encoder), tokenizer, scheduler, _freeze(vae), pipeline_class, None, **extra)
+    _check_compatible(c)
+    return c
+
+
 # --------------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------------
@@ -380,9 +579,15 @@ def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+def encode(c: Components, prompts: list[str], *, batch_size: int = 64) -> families.Cond:
+    """The text conditioning of ``prompts`` for any family (``c.family.encode``): embeddings, and pooled ones for
+    SDXL/SD3."""
+    return c.family.encode(c, list(prompts), batch_size=batch_size)
+
+
 @torch.no_grad()
 def encode_prompts(c: Components, prompts: list[str], *, batch_size: int = 64) -> Tensor:
-    """Text embeddings ``[N, L, D]`` (``last_hidden_state``), as StableDiffusionPipeline computes them.
+    """SD-1.x/2.x text embeddings ``[N, L, D]`` (``last_hidden_state``), as StableDiffusionPipeline computes them.
 
     Padded to ``L = tokenizer.model_max_length`` (capped at the encoder's positions), truncated.
     Returned on the text encoder's device and dtype.
@@ -414,7 +619,7 @@ def encode_prompts(c: Components, prompts: list[str], *, batch_size: int = 64) -
 def encode_images(c: Components, images: Tensor, *, batch_size: int = 32) -> Tensor:
     """Images ``[N, 3, H, W]`` in [-1, 1] -> UNet latents ``[N, C, H/f, W/f]``.
 
-    ``latents = vae.encode(x).latent_dist.mean * scaling_factor``: the posterior mean, so caching is
+    ``latents = (vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor``: the posterior mean, so caching is
     deterministic. Without a VAE the images are returned unchanged (a copy). Batched by ``batch_size``;
     returned on the VAE's device and dtype.
     """
@@ -422,7 +627,8 @@ def encode_images(c: Components, images: Tensor, *, batch_size: int = 32) -> Ten
         return images.clone()
     device, dtype = _device_dtype(c.vae)
     out = [
-        c.vae.encode(images[i : i + batch_size].to(device, dtype)).latent_dist.mean * c.scaling_factor
+        (c.vae.encode(images[i : i + batch_size].to(device, dtype)).latent_dist.mean - c.shift_factor)
+        * c.scaling_factor
         for i in range(0, images.shape[0], batch_size)
     ]
     if not out:
@@ -440,7 +646,7 @@ def decode_latents(c: Components, latents: Tensor, *, batch_size: int = 32) -> T
         return (latents / 2 + 0.5).clamp(0, 1)
     device, dtype = _device_dtype(c.vae)
     out = [
-        c.vae.decode(latents[i : i + batch_size].to(device, dtype) / c.scaling_factor).sample
+        c.vae.decode(latents[i : i + batch_size].to(device, dtype) / c.scaling_factor + c.shift_factor).sample
         for i in range(0, latents.shape[0], batch_size)
     ]
     if not out:
@@ -551,12 +757,12 @@ def lora_state_dict(unet: Any) -> dict[str, Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def save_lora(unet: Any, out_dir: str | Path) -> Path:
-    """Write the UNet's LoRA adapter as ``out_dir/pytorch_lora_weights.safetensors`` (diffusers LoRA format).
+def save_lora(unet: Any, out_dir: str | Path, c: Components | None = None) -> Path:
+    """Write the denoiser's LoRA adapter as ``out_dir/pytorch_lora_weights.safetensors`` (diffusers LoRA format).
 
-    Loadable with ``StableDiffusionPipeline.load_lora_weights(out_dir)``. Atomic like :func:`save_pipeline`.
+    Loadable with ``load_lora_weights(out_dir)`` of the family's pipeline (``c``; SD-1.x when None). Atomic like
+    :func:`save_pipeline`.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     state = lora_state_dict(unet)
@@ -568,12 +774,19 @@ def save_lora(unet: Any, out_dir: str | Path) -> Path:
     # would assume lora_alpha == rank and scale the adapter wrongly.
     configs = unet.peft_config
     metadata = (configs.get("default") or next(iter(configs.values()))).to_dict()
-    StableDiffusionPipeline.save_lora_weights(
-        tmp,
-        unet_lora_layers=convert_state_dict_to_diffusers(state),
-        safe_serialization=True,
-        unet_lora_adapter_metadata=metadata,
-    )
+    layers = convert_state_dict_to_diffusers(state)
+    # the family's pipeline class writes the key prefix its load_lora_weights expects (unet. / transformer.)
+    cls = type(pipeline(c)) if c is not None else None
+    if c is not None and c.family.name == "sd3":
+        cls.save_lora_weights(
+            tmp, transformer_lora_layers=layers, safe_serialization=True, transformer_lora_adapter_metadata=metadata
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        (cls or StableDiffusionPipeline).save_lora_weights(
+            tmp, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+        )
     return _move_into_place(tmp, out_dir)
 
 
@@ -586,7 +799,8 @@ def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None, card:
     """Write a full diffusers pipeline folder (safetensors) for ``c``, with ``unet`` replacing ``c.unet`` if given,
     and, with ``card``, its model card as README.md (``card.render_card``; metadata, training, evaluation, usage).
 
-    With a VAE it is a ``StableDiffusionPipeline`` (no safety checker) that loads offline with plain
+    With a VAE it is the family's pipeline (:func:`pipeline`: ``StableDiffusionPipeline`` without safety checker,
+    ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline``) that loads offline with plain
     ``DiffusionPipeline.from_pretrained(out_dir)``. A UNet carrying LoRA adapters is saved merged
     (a merged copy; the argument is not modified).
 
@@ -597,27 +811,56 @@ def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None, card:
     Written to ``<out_dir>.tmp`` (a stale one is removed first) and moved into place with
     ``os.replace``; an existing ``out_dir`` is replaced. Returns ``out_dir``.
     """
-    from diffusers import StableDiffusionPipeline
-
     out_dir = Path(out_dir)
     unet = c.unet if unet is None else unet
     if _tuner_layers(unet):
         unet = merge_lora(copy.deepcopy(unet))
     tmp = _fresh_tmp(out_dir)
-    pipe = StableDiffusionPipeline(
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        unet=unet,
-        scheduler=c.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    pipeline(c, unet=unet).save_pretrained(tmp, safe_serialization=True)
     if card is not None:
         (tmp / "README.md").write_text(render_card(dataclasses.replace(card, pixel_space=c.vae is None)))
     return _move_into_place(tmp, out_dir)
+
+
+def pipeline(c: Components, *, unet: Any = None) -> Any:
+    """The plain diffusers pipeline of ``c``'s family (StableDiffusion, StableDiffusionXL or StableDiffusion3),
+    sharing its modules; ``unet`` replaces the denoiser if given."""
+    import diffusers
+
+    unet = c.unet if unet is None else unet
+    if c.family.name == "sd":
+        return diffusers.StableDiffusionPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            unet=unet,
+            scheduler=c.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if c.family.name == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer=c.tokenizer,
+            tokenizer_2=c.tokenizer_2,
+            unet=unet,
+            scheduler=c.scheduler,
+            **{k: v for k, v in c.pipeline_config.items() if k in ("force_zeros_for_empty_prompt",)},
+        )
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=unet,
+        scheduler=c.scheduler,
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        tokenizer=c.tokenizer,
+        text_encoder_2=c.text_encoder_2,
+        tokenizer_2=c.tokenizer_2,
+        text_encoder_3=c.text_encoder_3,
+        tokenizer_3=c.tokenizer_3,
+    )
 
 
 def _fresh_tmp(out_dir: Path) -> Path:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from spin_diffusion import atomic, preemption
 from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, read_header, read_tensor
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.families import Cond, Family
 
 META_FILE = "meta.json"
 SAMPLERS = ("ddim", "dpmsolver++")  # `sample.scheduler`; only DDIM has the invertible step spin_exact needs
@@ -42,10 +43,26 @@ def ddim_scheduler(scheduler_config: dict) -> DDIMScheduler:
     return DDIMScheduler.from_config(scheduler_config)
 
 
+def is_flow(scheduler_config: dict) -> bool:
+    """Whether the scheduler config is a flow-matching one (SD3's FlowMatchEulerDiscreteScheduler)."""
+    return "FlowMatch" in str(dict(scheduler_config).get("_class_name", ""))
+
+
 def make_scheduler(name: str, scheduler_config: dict):
     """`sample.scheduler` on the model's noise schedule: "ddim" (η-DDIM; its step can be inverted for the implied
     noise, so spin_exact uses it) or "dpmsolver++" (2nd-order multistep DPM-Solver++, deterministic; good images in
-    ~20 steps where DDIM needs ~50; spin_approx only)."""
+    ~20 steps where DDIM needs ~50; spin_approx only). A flow-matching model (SD3) always samples with its own
+    first-order Euler scheduler ("ddim" names that deterministic first-order sampler; its step is inverted the
+    same way)."""
+    if is_flow(scheduler_config):
+        if name != "ddim":
+            raise SpinDiffusionError(
+                f"sample.scheduler={name} is for DDPM models; a flow-matching model samples with its own Euler "
+                "scheduler (sample.scheduler=ddim)"
+            )
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     if name == "ddim":
         return ddim_scheduler(scheduler_config)
     if name == "dpmsolver++":
@@ -74,12 +91,17 @@ def initial_noise(seeds: list[int], latent_shape: tuple[int, int, int]) -> torch
     return torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+def _as_cond(x: Cond | torch.Tensor | RowStore | None) -> Cond | None:
+    """A bare `[N, L, D]` embedding (SD-1.x/2.x) is a Cond without pooled embeddings."""
+    return x if x is None or isinstance(x, Cond) else Cond(x)
+
+
 @torch.no_grad()
 def sample(
-    unet: Callable[..., object],
-    scheduler_config: dict,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
+    model: Callable[..., object],
+    family: Family,
+    cond: Cond,
+    negative: Cond | None,
     *,
     seeds: list[int],
     latent_shape: tuple[int, int, int],
@@ -89,55 +111,64 @@ def sample(
     return_trajectory: bool = False,
     scheduler: str = "ddim",
     dtype: str | None = None,
+    image_size: int | None = None,
 ) -> SampleOutput:
-    """DDIM (or DPM-Solver++) sampling with classifier-free guidance.
+    """DDIM (or DPM-Solver++; Euler for flow-matching models) sampling with classifier-free guidance.
 
     Args:
-        unet: a diffusers UNet2DConditionModel (or any callable with its signature returning `.sample`).
-        scheduler_config: the model's scheduler config; sampling always uses DDIM on that noise schedule.
-        prompt_embeds: `[B, L, D]` text embeddings.
-        negative_embeds: `[B, L, D]` or `[1, L, D]` unconditional embeddings; needed when guidance_scale != 1.
+        model: the denoiser (UNet2DConditionModel, or SD3Transformer2DModel for the sd3 family).
+        family: `families.Family` of the model (conditioning, network call, scheduler config).
+        cond: text conditioning of the B prompts (`families.Cond`; a bare `[B, L, D]` tensor for SD-1.x/2.x).
+        negative: one-prompt (or B-prompt) unconditional conditioning; needed when guidance_scale != 1.
         seeds: one seed per sample; sample i depends on seeds[i] only (batch-size invariant).
         latent_shape: `(C, h, w)`.
         eta: DDIM η; the per-step noise (η > 0) is also drawn from each sample's own generator.
         scheduler: "ddim" or "dpmsolver++" (η must be 0), see `make_scheduler`.
-        dtype: None or the UNet's own dtype runs the UNet as it is; "bf16" / "fp16" run its forward passes under
+        dtype: None or the model's own dtype runs it as it is; "bf16" / "fp16" run its forward passes under
             autocast (the module keeps its weights; the scheduler's arithmetic stays float32).
+        image_size: pixels per side of the images (SDXL's time ids); needed for the sdxl family.
     """
-    batch = prompt_embeds.shape[0]
+    cond, negative = _as_cond(cond), _as_cond(negative)
+    batch = len(cond)
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
     if scheduler != "ddim" and eta > 0:
         raise ValueError(f"eta > 0 needs the ddim sampler, not {scheduler}")
-    param = next(unet.parameters())  # type: ignore[attr-defined]
+    param = next(model.parameters())  # type: ignore[attr-defined]
     device, param_dtype = param.device, param.dtype
     compute = SAMPLE_DTYPES[dtype] if dtype is not None else param_dtype
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != param_dtype)
-    dtype = param_dtype
-    sampler_name, scheduler = scheduler, make_scheduler(scheduler, scheduler_config)
+    sampler_name, scheduler = scheduler, make_scheduler(scheduler, family.scheduler_config)
+    flow = is_flow(family.scheduler_config)
     scheduler.set_timesteps(num_steps)
     use_cfg = guidance_scale != 1.0
-    cond = prompt_embeds.to(device, dtype)
+    context = cond.to(device, param_dtype)
+    time_ids = None
+    if family.uses_time_ids:
+        if image_size is None:
+            raise ValueError(f"the {family.name} family needs image_size")
+        time_ids = family.time_ids(batch, image_size, device)
     if use_cfg:
-        if negative_embeds is None:
-            raise ValueError("guidance_scale != 1 needs negative_embeds")
-        uncond = negative_embeds.to(device, dtype).expand(batch, -1, -1)
-        context = torch.cat([uncond, cond])
+        if negative is None:
+            raise ValueError("guidance_scale != 1 needs negative conditioning")
+        uncond = negative.to(device, param_dtype)
+        context = Cond.cat([uncond.expand(batch) if len(uncond) == 1 else uncond, context])
+        time_ids = None if time_ids is None else torch.cat([time_ids, time_ids])
     generators = [torch.Generator().manual_seed(s + 1) for s in seeds]  # per-step noise, distinct from x_T
     latents = (initial_noise(seeds, latent_shape) * scheduler.init_noise_sigma).to(device, torch.float32)
     trajectory = [latents.cpu()] if return_trajectory else None
 
     for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(latents, t).to(dtype)
+        model_in = scheduler.scale_model_input(latents, t).to(param_dtype)
         with autocast:
             if use_cfg:
-                out = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=context).sample.float()
+                out = family.predict(model, torch.cat([model_in, model_in]), t, context, time_ids).float()
             else:
-                model_out = unet(model_in, t, encoder_hidden_states=cond).sample.float()
+                model_out = family.predict(model, model_in, t, context, time_ids).float()
         if use_cfg:
             uncond_out, cond_out = out.chunk(2)
             model_out = uncond_out + guidance_scale * (cond_out - uncond_out)
-        if sampler_name == "ddim":
+        if sampler_name == "ddim" and not flow:
             variance_noise = None
             if eta > 0:
                 variance_noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
@@ -196,9 +227,10 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, check_only: bool = False) -> None:
-    """Write meta.json, or check that an existing one holds the same spec; `check_only` never writes."""
-    sched = ddim_scheduler(scheduler_config)
-    sched.set_timesteps(spec.num_steps)
+    """Write meta.json, or check that an existing one holds the same spec; `check_only` never writes.
+
+    It records the sampler's schedule that spin_exact inverts: DDPM models' timesteps and ᾱ; flow-matching
+    models' timesteps (σ·1000) and the S+1 σ of the Euler steps (terminal 0 included)."""
     sampler = make_scheduler(spec.scheduler, scheduler_config)
     sampler.set_timesteps(spec.num_steps)
     meta = {
@@ -207,10 +239,15 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, 
         "num_generated": len(spec.order()),
         "prompts": None if spec.prompts is None else list(spec.prompts),
         "timesteps": sampler.timesteps.tolist(),
-        "alphas_cumprod": sched.alphas_cumprod.tolist(),
-        "final_alpha_cumprod": float(sched.final_alpha_cumprod),
-        "num_train_timesteps": int(sched.config.num_train_timesteps),
     }
+    if is_flow(scheduler_config):
+        meta["sigmas"] = sampler.sigmas.tolist()
+        meta["num_train_timesteps"] = int(sampler.config.num_train_timesteps)
+    else:
+        sched = ddim_scheduler(scheduler_config)
+        meta["alphas_cumprod"] = sched.alphas_cumprod.tolist()
+        meta["final_alpha_cumprod"] = float(sched.final_alpha_cumprod)
+        meta["num_train_timesteps"] = int(sched.config.num_train_timesteps)
     path = out_dir / META_FILE
     if path.exists():
         old = json.loads(path.read_text())
@@ -234,14 +271,15 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, 
 
 
 def generate_shards(
-    unet: Callable[..., object],
-    scheduler_config: dict,
-    prompt_embeds: torch.Tensor | RowStore,
-    negative_embed: torch.Tensor | None,
+    model: Callable[..., object],
+    family: Family,
+    cond: Cond,
+    negative: Cond | None,
     out_dir: str | Path,
     spec: GenerationSpec,
     *,
     batch_size: int,
+    image_size: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -254,19 +292,21 @@ def generate_shards(
     written atomically. With several processes, process `rank` takes shards `rank, rank + world_size, …`.
 
     Args:
-        prompt_embeds: `[N, L, D]` embeddings of all training prompts (N == spec.num_prompts), a tensor or a
-            RowStore (read one batch at a time).
-        negative_embed: `[1, L, D]` unconditional embedding for guidance.
+        cond: conditioning of all training prompts (N == spec.num_prompts), tensors or RowStores (read one batch
+            at a time).
+        negative: one-prompt unconditional conditioning for guidance.
+        image_size: pixels per side (SDXL's time ids).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store_dtype = STORE_DTYPES[spec.store_dtype]
-    n = prompt_embeds.shape[0]
+    cond, negative = _as_cond(cond), _as_cond(negative)
+    n = len(cond)
     if n != spec.num_prompts:
         raise ValueError(f"spec says {spec.num_prompts} prompts, got {n} embeddings")
     # Every rank checks an existing meta.json: otherwise rank > 0 would add shards made with other settings
     # to a folder that rank 0 refuses, and a later resume with the original settings would keep them.
-    _write_meta(out, spec, scheduler_config, check_only=rank != 0)
+    _write_meta(out, spec, family.scheduler_config, check_only=rank != 0)
     order = spec.order()
     if order and (min(order) < 0 or max(order) >= n or len(set(order)) != len(order)):
         raise ValueError("spec.prompts must be distinct prompt indices in [0, num_prompts)")
@@ -286,10 +326,11 @@ def generate_shards(
         for start in range(0, len(rows), batch_size):
             idx = rows[start : start + batch_size]
             result = sample(
-                unet,
-                scheduler_config,
-                prompt_embeds[idx],
-                negative_embed,
+                model,
+                family,
+                cond[idx],
+                negative,
+                image_size=image_size,
                 seeds=[sample_seed(spec.run_seed, spec.iteration, i) for i in idx],
                 latent_shape=spec.latent_shape,
                 num_steps=spec.num_steps,
@@ -326,10 +367,11 @@ class GeneratedSet:
     latents: RowStore  # [N, C, h, w]
     trajectory: RowStore | None  # [N, S+1, C, h, w]
     timesteps: torch.Tensor  # [S] sampling timesteps, descending
-    alphas_cumprod: torch.Tensor  # [T_train] ᾱ of the noise schedule
+    alphas_cumprod: torch.Tensor | None  # [T_train] ᾱ of the noise schedule (None for flow-matching models)
     final_alpha_cumprod: float  # ᾱ used after the last step (DDIM's set_alpha_to_one)
     eta: float
     prompts: torch.Tensor | None = None  # [M] the generated prompt indices in shard order; None = all N
+    sigmas: torch.Tensor | None = None  # [S+1] σ of a flow-matching model's Euler steps (terminal 0); else None
 
 
 def load_generated(out_dir: str | Path) -> GeneratedSet:
@@ -371,36 +413,58 @@ def load_generated(out_dir: str | Path) -> GeneratedSet:
         raise SpinDiffusionError(
             f"generation in {out} is unreadable ({err}); delete that shard and rerun with --resume"
         ) from None
+    flow = "sigmas" in meta
     return GeneratedSet(
         latents=latents,
         trajectory=trajectory,
-        timesteps=torch.tensor(meta["timesteps"], dtype=torch.long),
-        alphas_cumprod=torch.tensor(meta["alphas_cumprod"], dtype=torch.float64),
-        final_alpha_cumprod=float(meta["final_alpha_cumprod"]),
+        timesteps=torch.tensor(meta["timesteps"], dtype=torch.float32 if flow else torch.long),
+        alphas_cumprod=None if flow else torch.tensor(meta["alphas_cumprod"], dtype=torch.float64),
+        final_alpha_cumprod=0.0 if flow else float(meta["final_alpha_cumprod"]),
         eta=float(spec["eta"]),
         prompts=None if prompts is None else order,
+        sigmas=torch.tensor(meta["sigmas"], dtype=torch.float64) if flow else None,
     )
 
 
 @dataclass
 class SamplerSchedule:
-    """The opponent's DDIM schedule, needed to turn stored trajectories into ε̃' targets (spin_exact)."""
+    """The opponent's sampler schedule, needed to turn stored trajectories into spin_exact targets: DDIM's (ᾱ, η)
+    for the implied noise ε̃', or a flow model's Euler σ for the implied velocity ṽ."""
 
     timesteps: torch.Tensor  # [S] descending
-    alphas_cumprod: torch.Tensor  # [T_train]
+    alphas_cumprod: torch.Tensor | None  # [T_train]; None for flow-matching models
     final_alpha_cumprod: float
     eta: float
+    sigmas: torch.Tensor | None = None  # [S+1] flow-matching models' Euler σ (terminal 0 included)
 
     @classmethod
     def of(cls, generated: GeneratedSet) -> SamplerSchedule:
         """The schedule that `generated` (sampling.load_generated) was sampled with."""
-        return cls(generated.timesteps, generated.alphas_cumprod, generated.final_alpha_cumprod, generated.eta)
+        return cls(
+            generated.timesteps,
+            generated.alphas_cumprod,
+            generated.final_alpha_cumprod,
+            generated.eta,
+            generated.sigmas,
+        )
+
+    def implied_target(self, x_t: torch.Tensor, x_prev: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """The opponent's effective network output on step `step_index` (x_t -> x_prev): ε̃' for DDIM
+        (`implied_noise`), ṽ = (x_prev - x_t) / (σ_{i+1} - σ_i) for an Euler flow step (`implied_velocity`)."""
+        if self.sigmas is not None:
+            return implied_velocity(x_t, x_prev, self.sigmas[step_index], self.sigmas[step_index + 1])
+        coef_a, coef_b = ddim_coefficients(
+            self.timesteps, step_index, self.alphas_cumprod, self.final_alpha_cumprod, self.eta
+        )
+        return implied_noise(x_t, x_prev, coef_a.to(x_t.device), coef_b.to(x_t.device))
 
 
 def valid_exact_steps(sampler: SamplerSchedule) -> torch.Tensor:
     """Indices of sampling steps usable by spin_exact: those with B_t != 0 (ε̃' is undefined when B_t = 0, e.g.
-    the last step of a "linspace" schedule that ends at t = 0)."""
+    the last step of a "linspace" schedule that ends at t = 0); for flow models, steps with σ_{i+1} != σ_i."""
     steps = torch.arange(len(sampler.timesteps))
+    if sampler.sigmas is not None:
+        return steps[(sampler.sigmas[1:] - sampler.sigmas[:-1]).abs() > 1e-6]
     _, coef_b = ddim_coefficients(
         sampler.timesteps, steps, sampler.alphas_cumprod, sampler.final_alpha_cumprod, sampler.eta
     )
@@ -454,3 +518,20 @@ def implied_noise(x_t: torch.Tensor, x_prev: torch.Tensor, coef_a: torch.Tensor,
     a = coef_a.reshape(shape).to(torch.float64)
     b = coef_b.reshape(shape).to(torch.float64)
     return ((x_prev.double() - a * x_t.double()) / b).to(x_t.dtype)
+
+
+def implied_velocity(
+    x_t: torch.Tensor, x_prev: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
+    """ṽ = (x_{σ'} - x_σ) / (σ' - σ): the velocity an Euler step x_{σ'} = x_σ + (σ' - σ) v effectively used.
+
+    With no guidance it is the opponent's velocity prediction at x_σ; with guidance, the guided one. It is the
+    flow-matching counterpart of `implied_noise` (docs/FAMILIES.md).
+
+    Args:
+        x_t, x_prev: `[B, C, h, w]` consecutive trajectory latents (σ, then σ' < σ).
+        sigma, sigma_next: `[B]` the step's σ and σ'.
+    """
+    shape = (-1,) + (1,) * (x_t.dim() - 1)
+    dt = (sigma_next.to(torch.float64) - sigma.to(torch.float64)).reshape(shape).to(x_t.device)
+    return ((x_prev.double() - x_t.double()) / dt).to(x_t.dtype)

@@ -157,7 +157,8 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     # 1. Model, data and evaluation set: every check that can fail on user input runs before the run dir is
     #    written, so a failed start leaves nothing behind and the corrected command needs no --resume.
     c = load_base_components(cfg)
-    c.text_encoder.to(state_.device)
+    for encoder in c.text_encoders():
+        encoder.to(state_.device)
     if c.vae is not None:
         c.vae.to(state_.device)
     resolution = cfg.data.resolution or c.resolution
@@ -174,8 +175,9 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     )
     data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
-    negative_embed = models.encode_prompts(c, [cfg.sample.negative_prompt])
-    empty_embed = negative_embed if cfg.sample.negative_prompt == "" else models.encode_prompts(c, [""])
+    sampling.make_scheduler(cfg.sample.scheduler, c.scheduler.config)  # refuses a sampler the family lacks
+    negative_embed = c.family.negative(c, cfg.sample.negative_prompt)  # as the family's pipeline makes it
+    empty_embed = models.encode(c, [""])  # caption dropout trains on the encoded empty prompt
     preflight.check_writable(run_dir, "run_dir")
     preflight.check_disk(
         run_dir,
@@ -229,6 +231,8 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             winner=cache.latents if objective != "dpo" else cache.winner_latents,
             prompt_embeds=cache.prompt_embeds,
             empty_embed=empty_embed,
+            winner_time_ids=cache.time_ids if objective != "dpo" else cache.winner_time_ids,
+            loser_time_ids=cache.loser_time_ids if objective == "dpo" else c.family.time_ids(1, resolution),
         )
         # 4. generate:k — θ_k's own image for every prompt that train:k+1 will visit, in the order of its first
         #    visit (the pair stream is a seeded permutation per epoch, so this is known before training starts)
@@ -257,12 +261,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                 )
                 sampling.generate_shards(
                     opponent,
-                    c.scheduler.config,
+                    c.family,
                     cache.prompt_embeds,
                     negative_embed,
                     gen_dir,
                     spec,
                     batch_size=cfg.sample.batch_size,
+                    image_size=resolution,
                     rank=state_.process_index,
                     world_size=state_.num_processes,
                     progress=progress and state_.is_main_process,
@@ -294,7 +299,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             objective=objective,
             loss_cfg=cfg.loss,
             train_cfg=cfg.train,
-            noise_scheduler=c.noise_scheduler(),
+            family=c.family,
             out_dir=next_dir / "train",
             seed=train_seed(cfg, k),
             progress=progress,
@@ -302,7 +307,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
         if cfg.model.lora_rank > 0:
             if state_.is_main_process:
-                models.save_lora(policy, next_dir / "lora")
+                models.save_lora(policy, next_dir / "lora", c)
             policy = models.merge_lora(policy)
         model_card = dataclasses.replace(
             card.card_info(cfg, iteration=k + 1, steps=result.steps, data_size=len(cache), resolution=resolution),
@@ -403,7 +408,7 @@ def disk_estimate(
         self_play=self_play,
         store_dtype=cfg.sample.store_dtype,
         trajectory_steps=cfg.sample.num_steps if objective == "spin_exact" else None,
-        pipeline_params=unet + params(c.text_encoder) + params(c.vae),
+        pipeline_params=unet + sum(params(e) for e in c.text_encoders()) + params(c.vae),
         unet_params=unet,
         trainable_params=unet if cfg.model.lora_rank == 0 else 0,
         eval_images=cfg.eval.num_prompts if cfg.eval.enabled else 0,
@@ -416,7 +421,12 @@ def train_seed(cfg: RunConfig, k: int) -> int:
     return int(np.random.SeedSequence([cfg.seed, k, 0, 1]).generate_state(1)[0])
 
 
-def _load_unet(model_dir: Path) -> UNet2DConditionModel:
+def _load_unet(model_dir: Path) -> torch.nn.Module:
+    """The denoiser of an exported iteration: unet/ (SD, SDXL) or transformer/ (SD3)."""
+    if (model_dir / "transformer").is_dir():
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer", local_files_only=True)
     return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", local_files_only=True)
 
 
@@ -454,4 +464,4 @@ def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images)
     if distributed.is_main():  # the other ranks only render
         scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in default_scorer_names(cfg)]
         evaluation.check_prompts(scorers, prompts)
-    return EvalSet(prompts=prompts, embeds=models.encode_prompts(c, prompts), scorers=scorers, reference=reference)
+    return EvalSet(prompts=prompts, embeds=models.encode(c, prompts), scorers=scorers, reference=reference)

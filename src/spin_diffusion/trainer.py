@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -34,8 +33,9 @@ from spin_diffusion import losses, preemption
 from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.families import Cond, Family, ForwardProcess
 from spin_diffusion.models import adapters_disabled
-from spin_diffusion.sampling import SamplerSchedule, ddim_coefficients, implied_noise, valid_exact_steps
+from spin_diffusion.sampling import SamplerSchedule, valid_exact_steps
 
 CHECKPOINT_PREFIX = "step_"
 logger = logging.getLogger(__name__)
@@ -46,13 +46,22 @@ class TrainData:
     """Cached training tensors, row i = prompt i."""
 
     winner: torch.Tensor | RowStore  # [N, C, h, w] latents of the real (or preferred) images
-    prompt_embeds: torch.Tensor | RowStore  # [N, L, D]
+    prompt_embeds: Cond | torch.Tensor | RowStore  # text conditioning of the N prompts (a tensor: [N, L, D] embeds)
     loser: torch.Tensor | RowStore | None = (
         None  # [N, C, h, w] latents of θ_k's sample (spin) or the rejected image (dpo)
     )
     loser_trajectory: torch.Tensor | RowStore | None = None  # [N, S+1, C, h, w] θ_k's sampling chain (spin_exact)
     sampler: SamplerSchedule | None = None  # spin_exact only
-    empty_embed: torch.Tensor | None = None  # [1, L, D] embedding of the empty prompt (train.caption_dropout > 0)
+    empty_embed: Cond | torch.Tensor | None = None  # the empty prompt's conditioning (train.caption_dropout > 0)
+    # SDXL's micro-conditioning, 6 numbers per image: [N, 6], or [1, 6] shared by every row (generated images)
+    winner_time_ids: torch.Tensor | RowStore | None = None
+    loser_time_ids: torch.Tensor | RowStore | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_embeds, Cond):
+            self.prompt_embeds = Cond(self.prompt_embeds)
+        if self.empty_embed is not None and not isinstance(self.empty_embed, Cond):
+            self.empty_embed = Cond(self.empty_embed)
 
     def __len__(self) -> int:
         return self.winner.shape[0]
@@ -127,14 +136,6 @@ def visited_rows(n: int, seed: int, num_positions: int) -> torch.Tensor:
     return _epoch_perm(n, seed, 0)[: max(0, min(n, num_positions))]
 
 
-def _to_epsilon(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Model output -> ε-prediction. For v-prediction ε = sqrt(ᾱ) v + sqrt(1-ᾱ) x_t."""
-    if prediction_type == "epsilon":
-        return pred
-    a = alpha_bar.reshape(-1, *([1] * (pred.dim() - 1))).to(pred.dtype)
-    return a.sqrt() * pred + (1 - a).sqrt() * x_t
-
-
 def _latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
     found = [
         (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
@@ -167,7 +168,7 @@ def train(
     objective: Objective,
     loss_cfg: LossConfig,
     train_cfg: TrainConfig,
-    noise_scheduler: DDPMScheduler,
+    family: Family,
     out_dir: str | Path,
     seed: int,
     progress: bool = True,
@@ -181,7 +182,7 @@ def train(
     Args:
         policy: the UNet being trained (full fine-tuning, or with a LoRA adapter added).
         ref: the frozen reference θ_k; None for sft, or for a LoRA policy (reference = adapters disabled).
-        noise_scheduler: the training forward process (`Components.noise_scheduler()`).
+        family: the model's family (`Components.family`): forward process, targets and how the network is called.
         out_dir: gets `train_log.jsonl`, `tensorboard/` and `checkpoints/step_XXXXXXX/`.
         seed: seeds the pair order and the (t, ε) draws; the same seed gives the same run.
     """
@@ -240,9 +241,6 @@ def train(
         ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
         ref.to(accelerator.device, dtype=ref_dtype)
     device = accelerator.device
-    prediction_type = noise_scheduler.config.prediction_type
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
     exact_steps = valid_exact_steps(data.sampler) if objective == "spin_exact" else None
 
     # 2. Resume
@@ -272,7 +270,7 @@ def train(
         rank=accelerator.process_index,
         k_steps=loss_cfg.timesteps_per_pair,
         share_noise=loss_cfg.share_noise,
-        num_train_timesteps=num_train_timesteps,
+        process=family.process,
         exact_steps=exact_steps,
         caption_dropout=train_cfg.caption_dropout,
         first_micro_step=start_step * train_cfg.gradient_accumulation_steps,
@@ -305,9 +303,7 @@ def train(
                     batch,
                     objective=objective,
                     loss_cfg=loss_cfg,
-                    alphas_cumprod=alphas_cumprod,
-                    prediction_type=prediction_type,
-                    noise_scheduler=noise_scheduler,
+                    family=family,
                     accelerator=accelerator,
                     sampler=data.sampler,
                     fsdp=fsdp,
@@ -433,7 +429,7 @@ def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int) -> Non
 class _Draws:
     """The random draws of one micro-batch, rows pair-major (b*K + k)."""
 
-    t_or_step: torch.Tensor  # [B*K] training timesteps, or (spin_exact) indices into the sampler's steps
+    t_or_step: torch.Tensor  # [B*K] training times (DDPM t, or flow σ), or (spin_exact) sampler step indices
     noise: torch.Tensor  # [B*K, C, h, w] ε for the winner (and the loser when shared)
     loser_noise: torch.Tensor  # [B*K, C, h, w] ε' for the loser
     drop_caption: torch.Tensor  # [B*K] bool: train this row on the empty prompt
@@ -446,7 +442,7 @@ def _draw_noise(
     latent_shape: torch.Size,
     k_steps: int,
     share_noise: bool,
-    num_train_timesteps: int,
+    process: ForwardProcess,
     exact_steps: torch.Tensor | None,
     caption_dropout: float,
 ) -> _Draws:
@@ -459,7 +455,7 @@ def _draw_noise(
         if exact_steps is not None:
             ts.append(exact_steps[torch.randint(0, len(exact_steps), (k_steps,), generator=gen)])
         else:
-            ts.append(torch.randint(0, num_train_timesteps, (k_steps,), generator=gen))
+            ts.append(process.draw_times(gen, k_steps))
         noises.append(torch.randn(shape, generator=gen))
         loser_noises.append(noises[-1] if share_noise else torch.randn(shape, generator=gen))
         drops.append((torch.rand(1, generator=gen) < caption_dropout).expand(k_steps))  # one draw per pair
@@ -486,7 +482,7 @@ class _MicroBatches(torch.utils.data.Dataset):
         rank: int,
         k_steps: int,
         share_noise: bool,
-        num_train_timesteps: int,
+        process: ForwardProcess,
         exact_steps: torch.Tensor | None,
         caption_dropout: float,
         first_micro_step: int,
@@ -497,7 +493,7 @@ class _MicroBatches(torch.utils.data.Dataset):
         self.draw_kwargs = dict(
             k_steps=k_steps,
             share_noise=share_noise,
-            num_train_timesteps=num_train_timesteps,
+            process=process,
             exact_steps=exact_steps,
             caption_dropout=caption_dropout,
         )
@@ -514,13 +510,13 @@ class _MicroBatches(torch.utils.data.Dataset):
         draws = _draw_noise(
             range(first, first + self.bsz), self.seed, latent_shape=data.winner.shape[1:], **self.draw_kwargs
         )
-        context = data.prompt_embeds[idx].repeat_interleave(k, dim=0)  # [B*K, L, D]
+        context = data.prompt_embeds[idx].repeat_interleave(k)  # embeds [B*K, L, D]
         if draws.drop_caption.any():
-            context = torch.where(draws.drop_caption[:, None, None], data.empty_embed.to(context), context)
+            context = context.where(draws.drop_caption, data.empty_embed)
         batch = {
             "idx": idx,
             "winner": data.winner[idx].repeat_interleave(k, dim=0),
-            "context": context,
+            "context": context.tensors(),
             "t_or_step": draws.t_or_step,
             "noise": draws.noise,
             "loser_noise": draws.loser_noise,
@@ -532,6 +528,11 @@ class _MicroBatches(torch.utils.data.Dataset):
             batch["loser_prev"] = traj[rows, draws.t_or_step + 1]
         elif self.objective in ("dpo", "spin_approx"):
             batch["loser"] = data.loser[idx].repeat_interleave(k, dim=0)
+        for name in ("winner_time_ids", "loser_time_ids"):
+            ids = getattr(data, name)
+            if ids is not None:
+                rows = ids[idx] if ids.shape[0] > 1 else ids.expand(len(idx), -1)
+                batch[name] = rows.repeat_interleave(k, dim=0)
         return batch
 
 
@@ -542,33 +543,34 @@ def _micro_step_loss(
     *,
     objective: Objective,
     loss_cfg: LossConfig,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-    noise_scheduler: DDPMScheduler,
+    family: Family,
     accelerator: Accelerator,
     sampler: SamplerSchedule | None,
     fsdp: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss of one micro-batch (`_MicroBatches` item): B pairs, each at K timesteps (rows b*K + k)."""
     device = accelerator.device
+    process = family.process
     k_steps = loss_cfg.timesteps_per_pair
     b = batch["winner"].shape[0] // k_steps
     winner = batch["winner"].to(device)
-    context = batch["context"].to(device)
+    context = Cond(batch["context"]["prompt_embeds"], batch["context"].get("pooled_embeds")).to(device)
     noise = batch["noise"].to(device)
+    winner_ids = batch.get("winner_time_ids")
+    winner_ids = None if winner_ids is None else winner_ids.to(device)
 
-    # Timesteps: uniform over the training schedule, or over the opponent's sampling steps (spin_exact).
+    # Times: drawn from the training schedule (DDPM t, or flow σ), or the opponent's sampling steps (spin_exact).
     if objective == "spin_exact":
         assert sampler is not None
         step_index = batch["t_or_step"]
-        t = sampler.timesteps[step_index].to(device)
+        t = process.exact_time(sampler, step_index).to(device)
     else:
         t = batch["t_or_step"].to(device)
 
-    winner_t = noise_scheduler.add_noise(winner, noise, t)
+    winner_t = process.noised(winner, noise, t)
     if objective == "sft":
-        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(winner, noise, t)
-        pred = policy(winner_t, t, encoder_hidden_states=context).sample
+        target = process.target(winner, noise, t)
+        pred = family.predict(policy, winner_t, process.model_timestep(t), context, winner_ids)
         err = losses.denoise_error(pred, target).reshape(b, k_steps)
         per_sample, metrics = losses.sft_loss(err)
         return per_sample.mean(), metrics
@@ -576,31 +578,25 @@ def _micro_step_loss(
     # Loser branch: forward-noised final latent (dpo, spin_approx) or the stored chain (spin_exact).
     if objective == "spin_exact":
         loser_t = batch["loser_t"].to(device)
-        loser_prev = batch["loser_prev"].to(device)
-        coef_a, coef_b = ddim_coefficients(
-            sampler.timesteps, step_index, sampler.alphas_cumprod, sampler.final_alpha_cumprod, sampler.eta
-        )
-        loser_target = implied_noise(loser_t, loser_prev, coef_a.to(device), coef_b.to(device))
-        winner_target = noise  # the exact objective works in ε-space (METHOD.md §2.2)
+        loser_target = sampler.implied_target(loser_t, batch["loser_prev"].to(device), step_index)
+        winner_target = process.exact_winner_target(winner, noise, t)  # ε-space (DDPM) or velocity (flow)
     else:
         loser = batch["loser"].to(device)
         loser_noise = batch["loser_noise"].to(device)
-        loser_t = noise_scheduler.add_noise(loser, loser_noise, t)
-        if prediction_type == "epsilon":
-            winner_target, loser_target = noise, loser_noise
-        else:
-            winner_target = noise_scheduler.get_velocity(winner, noise, t)
-            loser_target = noise_scheduler.get_velocity(loser, loser_noise, t)
+        loser_t = process.noised(loser, loser_noise, t)
+        winner_target, loser_target = process.target(winner, noise, t), process.target(loser, loser_noise, t)
 
     model_in = torch.cat([winner_t, loser_t])
-    t2, context2 = torch.cat([t, t]), torch.cat([context, context])
+    t2, context2 = torch.cat([t, t]), Cond.cat([context, context])
+    ids2 = None
+    if winner_ids is not None:
+        ids2 = torch.cat([winner_ids, batch.get("loser_time_ids", batch["winner_time_ids"]).to(device)])
     target = torch.cat([winner_target, loser_target])
-    alpha_bar = alphas_cumprod[t2]
 
     def errors(model: torch.nn.Module) -> losses.DenoiseErrors:
-        pred = model(model_in, t2, encoder_hidden_states=context2).sample
+        pred = family.predict(model, model_in, process.model_timestep(t2), context2, ids2)
         if objective == "spin_exact":
-            pred = _to_epsilon(pred.float(), model_in, alpha_bar, prediction_type)
+            pred = process.exact_space(pred.float(), model_in, t2)
         err = losses.denoise_error(pred, target)  # [2*B*K]
         err_winner, err_loser = err.chunk(2)
         return losses.DenoiseErrors(winner=err_winner.reshape(b, k_steps), loser=err_loser.reshape(b, k_steps))

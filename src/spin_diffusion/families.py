@@ -1,0 +1,365 @@
+"""Model families: the one place that knows how a model is conditioned, noised, called and sampled.
+
+Three families, told apart by the pipeline folder (``models.Components.family``):
+
+============  ==========================  ===============================  ==========================================
+family        text conditioning           forward process, target          denoiser call
+============  ==========================  ===============================  ==========================================
+``sd``        one CLIP, last hidden       DDPM: √ᾱ x₀ + √(1-ᾱ) ε; ε or v   ``unet(x, t, encoder_hidden_states=…)``
+``sdxl``      two CLIPs, penultimate,     as ``sd``                        + ``added_cond_kwargs`` (pooled text
+              concatenated; pooled 2nd                                     embedding, 6 time ids per image)
+``sd3``       CLIP-L + CLIP-G + T5,       rectified flow: (1-σ) x₀ + σ ε;  ``transformer(x, σ·1000,
+              pooled CLIP-L ⊕ CLIP-G      target ε - x₀ (velocity)         encoder_hidden_states, pooled_projections)``
+============  ==========================  ===============================  ==========================================
+
+SDXL and SD3 prompts are encoded by the diffusers pipeline's own ``encode_prompt``, so training sees exactly
+what ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` compute at inference. The losses never see
+any of this: they get per-sample errors (``losses.denoise_error(prediction, target)``).
+
+A "time" ``t`` is what the forward process is indexed by: an integer DDPM timestep, or the flow's σ ∈ (0, 1]
+(float). ``ForwardProcess.model_timestep`` turns it into what the network takes (t itself, or σ·1000).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from spin_diffusion.errors import SpinDiffusionError
+
+if TYPE_CHECKING:
+    from spin_diffusion.models import Components
+
+FAMILIES = ("sd", "sdxl", "sd3")
+PIPELINE_CLASSES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+}
+# T5 tokens of an SD3 prompt: 77 as in diffusers' SD3 training scripts (the pipeline's default is 256; pass
+# max_sequence_length=77 to it to generate exactly as trained).
+SD3_MAX_SEQUENCE_LENGTH = 77
+# Training σ density of SD3 (diffusers' default `weighting_scheme="logit_normal"`, mean 0, std 1): σ-index
+# u = sigmoid(N(0, 1)), the loss weight is 1.
+LOGIT_NORMAL_MEAN, LOGIT_NORMAL_STD = 0.0, 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditioning
+
+
+@dataclass
+class Cond:
+    """The text conditioning of N prompts: ``embeds [N, L, D]`` and, for SDXL/SD3, ``pooled [N, P]``.
+
+    Fields may be tensors or lazily read ``cache.RowStore`` objects; indexing returns tensors.
+    """
+
+    embeds: Any  # Tensor | RowStore  [N, L, D]
+    pooled: Any = None  # Tensor | RowStore | None  [N, P]
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of ``embeds`` (``len(cond) == shape[0]``)."""
+        return self.embeds.shape
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def __getitem__(self, idx: Any) -> Cond:
+        return Cond(self.embeds[idx], None if self.pooled is None else self.pooled[idx])
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The named tensors, as stored in a cache shard: ``prompt_embeds`` and (if any) ``pooled_embeds``."""
+        out = {"prompt_embeds": self.embeds}
+        if self.pooled is not None:
+            out["pooled_embeds"] = self.pooled
+        return out
+
+    def map(self, fn) -> Cond:
+        """``fn`` applied to every tensor (e.g. ``lambda x: x.to(device)``)."""
+        return Cond(fn(self.embeds), None if self.pooled is None else fn(self.pooled))
+
+    def to(self, *args: Any, **kwargs: Any) -> Cond:
+        return self.map(lambda x: x.to(*args, **kwargs))
+
+    def repeat_interleave(self, k: int) -> Cond:
+        return self.map(lambda x: x.repeat_interleave(k, dim=0))
+
+    def expand(self, n: int) -> Cond:
+        """A batch of ``n`` copies of a one-prompt Cond."""
+        return self.map(lambda x: x.expand(n, *x.shape[1:]))
+
+    def where(self, mask: Tensor, other: Cond) -> Cond:
+        """Row i of ``other`` (a one-prompt Cond, broadcast) where ``mask[i]``, else row i of self."""
+
+        def pick(x: Tensor, y: Tensor) -> Tensor:
+            return torch.where(mask.reshape(-1, *([1] * (x.dim() - 1))), y.to(x), x)
+
+        return Cond(pick(self.embeds, other.embeds), None if self.pooled is None else pick(self.pooled, other.pooled))
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
+        return Cond(torch.cat([c.embeds for c in conds]), pooled)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward processes
+
+
+class DDPMProcess:
+    """The DDPM forward process of SD-1.x/2.x/XL: x_t = √ᾱ_t x₀ + √(1-ᾱ_t) ε, t ∈ {0..T-1} uniform; the network
+    predicts ε or v = √ᾱ ε - √(1-ᾱ) x₀ (``prediction_type`` of the model's scheduler)."""
+
+    kind = "ddpm"
+
+    def __init__(self, scheduler_config: dict) -> None:
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise SpinDiffusionError(
+                f"scheduler prediction_type {self.prediction_type!r} is not supported; "
+                "use a model trained for 'epsilon' or 'v_prediction'"
+            )
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod
+
+    def draw_times(self, generator: torch.Generator, k: int) -> Tensor:
+        """k training times: uniform integer timesteps. -> [k] long"""
+        return torch.randint(0, self.num_train_timesteps, (k,), generator=generator)
+
+    def noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        return t
+
+    # spin_exact works in ε-space: the opponent's implied noise of a DDIM step (sampling.implied_noise)
+    def exact_time(self, sampler: Any, step_index: Tensor) -> Tensor:
+        return sampler.timesteps[step_index]
+
+    def exact_winner_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return noise
+
+    def exact_space(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Network output -> ε-prediction (for v: ε = √ᾱ v + √(1-ᾱ) x_t)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        a = self.alphas_cumprod.to(pred.device)[t].reshape(-1, *([1] * (pred.dim() - 1))).to(pred.dtype)
+        return a.sqrt() * pred + (1 - a).sqrt() * x_t
+
+
+class FlowProcess:
+    """Rectified flow (SD3): x_σ = (1-σ) x₀ + σ ε with σ from the model's shifted schedule, drawn by the
+    logit-normal density of diffusers' SD3 training; the network predicts the velocity v = ε - x₀ and takes
+    σ·1000 as its timestep. The loss is the unweighted velocity MSE (as flow_grpo's DPO and Flow-DPO)."""
+
+    kind = "flow"
+    prediction_type = "flow"
+
+    def __init__(self, scheduler_config: dict) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        if sched.config.use_dynamic_shifting:
+            raise SpinDiffusionError(
+                "flow-matching schedulers with use_dynamic_shifting (resolution-dependent shift) are not supported"
+            )
+        self.num_train_timesteps = int(sched.config.num_train_timesteps)
+        self.sigmas = sched.sigmas[: self.num_train_timesteps].float()  # descending, shifted, σ_0 = 1
+
+    def draw_times(self, generator: torch.Generator, k: int) -> Tensor:
+        """k training σ: index = ⌊sigmoid(N(mean, std))·T⌋ into the shifted schedule. -> [k] float"""
+        u = torch.sigmoid(torch.randn(k, generator=generator) * LOGIT_NORMAL_STD + LOGIT_NORMAL_MEAN)
+        idx = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
+        return self.sigmas[idx]
+
+    @staticmethod
+    def _col(sigma: Tensor, like: Tensor) -> Tensor:
+        return sigma.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+    def noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        s = self._col(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return noise - x0
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        return t * self.num_train_timesteps
+
+    # spin_exact works in velocity space: the opponent's implied velocity of an Euler step
+    def exact_time(self, sampler: Any, step_index: Tensor) -> Tensor:
+        return sampler.sigmas[step_index].float()
+
+    def exact_winner_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return noise - x0
+
+    def exact_space(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return pred
+
+
+ForwardProcess = DDPMProcess | FlowProcess
+
+
+# --------------------------------------------------------------------------------------------------
+# Families
+
+
+class Family:
+    """How one family encodes prompts and calls its denoiser; ``process`` is its training forward process."""
+
+    name = "sd"
+    uses_time_ids = False  # SDXL's micro-conditioning: 6 numbers per image
+
+    def __init__(self, scheduler_config: dict) -> None:
+        self.scheduler_config = dict(scheduler_config)  # the model's own scheduler (sampling builds on it)
+        self.process: ForwardProcess = DDPMProcess(scheduler_config)
+
+    @property
+    def pipeline_class(self) -> str:
+        return PIPELINE_CLASSES[self.name]
+
+    def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
+        from spin_diffusion.models import encode_prompts
+
+        return Cond(encode_prompts(c, prompts, batch_size=batch_size))
+
+    def negative(self, c: Components, text: str) -> Cond:
+        """The unconditional input of classifier-free guidance for the negative prompt ``text``, as the family's
+        pipeline makes it."""
+        return self.encode(c, [text])
+
+    def predict(self, model: Any, x: Tensor, timestep: Tensor, cond: Cond, time_ids: Tensor | None = None) -> Tensor:
+        return model(x, timestep, encoder_hidden_states=cond.embeds).sample
+
+    def time_ids(self, n: int, resolution: int, device: Any = None) -> Tensor | None:
+        """Micro-conditioning of ``n`` generated images at ``resolution`` (None for families without it)."""
+        return None
+
+
+class SDXLFamily(Family):
+    name = "sdxl"
+    uses_time_ids = True
+
+    def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer=c.tokenizer,
+            tokenizer_2=c.tokenizer_2,
+            unet=c.unet,
+            scheduler=c.scheduler,
+        )
+        device = next(c.text_encoder.parameters()).device
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    list(prompts[i : i + batch_size]), device=device, do_classifier_free_guidance=False
+                )
+                parts.append(Cond(embeds, pooled))
+        if not parts:
+            return Cond(torch.zeros(0, 0, 0), torch.zeros(0, 0))
+        return Cond.cat(parts)
+
+    def negative(self, c: Components, text: str) -> Cond:
+        cond = self.encode(c, [text])
+        force_zeros = bool(c.pipeline_config.get("force_zeros_for_empty_prompt", True))
+        if text == "" and force_zeros:  # StableDiffusionXLPipeline's default: zeros, not the encoded ""
+            return cond.map(torch.zeros_like)
+        return cond
+
+    def predict(self, model: Any, x: Tensor, timestep: Tensor, cond: Cond, time_ids: Tensor | None = None) -> Tensor:
+        if time_ids is None:
+            raise ValueError("SDXL needs time_ids")
+        added = {"text_embeds": cond.pooled, "time_ids": time_ids.to(x.device, cond.pooled.dtype)}
+        return model(x, timestep, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+
+    def time_ids(self, n: int, resolution: int, device: Any = None) -> Tensor:
+        """original size (h, w) + crop top-left (0, 0) + target size (h, w), as the pipeline's default."""
+        row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
+        return row.expand(n, 6).to(device)
+
+
+class SD3Family(Family):
+    name = "sd3"
+
+    def __init__(self, scheduler_config: dict) -> None:
+        self.scheduler_config = dict(scheduler_config)
+        self.process = FlowProcess(scheduler_config)
+
+    def _pipe(self, c: Components) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=c.unet,
+            scheduler=c.scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer_2=c.tokenizer_2,
+            text_encoder_3=c.text_encoder_3,
+            tokenizer_3=c.tokenizer_3,
+        )
+
+    def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
+        pipe = self._pipe(c)
+        device = next(c.text_encoder.parameters()).device
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                chunk = list(prompts[i : i + batch_size])
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    chunk,
+                    chunk,
+                    chunk,
+                    device=device,
+                    do_classifier_free_guidance=False,
+                    max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+                )
+                parts.append(Cond(embeds, pooled))
+        if not parts:
+            return Cond(torch.zeros(0, 0, 0), torch.zeros(0, 0))
+        return Cond.cat(parts)
+
+    def predict(self, model: Any, x: Tensor, timestep: Tensor, cond: Cond, time_ids: Tensor | None = None) -> Tensor:
+        timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
+        return model(
+            hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
+        ).sample
+
+
+_BY_NAME = {"sd": Family, "sdxl": SDXLFamily, "sd3": SD3Family}
+
+
+def family_name(pipeline_class: str, denoiser: Any) -> str:
+    """The family of a pipeline class name (or, for an unknown class, of its denoiser)."""
+    for name, cls in PIPELINE_CLASSES.items():
+        if pipeline_class == cls:
+            return name
+    if "Transformer" in type(denoiser).__name__:
+        return "sd3"
+    if getattr(getattr(denoiser, "config", None), "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    return "sd"
+
+
+def make(name: str, scheduler_config: dict) -> Family:
+    """The family ``name`` on the model's noise schedule."""
+    if name not in _BY_NAME:
+        raise SpinDiffusionError(f"unknown model family {name!r} (one of {', '.join(FAMILIES)})")
+    return _BY_NAME[name](dict(scheduler_config))
