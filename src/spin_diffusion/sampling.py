@@ -44,8 +44,11 @@ def ddim_scheduler(scheduler_config: dict) -> DDIMScheduler:
 
 
 def is_flow(scheduler_config: dict) -> bool:
-    """Whether the scheduler config is a flow-matching one (SD3's FlowMatchEulerDiscreteScheduler)."""
-    return "FlowMatch" in str(dict(scheduler_config).get("_class_name", ""))
+    """Whether the scheduler config is a flow-matching one (SD3's FlowMatchEulerDiscreteScheduler). A live
+    scheduler's config has no `_class_name`; flow configs are the ones with a `shift` and no DDPM betas."""
+    cfg = dict(scheduler_config)
+    name = str(cfg.get("_class_name") or "")
+    return "FlowMatch" in name or (not name and "shift" in cfg and "beta_start" not in cfg)
 
 
 def make_scheduler(name: str, scheduler_config: dict):
@@ -155,11 +158,12 @@ def sample(
         context = Cond.cat([uncond.expand(batch) if len(uncond) == 1 else uncond, context])
         time_ids = None if time_ids is None else torch.cat([time_ids, time_ids])
     generators = [torch.Generator().manual_seed(s + 1) for s in seeds]  # per-step noise, distinct from x_T
-    latents = (initial_noise(seeds, latent_shape) * scheduler.init_noise_sigma).to(device, torch.float32)
+    init_sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at σ = 1
+    latents = (initial_noise(seeds, latent_shape) * init_sigma).to(device, torch.float32)
     trajectory = [latents.cpu()] if return_trajectory else None
 
     for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(latents, t).to(param_dtype)
+        model_in = (latents if flow else scheduler.scale_model_input(latents, t)).to(param_dtype)
         with autocast:
             if use_cfg:
                 out = family.predict(model, torch.cat([model_in, model_in]), t, context, time_ids).float()

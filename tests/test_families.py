@@ -1,0 +1,277 @@
+"""Model families (SD-1.x/2.x, SDXL, SD3): conditioning, forward processes, targets and the exact-objective
+inversion, checked by values; and each family end to end through the CLI: 2 self-play iterations, export,
+reload with the plain diffusers pipeline class, generate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spin_diffusion import families, models, sampling
+from spin_diffusion.cli import main
+from spin_diffusion.data import sdxl_time_ids
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def sdxl() -> models.Components:
+    return models.build_preset("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd3() -> models.Components:
+    return models.build_preset("tiny-sd3")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward processes and targets, by values
+
+
+def test_ddpm_process_noises_and_targets_by_formula():
+    tiny = models.build_preset("tiny")
+    for prediction in ("epsilon", "v_prediction"):
+        process = families.make("sd", {**tiny.scheduler.config, "prediction_type": prediction}).process
+        x0, eps = torch.full((2, 1, 1, 1), 0.5), torch.full((2, 1, 1, 1), -1.0)
+        t = torch.tensor([10, 900])
+        a = process.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        torch.testing.assert_close(process.noised(x0, eps, t), a.sqrt() * 0.5 - (1 - a).sqrt())
+        want = eps if prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        torch.testing.assert_close(process.target(x0, eps, t), want)
+        assert torch.equal(process.model_timestep(t), t)
+        # exact objective: a v-prediction maps to ε by ε = √ᾱ v + √(1-ᾱ) x_t
+        x_t = process.noised(x0, eps, t)
+        torch.testing.assert_close(process.exact_space(process.target(x0, eps, t), x_t, t), eps)
+
+
+def test_flow_process_noises_and_targets_by_formula(sd3):
+    process = sd3.family.process
+    assert process.kind == "flow" and sd3.prediction_type == "flow"
+    # SD3's shifted schedule: σ(u) = 3u / (1 + 2u) for u = i/1000, descending from σ = 1
+    assert process.sigmas[0].item() == pytest.approx(1.0)
+    u = 0.25
+    assert process.sigmas[750].item() == pytest.approx(3 * u / (1 + 2 * u), abs=1e-6)
+    x0 = torch.tensor([2.0, -1.0]).reshape(2, 1, 1, 1)
+    eps = torch.tensor([0.5, 3.0]).reshape(2, 1, 1, 1)
+    sigma = torch.tensor([0.25, 0.8])
+    noised = process.noised(x0, eps, sigma).flatten()
+    torch.testing.assert_close(noised, torch.tensor([0.75 * 2.0 + 0.25 * 0.5, 0.2 * -1.0 + 0.8 * 3.0]))
+    torch.testing.assert_close(process.target(x0, eps, sigma).flatten(), torch.tensor([0.5 - 2.0, 3.0 + 1.0]))
+    torch.testing.assert_close(process.model_timestep(sigma), torch.tensor([250.0, 800.0]))
+    # σ is drawn from the logit-normal density: index ⌊sigmoid(N(0,1))·1000⌋ -> median index 500
+    draws = process.draw_times(torch.Generator().manual_seed(0), 4000)
+    assert ((draws > 0) & (draws <= 1)).all()
+    assert draws.median().item() == pytest.approx(process.sigmas[500].item(), abs=0.02)
+    a = process.draw_times(torch.Generator().manual_seed(3), 5)
+    assert torch.equal(a, process.draw_times(torch.Generator().manual_seed(3), 5))
+
+
+def test_implied_velocity_inverts_an_euler_step_by_values():
+    x = torch.tensor([1.0, -2.0]).reshape(2, 1, 1, 1)
+    v = torch.tensor([0.5, 4.0]).reshape(2, 1, 1, 1)
+    sigma, sigma_next = torch.tensor([1.0, 0.6]), torch.tensor([0.75, 0.0])
+    x_next = x + (sigma_next - sigma).reshape(2, 1, 1, 1) * v  # FlowMatchEulerDiscreteScheduler.step
+    torch.testing.assert_close(sampling.implied_velocity(x, x_next, sigma, sigma_next), v)
+
+
+def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(sd3):
+    """Without guidance, (x_{i+1} - x_i)/(σ_{i+1} - σ_i) of a stored SD3 chain equals the transformer's output at x_i:
+    the target of spin_exact on the opponent's samples (docs/FAMILIES.md)."""
+    cond = models.encode(sd3, ["a red circle on the left", "a blue square"])
+    out = sampling.sample(
+        sd3.unet,
+        sd3.family,
+        cond,
+        None,
+        seeds=[1, 2],
+        latent_shape=(4, 8, 8),
+        num_steps=5,
+        guidance_scale=1.0,
+        return_trajectory=True,
+    )
+    sched = sampling.make_scheduler("ddim", sd3.scheduler.config)
+    sched.set_timesteps(5)
+    assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
+    schedule = sampling.SamplerSchedule(out.timesteps, None, 0.0, 0.0, sched.sigmas.double())
+    assert sampling.valid_exact_steps(schedule).tolist() == [0, 1, 2, 3, 4]
+    for i in range(5):
+        x_i, x_next = out.trajectory[:, i], out.trajectory[:, i + 1]
+        implied = schedule.implied_target(x_i, x_next, torch.tensor([i, i]))
+        with torch.no_grad():
+            pred = sd3.family.predict(sd3.unet, x_i, out.timesteps[i], cond)
+        torch.testing.assert_close(implied, pred, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditioning, by values
+
+
+def test_sdxl_conditioning_is_both_penultimate_layers_and_the_second_pooled(sdxl):
+    prompts = ["a red circle", "a green triangle at the top"]
+    cond = models.encode(sdxl, prompts)
+    tok = sdxl.tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        one = sdxl.text_encoder(tok.input_ids, output_hidden_states=True)
+        two = sdxl.text_encoder_2(tok.input_ids, output_hidden_states=True)
+    torch.testing.assert_close(cond.embeds, torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1))
+    torch.testing.assert_close(cond.pooled, two.text_embeds)
+    assert cond.embeds.shape == (2, 16, 16) and cond.pooled.shape == (2, 8)
+    # the empty negative prompt is zeros, as StableDiffusionXLPipeline's force_zeros_for_empty_prompt
+    negative = sdxl.family.negative(sdxl, "")
+    assert not negative.embeds.any() and not negative.pooled.any()
+    assert negative.embeds.shape == (1, 16, 16)
+    assert sdxl.family.negative(sdxl, "blurry").embeds.any()
+
+
+def test_sdxl_time_ids_record_original_size_and_crop():
+    # a 40 (w) x 20 (h) image at 16 px: resized to 32 x 16, centre crop starts at x = 8
+    assert sdxl_time_ids((40, 20), 16) == [20.0, 40.0, 0.0, 8.0, 16.0, 16.0]
+    assert sdxl_time_ids((16, 16), 16) == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]
+    fam = families.make("sdxl", models.build_preset("tiny-sdxl").scheduler.config)
+    assert fam.time_ids(2, 1024).tolist() == [[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2
+
+
+def test_sd3_conditioning_joins_clip_and_t5_as_the_pipeline_does(sd3):
+    prompts = ["a red circle"]
+    cond = models.encode(sd3, prompts)
+    tok = sd3.tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        one = sd3.text_encoder(tok.input_ids, output_hidden_states=True)
+        two = sd3.text_encoder_2(tok.input_ids, output_hidden_states=True)
+        t5_tok = sd3.tokenizer_3(
+            prompts,
+            padding="max_length",
+            max_length=families.SD3_MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        )
+        t5 = sd3.text_encoder_3(t5_tok.input_ids)[0]
+    clip = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)  # 8 + 8
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # zero-padded to T5's width
+    torch.testing.assert_close(cond.embeds, torch.cat([clip, t5], dim=-2))
+    torch.testing.assert_close(cond.pooled, torch.cat([one.text_embeds, two.text_embeds], dim=-1))
+
+
+def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
+    assert models.build_preset("tiny").family.name == "sd"
+    assert sdxl.family.name == "sdxl" and sd3.family.name == "sd3"
+    assert families.family_name("StableDiffusionXLPipeline", None) == "sdxl"
+    assert families.family_name("MyPipeline", sd3.unet) == "sd3"
+    assert families.family_name("MyPipeline", sdxl.unet) == "sdxl"
+    with pytest.raises(Exception, match="dpmsolver"):
+        sampling.make_scheduler("dpmsolver++", sd3.scheduler.config)
+
+
+def test_sd3_vae_latents_are_shifted_then_scaled(sd3):
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean = sd3.vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(models.encode_images(sd3, x), (mean - 0.0609) * 1.5305)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: each family through the CLI, export, plain-diffusers reload
+
+
+def _spin(run_dir: Path, *overrides: str) -> None:
+    args = ["spin", "--config", str(TINY), "--run-dir", str(run_dir)]
+    for o in ("eval.num_prompts=4", *overrides):
+        args += ["--set", o]
+    assert main(args) == 0
+
+
+@pytest.mark.parametrize(
+    ("preset", "pipeline_class"),
+    [("tiny-sdxl", "StableDiffusionXLPipeline"), ("tiny-sd3", "StableDiffusion3Pipeline")],
+)
+@pytest.mark.parametrize("objective", ["spin_approx", "spin_exact"])
+def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, preset, pipeline_class, objective):
+    import diffusers
+
+    run_dir = tmp_path / "run"
+    _spin(run_dir, f"model.preset={preset}", f"loss.objective={objective}")
+    state = json.loads((run_dir / "state.json").read_text())
+    assert {"train:1", "train:2", "eval:2"} <= set(state["completed"])
+    log = [json.loads(line) for line in (run_dir / "iter_02" / "train" / "train_log.jsonl").open()]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    model_dir = run_dir / "iter_02" / "model"
+    assert json.loads((model_dir / "model_index.json").read_text())["_class_name"] == pipeline_class
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
+    auto = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    assert type(auto).__name__ == pipeline_class
+    kwargs = {"max_sequence_length": families.SD3_MAX_SEQUENCE_LENGTH} if preset == "tiny-sd3" else {}
+    image = pipe(
+        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
+    ).images[0]
+    assert image.shape == (16, 16, 3) and float(image.std()) > 0
+    # the trained weights are the exported ones: they differ from the preset's
+    base = models.build_preset(preset).unet.state_dict()
+    assert any(
+        not torch.equal(base[k], v)
+        for k, v in pipe.components["transformer" if preset == "tiny-sd3" else "unet"].state_dict().items()
+    )
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3"])
+def test_family_lora_sft_and_dpo(tmp_path, preset):
+    import diffusers
+
+    from spin_diffusion.demo import world
+
+    # LoRA self-play: the adapter loads into the family's pipeline with load_lora_weights
+    _spin(tmp_path / "lora", f"model.preset={preset}", "model.lora_rank=2", "num_iterations=1", "eval.enabled=false")
+    lora_dir = tmp_path / "lora" / "iter_01" / "lora"
+    model_dir = tmp_path / "lora" / "iter_01" / "model"
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.load_lora_weights(lora_dir)
+    assert "default_0" in pipe.get_active_adapters() or pipe.get_active_adapters()
+    # SFT
+    assert main(["sft", "--config", str(TINY), "--run-dir", str(tmp_path / "sft"),
+                 "--set", f"model.preset={preset}", "--set", "eval.enabled=false"]) == 0  # fmt: skip
+    assert (tmp_path / "sft" / "iter_01" / "model" / "model_index.json").exists()
+    # Diffusion-DPO on (winner, loser) pairs of different sizes: SDXL records each image's own time ids
+    root = tmp_path / "pairs"
+    root.mkdir()
+    rows = []
+    for i, (img, caption) in enumerate(world.make_examples(8, seed=0)):
+        img.resize((48, 32)).save(root / f"w{i}.png")
+        img.convert("L").convert("RGB").save(root / f"l{i}.png")
+        rows.append({"winner": f"w{i}.png", "loser": f"l{i}.png", "text": caption})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["dpo", "--config", str(TINY), "--run-dir", str(tmp_path / "dpo"),
+                 "--set", f"model.preset={preset}", "--set", "data.builtin=null", "--set", f"data.path={root}",
+                 "--set", "eval.enabled=false"]) == 0  # fmt: skip
+    log = [json.loads(line) for line in (tmp_path / "dpo" / "iter_01" / "train" / "train_log.jsonl").open()]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at the first step
+    if preset == "tiny-sdxl":
+        from spin_diffusion.cache import RowStore
+
+        shards = sorted((tmp_path / "dpo" / "cache" / "pairs").glob("pairs-images-*.safetensors"))
+        ids = RowStore.open(shards, "winner_latents_time_ids")[:]
+        # a 48 x 32 winner is resized to 24 x 16 and cropped at x = 4; the 32 x 32 loser is only resized
+        assert ids[0].tolist() == [32.0, 48.0, 0.0, 4.0, 16.0, 16.0]
+        loser_ids = RowStore.open(shards, "loser_latents_time_ids")[:]
+        assert loser_ids[0].tolist() == [32.0, 32.0, 0.0, 0.0, 16.0, 16.0]
+
+
+def test_sd2_v_prediction_model_runs_end_to_end(tmp_path):
+    """An SD-2.x-style model (v-prediction, as stabilityai/stable-diffusion-2-1) from a local folder: 2 iterations,
+    export, plain StableDiffusionPipeline reload and generation."""
+    import diffusers
+
+    c = models.build_preset("tiny")
+    c.scheduler = diffusers.DDIMScheduler.from_config(c.scheduler.config, prediction_type="v_prediction")
+    models.save_pipeline(c, tmp_path / "sd2")
+    run_dir = tmp_path / "run"
+    _spin(run_dir, f"model.path={tmp_path / 'sd2'}")
+    model_dir = run_dir / "iter_02" / "model"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+    assert models.load_components(model_dir).prediction_type == "v_prediction"
