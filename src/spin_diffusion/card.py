@@ -40,6 +40,7 @@ class CardInfo:
     steps: int  # optimizer steps of the training that produced it
     data_size: int  # training images (or preference pairs for dpo)
     beta: float | None = None  # β of the dpo / spin objectives; None for sft
+    sft_weight: float = 0.0  # λ of the SFT term added to the dpo / spin loss (loss.sft_weight); 0 = none
     learning_rate: float | None = None
     batch_size: int | None = None
     resolution: int | None = None
@@ -76,6 +77,7 @@ def card_info(
         steps=steps,
         data_size=data_size,
         beta=None if cfg.loss.objective == "sft" else cfg.loss.beta,
+        sft_weight=cfg.loss.sft_weight,
         learning_rate=cfg.train.learning_rate,
         batch_size=cfg.train.batch_size,
         resolution=resolution,

@@ -99,10 +99,21 @@ class LossConfig:
     beta: float = 5000.0  # same units as Diffusion-DPO's --beta_dpo: logit = -(beta/2) * Δ(mean-squared errors)
     timesteps_per_pair: int = 1  # K timesteps drawn per pair per step (spin_exact averages them inside ℓ)
     share_noise: bool = True  # winner and loser share ε (Diffusion-DPO code); False draws ε' independently
+    # λ >= 0: loss = preference loss + λ · (policy's denoising error on the real / winner images), the RPO remedy
+    # when the winners' likelihood falls during training. 0 = off (the paper's objective). The preference loss pulls
+    # that error down with weight (β/2)·σ(-logit), β/4 at the start of an iteration, so λ ≈ β/4 weighs both equally.
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise SpinDiffusionError(f"loss.beta must be > 0, got {self.beta}")
+        if not self.sft_weight >= 0:  # also refuses nan
+            raise SpinDiffusionError(f"loss.sft_weight must be >= 0, got {self.sft_weight}")
+        if self.sft_weight > 0 and self.objective == "sft":
+            raise SpinDiffusionError(
+                "loss.sft_weight adds an SFT term to the dpo / spin objectives; objective sft already is that loss "
+                "(set loss.sft_weight=0)"
+            )
         if self.timesteps_per_pair < 1:
             raise SpinDiffusionError(f"loss.timesteps_per_pair must be >= 1, got {self.timesteps_per_pair}")
 

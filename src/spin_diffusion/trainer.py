@@ -615,5 +615,5 @@ def _micro_step_loss(
                 ref_err = errors(policy if fsdp else accelerator.unwrap_model(policy))
 
     loss_fn = {"dpo": losses.dpo_loss, "spin_approx": losses.spin_approx_loss, "spin_exact": losses.spin_exact_loss}
-    per_sample, metrics = loss_fn[objective](policy_err, ref_err, loss_cfg.beta)
+    per_sample, metrics = loss_fn[objective](policy_err, ref_err, loss_cfg.beta, sft_weight=loss_cfg.sft_weight)
     return per_sample.mean(), metrics
