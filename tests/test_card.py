@@ -76,6 +76,13 @@ def test_card_info_from_config_reads_the_base_license(tmp_path):
     assert card.base_license(tmp_path) is None  # no README.md
 
 
+def test_card_shows_the_schedule_values_of_its_iteration():
+    cfg = load_config(None, ["num_iterations=3", "loss.beta=[5000,2500]", "train.learning_rate=[3e-5,2e-5,1e-5]"])
+    infos = [card.card_info(cfg, iteration=k, steps=10, data_size=16) for k in (1, 2, 3)]
+    assert [i.beta for i in infos] == [5000.0, 2500.0, 2500.0]
+    assert [i.learning_rate for i in infos] == [3e-5, 2e-5, 1e-5]
+
+
 def test_card_names_a_nonzero_sft_weight():
     cfg = load_config(None, ["loss.sft_weight=1250"])
     text = card.render_card(card.card_info(cfg, iteration=1, steps=10, data_size=16))

@@ -370,3 +370,45 @@ def test_resume_accepts_a_run_saved_before_a_config_key_existed(finished_run: Pa
     del saved["sample"]["scheduler"]
     (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
     run(load_config(TINY, [f"run_dir={finished_run}"]), resume=True, progress=False)
+
+
+def test_beta_and_learning_rate_schedules_change_per_iteration(tmp_path: Path, monkeypatch):
+    """loss.beta=[2000,1000] and train.learning_rate=[1e-4,5e-5]: the trainer gets each iteration's numbers, the
+    train log shows the learning rate used, state.json and the model cards record both, and --resume accepts
+    the saved lists."""
+    from spin_diffusion import trainer
+    from spin_diffusion.card import read_metadata
+
+    handed: list[tuple[float, float]] = []
+    real_train = trainer.train
+
+    def spy(*args, loss_cfg, train_cfg, **kw):
+        handed.append((loss_cfg.beta, train_cfg.learning_rate))
+        return real_train(*args, loss_cfg=loss_cfg, train_cfg=train_cfg, **kw)
+
+    monkeypatch.setattr(trainer, "train", spy)
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"run_dir={run_dir}",
+        "loss.beta=[2000,1000]",
+        "train.learning_rate=[1e-4,5e-5]",
+        "train.lr_scheduler=constant",  # the logged lr is then the iteration's value at every step
+        "train.max_steps=2",
+        "eval.enabled=false",
+    ]
+    run(load_config(TINY, overrides), progress=False)
+
+    assert handed == [(2000.0, 1e-4), (1000.0, 5e-5)]
+    info = json.loads((run_dir / "state.json").read_text())["info"]
+    assert (info["train:1"]["beta"], info["train:1"]["learning_rate"]) == (2000.0, 1e-4)
+    assert (info["train:2"]["beta"], info["train:2"]["learning_rate"]) == (1000.0, 5e-5)
+    for k, lr in [(1, 1e-4), (2, 5e-5)]:
+        log = [json.loads(line) for line in (run_dir / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
+        assert [r["lr"] for r in log] == pytest.approx([lr, lr])
+    card_2 = (run_dir / "iter_02" / "model" / "README.md").read_text()
+    assert "| β | 1000.0 |" in card_2 and "| learning rate | 5e-05 |" in card_2
+    assert read_metadata(run_dir / "iter_02" / "model" / "README.md")["library_name"] == "diffusers"
+    assert "- 1000.0" in (run_dir / "config.yaml").read_text()  # the saved config keeps the list
+    handed.clear()
+    run(load_config(TINY, overrides), resume=True, progress=False)  # same lists: accepted, nothing left to do
+    assert handed == []

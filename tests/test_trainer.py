@@ -474,6 +474,15 @@ def test_objectives_with_a_reference_need_one(tiny, exact_pairs, tmp_path, objec
         _train(tiny, policy, policy, data, tmp_path, objective)
 
 
+def test_an_unresolved_schedule_is_refused(tiny, tmp_path):
+    """The trainer knows no iterations: a list-valued β or learning rate must be resolved by the caller."""
+    policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
+    with pytest.raises(ValueError, match="config.for_iteration"):
+        _train(tiny, policy, ref, _pairs(), tmp_path, "spin_approx", beta=(5000.0, 2500.0))
+    with pytest.raises(ValueError, match="config.for_iteration"):
+        _train(tiny, policy, ref, _pairs(), tmp_path, "spin_approx", learning_rate=(1e-4, 5e-5))
+
+
 def test_data_check_errors():
     data = _pairs()
     data.loser = None

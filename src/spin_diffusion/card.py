@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from spin_diffusion.config import RunConfig
+from spin_diffusion.config import RunConfig, at_iteration
 
 # What each objective is, in one line (the card's "Training" section).
 OBJECTIVES = {
@@ -67,7 +67,8 @@ def card_info(
     evaluation: dict[str, float | None] | None = None,
     eval_prompts: int = 0,
 ) -> CardInfo:
-    """A CardInfo from a run's config and what the run knows at export time (steps done, data size). The base
+    """A CardInfo from a run's config and what the run knows at export time (steps done, data size); β and the
+    learning rate are the values that trained this iteration (config.at_iteration). The base
     model's license is read from the metadata of its own README.md when the base is a local folder that has one."""
     base = cfg.model.path if cfg.model.path is not None else f"spin-diffusion preset '{cfg.model.preset}'"
     return CardInfo(
@@ -76,9 +77,9 @@ def card_info(
         iteration=iteration,
         steps=steps,
         data_size=data_size,
-        beta=None if cfg.loss.objective == "sft" else cfg.loss.beta,
+        beta=None if cfg.loss.objective == "sft" else at_iteration(cfg.loss.beta, iteration - 1),
         sft_weight=cfg.loss.sft_weight,
-        learning_rate=cfg.train.learning_rate,
+        learning_rate=at_iteration(cfg.train.learning_rate, iteration - 1),
         batch_size=cfg.train.batch_size,
         resolution=resolution,
         lora_rank=cfg.model.lora_rank,

@@ -186,6 +186,8 @@ def train(
         seed: seeds the pair order and the (t, ε) draws; the same seed gives the same run.
     """
     data.check(objective)
+    if isinstance(loss_cfg.beta, tuple) or isinstance(train_cfg.learning_rate, tuple):
+        raise ValueError("resolve the per-iteration loss.beta / train.learning_rate first (config.for_iteration)")
     if train_cfg.caption_dropout > 0 and data.empty_embed is None:
         raise ValueError("train.caption_dropout > 0 needs TrainData.empty_embed")
     out = Path(out_dir)
