@@ -109,3 +109,28 @@ def test_sft_ignores_a_beta_schedule_but_not_a_learning_rate_schedule():
     assert load_config(None, ["loss.objective=sft", "loss.beta=[2,1]"]).loss.beta == (2.0, 1.0)  # β is unused
     with pytest.raises(SpinDiffusionError, match="sft trains once"):
         load_config(None, ["loss.objective=sft", "train.learning_rate=[2e-5,1e-5]"])
+
+
+# ------------------------------------------------------------------ evaluation's own sampler
+
+
+def test_eval_sampler_defaults_to_none_and_parses():
+    cfg = load_config(None)
+    assert cfg.eval.num_steps is None and cfg.eval.guidance_scale is None  # None = the opponent's sample.*
+    cfg = load_config(None, ["eval.num_steps=50", "eval.guidance_scale=7.5", "sample.num_steps=10"])
+    assert (cfg.eval.num_steps, cfg.eval.guidance_scale, cfg.sample.num_steps) == (50, 7.5, 10)
+    assert load_config(None, ["eval.num_steps=50", "eval.num_steps=null"]).eval.num_steps is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval.num_steps=0"], "eval.num_steps must be >= 1 or null, got 0"),
+        (["eval.num_steps=2.5"], "eval.num_steps must be an integer; got 2.5"),
+        (["eval.guidance_scale=high"], "eval.guidance_scale must be a number; got 'high'"),
+    ],
+)
+def test_bad_eval_sampler_is_a_one_line_error(overrides, message):
+    with pytest.raises(SpinDiffusionError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message

@@ -412,3 +412,36 @@ def test_beta_and_learning_rate_schedules_change_per_iteration(tmp_path: Path, m
     handed.clear()
     run(load_config(TINY, overrides), resume=True, progress=False)  # same lists: accepted, nothing left to do
     assert handed == []
+
+
+def test_evaluation_uses_eval_sampler_and_the_opponent_uses_sample(tmp_path: Path, monkeypatch):
+    """eval.num_steps=3, eval.guidance_scale=1 while the opponent keeps tiny.yaml's sample.num_steps=4,
+    sample.guidance_scale=2: generation's meta.json and every evaluation render and eval.json say so."""
+    from spin_diffusion import model_eval
+
+    rendered: list[tuple[int, float]] = []
+    real_render = model_eval.render_images
+
+    def spy(*args, num_steps, guidance_scale, **kw):
+        rendered.append((num_steps, guidance_scale))
+        return real_render(*args, num_steps=num_steps, guidance_scale=guidance_scale, **kw)
+
+    monkeypatch.setattr(model_eval, "render_images", spy)
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", "num_iterations=1", "eval.num_steps=3", "eval.guidance_scale=1.0"]
+    run(load_config(TINY, overrides), progress=False)
+
+    spec = json.loads((run_dir / "iter_00" / "generated" / "meta.json").read_text())["spec"]
+    assert (spec["num_steps"], spec["guidance_scale"]) == (4, 2.0)  # the opponent: sample.*
+    assert rendered == [(3, 1.0), (3, 1.0)]  # eval:0 and eval:1
+    for k in (0, 1):
+        sampler = rundir.read_eval(run_dir / f"iter_{k:02d}" / "eval.json").sampler
+        assert sampler == {"seed": 1234, "num_steps": 3, "guidance_scale": 1.0}
+
+
+def test_evaluation_sampler_defaults_to_the_opponents(finished_run: Path):
+    """Without eval.num_steps / eval.guidance_scale, evaluation samples like the opponent (tiny.yaml: 4 steps,
+    CFG 2), as before these keys existed."""
+    for k in (0, 1, 2):
+        sampler = rundir.read_eval(finished_run / f"iter_{k:02d}" / "eval.json").sampler
+        assert sampler == {"seed": 1234, "num_steps": 4, "guidance_scale": 2.0}

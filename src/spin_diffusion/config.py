@@ -91,7 +91,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How the opponent θ_k samples its images (and how evaluation images are drawn)."""
+    """How the opponent θ_k samples its images. Evaluation images use num_steps and guidance_scale too, unless
+    eval.num_steps / eval.guidance_scale are set, and always batch_size and negative_prompt."""
 
     num_steps: int = 50  # DDIM steps; also the trajectory length stored for spin_exact
     guidance_scale: float = 7.5  # classifier-free guidance; 1.0 disables it
@@ -193,6 +194,15 @@ class EvalConfig:
     scorers: tuple[str, ...] = ()  # e.g. ("pickscore", "clip"); () -> the default for the data (shapes judge, or none)
     scorer_paths: dict[str, str] = field(default_factory=dict)  # scorer name -> local weights folder
     seed: int = 1234  # evaluation images use their own seed so that all models see the same noise
+    # Sampler of the evaluation images (always fp32 DDIM); None = sample.num_steps / sample.guidance_scale, the
+    # opponent's. Set them to let the opponent sample cheaply (e.g. sample.num_steps=10, sample.guidance_scale=1)
+    # while scores keep the settings they are compared at (e.g. 50 steps, CFG 7.5, as in the paper's evaluation).
+    num_steps: int | None = None
+    guidance_scale: float | None = None  # 1.0 disables classifier-free guidance
+
+    def __post_init__(self) -> None:
+        if self.num_steps is not None and self.num_steps < 1:
+            raise SpinDiffusionError(f"eval.num_steps must be >= 1 or null, got {self.num_steps}")
 
 
 @dataclass(frozen=True)
