@@ -72,7 +72,21 @@ def test_card_info_from_config_reads_the_base_license(tmp_path):
     info = card.card_info(cfg, iteration=1, steps=40, data_size=256, resolution=32)
     assert info.license == "openrail" and info.base_model == str(base) and info.beta == 5000.0
     assert info.objective == "spin_exact" and info.steps == 40 and info.data_size == 256
+    assert info.sft_weight == 0.0 and "SFT weight" not in card.render_card(info)
     assert card.base_license(tmp_path) is None  # no README.md
+
+
+def test_card_shows_the_schedule_values_of_its_iteration():
+    cfg = load_config(None, ["num_iterations=3", "loss.beta=[5000,2500]", "train.learning_rate=[3e-5,2e-5,1e-5]"])
+    infos = [card.card_info(cfg, iteration=k, steps=10, data_size=16) for k in (1, 2, 3)]
+    assert [i.beta for i in infos] == [5000.0, 2500.0, 2500.0]
+    assert [i.learning_rate for i in infos] == [3e-5, 2e-5, 1e-5]
+
+
+def test_card_names_a_nonzero_sft_weight():
+    cfg = load_config(None, ["loss.sft_weight=1250"])
+    text = card.render_card(card.card_info(cfg, iteration=1, steps=10, data_size=16))
+    assert "| SFT weight λ (loss + λ · denoising error on the real images) | 1250.0 |" in text
 
 
 def test_save_pipeline_writes_the_card(tmp_path):

@@ -121,6 +121,61 @@ def test_sft_hand_values() -> None:
     torch.testing.assert_close(sft_loss(torch.tensor([0.25, 4.0]))[0], torch.tensor([0.25, 4.0]))
 
 
+@pytest.mark.parametrize(
+    ("loss_fn", "plain"),
+    [
+        (dpo_loss, [(L_PLUS1 + L_MINUS1) / 2, L_PLUS1]),
+        (spin_approx_loss, [(L_PLUS1 + L_MINUS1) / 2, L_PLUS1]),
+        (spin_exact_loss, [LOG2, L_PLUS1]),
+    ],
+)
+def test_sft_weight_adds_lambda_times_winner_error(loss_fn: LossFn, plain: list[float]) -> None:
+    """λ = 0.5 on the hand pair (β = 2): mean_k policy.winner = [mean(0, 2), mean(1, 1)] = [1, 1]
+    -> sft_term = 0.5·[1, 1] = [0.5, 0.5], added to the plain values of the tests above. The preference
+    metrics do not change."""
+    policy, ref = _hand_pair()
+    loss, m = loss_fn(policy, ref, 2.0, sft_weight=0.5)
+    torch.testing.assert_close(loss, torch.tensor(plain) + 0.5)
+    torch.testing.assert_close(m["sft_term"], torch.tensor([0.5, 0.5]))
+    _, m_plain = loss_fn(policy, ref, 2.0)
+    assert set(m) == METRIC_NAMES | {"sft_term"} and set(m_plain) == METRIC_NAMES  # λ = 0: no sft_term key
+    for name in METRIC_NAMES:
+        torch.testing.assert_close(m[name], m_plain[name])
+
+
+@pytest.mark.parametrize("loss_fn", PREFERENCE_LOSSES)
+def test_sft_weight_per_pair_values_and_gradients(loss_fn: LossFn) -> None:
+    """policy == ref, so every logit z is 0 and the preference part is log 2 (β = 2, K = 2).
+
+    policy.winner = [[0.2, 0.6], [1.0, 3.0]] -> mean_k = [0.4, 2.0]; λ = 0.25 -> sft_term = [0.1, 0.5],
+    loss = log 2 + [0.1, 0.5].
+    Gradients at z = 0: the preference part gives ∂/∂e_w,k = (β/2)·σ(0)/K = (2/2)·(1/2)/2 = 0.25 (and −0.25 on
+    the loser) for approx and exact alike; the SFT part adds λ/K = 0.125 on the winner only -> 0.375.
+    With λ = β/4 = 0.5 the SFT part is 0.25, equal to the preference part (the rule of thumb in the docstring).
+    """
+    winner = torch.tensor([[0.2, 0.6], [1.0, 3.0]], dtype=torch.float64)
+    loser = torch.tensor([[0.5, 0.5], [0.7, 0.9]], dtype=torch.float64)
+    ref = DenoiseErrors(winner.clone(), loser.clone())
+    for weight, expected_grad in [(0.25, 0.375), (0.5, 0.5)]:
+        policy = DenoiseErrors(winner.clone().requires_grad_(True), loser.clone().requires_grad_(True))
+        loss, m = loss_fn(policy, ref, 2.0, sft_weight=weight)
+        sft_term = weight * torch.tensor([0.4, 2.0], dtype=torch.float64)
+        torch.testing.assert_close(loss, LOG2 + sft_term)
+        torch.testing.assert_close(m["sft_term"], sft_term)
+        assert not m["sft_term"].requires_grad
+        loss.sum().backward()
+        torch.testing.assert_close(policy.winner.grad, torch.full((2, 2), expected_grad, dtype=torch.float64))
+        torch.testing.assert_close(policy.loser.grad, torch.full((2, 2), -0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss_fn", PREFERENCE_LOSSES)
+def test_sft_weight_zero_is_the_plain_loss_and_negative_raises(loss_fn: LossFn) -> None:
+    policy, ref = _random_errors(8, 3), _random_errors(8, 3)
+    torch.testing.assert_close(loss_fn(policy, ref, 2.0, sft_weight=0.0)[0], loss_fn(policy, ref, 2.0)[0])
+    with pytest.raises(ValueError, match="sft_weight must be >= 0"):
+        loss_fn(policy, ref, 2.0, sft_weight=-0.1)
+
+
 # --- invariants ---------------------------------------------------------------------------------------------
 
 

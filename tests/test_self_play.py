@@ -370,3 +370,78 @@ def test_resume_accepts_a_run_saved_before_a_config_key_existed(finished_run: Pa
     del saved["sample"]["scheduler"]
     (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
     run(load_config(TINY, [f"run_dir={finished_run}"]), resume=True, progress=False)
+
+
+def test_beta_and_learning_rate_schedules_change_per_iteration(tmp_path: Path, monkeypatch):
+    """loss.beta=[2000,1000] and train.learning_rate=[1e-4,5e-5]: the trainer gets each iteration's numbers, the
+    train log shows the learning rate used, state.json and the model cards record both, and --resume accepts
+    the saved lists."""
+    from spin_diffusion import trainer
+    from spin_diffusion.card import read_metadata
+
+    handed: list[tuple[float, float]] = []
+    real_train = trainer.train
+
+    def spy(*args, loss_cfg, train_cfg, **kw):
+        handed.append((loss_cfg.beta, train_cfg.learning_rate))
+        return real_train(*args, loss_cfg=loss_cfg, train_cfg=train_cfg, **kw)
+
+    monkeypatch.setattr(trainer, "train", spy)
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"run_dir={run_dir}",
+        "loss.beta=[2000,1000]",
+        "train.learning_rate=[1e-4,5e-5]",
+        "train.lr_scheduler=constant",  # the logged lr is then the iteration's value at every step
+        "train.max_steps=2",
+        "eval.enabled=false",
+    ]
+    run(load_config(TINY, overrides), progress=False)
+
+    assert handed == [(2000.0, 1e-4), (1000.0, 5e-5)]
+    info = json.loads((run_dir / "state.json").read_text())["info"]
+    assert (info["train:1"]["beta"], info["train:1"]["learning_rate"]) == (2000.0, 1e-4)
+    assert (info["train:2"]["beta"], info["train:2"]["learning_rate"]) == (1000.0, 5e-5)
+    for k, lr in [(1, 1e-4), (2, 5e-5)]:
+        log = [json.loads(line) for line in (run_dir / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
+        assert [r["lr"] for r in log] == pytest.approx([lr, lr])
+    card_2 = (run_dir / "iter_02" / "model" / "README.md").read_text()
+    assert "| β | 1000.0 |" in card_2 and "| learning rate | 5e-05 |" in card_2
+    assert read_metadata(run_dir / "iter_02" / "model" / "README.md")["library_name"] == "diffusers"
+    assert "- 1000.0" in (run_dir / "config.yaml").read_text()  # the saved config keeps the list
+    handed.clear()
+    run(load_config(TINY, overrides), resume=True, progress=False)  # same lists: accepted, nothing left to do
+    assert handed == []
+
+
+def test_evaluation_uses_eval_sampler_and_the_opponent_uses_sample(tmp_path: Path, monkeypatch):
+    """eval.num_steps=3, eval.guidance_scale=1 while the opponent keeps tiny.yaml's sample.num_steps=4,
+    sample.guidance_scale=2: generation's meta.json and every evaluation render and eval.json say so."""
+    from spin_diffusion import model_eval
+
+    rendered: list[tuple[int, float]] = []
+    real_render = model_eval.render_images
+
+    def spy(*args, num_steps, guidance_scale, **kw):
+        rendered.append((num_steps, guidance_scale))
+        return real_render(*args, num_steps=num_steps, guidance_scale=guidance_scale, **kw)
+
+    monkeypatch.setattr(model_eval, "render_images", spy)
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", "num_iterations=1", "eval.num_steps=3", "eval.guidance_scale=1.0"]
+    run(load_config(TINY, overrides), progress=False)
+
+    spec = json.loads((run_dir / "iter_00" / "generated" / "meta.json").read_text())["spec"]
+    assert (spec["num_steps"], spec["guidance_scale"]) == (4, 2.0)  # the opponent: sample.*
+    assert rendered == [(3, 1.0), (3, 1.0)]  # eval:0 and eval:1
+    for k in (0, 1):
+        sampler = rundir.read_eval(run_dir / f"iter_{k:02d}" / "eval.json").sampler
+        assert sampler == {"seed": 1234, "num_steps": 3, "guidance_scale": 1.0}
+
+
+def test_evaluation_sampler_defaults_to_the_opponents(finished_run: Path):
+    """Without eval.num_steps / eval.guidance_scale, evaluation samples like the opponent (tiny.yaml: 4 steps,
+    CFG 2), as before these keys existed."""
+    for k in (0, 1, 2):
+        sampler = rundir.read_eval(finished_run / f"iter_{k:02d}" / "eval.json").sampler
+        assert sampler == {"seed": 1234, "num_steps": 4, "guidance_scale": 2.0}

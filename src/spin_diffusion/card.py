@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from spin_diffusion.config import RunConfig
+from spin_diffusion.config import RunConfig, at_iteration
 
 # What each objective is, in one line (the card's "Training" section).
 OBJECTIVES = {
@@ -40,6 +40,7 @@ class CardInfo:
     steps: int  # optimizer steps of the training that produced it
     data_size: int  # training images (or preference pairs for dpo)
     beta: float | None = None  # β of the dpo / spin objectives; None for sft
+    sft_weight: float = 0.0  # λ of the SFT term added to the dpo / spin loss (loss.sft_weight); 0 = none
     learning_rate: float | None = None
     batch_size: int | None = None
     resolution: int | None = None
@@ -66,7 +67,8 @@ def card_info(
     evaluation: dict[str, float | None] | None = None,
     eval_prompts: int = 0,
 ) -> CardInfo:
-    """A CardInfo from a run's config and what the run knows at export time (steps done, data size). The base
+    """A CardInfo from a run's config and what the run knows at export time (steps done, data size); β and the
+    learning rate are the values that trained this iteration (config.at_iteration). The base
     model's license is read from the metadata of its own README.md when the base is a local folder that has one."""
     base = cfg.model.path if cfg.model.path is not None else f"spin-diffusion preset '{cfg.model.preset}'"
     return CardInfo(
@@ -75,8 +77,9 @@ def card_info(
         iteration=iteration,
         steps=steps,
         data_size=data_size,
-        beta=None if cfg.loss.objective == "sft" else cfg.loss.beta,
-        learning_rate=cfg.train.learning_rate,
+        beta=None if cfg.loss.objective == "sft" else at_iteration(cfg.loss.beta, iteration - 1),
+        sft_weight=cfg.loss.sft_weight,
+        learning_rate=at_iteration(cfg.train.learning_rate, iteration - 1),
         batch_size=cfg.train.batch_size,
         resolution=resolution,
         lora_rank=cfg.model.lora_rank,

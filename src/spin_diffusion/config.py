@@ -20,6 +20,24 @@ from spin_diffusion import atomic
 from spin_diffusion.errors import SpinDiffusionError
 
 Objective = Literal["spin_approx", "spin_exact", "sft", "dpo"]
+# A number, or one number per self-play iteration: value i trains θ_{i+1}; the last value repeats for later ones.
+Schedule = float | tuple[float, ...]
+
+
+def _check_schedule(key: str, value: Schedule) -> None:
+    """Every value of a schedule is > 0 (nan refused too), and a list is not empty."""
+    values = value if isinstance(value, tuple) else (value,)
+    if not values:
+        raise SpinDiffusionError(f"{key} must be a number or a non-empty list of numbers (one per iteration)")
+    for i, v in enumerate(values):
+        if not v > 0:
+            where = f" (value {i + 1} of the list)" if isinstance(value, tuple) else ""
+            raise SpinDiffusionError(f"{key} must be > 0, got {v}{where}")
+
+
+def _as_schedule(value: Any) -> Any:
+    """A list given in Python (``LossConfig(beta=[5000, 2500])``) becomes the tuple the YAML loader makes."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How the opponent θ_k samples its images (and how evaluation images are drawn)."""
+    """How the opponent θ_k samples its images. Evaluation images use num_steps and guidance_scale too, unless
+    eval.num_steps / eval.guidance_scale are set, and always batch_size and negative_prompt."""
 
     num_steps: int = 50  # DDIM steps; also the trajectory length stored for spin_exact
     guidance_scale: float = 7.5  # classifier-free guidance; 1.0 disables it
@@ -97,13 +116,26 @@ class LossConfig:
     """The objective and its temperature. See spin_diffusion.losses for the formulas."""
 
     objective: Objective = "spin_approx"
-    beta: float = 5000.0  # same units as Diffusion-DPO's --beta_dpo: logit = -(beta/2) * Δ(mean-squared errors)
+    # Same units as Diffusion-DPO's --beta_dpo: logit = -(beta/2) * Δ(mean-squared errors). A number, or one value
+    # per self-play iteration, e.g. [5000, 2500]: 5000 trains θ_1, 2500 trains θ_2 and every later iteration.
+    beta: Schedule = 5000.0
     timesteps_per_pair: int = 1  # K timesteps drawn per pair per step (spin_exact averages them inside ℓ)
     share_noise: bool = True  # winner and loser share ε (Diffusion-DPO code); False draws ε' independently
+    # λ >= 0: loss = preference loss + λ · (policy's denoising error on the real / winner images), the RPO remedy
+    # when the winners' likelihood falls during training. 0 = off (the paper's objective). The preference loss pulls
+    # that error down with weight (β/2)·σ(-logit), β/4 at the start of an iteration, so λ ≈ β/4 weighs both equally.
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise SpinDiffusionError(f"loss.beta must be > 0, got {self.beta}")
+        object.__setattr__(self, "beta", _as_schedule(self.beta))
+        _check_schedule("loss.beta", self.beta)
+        if not self.sft_weight >= 0:  # also refuses nan
+            raise SpinDiffusionError(f"loss.sft_weight must be >= 0, got {self.sft_weight}")
+        if self.sft_weight > 0 and self.objective == "sft":
+            raise SpinDiffusionError(
+                "loss.sft_weight adds an SFT term to the dpo / spin objectives; objective sft already is that loss "
+                "(set loss.sft_weight=0)"
+            )
         if self.timesteps_per_pair < 1:
             raise SpinDiffusionError(f"loss.timesteps_per_pair must be >= 1, got {self.timesteps_per_pair}")
 
@@ -112,7 +144,8 @@ class LossConfig:
 class TrainConfig:
     """Optimisation of θ_{k+1} within one iteration (per-iteration values; the HF cards used 500 steps)."""
 
-    learning_rate: float = 2e-5  # AdamW peak learning rate
+    # AdamW peak learning rate: a number, or one value per self-play iteration (the last repeats), like loss.beta
+    learning_rate: Schedule = 2e-5
     batch_size: int = 8  # pairs (or images, for sft) per device per micro-step
     gradient_accumulation_steps: int = 1
     max_steps: int | None = None  # optimizer steps per iteration; None -> `epochs` over the data
@@ -136,13 +169,13 @@ class TrainConfig:
     num_workers: int = 0  # data loader workers
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "learning_rate", _as_schedule(self.learning_rate))
+        _check_schedule("train.learning_rate", self.learning_rate)
         for name in ("batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise SpinDiffusionError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SpinDiffusionError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.learning_rate <= 0:
-            raise SpinDiffusionError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if self.checkpoint_every_minutes < 0:
             raise SpinDiffusionError(
                 f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}"
@@ -162,6 +195,15 @@ class EvalConfig:
     scorers: tuple[str, ...] = ()  # e.g. ("pickscore", "clip"); () -> the default for the data (shapes judge, or none)
     scorer_paths: dict[str, str] = field(default_factory=dict)  # scorer name -> local weights folder
     seed: int = 1234  # evaluation images use their own seed so that all models see the same noise
+    # Sampler of the evaluation images (always fp32 DDIM); None = sample.num_steps / sample.guidance_scale, the
+    # opponent's. Set them to let the opponent sample cheaply (e.g. sample.num_steps=10, sample.guidance_scale=1)
+    # while scores keep the settings they are compared at (e.g. 50 steps, CFG 7.5, as in the paper's evaluation).
+    num_steps: int | None = None
+    guidance_scale: float | None = None  # 1.0 disables classifier-free guidance
+
+    def __post_init__(self) -> None:
+        if self.num_steps is not None and self.num_steps < 1:
+            raise SpinDiffusionError(f"eval.num_steps must be >= 1 or null, got {self.num_steps}")
 
 
 @dataclass(frozen=True)
@@ -183,6 +225,22 @@ class RunConfig:
             raise SpinDiffusionError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.data.path is not None and self.data.builtin is not None:
             raise SpinDiffusionError("set either data.path or data.builtin, not both")
+        objective = self.loss.objective
+        schedules = {"loss.beta": self.loss.beta, "train.learning_rate": self.train.learning_rate}
+        if objective == "sft":
+            del schedules["loss.beta"]  # unused by sft
+        for key, value in schedules.items():
+            if not isinstance(value, tuple):
+                continue
+            if objective in ("sft", "dpo") and len(value) > 1:
+                raise SpinDiffusionError(
+                    f"{key} lists {len(value)} values, but {objective} trains once; give one number"
+                )
+            if len(value) > self.num_iterations:
+                raise SpinDiffusionError(
+                    f"{key} lists {len(value)} values for num_iterations={self.num_iterations}; give at most one "
+                    "per iteration (the last one repeats)"
+                )
         if self.sample.scheduler != "ddim" and self.loss.objective == "spin_exact":
             raise SpinDiffusionError(
                 f"spin_exact needs sample.scheduler=ddim (it inverts the DDIM step), "
@@ -218,7 +276,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except SpinDiffusionError as err:
-                errors.append(str(err))
+                # a list that failed as a whole: the list arm's error names the bad element, not "not a number"
+                if isinstance(value, (list, tuple)) and typing.get_origin(arg) is tuple:
+                    errors.insert(0, str(err))
+                else:
+                    errors.append(str(err))
         raise SpinDiffusionError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
@@ -344,6 +406,25 @@ def replace(cfg: Any, **changes: Any) -> Any:
     for head, sub in nested.items():
         flat[head] = replace(getattr(cfg, head), **sub)
     return dataclasses.replace(cfg, **flat)
+
+
+def at_iteration(value: Schedule, i: int) -> float:
+    """Value ``i`` (0-based: i = 0 trains θ_1) of a per-iteration schedule; past its end the last value repeats."""
+    if isinstance(value, tuple):
+        return value[min(i, len(value) - 1)]
+    return value
+
+
+def for_iteration(cfg: RunConfig, i: int) -> RunConfig:
+    """``cfg`` with every per-iteration schedule (loss.beta, train.learning_rate) resolved to the numbers of
+    training ``i`` (0-based: the training of θ_{i+1}); what self_play hands the trainer."""
+    return replace(
+        cfg,
+        **{
+            "loss.beta": at_iteration(cfg.loss.beta, i),
+            "train.learning_rate": at_iteration(cfg.train.learning_rate, i),
+        },
+    )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -21,6 +21,12 @@ Objectives:
 - The exact SPIN-Diffusion objective (Eq. 4.8) has it INSIDE: ``ℓ(mean_k z_k)``. ℓ is convex, so by
   Jensen ``approx ≥ exact`` on the same inputs, with equality for K = 1.
 - SFT is the plain denoising loss on the real images: ``mean_k e^θ_w``.
+- Every preference loss takes ``sft_weight`` λ ≥ 0 and adds ``λ·mean_k e^θ_w`` per pair: the SFT term on the
+  winner, the RPO remedy (Pang et al. 2024, https://huggingface.co/papers/2404.19733) for a preference loss that
+  can fall while the likelihood of the preferred images falls too (the motivation of DPO-Positive, Pal et al.
+  2024, https://huggingface.co/papers/2402.13228, whose hinge inside the logistic is not implemented here).
+  The preference term's gradient on ``e^θ_w`` is ``(β/2)·σ(−z)`` (β/4 at initialisation, where z = 0), the
+  SFT term's is λ, so λ ≈ β/4 weighs the two equally at the start of an iteration.
 
 β units: an error is the per-element MEAN (not sum) of the squared error over the latent, and the
 logit carries the ½ of the Diffusion-DPO reference code (``scale_term = -0.5 * beta_dpo``), so β here
@@ -129,10 +135,28 @@ def _logits(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Ten
     return logits, metrics
 
 
-def _logistic_outside(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """``mean_k −log σ(−(β/2)·Δ_k)``: the expectation over t outside ℓ (Diffusion-DPO = SPIN-approx)."""
+def _plus_sft(
+    loss: Tensor, policy: DenoiseErrors, sft_weight: float, metrics: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``loss + λ·mean_k e^θ_w`` ``[B]``; with λ > 0 the metrics gain ``sft_term`` = that added term (detached).
+
+    λ = 0 returns ``loss`` unchanged (no ``sft_term`` metric), so existing logs keep their keys.
+    """
+    if sft_weight < 0:
+        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+    if sft_weight == 0:
+        return loss, metrics
+    sft_term = sft_weight * _as_2d(policy.winner, "policy.winner").mean(dim=1)  # [B]
+    return loss + sft_term, {**metrics, "sft_term": sft_term.detach()}
+
+
+def _logistic_outside(
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, sft_weight: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``mean_k −log σ(−(β/2)·Δ_k)``: the expectation over t outside ℓ (Diffusion-DPO = SPIN-approx), plus the
+    SFT term."""
     logits, metrics = _logits(policy, ref, beta)
-    return -F.logsigmoid(logits).mean(dim=1), metrics
+    return _plus_sft(-F.logsigmoid(logits).mean(dim=1), policy, sft_weight, metrics)
 
 
 def sft_loss(policy_winner: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -152,7 +176,9 @@ def sft_loss(policy_winner: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     return loss, {"policy_error_winner": loss.detach()}
 
 
-def dpo_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+def dpo_loss(
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Diffusion-DPO loss (Wallace et al. 2023, Eq. 14, https://huggingface.co/papers/2311.12908).
 
     ``L = mean_k −log σ(−(β/2)·[(e^θ_w − e^ref_w) − (e^θ_l − e^ref_l)]_k)``, i.e. one logistic per
@@ -165,18 +191,22 @@ def dpo_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Te
         policy: errors of the trained model, ``[B, K]`` each (``[B]`` = K = 1).
         ref: errors of the frozen reference at the same timesteps and noise, same shape.
         beta: inverse temperature β > 0.
+        sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ_w`` per pair (module docstring). 0 = the plain objective.
 
     Returns:
         Per-sample loss ``[B]`` and metrics ``margin``, ``reward_winner``, ``reward_loser``, ``accuracy``,
-        ``policy_error_winner``, ``policy_error_loser`` (each ``[B]``, detached).
+        ``policy_error_winner``, ``policy_error_loser`` and, when ``sft_weight`` > 0, ``sft_term`` (each ``[B]``,
+        detached).
 
     Raises:
-        ValueError: if shapes disagree or are not 1-D/2-D.
+        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` < 0.
     """
-    return _logistic_outside(policy, ref, beta)
+    return _logistic_outside(policy, ref, beta, sft_weight)
 
 
-def spin_approx_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+def spin_approx_loss(
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Approximate SPIN-Diffusion objective, Eq. (4.9) of https://huggingface.co/papers/2402.10210.
 
     ``L = mean_k −log σ(−(β/2)·Δ_k)``: the expectation over t sits OUTSIDE the logistic ℓ. By Jensen
@@ -190,17 +220,20 @@ def spin_approx_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> 
             real (winner) and generated (loser) latents.
         ref: errors of θ_k at the same timesteps and noise, same shape.
         beta: inverse temperature β > 0, in Diffusion-DPO ``--beta_dpo`` units (module docstring).
+        sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ_w`` per pair (module docstring). 0 = the plain objective.
 
     Returns:
         Per-sample loss ``[B]`` and the metrics of :func:`dpo_loss`.
 
     Raises:
-        ValueError: if shapes disagree or are not 1-D/2-D.
+        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` < 0.
     """
-    return _logistic_outside(policy, ref, beta)
+    return _logistic_outside(policy, ref, beta, sft_weight)
 
 
-def spin_exact_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+def spin_exact_loss(
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Exact SPIN-Diffusion objective, Eq. (4.8) of https://huggingface.co/papers/2402.10210.
 
     ``L = −log σ(−(β/2)·mean_k Δ_k)``: the expectation over t sits INSIDE the logistic ℓ, because (4.8)
@@ -228,13 +261,14 @@ def spin_exact_loss(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> t
             trajectory.
         ref: errors of θ_k at the same steps, same shape.
         beta: inverse temperature β > 0, in Diffusion-DPO ``--beta_dpo`` units (module docstring).
+        sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ_w`` per pair (module docstring). 0 = the plain objective.
 
     Returns:
         Per-sample loss ``[B]`` and the metrics of :func:`dpo_loss` (``margin`` is exactly the logit
-        inside ℓ here, so ``loss = −log σ(margin)``).
+        inside ℓ here, so ``loss = −log σ(margin) + sft_term``).
 
     Raises:
-        ValueError: if shapes disagree or are not 1-D/2-D.
+        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` < 0.
     """
     logits, metrics = _logits(policy, ref, beta)
-    return -F.logsigmoid(logits.mean(dim=1)), metrics
+    return _plus_sft(-F.logsigmoid(logits.mean(dim=1)), policy, sft_weight, metrics)

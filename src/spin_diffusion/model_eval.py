@@ -128,6 +128,9 @@ def evaluate_unet(
     shapes world the metrics include "fd", the Fréchet distance to the real images in the world's fixed feature
     space. Returns the model's evaluation on the main process, None on the others; call it on every rank."""
     seeds = [sampling.sample_seed(cfg.eval.seed, 0, i) for i in range(len(eval_set.prompts))]
+    # eval.* when set, else the opponent's sample.* (config.EvalConfig)
+    num_steps = cfg.eval.num_steps if cfg.eval.num_steps is not None else cfg.sample.num_steps
+    guidance_scale = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else cfg.sample.guidance_scale
     images = render_shared(
         c,
         unet,
@@ -135,8 +138,8 @@ def evaluate_unet(
         negative_embed,
         out_dir / "eval_images",
         seeds=seeds,
-        num_steps=cfg.sample.num_steps,
-        guidance_scale=cfg.sample.guidance_scale,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
         batch_size=cfg.sample.batch_size,
     )
     if images is None:
@@ -157,7 +160,7 @@ def evaluate_unet(
         grid="grid.png",
         grid_size=shown,
     )
-    sampler = {"seed": cfg.eval.seed, "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale}
+    sampler = {"seed": cfg.eval.seed, "num_steps": num_steps, "guidance_scale": guidance_scale}
     rundir.write_eval(
         out_dir / rundir.EVAL_FILE,
         rundir.EvalFile(

@@ -28,7 +28,7 @@ from PIL import Image
 from spin_diffusion import atomic, card, distributed, models, preemption, preflight, sampling, trainer
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
-from spin_diffusion.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
+from spin_diffusion.config import RunConfig, config_from_dict, for_iteration, read_yaml, save_config, to_dict
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.model_eval import EvalSet, default_scorer_names, evaluate_unet
 from spin_diffusion.rundir import CONFIG_FILE, EVAL_FILE, STATE_FILE, iter_dir, read_eval
@@ -289,16 +289,18 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         elif objective == "dpo":
             data.loser = cache.loser_latents
 
-        # 5. train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k
+        # 5. train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k, with this iteration's
+        #    values of the per-iteration schedules (loss.beta, train.learning_rate)
         next_dir = iter_dir(run_dir, k + 1)
+        cfg_k = for_iteration(cfg, k)
         policy, ref = _policy_and_ref(cfg, opponent, needs_ref=objective != "sft", seed=train_seed(cfg, k))
         result = trainer.train(
             policy,
             ref,
             data,
             objective=objective,
-            loss_cfg=cfg.loss,
-            train_cfg=cfg.train,
+            loss_cfg=cfg_k.loss,
+            train_cfg=cfg_k.train,
             family=c.family,
             out_dir=next_dir / "train",
             seed=train_seed(cfg, k),
@@ -310,17 +312,21 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                 models.save_lora(policy, next_dir / "lora", c)
             policy = models.merge_lora(policy)
         model_card = dataclasses.replace(
-            card.card_info(cfg, iteration=k + 1, steps=result.steps, data_size=len(cache), resolution=resolution),
+            card.card_info(cfg_k, iteration=k + 1, steps=result.steps, data_size=len(cache), resolution=resolution),
             pixel_space=c.vae is None,
         )
         if state_.is_main_process:
             models.save_pipeline(c, next_dir / "model", unet=policy, card=model_card)
         state_.wait_for_everyone()
+        used = {"learning_rate": cfg_k.train.learning_rate}  # the schedules' values for this iteration
+        if objective != "sft":
+            used["beta"] = cfg_k.loss.beta
         state.mark(
             f"train:{k + 1}",
             steps=result.steps,
             final_loss=result.final_loss,
             wall_seconds=round(result.wall_seconds, 2),
+            **used,
         )
         if state_.is_main_process:
             trainer.remove_checkpoints(next_dir / "train")

@@ -187,6 +187,8 @@ def train(
         seed: seeds the pair order and the (t, ε) draws; the same seed gives the same run.
     """
     data.check(objective)
+    if isinstance(loss_cfg.beta, tuple) or isinstance(train_cfg.learning_rate, tuple):
+        raise ValueError("resolve the per-iteration loss.beta / train.learning_rate first (config.for_iteration)")
     if train_cfg.caption_dropout > 0 and data.empty_embed is None:
         raise ValueError("train.caption_dropout > 0 needs TrainData.empty_embed")
     out = Path(out_dir)
@@ -611,5 +613,5 @@ def _micro_step_loss(
                 ref_err = errors(policy if fsdp else accelerator.unwrap_model(policy))
 
     loss_fn = {"dpo": losses.dpo_loss, "spin_approx": losses.spin_approx_loss, "spin_exact": losses.spin_exact_loss}
-    per_sample, metrics = loss_fn[objective](policy_err, ref_err, loss_cfg.beta)
+    per_sample, metrics = loss_fn[objective](policy_err, ref_err, loss_cfg.beta, sft_weight=loss_cfg.sft_weight)
     return per_sample.mean(), metrics

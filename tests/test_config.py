@@ -1,0 +1,136 @@
+"""config.py: the knobs of issue 8 (loss.sft_weight, β / learning-rate schedules, eval sampling), how they parse
+from YAML and --set, and the one-line errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from spin_diffusion.config import (
+    LossConfig,
+    at_iteration,
+    for_iteration,
+    load_config,
+    replace,
+    save_config,
+    to_dict,
+)
+from spin_diffusion.errors import SpinDiffusionError
+
+
+def test_sft_weight_defaults_to_off_and_parses():
+    assert load_config(None).loss.sft_weight == 0.0
+    assert load_config(None, ["loss.sft_weight=1250"]).loss.sft_weight == 1250.0
+    assert LossConfig(objective="dpo", sft_weight=0.5).sft_weight == 0.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss.sft_weight=-1"], "loss.sft_weight must be >= 0, got -1.0"),
+        (["loss.sft_weight=.nan"], "loss.sft_weight must be >= 0, got nan"),
+        (["loss.sft_weight=abc"], "loss.sft_weight must be a number; got 'abc'"),
+        (["loss.objective=sft", "loss.sft_weight=1"], "objective sft already is that loss (set loss.sft_weight=0)"),
+    ],
+)
+def test_bad_sft_weight_is_a_one_line_error(overrides, message):
+    with pytest.raises(SpinDiffusionError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ β and learning-rate schedules
+
+
+def test_beta_and_learning_rate_take_a_number_or_a_list_per_iteration():
+    cfg = load_config(None)
+    assert cfg.loss.beta == 5000.0 and cfg.train.learning_rate == 2e-5  # the defaults stay plain numbers
+    cfg = load_config(None, ["loss.beta=[5000,2500]", "train.learning_rate=[1e-5, 5e-6, 2.5e-6]"])
+    assert cfg.loss.beta == (5000.0, 2500.0)  # YAML ints become floats
+    assert cfg.train.learning_rate == (1e-5, 5e-6, 2.5e-6)  # YAML 1.1 reads "1e-5" as a string: still a number
+    assert load_config(None, ["loss.beta=4000,2000"]).loss.beta == (4000.0, 2000.0)  # like every list key
+    assert load_config(None, ["loss.beta=1e3"]).loss.beta == 1000.0
+    assert LossConfig(beta=[3000, 1500]).beta == (3000, 1500)  # a Python list is kept as a tuple (frozen, hashable)
+
+
+def test_schedules_from_a_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_iterations: 3\nloss:\n  beta: [5000, 2500]\ntrain:\n  learning_rate: 1.0e-5\n")
+    cfg = load_config(path)
+    assert cfg.loss.beta == (5000.0, 2500.0) and cfg.train.learning_rate == 1e-5
+
+
+def test_for_iteration_resolves_each_schedule_and_repeats_the_last_value():
+    cfg = load_config(None, ["num_iterations=3", "loss.beta=[5000,2500]", "train.learning_rate=3e-5"])
+    resolved = [for_iteration(cfg, i) for i in range(3)]
+    assert [r.loss.beta for r in resolved] == [5000.0, 2500.0, 2500.0]
+    assert [r.train.learning_rate for r in resolved] == [3e-5, 3e-5, 3e-5]
+    assert resolved[1].loss.objective == cfg.loss.objective and resolved[1].train == replace(
+        cfg.train, learning_rate=3e-5
+    )
+    assert at_iteration(7.0, 5) == 7.0 and at_iteration((1.0, 2.0), 0) == 1.0
+
+
+def test_saved_schedule_round_trips(tmp_path):
+    """config.yaml holds the list; reading it back gives the same config (what --resume compares)."""
+    cfg = load_config(None, ["loss.beta=[5000,2500]", "train.learning_rate=[1e-5,5e-6]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "- 2500.0" in (tmp_path / "config.yaml").read_text()
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss.beta=0"], "loss.beta must be > 0, got 0.0"),
+        (["loss.beta=[5000,-1]"], "loss.beta must be > 0, got -1.0 (value 2 of the list)"),
+        (["train.learning_rate=[1e-5,0]"], "train.learning_rate must be > 0, got 0.0 (value 2 of the list)"),
+        (["train.learning_rate=[.nan]"], "train.learning_rate must be > 0, got nan (value 1 of the list)"),
+        (["loss.beta=[5000,abc]"], "loss.beta must be a number; got 'abc'"),
+        (["loss.beta=[]"], "loss.beta must be a number or a non-empty list of numbers (one per iteration)"),
+        (["loss.beta={a: 1}"], "loss.beta must be a number; got {'a': 1}"),
+        (
+            ["num_iterations=2", "loss.beta=[3,2,1]"],
+            "loss.beta lists 3 values for num_iterations=2; give at most one per iteration (the last one repeats)",
+        ),
+        (
+            ["loss.objective=dpo", "train.learning_rate=[1e-5,5e-6]"],
+            "train.learning_rate lists 2 values, but dpo trains once; give one number",
+        ),
+    ],
+)
+def test_bad_schedule_is_a_one_line_error(overrides, message):
+    with pytest.raises(SpinDiffusionError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+
+
+def test_sft_ignores_a_beta_schedule_but_not_a_learning_rate_schedule():
+    assert load_config(None, ["loss.objective=sft", "loss.beta=[2,1]"]).loss.beta == (2.0, 1.0)  # β is unused
+    with pytest.raises(SpinDiffusionError, match="sft trains once"):
+        load_config(None, ["loss.objective=sft", "train.learning_rate=[2e-5,1e-5]"])
+
+
+# ------------------------------------------------------------------ evaluation's own sampler
+
+
+def test_eval_sampler_defaults_to_none_and_parses():
+    cfg = load_config(None)
+    assert cfg.eval.num_steps is None and cfg.eval.guidance_scale is None  # None = the opponent's sample.*
+    cfg = load_config(None, ["eval.num_steps=50", "eval.guidance_scale=7.5", "sample.num_steps=10"])
+    assert (cfg.eval.num_steps, cfg.eval.guidance_scale, cfg.sample.num_steps) == (50, 7.5, 10)
+    assert load_config(None, ["eval.num_steps=50", "eval.num_steps=null"]).eval.num_steps is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval.num_steps=0"], "eval.num_steps must be >= 1 or null, got 0"),
+        (["eval.num_steps=2.5"], "eval.num_steps must be an integer; got 2.5"),
+        (["eval.guidance_scale=high"], "eval.guidance_scale must be a number; got 'high'"),
+    ],
+)
+def test_bad_eval_sampler_is_a_one_line_error(overrides, message):
+    with pytest.raises(SpinDiffusionError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
