@@ -107,7 +107,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
         )
         sampling.generate_shards(
             c.unet,
-            c.scheduler.config,
+            c.family,
             real.prompt_embeds,
             negative,
             gen_dir,

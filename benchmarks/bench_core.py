@@ -65,7 +65,7 @@ def main() -> None:
         sec = _timed(
             lambda traj=traj: sampling.sample(
                 c.unet,
-                c.scheduler.config,
+                c.family,
                 embeds,
                 negative,
                 seeds=seeds,
@@ -82,7 +82,7 @@ def main() -> None:
     latents = torch.randn(n * 4, *shape, generator=gen)
     out = sampling.sample(
         c.unet,
-        c.scheduler.config,
+        c.family,
         embeds[:2],
         negative,
         seeds=[0, 1],
@@ -120,7 +120,7 @@ def main() -> None:
                 objective=objective,
                 loss_cfg=LossConfig(objective=objective),
                 train_cfg=cfg,
-                noise_scheduler=sched,
+                family=c.family,
                 out_dir=tmp,
                 seed=0,
                 progress=False,

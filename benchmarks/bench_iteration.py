@@ -210,7 +210,7 @@ def section_generate(c, device, batch: int, steps: int, repeats: int) -> None:
     def ours():
         sampling.sample(
             c.unet,
-            c.scheduler.config,
+            c.family,
             embeds,
             negative,
             seeds=seeds,
@@ -247,7 +247,7 @@ def section_options(c, device, batch: int, steps: int, repeats: int) -> None:
         kw = {"num_steps": steps, **kw}
         return lambda: sampling.sample(
             c.unet,
-            c.scheduler.config,
+            c.family,
             embeds[:n],
             negative,
             seeds=list(range(n)),
@@ -304,7 +304,7 @@ def section_train(c, device, batch: int, repeats: int) -> None:
             objective="spin_approx",
             loss_cfg=LossConfig(),
             train_cfg=cfg,
-            noise_scheduler=c.noise_scheduler(),
+            family=c.family,
             out_dir=tmp,
             seed=0,
             progress=False,

@@ -201,6 +201,10 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     assert all(math.isfinite(r["loss"]) for r in log)
     model_dir = run_dir / "iter_02" / "model"
     assert json.loads((model_dir / "model_index.json").read_text())["_class_name"] == pipeline_class
+    card = (model_dir / "README.md").read_text()
+    assert ("max_sequence_length=77" in card) == (preset == "tiny-sd3")
+    assert ("stable-diffusion-xl" in card) == (preset == "tiny-sdxl")
+    assert ("Only the transformer was trained" in card) == (preset == "tiny-sd3")
     pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
     auto = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     assert type(auto).__name__ == pipeline_class
@@ -275,3 +279,14 @@ def test_sd2_v_prediction_model_runs_end_to_end(tmp_path):
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (16, 16, 3)
     assert models.load_components(model_dir).prediction_type == "v_prediction"
+
+
+def test_fp16_sdxl_vae_is_upcast_unless_it_says_otherwise(tmp_path, sdxl):
+    """An fp16 load keeps an SDXL VAE with force_upcast (its default) in fp32, as diffusers' pipelines decode and its
+    training scripts encode; the fp16-fix VAE (force_upcast=False) stays fp16."""
+    models.save_pipeline(sdxl, tmp_path / "xl")
+    c = models.load_components(tmp_path / "xl", dtype=torch.float16)
+    assert c.unet.dtype == torch.float16 and c.vae.dtype == torch.float32
+    config = tmp_path / "xl" / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "force_upcast": False}))
+    assert models.load_components(tmp_path / "xl", dtype=torch.float16).vae.dtype == torch.float16

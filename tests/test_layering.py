@@ -13,6 +13,13 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "spin_diffusion"
 FORBIDDEN = {
     "losses": {"diffusers", "transformers", "accelerate", "spin_diffusion"},
     "sampling": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.models", "spin_diffusion.data"},
+    "families": {
+        "spin_diffusion.trainer",
+        "spin_diffusion.self_play",
+        "spin_diffusion.data",
+        "spin_diffusion.sampling",
+        "spin_diffusion.cache",
+    },
     "models": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.data", "spin_diffusion.sampling"},
     "data": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.sampling"},
     "cache": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.sampling"},

@@ -49,6 +49,7 @@ class CardInfo:
     evaluation: dict[str, float | None] = field(default_factory=dict)  # flat eval.json metrics of this model
     eval_prompts: int = 0  # how many prompts the evaluation used
     pixel_space: bool = False  # no VAE: diffusers needs vae=None and output_type="latent"
+    family: str = "sd"  # sd | sdxl | sd3 (families.py): the usage snippet and the tags follow it
     tags: list[str] = field(default_factory=list)  # extra tags beyond the default ones
 
     @property
@@ -122,9 +123,9 @@ def render_card(info: CardInfo) -> str:
         metadata["license"] = info.license
     metadata["library_name"] = "diffusers"
     metadata["pipeline_tag"] = "text-to-image"
-    metadata["tags"] = list(
-        dict.fromkeys(["diffusers", "text-to-image", "spin-diffusion", info.objective.replace("_", "-"), *info.tags])
-    )
+    family_tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3"}.get(info.family)
+    tags = ["diffusers", "text-to-image", "spin-diffusion", info.objective.replace("_", "-"), family_tag, *info.tags]
+    metadata["tags"] = [t for t in dict.fromkeys(tags) if t]
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("spin_diffusion", "templates"),
         autoescape=False,

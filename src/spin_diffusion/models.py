@@ -818,7 +818,8 @@ def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None, card:
     tmp = _fresh_tmp(out_dir)
     pipeline(c, unet=unet).save_pretrained(tmp, safe_serialization=True)
     if card is not None:
-        (tmp / "README.md").write_text(render_card(dataclasses.replace(card, pixel_space=c.vae is None)))
+        info = dataclasses.replace(card, pixel_space=c.vae is None, family=c.family.name)
+        (tmp / "README.md").write_text(render_card(info))
     return _move_into_place(tmp, out_dir)
 
 

@@ -201,6 +201,10 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         bad_examples=bad_examples,
     )
     _record_skipped(run_dir, images, cache, cfg.data.max_bad_fraction, state)
+    # Every embedding the run needs is computed by now (cache, eval prompts, negative and empty prompt): the text
+    # encoders leave the accelerator (SD3's T5-XXL alone is 9.5 GB in bf16).
+    for encoder in c.text_encoders():
+        encoder.to("cpu")
 
     def evaluate(k: int, unet: torch.nn.Module) -> None:
         """Every rank renders its share of the evaluation prompts; the main process scores and records them."""
@@ -314,6 +318,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         model_card = dataclasses.replace(
             card.card_info(cfg_k, iteration=k + 1, steps=result.steps, data_size=len(cache), resolution=resolution),
             pixel_space=c.vae is None,
+            family=c.family.name,
         )
         if state_.is_main_process:
             models.save_pipeline(c, next_dir / "model", unet=policy, card=model_card)
