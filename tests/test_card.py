@@ -36,7 +36,7 @@ def test_render_card_metadata_training_evaluation_usage():
         "license": "creativeml-openrail-m",
         "library_name": "diffusers",
         "pipeline_tag": "text-to-image",
-        "tags": ["diffusers", "text-to-image", "spin-diffusion", "spin-approx"],
+        "tags": ["diffusers", "text-to-image", "spin-diffusion", "spin-approx", "stable-diffusion"],
     }
     assert "| β | 2000.0 |" in text and "| iteration | 2 |" in text and "| optimizer steps | 500 |" in text
     assert "| training data | 10000 images with captions |" in text
