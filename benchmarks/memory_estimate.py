@@ -1,17 +1,23 @@
-"""Per-GPU memory of SPIN-Diffusion training for SD-1.5 and SDXL UNets, full fine-tuning and LoRA, DDP vs FSDP.
+"""Per-GPU memory of SPIN-Diffusion training for SD-1.5, SDXL and SD3-medium, full fine-tuning and LoRA, DDP vs FSDP.
 
-    PYTHONPATH=src python benchmarks/memory_estimate.py            # ~4 min on 2 CPU cores, < 8 GiB RAM
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/memory_estimate.py  # ~9 min on 2 busy CPU cores, 9.1 GiB RAM
     PYTHONPATH=src python benchmarks/memory_estimate.py --no-measure   # counts + the activation figures below
 
 How each number is obtained (printed with the table):
 
-* parameters: exact, from the published UNet configs built on the meta device (`accelerate.init_empty_weights`);
-  the text encoders and the VAE likewise from their published configs;
-* LoRA: exact, rank r on every `to_q`, `to_k`, `to_v`, `to_out.0` Linear: r · (in + out) each (no bias);
+* parameters: exact, from the published UNet / SD3 transformer configs built on the meta device
+  (`accelerate.init_empty_weights`); the text encoders and the VAE likewise from their published configs (SD3: CLIP-L
+  and OpenCLIP-bigG with projections, the T5-XXL encoder with its embedding tied as in the checkpoint, the
+  16-channel VAE without quant convs);
+* LoRA: exact, rank r on every `to_q`, `to_k`, `to_v`, `to_out.0` Linear: r · (in + out) each (no bias); in SD3
+  that is the image stream of every joint attention (the text stream's add_*_proj / to_add_out are not targeted);
 * policy weights fp32 (master weights; bf16 autocast computes in bf16), gradients fp32, AdamW exp_avg + exp_avg_sq
   fp32 (8 bytes/param); FSDP (FULL_SHARD) divides all three by the number of GPUs; DDP keeps them whole;
 * the frozen reference: bf16, whole on every GPU (the trainer keeps it unsharded in the mixed-precision dtype);
   LoRA runs have none (adapters disabled = reference) but keep the frozen base weights (fp32, sharded by FSDP);
+* text encoders: training reads cached embeddings, so no text encoder is in the training figures; SD3's (T5-XXL
+  above all) leave the GPU once the cache is built, so its generation column is the VAE only, and the one-off
+  cache-building memory (T5-XXL bf16 weights, and all three encoders + VAE) is printed separately;
 * activations: measured, not modelled. A real SD-1.5 UNet runs forward + backward on this CPU for one pair (batch 2:
   winner + loser) with bf16 autocast at 16×16 and 32×32 latents (64×64 needs more RAM and time than this machine
   has); "activations" = peak RSS growth over a baseline that already holds weights and gradients (so it includes
@@ -20,6 +26,16 @@ How each number is obtained (printed with the table):
   s·area grows with the latent (CPU attention is torch's flash kernel, O(h·w) like flash/memory-efficient attention
   on GPUs), extrapolated to 64×64. SDXL (128×128) is an estimate: C × the parameter ratio + the SD-1.5 area part ×
   the ratio of the summed output sizes of every leaf module in meta-device forwards;
+* SD3 activations: measured by the same method, but a full-depth SD3-medium transformer does not fit this machine
+  (7.6 GiB fp32 weights + 7.6 GiB grads + ~20 GiB activations at 128²). Its blocks are all alike, so the
+  transformer is built at full width (1536, 24 heads) with 2 and with 4 of its 24 blocks (the last one
+  context-pre-only, as in the full model) and measured at 64×64 and 128×128 latents (1024 / 4096 image tokens +
+  77 + 77 text tokens: CLIP, then T5 at the training's max_sequence_length=77), one pair, timestep σ·1000. Per size,
+  growth = A + L·P: P is one block, A the rest (embedders, final norm and projection, the last block's difference);
+  the figure is A + 24·P at 128² (measured at the training size: only the depth is extrapolated). The two sizes give
+  P = C + s·image tokens (C ≈ the block's bf16 weight copies + its text-token part). These runs make CPU autocast
+  do what CUDA autocast does with layer_norm (fp32 in, fp32 out; CPU autocast keeps it in bf16), which adds ~18% to a
+  block; the bf16-norm figure is printed too. Gradient checkpointing: the same 2/4-block fit at 128²;
 * the reference forward and the opponent's generation run without grad: their activations are transient.
 """
 
@@ -84,6 +100,33 @@ VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
 )
+# SD3-medium (stabilityai/stable-diffusion-3-medium-diffusers): transformer/, text_encoder (CLIP-L with projection),
+# text_encoder_2 (OpenCLIP-bigG with projection), text_encoder_3 (T5-XXL encoder), vae/ (16 latent channels)
+SD3 = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    feed_forward_proj="gated-gelu",
+)
+VAE_SD3 = {**VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+SD3_LATENT = 128  # 1024 px
+SD3_TEXT_TOKENS = 77 + 77  # CLIP-L ⊕ CLIP-G (77) then T5 (families.SD3_MAX_SEQUENCE_LENGTH = 77), joined
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -107,17 +150,40 @@ def lora_params(unet: torch.nn.Module, rank: int) -> int:
     )
 
 
-def frozen_parts(sdxl: bool) -> int:
-    """Text encoder(s) + VAE parameters (generation and cache building only)."""
+def meta_sd3(cfg: dict = SD3) -> torch.nn.Module:
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import SD3Transformer2DModel
 
     with init_empty_weights():
-        n = _numel(CLIPTextModel(CLIPTextConfig(**CLIP_L))) + _numel(AutoencoderKL.from_config(VAE))
-        if sdxl:
-            n += _numel(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)))
-    return n
+        return SD3Transformer2DModel.from_config(cfg)
+
+
+def _text_params(model: torch.nn.Module) -> int:
+    # init_empty_weights leaves T5's encoder.embed_tokens untied from shared (and re-tying inside it makes a new
+    # meta parameter); the checkpoint ties them, so tie outside it before counting (a no-op for CLIP)
+    model.tie_weights()
+    return _numel(model)
+
+
+def frozen_parts(model: str) -> dict[str, int]:
+    """Parameters of the text encoder(s) and the VAE (cache building and generation only), by part."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with init_empty_weights():
+        if model == "SD3":
+            text = {
+                "CLIP-L": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, projection_dim=768)),
+                "CLIP-G": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)),
+                "T5-XXL": T5EncoderModel(T5Config(**T5_XXL)),
+            }
+        else:
+            text = {"CLIP-L": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
+            if model == "SDXL":
+                text["CLIP-G"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
+        vae = AutoencoderKL.from_config(VAE_SD3 if model == "SD3" else VAE)
+    return {**{name: _text_params(m) for name, m in text.items()}, "VAE": _numel(vae)}
 
 
 def leaf_output_elements(cfg: dict, latent: int, batch: int = 2) -> int:
@@ -161,17 +227,10 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure_child(latent: int, checkpointing: bool) -> dict:
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(SD15).train()
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    for p in unet.parameters():
+def _forward_backward(model: torch.nn.Module, call) -> dict:
+    """Peak RSS growth of one bf16-autocast forward + backward over a baseline holding weights and gradients."""
+    for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    x, ctx = torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
-    t = torch.tensor([100, 700])
     saved: dict[int, int] = {}
 
     def pack(tensor):
@@ -184,20 +243,70 @@ def measure_child(latent: int, checkpointing: bool) -> dict:
     started = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = unet(x, t, encoder_hidden_states=ctx).sample.float().pow(2).mean()
+            loss = call().float().pow(2).mean()
     loss.backward()
     return {
         "peak_growth": _rss("VmHWM") - base,
         "saved": sum(saved.values()),
         "seconds": time.perf_counter() - started,
-        "weights_and_grads": 8 * _numel(unet),
+        "weights_and_grads": 8 * _numel(model),
     }
 
 
-def measure(latent: int, checkpointing: bool) -> dict:
+def measure_child(latent: int, checkpointing: bool) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(SD15).train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    x, ctx = torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
+    t = torch.tensor([100, 700])
+    return _forward_backward(unet, lambda: unet(x, t, encoder_hidden_states=ctx).sample)
+
+
+def _fp32_norms() -> None:
+    """CUDA autocast runs layer_norm/group_norm in fp32 (fp32 outputs); CPU autocast runs them in bf16. Make CPU
+    do what CUDA does: inputs cast to fp32, norm in fp32, fp32 out."""
+    import torch.nn.functional as F
+
+    def fp32(fn):
+        def norm(x, *args, **kwargs):
+            args = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+            kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            with torch.autocast("cpu", enabled=False):
+                return fn(x.float(), *args, **kwargs)
+
+        return norm
+
+    F.layer_norm, F.group_norm = fp32(F.layer_norm), fp32(F.group_norm)
+
+
+def measure_sd3_child(latent: int, layers: int, checkpointing: bool, fp32_norms: bool) -> dict:
+    """SD3-medium's transformer at full width with `layers` of its 24 blocks (the last one context-pre-only, as in
+    the full model), one pair, SD3_TEXT_TOKENS text tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    if fp32_norms:
+        _fp32_norms()
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel.from_config({**SD3, "num_layers": layers}).train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    x = torch.randn(2, SD3["in_channels"], latent, latent)
+    ctx = torch.randn(2, SD3_TEXT_TOKENS, SD3["joint_attention_dim"])
+    pooled = torch.randn(2, SD3["pooled_projection_dim"])
+    sigma_1000 = torch.tensor([100.0, 700.0])
+    kw = dict(timestep=sigma_1000, encoder_hidden_states=ctx, pooled_projections=pooled)
+    return _forward_backward(model, lambda: model(hidden_states=x, **kw).sample)
+
+
+def measure(*case: int) -> dict:
+    """Run one case in a child process: (latent, checkpointing) for SD-1.5, (latent, layers, checkpointing,
+    fp32_norms) for SD3."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     out = subprocess.run(
-        [sys.executable, __file__, "--child", str(latent), str(int(checkpointing))],
+        [sys.executable, __file__, "--child", *map(str, map(int, case))],
         capture_output=True,
         text=True,
         env=env,
@@ -214,19 +323,42 @@ MEASURED = {
     (16, False): {"peak_growth": 1.94 * GiB, "saved": 1.69 * GiB},
     (32, True): {"peak_growth": 1.86 * GiB, "saved": 0.28 * GiB},
 }
+# SD3 cases: (latent, layers, gradient checkpointing, fp32 norms as CUDA autocast). Same machine, OMP_NUM_THREADS=1,
+# one run of this script (8.7 min, 9.1 GiB peak RSS, in the SD-1.5 32² case; the SD3 cases peak at ~7 GiB). Each
+# case repeats to ~0.02 GiB, which A + 24·P = 11·g(4) - 10·g(2) amplifies to ~±0.2 GiB.
+MEASURED_SD3 = {
+    (64, 2, False, True): {"peak_growth": 0.81 * GiB, "saved": 0.66 * GiB},
+    (64, 4, False, True): {"peak_growth": 1.54 * GiB, "saved": 1.34 * GiB},
+    (128, 2, False, True): {"peak_growth": 2.07 * GiB, "saved": 1.70 * GiB},
+    (128, 4, False, True): {"peak_growth": 3.70 * GiB, "saved": 3.33 * GiB},
+    (128, 2, False, False): {"peak_growth": 1.67 * GiB, "saved": 1.36 * GiB},
+    (128, 4, False, False): {"peak_growth": 3.05 * GiB, "saved": 2.70 * GiB},
+    (128, 2, True, True): {"peak_growth": 1.39 * GiB, "saved": 0.19 * GiB},
+    (128, 4, True, True): {"peak_growth": 1.58 * GiB, "saved": 0.24 * GiB},
+}
+
+
+def sd3_depth_fit(m: dict, latent: int, ckpt: bool = False, fp32_norms: bool = True) -> tuple[float, float]:
+    """growth(L) = A + L·P from the 2- and 4-layer cases: (A, P). A holds the embedders, the final norm/projection
+    and what the last (context-pre-only) block lacks of a full one; P is one full block."""
+    g2, g4 = (m[(latent, n, ckpt, fp32_norms)]["peak_growth"] for n in (2, 4))
+    per_layer = (g4 - g2) / 2
+    return g2 - 2 * per_layer, per_layer
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Table
 
 
-def rows(n_gpus: int, act_sd15: float, act_sdxl: float, lora_rank: int) -> list[list[str]]:
+def rows(n_gpus: int, acts: dict[str, float], lora_rank: int) -> list[list[str]]:
     out = []
-    for model, cfg, sdxl in (("SD-1.5", SD15, False), ("SDXL", SDXL, True)):
-        unet = meta_unet(cfg)
-        p, lp = _numel(unet), lora_params(unet, lora_rank)
-        frozen = frozen_parts(sdxl) * 2  # bf16
-        act = act_sdxl if sdxl else act_sd15
+    for model in ("SD-1.5", "SDXL", "SD3"):
+        net = meta_sd3() if model == "SD3" else meta_unet(SD15 if model == "SD-1.5" else SDXL)
+        p, lp = _numel(net), lora_params(net, lora_rank)
+        parts = frozen_parts(model)
+        # SD3: the text encoders leave the GPU once the embeddings are cached; generation needs only the VAE
+        frozen = 2 * (parts["VAE"] if model == "SD3" else sum(parts.values()))  # bf16
+        act = acts[model]
         for mode in ("full", f"LoRA r={lora_rank}"):
             for strategy, shards in (("DDP", 1), (f"FSDP ×{n_gpus}", n_gpus)):
                 if mode == "full":
@@ -252,19 +384,31 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--no-measure", action="store_true", help="use the figures measured here before")
-    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_child(args.child[0], bool(args.child[1]))))
+        if len(args.child) == 2:
+            print(json.dumps(measure_child(args.child[0], bool(args.child[1]))))
+        else:
+            latent, layers, ckpt, fp32_norms = args.child
+            print(json.dumps(measure_sd3_child(latent, layers, bool(ckpt), bool(fp32_norms))))
         return
 
     started = time.perf_counter()
     counts = {
-        name: (_numel(u := meta_unet(cfg)), lora_params(u, args.lora_rank))
-        for name, cfg in (("SD-1.5", SD15), ("SDXL", SDXL))
+        name: (_numel(u := build()), lora_params(u, args.lora_rank))
+        for name, build in (
+            ("SD-1.5", lambda: meta_unet(SD15)),
+            ("SDXL", lambda: meta_unet(SDXL)),
+            ("SD3", meta_sd3),
+        )
     }
     for name, (p, lp) in counts.items():
-        print(f"{name} UNet: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
+        net = "transformer" if name == "SD3" else "UNet"
+        print(f"{name} {net}: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
+    for name in counts:
+        parts = frozen_parts(name)
+        print(f"{name} frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
     sd15_elems = leaf_output_elements(SD15, 64)
     sdxl_elems = leaf_output_elements(SDXL, 128)
     ratio = sdxl_elems / sd15_elems
@@ -274,14 +418,19 @@ def main() -> None:
     )
 
     if args.no_measure:
-        m = MEASURED
+        m, m3 = MEASURED, MEASURED_SD3
     else:
         m = {key: measure(*key) for key in MEASURED}
+        m3 = {key: measure(*key) for key in MEASURED_SD3}
+
+    def seconds(r: dict) -> str:
+        return f", {r['seconds']:.0f} s" if "seconds" in r else ""
+
     for (latent, ckpt), r in m.items():
-        extra = f", {r['seconds']:.0f} s" if "seconds" in r else ""
         print(
             f"SD-1.5 one pair @ {latent}×{latent} latents, bf16 autocast{', gradient checkpointing' if ckpt else ''}: "
-            f"peak RSS growth {r['peak_growth'] / GiB:.2f} GiB, saved for backward {r['saved'] / GiB:.2f} GiB{extra}"
+            f"peak RSS growth {r['peak_growth'] / GiB:.2f} GiB, saved for backward {r['saved'] / GiB:.2f} GiB"
+            + seconds(r)
         )
     # growth = C + s·area: C does not grow with the latent (mostly the bf16 copies of the weights that autocast
     # makes and keeps for backward, ≈ 2 bytes/param; CUDA autocast caches them the same way), s·area does.
@@ -300,10 +449,41 @@ def main() -> None:
         f"gradient checkpointing at 32²: peak growth ×{ckpt_ratio:.2f}, saved-for-backward "
         f"×{m[(32, True)]['saved'] / m[(32, False)]['saved']:.2f}"
     )
+
+    # SD3: a full-depth transformer does not fit in this machine's RAM (7.6 GiB weights + 7.6 GiB grads + ~20 GiB
+    # of activations at 128²), so the blocks are counted: 2 and 4 of them at full width give one block's growth P
+    # and the rest A (growth = A + L·P), at 64² and 128²; the 24-layer figure is A + 24·P at 128².
+    for (latent, layers, ckpt, fp32_norms), r in m3.items():
+        what = ", ".join(
+            [f"{layers} of 24 blocks", "fp32 norms (CUDA autocast)" if fp32_norms else "bf16 norms (CPU autocast)"]
+            + (["gradient checkpointing"] if ckpt else [])
+        )
+        print(
+            f"SD3 one pair @ {latent}×{latent} latents ({(latent // 2) ** 2} + {SD3_TEXT_TOKENS} tokens), {what}: "
+            f"peak RSS growth {r['peak_growth'] / GiB:.2f} GiB, saved for backward {r['saved'] / GiB:.2f} GiB"
+            + seconds(r)
+        )
+    layers = SD3["num_layers"]
+    block_p = (_numel(meta_sd3({**SD3, "num_layers": 4})) - _numel(meta_sd3({**SD3, "num_layers": 2}))) / 2
+    fits = {latent: sd3_depth_fit(m3, latent) for latent in (64, 128)}
+    s_tok = (fits[128][1] - fits[64][1]) / ((128 // 2) ** 2 - (64 // 2) ** 2)  # per block per image token
+    c_block = fits[128][1] - s_tok * (128 // 2) ** 2
+    act_sd3 = {latent: a + layers * per_layer for latent, (a, per_layer) in fits.items()}
+    a_cpu, p_cpu = sd3_depth_fit(m3, SD3_LATENT, fp32_norms=False)
+    a_ck, p_ck = sd3_depth_fit(m3, SD3_LATENT, ckpt=True)
+    act_sd3_ckpt = a_ck + layers * p_ck
+    print(
+        f"SD3 per block (fp32 norms) = C + s·image tokens: C = {c_block / GiB:.3f} GiB (its bf16 weight copies "
+        f"{2 * block_p / GiB:.3f} GiB + the {SD3_TEXT_TOKENS} text tokens' part), s·4096 = "
+        f"{s_tok * 4096 / GiB:.3f} GiB; rest A @128² = {fits[128][0] / GiB:.2f} GiB; "
+        f"with CPU autocast's bf16 norms a block is {p_cpu / GiB:.3f} GiB (×{fits[128][1] / p_cpu:.2f} for fp32)"
+    )
     print(
         f"=> activations per pair: SD-1.5 @64² ≈ {act_sd15 / GiB:.2f} GiB (fit of two measured sizes); "
         f"SDXL @128² ≈ {act_sdxl / GiB:.2f} GiB (estimate: C × params ratio {sdxl_p / sd15_p:.2f} + s·64² × "
-        f"leaf-output ratio {ratio:.2f})\n"
+        f"leaf-output ratio {ratio:.2f}); SD3 @128² ≈ {act_sd3[128] / GiB:.2f} GiB (A + {layers}·P, measured blocks; "
+        f"{(a_cpu + layers * p_cpu) / GiB:.2f} GiB with CPU autocast's bf16 norms; @64² {act_sd3[64] / GiB:.2f} GiB; "
+        f"with gradient checkpointing @128² {act_sd3_ckpt / GiB:.2f} GiB)\n"
     )
 
     header = [
@@ -321,16 +501,23 @@ def main() -> None:
     ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for row in rows(args.gpus, act_sd15, act_sdxl, args.lora_rank):
+    acts = {"SD-1.5": act_sd15, "SDXL": act_sdxl, "SD3": act_sd3[128]}
+    for row in rows(args.gpus, acts, args.lora_rank):
         print("| " + " | ".join(row) + " |")
+    sd3_parts = frozen_parts("SD3")
     print(
         f"\nGiB per GPU; one pair per GPU per micro-step (activations scale with it); gradient checkpointing "
-        f"measured at 32² cut the peak growth to {ckpt_ratio:.0%} (it removes the area-proportional part; the "
-        "constant bf16 weight copies stay, so the saving grows with resolution). Not included: CUDA context "
-        "and allocator slack "
+        f"measured at 32² cut the SD-1.5 peak growth to {ckpt_ratio:.0%} (it removes the area-proportional part; "
+        "the constant bf16 weight copies stay, so the saving grows with resolution); SD3 with gradient "
+        f"checkpointing: {act_sd3_ckpt / GiB:.2f} GiB of activations instead of {act_sd3[128] / GiB:.2f}. "
+        "Not included: CUDA context and allocator slack "
         f"(~1-3 GiB), DDP's gradient buckets (a second gradient copy unless gradient_as_bucket_view), FSDP's "
         f"transient all-gathered unit. 'opponent for generation' = the gathered fp32 policy every rank holds after "
-        f"training + text encoders/VAE (training state is freed by then). ({time.perf_counter() - started:.0f} s)"
+        f"training + text encoders/VAE (training state is freed by then); SD3: the VAE only, its text encoders "
+        f"leave the GPU after the embeddings are cached. SD3 cache building (once, before training): T5-XXL "
+        f"{2 * sd3_parts['T5-XXL'] / GiB:.2f} GiB in bf16, with CLIP-L, CLIP-G and the VAE "
+        f"{2 * sum(sd3_parts.values()) / GiB:.2f} GiB (fp32: {4 * sum(sd3_parts.values()) / GiB:.2f} GiB), plus "
+        f"the encoders' activations. ({time.perf_counter() - started:.0f} s)"
     )
 
 
