@@ -62,4 +62,19 @@ step 90 "$PY" -m spin_diffusion.cli spin --config configs/tiny.yaml --run-dir "$
   --set sample.num_steps=$((ITER_STEPS / 2)) --set sample.scheduler=dpmsolver++ --set sample.guidance_scale=7.5 \
   --set sample.batch_size="$BATCH" --set train.batch_size="$BATCH" --set train.max_steps="$TRAIN_STEPS" \
   --set eval.num_prompts="$EVAL" 2>&1 | tail -n 5 | tee "$OUT/run_dpm.txt"
+
+# 5. SDXL and SD3 families (tiny presets): spin_exact with bf16 mixed precision, export, plain-diffusers reload
+for preset in tiny-sdxl tiny-sd3; do
+  step 120 "$PY" -m spin_diffusion.cli spin --config configs/tiny.yaml --run-dir "$OUT/run_$preset" \
+    --set model.preset="$preset" --set loss.objective=spin_exact "${MIXED[@]}" 2>&1 | tail -n 3
+  "$PY" - "$OUT/run_$preset/iter_02/model" "$DEVICE" <<'PYEOF'
+import sys, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], local_files_only=True).to(sys.argv[2])
+kw = {"max_sequence_length": 77} if type(pipe).__name__ == "StableDiffusion3Pipeline" else {}
+image = pipe("a red circle", num_inference_steps=4, output_type="np", **kw).images[0]
+assert image.shape == (16, 16, 3) and image.std() > 0, image.shape
+print(f"{type(pipe).__name__}: exported, reloaded and generated on {sys.argv[2]}")
+PYEOF
+done
 echo; echo "gpu_check: all steps passed; logs in $OUT"
