@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from spin_diffusion import models
 from spin_diffusion.demo import evaluate, world
 from spin_diffusion.images import pil_to_tensor
-from spin_diffusion.sampling import sample
+from spin_diffusion.model_eval import render_images
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "spin_diffusion" / "assets" / "demo_base"
 CAPTION_NOISE = 0.25  # as the demo's --pretrain corpus
@@ -56,20 +56,17 @@ def heldout_check(split: str = "test", per_scene: int = FINAL_PER_SCENE) -> eval
 @torch.no_grad()
 def judge_unet(c: models.Components, unet, prompts: list[str], *, seed: int = EVAL_SEED) -> dict[str, float]:
     """Judge accuracies of `unet` on `prompts` (DDIM 20 steps, CFG 3, one image per prompt, seeds seed + i)."""
-    embeds = models.encode_prompts(c, prompts)
-    negative = models.encode_prompts(c, [""])
-    shape = (c.latent_channels, c.sample_size, c.sample_size)
-    latents = sample(
+    images = render_images(
+        c,
         unet,
-        c.scheduler.config,
-        embeds,
-        negative,
+        models.encode_prompts(c, prompts),
+        models.encode_prompts(c, [""]),
         seeds=[seed + i for i in range(len(prompts))],
-        latent_shape=shape,
         num_steps=SAMPLE_STEPS,
         guidance_scale=GUIDANCE,
-    ).latents
-    return world.judge_batch(models.decode_latents(c, latents), prompts)
+        batch_size=64,
+    )
+    return world.judge_batch(images, prompts)
 
 
 def main() -> int:

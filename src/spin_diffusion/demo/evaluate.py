@@ -20,8 +20,9 @@ from PIL import Image
 
 from spin_diffusion import atomic, evaluation, models
 from spin_diffusion.demo import world
-from spin_diffusion.images import save_grid, tensor_to_pil
-from spin_diffusion.sampling import sample, sample_seed
+from spin_diffusion.images import save_grid
+from spin_diffusion.model_eval import render_images
+from spin_diffusion.sampling import sample_seed
 
 ATTRIBUTES = ("all", "color", "shape", "position")
 METRIC_KEYS = {"all": "shapes_judge", "color": "shapes_color", "shape": "shapes_shape", "position": "shapes_position"}
@@ -52,25 +53,20 @@ def reference_images(prompts: tuple[str, ...] | list[str], seed: int) -> list[Im
 
 @torch.no_grad()
 def render(c: models.Components, spec: EvalSpec) -> list[Image.Image]:
-    """The images `c` draws for `spec.prompts` (DDIM with classifier-free guidance against the empty prompt)."""
-    embeds = models.encode_prompts(c, list(spec.prompts))
-    negative = models.encode_prompts(c, [""])
-    shape = (c.latent_channels, c.sample_size, c.sample_size)
-    images: list[Image.Image] = []
-    for start in range(0, len(spec.prompts), spec.batch_size):
-        stop = min(start + spec.batch_size, len(spec.prompts))
-        latents = sample(
-            c.unet,
-            c.scheduler.config,
-            embeds[start:stop],
-            negative,
-            seeds=[sample_seed(spec.seed, 0, i) for i in range(start, stop)],
-            latent_shape=shape,
-            num_steps=spec.num_steps,
-            guidance_scale=spec.guidance_scale,
-        ).latents
-        images += tensor_to_pil(models.decode_latents(c, latents))
-    return images
+    """The images `c` draws for `spec.prompts` (DDIM with classifier-free guidance against the empty prompt).
+
+    Goes through `model_eval.render_images`, the library's own evaluation renderer, so the demo keeps working
+    as the sampler's signature changes."""
+    return render_images(
+        c,
+        c.unet,
+        models.encode_prompts(c, list(spec.prompts)),
+        models.encode_prompts(c, [""]),
+        seeds=[sample_seed(spec.seed, 0, i) for i in range(len(spec.prompts))],
+        num_steps=spec.num_steps,
+        guidance_scale=spec.guidance_scale,
+        batch_size=spec.batch_size,
+    )
 
 
 def evaluate(model: str | Path, spec: EvalSpec, out_json: Path, *, grid: Path | None = None) -> dict:
