@@ -1,4 +1,4 @@
-"""The demo pipeline end to end, shrunk (fewer images and steps) so that it runs in seconds."""
+"""The demo pipeline end to end, shrunk (fewer images, steps and evaluation prompts) so that it runs in seconds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from spin_diffusion.cli import main
 from spin_diffusion.config import SampleConfig
-from spin_diffusion.demo import runner
+from spin_diffusion.demo import runner, world
 from spin_diffusion.errors import SpinDiffusionError
 
 
@@ -17,43 +17,70 @@ from spin_diffusion.errors import SpinDiffusionError
 def small_demo(monkeypatch):
     monkeypatch.setattr(runner, "PRETRAIN_IMAGES", 64)
     monkeypatch.setattr(runner, "FINETUNE_PAIRS", 16)
-    monkeypatch.setattr(runner, "EVAL_PROMPTS", 8)
+    monkeypatch.setattr(runner, "EVAL_PER_SCENE", 1)
+    monkeypatch.setattr(runner, "EVAL_SAMPLE", dict(num_steps=3, guidance_scale=3.0))
     monkeypatch.setattr(runner, "PAIRS_PER_STEP", 4)
     monkeypatch.setattr(runner, "SAMPLE", SampleConfig(num_steps=3, guidance_scale=3.0, batch_size=16, shard_size=8))
 
 
-def test_demo_end_to_end_and_rerun_continues(tmp_path, small_demo, capsys, monkeypatch):
+def test_demo_end_to_end_two_seeds_and_rerun_continues(tmp_path, small_demo, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out, as with the default "demo_run"
     out = Path("demo_run")
-    assert main(["demo", "--out", str(out), "--scale", "0.02"]) == 0, capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--scale", "0.05", "--seeds", "2"]) == 0, capsys.readouterr().err
     report = out / "report.html"
     assert report.exists()
     results = json.loads((out / "results.json").read_text())
-    assert [m["name"] for m in results["models"]] == ["base", "sft", "spin iter 1", "spin iter 2"]
+    names = ["base", "sft", "spin iter 1", "spin iter 2", "spin iter 3"]
+    assert [m["name"] for m in results["models"]] == names
     for model in results["models"]:
+        for key in ("shapes_judge", "shapes_color", "win_rate_vs_base", "fd"):
+            assert len(model["per_seed"][key]) == 2  # every metric: both seeds, their mean and their spread
+            assert model["metrics"][key] == pytest.approx(sum(model["per_seed"][key]) / 2)
+            assert model["spread"][key] >= 0.0
         assert 0.0 <= model["metrics"]["shapes_judge"] <= 1.0
-        assert 0.0 <= model["metrics"]["win_rate_vs_base"] <= 1.0
-        assert model["metrics"]["fd"] >= 0.0
-    assert results["models"][0]["metrics"]["win_rate_vs_base"] == 0.5  # the base against itself: all ties
+    assert results["models"][0]["per_seed"]["win_rate_vs_base"] == [0.5, 0.5]  # the base against itself
+    assert sorted(results["per_seed"]) == ["0", "1"]
+
+    # starts from the shipped base; evaluates on held-out test scenes, never on a fine-tuning caption
+    train = {s.caption for s in world.split_scenes("train")}
+    finetune = {json.loads(line)["text"] for line in (out / "world" / "finetune" / "metadata.jsonl").open()}
+    assert finetune <= train
+    evaluated = json.loads((out / "seed_0" / "eval" / "sft.json").read_text())
+    assert evaluated["model"].endswith("model") and len(evaluated["prompts"]) == 12
+    assert set(evaluated["prompts"]) == {s.caption for s in world.split_scenes("test")}
+    base_eval = json.loads((out / "seed_1" / "eval" / "base.json").read_text())
+    assert Path(base_eval["model"]) == runner.SHIPPED_BASE
+    assert not (out / "base").exists()  # nothing pretrained
+
     html = report.read_text()
     assert "SFT vs SPIN-Diffusion" in html and "data:image/png;base64," in html
-    # every image of the report resolves: 2 plots + one sample grid per model, none missing
+    assert "±" in html and "standard deviation over 2 seeds" in html
     assert "not found" not in html
-    assert html.count('<img class="grid"') == 4 and html.count('<img class="plot"') == 2
+    assert html.count('<img class="grid"') == 5 and html.count('<img class="plot"') == 2
     for model in results["models"]:
         assert (out / model["grid"]).is_file() and not Path(model["grid"]).is_absolute()
     xs = {m["name"]: m["step"] for m in results["models"]}
-    assert xs["base"] == 0 < xs["spin iter 1"] < xs["spin iter 2"] == xs["sft"]  # optimizer steps, not iterations
-    assert results["x_label"].startswith("optimizer steps")
+    assert xs["base"] == 0 < xs["spin iter 1"] < xs["spin iter 2"] < xs["spin iter 3"] == xs["sft"]
 
-    base_model = out / "base" / "iter_01" / "model" / "model_index.json"
-    stamp = base_model.stat().st_mtime_ns
-    runner.run_demo(out, scale=0.02, progress=False)  # a rerun continues: nothing is retrained
+    spin_model = out / "seed_1" / "spin" / "iter_03" / "model" / "model_index.json"
+    stamp = spin_model.stat().st_mtime_ns
+    runner.run_demo(out, seeds=2, scale=0.05, progress=False)  # a rerun continues: nothing is retrained
     assert "continuing the demo" in capsys.readouterr().out
-    assert base_model.stat().st_mtime_ns == stamp
+    assert spin_model.stat().st_mtime_ns == stamp
 
     with pytest.raises(SpinDiffusionError, match="seed"):
-        runner.run_demo(out, seed=1, scale=0.02, progress=False)
+        runner.run_demo(out, seeds=3, scale=0.05, progress=False)
+
+
+def test_demo_pretrain_keeps_the_from_scratch_path(tmp_path, small_demo, monkeypatch):
+    out = tmp_path / "demo"
+    runner.run_demo(out, seeds=1, scale=0.02, pretrain=True, hyper=runner.Hyper(iterations=1), progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["base", "sft", "spin iter 1"]
+    assert results["models"][0]["spread"] == {}  # one seed: no spread
+    base_eval = json.loads((out / "seed_0" / "eval" / "base.json").read_text())
+    assert Path(base_eval["model"]) == out / "base" / "iter_01" / "model"
+    assert "One seed only" in results["summary"]
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):

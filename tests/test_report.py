@@ -11,7 +11,16 @@ from PIL import Image
 from spin_diffusion import rundir
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.images import make_grid
-from spin_diffusion.report import Curve, ModelEntry, ReportData, collect_run, train_curves, write_report
+from spin_diffusion.report import (
+    Curve,
+    ModelEntry,
+    ReportData,
+    collect_run,
+    seed_spread,
+    train_curves,
+    within_spread,
+    write_report,
+)
 
 
 def _images(n: int, size: int = 16) -> list[Image.Image]:
@@ -42,7 +51,7 @@ def _sample_data(tmp_path: Path) -> ReportData:
 
 def _cells(page: str, row_name: str) -> list[str]:
     row = next(r for r in re.findall(r"<tr>.*?</tr>", page, re.S) if row_name in r)
-    return re.findall(r'<td class="num">(.*?)</td>', row)
+    return re.findall(r'<td class="num"[^>]*>(.*?)</td>', row)
 
 
 def test_write_report_contents(tmp_path):
@@ -108,6 +117,29 @@ def test_report_data_json_round_trip(tmp_path):
     data = _sample_data(tmp_path)
     again = ReportData.from_dict(json.loads(json.dumps(data.to_dict())))
     assert again == data
+
+
+def test_spread_over_seeds_is_shown_and_small_differences_are_flagged(tmp_path):
+    """Several seeds: mean ± spread with the per-seed values, error bars, and a delta within the spread marked ≈."""
+    base = ModelEntry.over_seeds(
+        "base", [{"acc": 0.30, "fd": 2.0}, {"acc": 0.34, "fd": 2.2}, {"acc": 0.32, "fd": 2.1}]
+    )
+    sft = ModelEntry.over_seeds("sft", [{"acc": 0.50, "fd": 2.0}, {"acc": 0.54, "fd": 2.4}, {"acc": 0.52, "fd": 1.7}])
+    assert base.metrics["acc"] == pytest.approx(0.32) and base.spread["acc"] == pytest.approx(0.02)
+    assert sft.per_seed["fd"] == [2.0, 2.4, 1.7]
+    data = ReportData("t", "", [base, sft], baseline="base", lower_is_better={"fd"}, spread_label="sd over 3 seeds")
+    page = write_report(data, tmp_path).read_text()
+    acc, fd = _cells(page, '<td class="name">sft')
+    assert "0.52" in acc and "± 0.02" in acc and '<span class="delta up">(+0.2)</span>' in acc  # resolved
+    assert "± 0.3512" in fd and "(-0.0667 ≈)" in fd and "delta same" in fd  # within the spread
+    assert "2, 2.4, 1.7" in fd  # per-seed values
+    assert "sd over 3 seeds" in page
+    assert ReportData.from_dict(json.loads(json.dumps(data.to_dict()))) == data
+    # one seed: no spread, nothing flagged
+    one = ModelEntry.over_seeds("x", [{"acc": 0.5}])
+    assert one.spread == {} and one.per_seed == {}
+    assert seed_spread([1.0]) == 0.0 and not within_spread(0.5, 0.5)
+    assert within_spread(0.5, 0.6, 0.1, 0.05) and not within_spread(0.5, 0.7, 0.1, 0.05)
 
 
 def test_make_grid_dimensions():

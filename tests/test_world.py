@@ -237,3 +237,30 @@ def test_frechet_distance_in_world_features(real_images):
     same_world = fd(reals, other, net)
     assert 3 * same_world < fd(reals, blurred, net)
     assert 3 * same_world < fd(reals, reds, net)
+
+
+def test_split_is_a_balanced_partition_of_the_scenes():
+    """The held-out split: 24 train / 12 validation / 12 test scenes, disjoint, every attribute in every split."""
+    splits = {name: world.split_scenes(name) for name in world.SPLITS}
+    assert {name: len(scenes) for name, scenes in splits.items()} == {"train": 24, "validation": 12, "test": 12}
+    assert sorted(s.caption for scenes in splits.values() for s in scenes) == sorted(
+        s.caption for s in world.all_scenes()
+    )
+    for scenes in splits.values():
+        assert {s.shape for s in scenes} == set(world.SHAPES)
+        assert {s.color for s in scenes} == set(world.COLORS)
+        assert {s.position for s in scenes} == set(world.POSITIONS)
+    prompts = world.split_prompts("test", 2)
+    assert len(prompts) == 24 and prompts[:12] == prompts[12:] == [s.caption for s in splits["test"]]
+    with pytest.raises(ValueError, match="unknown split"):
+        world.split_scenes("dev")
+
+
+def test_examples_can_be_restricted_to_scenes_and_noisy_captions_are_counted():
+    train = world.split_scenes("train")
+    examples = world.make_examples(48, seed=3, scenes=train)
+    assert {caption for _, caption in examples} == {s.caption for s in train}  # 2 each, nothing held out
+    pairs, wrong = world.noisy_examples(200, seed=0, noise=0.25)
+    clean = world.make_examples(200, seed=1)
+    assert sum(a != b for (_, a), (_, b) in zip(pairs, clean, strict=True)) == wrong
+    assert 25 <= wrong <= 75

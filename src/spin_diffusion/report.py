@@ -49,6 +49,10 @@ class ModelEntry:
     step: int = 0  # x position in the metric plots, in the units of ReportData.x_label
     notes: str = ""
     captions: list[str] = field(default_factory=list)  # prompts of the grid cells, listed under the grid
+    # Several seeds: `metrics` holds the mean over seeds, `spread` the seed-to-seed spread (`seed_spread`) and
+    # `per_seed` the values behind them. Empty for a single run.
+    spread: dict[str, float] = field(default_factory=dict)
+    per_seed: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +62,37 @@ class ModelEntry:
         d = dict(d)
         d["metrics"] = {str(k): float(v) for k, v in d.get("metrics", {}).items()}
         d["captions"] = [str(c) for c in d.get("captions", [])]
+        d["spread"] = {str(k): float(v) for k, v in d.get("spread", {}).items()}
+        d["per_seed"] = {str(k): [float(x) for x in v] for k, v in d.get("per_seed", {}).items()}
         return cls(**d)
+
+    @classmethod
+    def over_seeds(cls, name: str, runs: list[dict[str, float]], **kwargs: Any) -> ModelEntry:
+        """One entry for the same model trained with several seeds: mean, spread and per-seed values of every
+        metric that all `runs` have."""
+        if not runs:
+            raise ValueError("over_seeds needs at least one run")
+        keys = [k for k in runs[0] if all(k in r for r in runs)]
+        per_seed = {k: [float(r[k]) for r in runs] for k in keys}
+        metrics = {k: sum(v) / len(v) for k, v in per_seed.items()}
+        spread = {k: seed_spread(v) for k, v in per_seed.items()} if len(runs) > 1 else {}
+        return cls(name=name, metrics=metrics, spread=spread, per_seed=per_seed if len(runs) > 1 else {}, **kwargs)
+
+
+def seed_spread(values: list[float]) -> float:
+    """The seed-to-seed spread the report shows as ±: the sample standard deviation (n - 1); 0 for one value."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def within_spread(a: float, b: float, spread_a: float = 0.0, spread_b: float = 0.0) -> bool:
+    """True when |a - b| is no larger than the larger of the two seed-to-seed spreads (and some spread was
+    measured): a difference the report flags as not resolved by the seeds run."""
+    spread = max(spread_a, spread_b)
+    return spread > 0 and abs(a - b) <= spread
 
 
 @dataclass
@@ -96,6 +130,7 @@ class ReportData:
     sections: list[tuple[str, str]] = field(default_factory=list)  # (heading, preformatted text)
     baseline: str | None = None  # model name that deltas are computed against
     x_label: str = "iteration"  # what ModelEntry.step counts (the x axis of the metric plots)
+    spread_label: str = "standard deviation over seeds"  # what ± means, for models with ModelEntry.spread
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +143,7 @@ class ReportData:
             "sections": [[h, t] for h, t in self.sections],
             "baseline": self.baseline,
             "x_label": self.x_label,
+            "spread_label": self.spread_label,
         }
 
     @classmethod
@@ -122,6 +158,7 @@ class ReportData:
             sections=[(str(h), str(t)) for h, t in d.get("sections", [])],
             baseline=d.get("baseline"),
             x_label=d.get("x_label", "iteration"),
+            spread_label=d.get("spread_label", "standard deviation over seeds"),
         )
 
 
@@ -322,11 +359,15 @@ def _metric_table(data: ReportData, keys: list[str], label: dict[str, str]) -> d
         cells = []
         for k in keys:
             v = m.metrics.get(k)
+            spread = m.spread.get(k)
             cell: dict[str, Any] = {
                 "text": None if v is None else _fmt(v),
+                "spread": None if spread is None else _fmt(spread),
+                "per_seed": ", ".join(_fmt(x) for x in m.per_seed.get(k, [])) or None,
                 "best": v is not None and v == best[k],
                 "delta": None,
                 "delta_class": None,
+                "within_spread": False,
             }
             if (
                 v is not None
@@ -339,6 +380,8 @@ def _metric_table(data: ReportData, keys: list[str], label: dict[str, str]) -> d
                 better = -d if k in data.lower_is_better else d
                 cell["delta"] = f"{d:+.3g}"
                 cell["delta_class"] = "up" if better > 0 else "down" if better < 0 else "same"
+                if within_spread(v, base.metrics[k], spread or 0.0, base.spread.get(k, 0.0)):
+                    cell["delta_class"], cell["within_spread"] = "same", True
             cells.append(cell)
         rows.append({"name": m.name, "is_baseline": is_base, "cells": cells, "notes": m.notes})
     return {
@@ -346,6 +389,8 @@ def _metric_table(data: ReportData, keys: list[str], label: dict[str, str]) -> d
         "rows": rows,
         "with_notes": any(m.notes for m in data.models),
         "baseline": base.name if base is not None else None,
+        "with_spread": any(m.spread for m in data.models),
+        "spread_label": data.spread_label,
     }
 
 
@@ -379,10 +424,17 @@ def _plot_metrics(
     fig, axes = _figure(len(keys))
     for ax, key in zip(axes, keys, strict=False):
         for gi, g in enumerate(groups):
-            pts = sorted((m.step, m.metrics[key]) for m in models if m.group == g and _finite(m.metrics.get(key)))
+            pts = sorted(
+                (m.step, m.metrics[key], m.spread.get(key, 0.0))
+                for m in models
+                if m.group == g and _finite(m.metrics.get(key))
+            )
             if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", color=f"C{gi}", label=g or "models")
+                xs, ys, err = zip(*pts, strict=True)
+                if any(err):  # error bars: the seed-to-seed spread
+                    ax.errorbar(xs, ys, yerr=err, marker="o", color=f"C{gi}", label=g or "models", capsize=3)
+                else:
+                    ax.plot(xs, ys, marker="o", color=f"C{gi}", label=g or "models")
         ax.set_title(f"{label[key]} {'↓' if key in lower else '↑'}", fontsize=10)
         ax.set_xlabel(x_label, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

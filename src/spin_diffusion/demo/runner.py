@@ -2,25 +2,32 @@
 
 Stages (each resumable, each in its own folder under `out`):
 
-0. world/     rendered images: a 'web-scale' pretraining set whose captions are partly wrong (as web alt-text
-              is), and a small clean fine-tuning set of good (image, caption) pairs
-1. stage0/    the `demo` preset: the shipped VAE fitted to the world, and a random UNet
-2. base/      the base model: the UNet pretrained with the plain denoising loss on the noisy set
-3. sft/       SFT baseline on the clean pairs
-4. spin/      SPIN-Diffusion on the same clean pairs, 2 iterations (iteration 0 = the base model)
-5. report.html  metric table, plots, training curves and image grids; results.json
+0. world/        the clean fine-tuning pairs (train scenes only, `world.split_of`) as an imagefolder
+1. base          the shipped pretrained base (assets/demo_base, made by scripts/train_demo_base.py); with
+                 `pretrain=True` instead: world/pretrain/ (noisy-caption corpus), stage0/ (the `demo` preset with
+                 the shipped VAE and a random UNet) and base/ (BASE_STEPS of plain denoising on the corpus)
+2. seed_<s>/     for every seed: sft/ (SFT baseline on the clean pairs), spin/ (SPIN-Diffusion, ITERATIONS
+                 iterations from the base), eval/ (every model, the base included, judged on the held-out test
+                 scenes with that seed's evaluation noise)
+3. report.html   mean ± seed-to-seed spread of every metric (per-seed values too), plots with error bars,
+                 training curves and image grids; results.json
 
 SFT and SPIN get the same optimizer steps and the same number of images per step (SFT: 2B real images;
 SPIN: B real + B self-generated). SPIN additionally pays for reference forwards and for generating its
 opponent's images; the report shows each stage's wall-clock time, so the comparison is explicit.
+
+Evaluation never uses a training caption: the fine-tuning pairs show only the 24 "train" scenes, the report
+scores the 12 "test" scenes, and the 12 "validation" scenes are kept for choosing hyper-parameters
+(`validation_spec`). A grid script can call `prepare`, `finetune` and `evaluate_seed` with its own `Hyper`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,61 +35,120 @@ import torch
 from spin_diffusion import models
 from spin_diffusion.config import DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from spin_diffusion.demo import world
+from spin_diffusion.demo.evaluate import EvalSpec, evaluate, win_rate_vs
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.evaluation import win_rate
-from spin_diffusion.report import Curve, ModelEntry, ReportData, model_entry, train_curves, write_report
-from spin_diffusion.rundir import EVAL_FILE, TRAIN_LOG, iter_dir, read_eval
+from spin_diffusion.report import Curve, ModelEntry, ReportData, train_curves, within_spread, write_report
+from spin_diffusion.rundir import TRAIN_LOG, iter_dir
 from spin_diffusion.self_play import run
 
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "demo_base"  # scripts/train_demo_base.py
+
 # Sizes and budgets of the default demo (scale multiplies every step count).
-PRETRAIN_IMAGES = 2048  # noisy-caption pretraining corpus
+PRETRAIN_IMAGES = 2048  # --pretrain only: noisy-caption pretraining corpus
 CAPTION_NOISE = 0.25  # fraction of pretraining captions that describe another scene
-FINETUNE_PAIRS = 256  # clean (image, caption) pairs for SFT and SPIN
-EVAL_PROMPTS = 96  # 2 per scene
-BASE_STEPS = 500
-SPIN_ITERATIONS = 2
-STEPS_PER_ITERATION = 60
-PAIRS_PER_STEP = 16
-SAMPLE = SampleConfig(num_steps=20, guidance_scale=3.0, batch_size=64, shard_size=128)
-# Learning rates: each method's best of {2e-4, 5e-5, 2e-5} in a one-seed sweep from this base (README has the
-# table). SPIN at 2e-4 collapses (the loser error is the easy direction); 2e-5 is also the paper's value.
+BASE_STEPS = 500  # --pretrain only
+FINETUNE_PAIRS = 192  # clean (image, caption) pairs of the 24 train scenes, 8 each, for SFT and SPIN
+SEEDS = 3
+EVAL_PER_SCENE = 4  # evaluation: 4 images for each of the 12 held-out test scenes (48 prompts)
+EVAL_SAMPLE = dict(num_steps=20, guidance_scale=3.0)  # the evaluation sampler
+VALIDATION_PER_SCENE = 4  # the validation set (12 other held-out scenes), for a hyper-parameter grid
+# SPIN's opponent samples: DDIM 10 steps (half the evaluation sampler's) keeps the 3-seed demo under 5 minutes.
+SAMPLE = SampleConfig(num_steps=10, guidance_scale=3.0, batch_size=64, shard_size=128)
+# Learning rates: each method's best of {2e-4, 5e-5, 2e-5} in a one-seed sweep from the old from-scratch base
+# (README has the table); not re-tuned for the shipped base (a grid on the validation scenes is the next step).
 SFT_LR = 2e-4
 SPIN_LR = 2e-5
 SPIN_BETA = 2000.0
+ITERATIONS = 3
+STEPS_PER_ITERATION = 40
+PAIRS_PER_STEP = 16
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The fine-tuning knobs a hyper-parameter grid varies (defaults: the module constants)."""
+
+    sft_lr: float = SFT_LR
+    spin_lr: float = SPIN_LR
+    spin_beta: float = SPIN_BETA
+    iterations: int = ITERATIONS
+    steps_per_iteration: int = STEPS_PER_ITERATION
+    pairs_per_step: int = PAIRS_PER_STEP
 
 
 def _steps(n: int, scale: float) -> int:
     return max(1, round(n * scale))
 
 
-def _write_world(out: Path, seed: int) -> tuple[Path, int]:
-    """The pretraining imagefolder with CAPTION_NOISE of its captions swapped for another scene's."""
+def heldout_spec(seed: int) -> EvalSpec:
+    """The report's evaluation: held-out test scenes, EVAL_PER_SCENE images each, noise from `seed`."""
+    return EvalSpec.for_split("test", EVAL_PER_SCENE, seed=1000 + seed, **EVAL_SAMPLE)
+
+
+def validation_spec(seed: int) -> EvalSpec:
+    """For hyper-parameter choice: the validation scenes (disjoint from the test and the train scenes)."""
+    return EvalSpec.for_split("validation", VALIDATION_PER_SCENE, seed=2000 + seed, **EVAL_SAMPLE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def prepare(out: Path, seed: int = 0) -> Path:
+    """The clean fine-tuning pairs (train scenes only) as an imagefolder under out/world/finetune."""
+    folder = out / "world" / "finetune"
+    if not (folder / "metadata.jsonl").exists():
+        world.write_imagefolder(folder, FINETUNE_PAIRS, seed=seed + 7, scenes=world.split_scenes("train"))
+    return folder
+
+
+def _write_pretrain_corpus(out: Path, seed: int) -> Path:
+    """--pretrain: the noisy-caption corpus (all 48 scenes, CAPTION_NOISE of the captions wrong)."""
     folder = out / "world" / "pretrain"
     if (folder / "metadata.jsonl").exists():
-        return folder, -1
+        return folder
     tmp = folder.with_name("pretrain.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    scenes = world.all_scenes()
-    lines, wrong = [], 0
-    for i, (image, caption) in enumerate(world.make_examples(PRETRAIN_IMAGES, seed=seed + 1)):
-        if rng.random() < CAPTION_NOISE:
-            caption = rng.choice([s.caption for s in scenes if s.caption != caption])
-            wrong += 1
+    pairs, _ = world.noisy_examples(PRETRAIN_IMAGES, seed=seed, noise=CAPTION_NOISE)
+    lines = []
+    for i, (image, caption) in enumerate(pairs):
         image.save(tmp / f"{i:05d}.png")
         lines.append(json.dumps({"file_name": f"{i:05d}.png", "text": caption}))
     (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     os.replace(tmp, folder)
-    return folder, wrong
+    return folder
 
 
-def _stage0(out: Path, seed: int) -> tuple[Path, dict]:
-    """The demo preset (shipped VAE fitted to the world, random UNet), saved as a diffusers pipeline."""
-    folder = out / "stage0" / "model"
-    if not folder.exists():
-        models.save_pipeline(models.build_preset("demo", seed=seed), folder)
-    info_path = models.DEMO_VAE_DIR / "training.json"
-    return folder, json.loads(info_path.read_text()) if info_path.exists() else {}
+def pretrain_base(out: Path, seed: int, scale: float, progress: bool) -> Path:
+    """--pretrain: the demo preset's random UNet trained BASE_STEPS on the noisy corpus. Returns the model."""
+    corpus = _write_pretrain_corpus(out, seed)
+    stage0 = out / "stage0" / "model"
+    if not stage0.exists():
+        models.save_pipeline(models.build_preset("demo", seed=seed), stage0)
+    cfg = _config(
+        out / "base",
+        stage0,
+        DataConfig(path=str(corpus)),
+        "sft",
+        seed=seed,
+        iterations=1,
+        steps=_steps(BASE_STEPS, scale),
+        batch=32,
+        lr=1e-3,
+        beta=SPIN_BETA,
+        warmup=20,
+        caption_dropout=0.1,
+    )
+    run(cfg, resume=(out / "base").exists(), progress=progress)
+    return iter_dir(out / "base", 1) / "model"
+
+
+def shipped_base() -> Path:
+    if not (SHIPPED_BASE / "model_index.json").exists():
+        raise SpinDiffusionError(
+            f"the shipped demo base is missing ({SHIPPED_BASE}); run scripts/train_demo_base.py, or pass --pretrain"
+        )
+    return SHIPPED_BASE
 
 
 def _config(
@@ -96,9 +162,8 @@ def _config(
     steps: int,
     batch: int,
     lr: float,
+    beta: float,
     warmup: int,
-    include_base: bool,
-    eval_enabled: bool = True,
     caption_dropout: float = 0.0,
 ) -> RunConfig:
     return RunConfig(
@@ -108,7 +173,7 @@ def _config(
         model=ModelConfig(path=str(model)),
         data=data,
         sample=SAMPLE,
-        loss=LossConfig(objective=objective, beta=SPIN_BETA),
+        loss=LossConfig(objective=objective, beta=beta),
         train=TrainConfig(
             learning_rate=lr,
             batch_size=batch,
@@ -120,16 +185,75 @@ def _config(
             log_every=5,
             caption_dropout=caption_dropout,
         ),
-        eval=EvalConfig(enabled=eval_enabled, include_base=include_base, num_prompts=EVAL_PROMPTS, seed=seed + 99),
+        eval=EvalConfig(enabled=False),  # the demo evaluates on held-out prompts itself (evaluate_seed)
     )
 
+
+def finetune_configs(
+    seed_dir: Path, base: Path, data_dir: Path, *, seed: int, hyper: Hyper, scale: float
+) -> tuple[RunConfig, RunConfig]:
+    """SFT and SPIN runs of one seed: the same optimizer steps and images per step (SFT 2B real, SPIN B + B)."""
+    steps = _steps(hyper.steps_per_iteration, scale)
+    data = DataConfig(path=str(data_dir))
+    common = dict(seed=seed, beta=hyper.spin_beta, warmup=min(5, steps))
+    sft = _config(
+        seed_dir / "sft",
+        base,
+        data,
+        "sft",
+        iterations=1,
+        steps=steps * hyper.iterations,
+        batch=2 * hyper.pairs_per_step,
+        lr=hyper.sft_lr,
+        **common,
+    )
+    spin = _config(
+        seed_dir / "spin",
+        base,
+        data,
+        "spin_approx",
+        iterations=hyper.iterations,
+        steps=steps,
+        batch=hyper.pairs_per_step,
+        lr=hyper.spin_lr,
+        **common,
+    )
+    return sft, spin
+
+
+def finetune(sft: RunConfig, spin: RunConfig, *, progress: bool, timings: dict[str, float]) -> dict[str, Path]:
+    """Run (or continue) both fine-tunings; -> {model name: diffusers folder} for SFT and each SPIN iteration."""
+    for name, cfg in (("sft", sft), ("spin", spin)):
+        t0 = time.perf_counter()
+        run(cfg, resume=Path(cfg.run_dir).exists(), progress=progress)
+        timings[name] = round(time.perf_counter() - t0, 1)
+    found = {"sft": iter_dir(Path(sft.run_dir), 1) / "model"}
+    found |= {f"spin iter {k}": iter_dir(Path(spin.run_dir), k) / "model" for k in range(1, spin.num_iterations + 1)}
+    return found
+
+
+def evaluate_seed(
+    seed_dir: Path, base: Path, finetuned: dict[str, Path], spec: EvalSpec, *, timings: dict[str, float]
+) -> dict[str, dict]:
+    """Judge the base and every fine-tuned model on `spec`; -> {name: metrics incl. win_rate_vs_base}."""
+    t0 = time.perf_counter()
+    folder = seed_dir / "eval"
+    results = {"base": evaluate(base, spec, folder / "base.json", grid=folder / "base.png")}
+    for name, model in finetuned.items():
+        slug = name.replace(" ", "_")
+        results[name] = evaluate(model, spec, folder / f"{slug}.json", grid=folder / f"{slug}.png")
+    timings["eval"] = round(time.perf_counter() - t0, 1)
+    return {name: r["metrics"] | {"win_rate_vs_base": win_rate_vs(r, results["base"])} for name, r in results.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole demo
 
 MARKER = "demo.json"
 
 
-def _claim(out: Path, seed: int, scale: float) -> bool:
+def _claim(out: Path, settings: dict) -> bool:
     """Make `out` a demo folder, or check that it is one made with the same settings. True if it existed."""
-    settings = {"seed": seed, "scale": scale}
     marker = out / MARKER
     if marker.exists():
         saved = json.loads(marker.read_text())
@@ -143,122 +267,130 @@ def _claim(out: Path, seed: int, scale: float) -> bool:
     return False
 
 
-def run_demo(out: str | Path = "demo_run", *, seed: int = 0, scale: float = 1.0, progress: bool = True) -> Path:
-    """Run every demo stage and write out/report.html. Rerunning continues a killed demo: finished stages
-    (and finished phases inside them) are skipped, so a complete demo only rebuilds its report."""
+def run_demo(
+    out: str | Path = "demo_run",
+    *,
+    seed: int = 0,
+    seeds: int = SEEDS,
+    scale: float = 1.0,
+    pretrain: bool = False,
+    hyper: Hyper | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run every demo stage for seeds seed, seed + 1, ... and write out/report.html. Rerunning continues a
+    killed demo: finished stages (and finished phases inside them) are skipped, so a complete demo only
+    rebuilds its report."""
     out = Path(out)
-    if _claim(out, seed, scale):
+    hyper = hyper or Hyper()
+    if seeds < 1:
+        raise SpinDiffusionError(f"--seeds must be >= 1, got {seeds}")
+    settings = {"seed": seed, "seeds": seeds, "scale": scale, "pretrain": pretrain, "hyper": dataclasses.asdict(hyper)}
+    if _claim(out, settings):
         print(f"continuing the demo in {out} (finished stages are skipped)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    timings: dict[str, dict[str, float] | float] = {}
 
-    def timed(name: str, fn):
-        t0 = time.perf_counter()
-        result = fn()
-        timings[name] = round(time.perf_counter() - t0, 1)
-        return result
+    t0 = time.perf_counter()
+    data_dir = prepare(out, seed)
+    timings["world"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    base = pretrain_base(out, seed, scale, progress) if pretrain else shipped_base()
+    timings["base"] = round(time.perf_counter() - t0, 1)
 
-    pretrain_dir, _ = timed("world", lambda: _write_world(out, seed))
-    stage0, vae_info = timed("stage0", lambda: _stage0(out, seed))
-    clean = DataConfig(builtin="shapes", num_builtin=FINETUNE_PAIRS)
-    base_cfg = _config(
-        out / "base",
-        stage0,
-        DataConfig(path=str(pretrain_dir)),
-        "sft",
-        seed=seed,
-        iterations=1,
-        steps=_steps(BASE_STEPS, scale),
-        batch=32,
-        lr=1e-3,
-        warmup=20,
-        include_base=False,
-        eval_enabled=False,
-        caption_dropout=0.1,
-    )
-    timed("base", lambda: run(base_cfg, resume=(out / "base").exists(), progress=progress))
-    base_model = iter_dir(out / "base", 1) / "model"
+    per_seed: dict[int, dict[str, dict]] = {}
+    sft_cfg = spin_cfg = None
+    for s in range(seed, seed + seeds):
+        seed_dir = out / f"seed_{s}"
+        seed_timings: dict[str, float] = {}
+        sft_cfg, spin_cfg = finetune_configs(seed_dir, base, data_dir, seed=s, hyper=hyper, scale=scale)
+        finetuned = finetune(sft_cfg, spin_cfg, progress=progress, timings=seed_timings)
+        per_seed[s] = evaluate_seed(seed_dir, base, finetuned, heldout_spec(s), timings=seed_timings)
+        timings[f"seed_{s}"] = seed_timings
+        print(f"seed {s}: {json.dumps(seed_timings)}")
+    timings["total"] = round(time.perf_counter() - started, 1)
 
-    spin_steps = _steps(STEPS_PER_ITERATION, scale)
-    sft_cfg = _config(
-        out / "sft",
-        base_model,
-        clean,
-        "sft",
-        seed=seed,
-        iterations=1,
-        steps=spin_steps * SPIN_ITERATIONS,
-        batch=2 * PAIRS_PER_STEP,
-        lr=SFT_LR,
-        warmup=5,
-        include_base=False,
-    )
-    spin_cfg = _config(
-        out / "spin",
-        base_model,
-        clean,
-        "spin_approx",
-        seed=seed,
-        iterations=SPIN_ITERATIONS,
-        steps=spin_steps,
-        batch=PAIRS_PER_STEP,
-        lr=SPIN_LR,
-        warmup=5,
-        include_base=True,
-    )
-    timed("sft", lambda: run(sft_cfg, resume=(out / "sft").exists(), progress=progress))
-    timed("spin", lambda: run(spin_cfg, resume=(out / "spin").exists(), progress=progress))
-
-    data = _report_data(out, timings, vae_info, sft_cfg, spin_cfg)
-    (out / "results.json").write_text(json.dumps(data.to_dict(), indent=1))
+    assert sft_cfg is not None and spin_cfg is not None
+    data = _report_data(out, per_seed, timings, base, pretrain, sft_cfg, spin_cfg)
+    results = data.to_dict() | {"timings": timings, "per_seed": {str(s): r for s, r in per_seed.items()}}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     return write_report(data, out)
 
 
+def _fmt_ms(entry: ModelEntry, key: str, percent: bool) -> str:
+    mean, spread = entry.metrics.get(key, float("nan")), entry.spread.get(key, 0.0)
+    if percent:
+        return f"{100 * mean:.1f} ± {100 * spread:.1f} %"
+    return f"{mean:.2f} ± {spread:.2f}"
+
+
 def _report_data(
-    out: Path, timings: dict[str, float], vae_info: dict, sft_cfg: RunConfig, spin_cfg: RunConfig
+    out: Path,
+    per_seed: dict[int, dict[str, dict]],
+    timings: dict,
+    base: Path,
+    pretrain: bool,
+    sft_cfg: RunConfig,
+    spin_cfg: RunConfig,
 ) -> ReportData:
-    # (name, group, eval dir, x = optimizer steps since the base model): SFT ran all its steps in one go, as
-    # many as SPIN's iterations together, so its point shares x with SPIN's last iteration.
+    seeds = sorted(per_seed)
+    first = seeds[0]
+    iterations = spin_cfg.num_iterations
     spin_steps = spin_cfg.train.max_steps
-    evaluated = [
-        ("base", "base", iter_dir(out / "spin", 0), 0),
-        ("sft", "sft", iter_dir(out / "sft", 1), sft_cfg.train.max_steps),
-    ]
-    evaluated += [
-        (f"spin iter {k}", "spin", iter_dir(out / "spin", k), k * spin_steps) for k in range(1, SPIN_ITERATIONS + 1)
-    ]
-    base_scores = torch.tensor(read_eval(evaluated[0][2] / EVAL_FILE).model().scores["shapes_judge"])
+    # (name, group, x = optimizer steps since the base): SFT ran all its steps in one go, as many as SPIN's
+    # iterations together, so its point shares x with SPIN's last iteration.
+    layout = [("base", "base", 0), ("sft", "sft", sft_cfg.train.max_steps)]
+    layout += [(f"spin iter {k}", "spin", k * spin_steps) for k in range(1, iterations + 1)]
     models_: list[ModelEntry] = []
-    for name, group, folder, step in evaluated:
-        entry = model_entry(folder / EVAL_FILE, name=name, group=group, step=step)
-        entry.metrics = {k: v for k, v in entry.metrics.items() if not k.endswith(("_median", "_win_rate"))}
-        scores = torch.tensor(read_eval(folder / EVAL_FILE).model().scores["shapes_judge"])
-        entry.metrics["win_rate_vs_base"] = win_rate(scores, base_scores)
-        if entry.grid is not None:  # relative to the report folder: the demo folder can be moved as a whole
-            entry.grid = os.path.relpath(entry.grid, out.resolve())
+    for name, group, step in layout:
+        grid = out / f"seed_{first}" / "eval" / f"{name.replace(' ', '_')}.png"
+        entry = ModelEntry.over_seeds(
+            name,
+            [per_seed[s][name] for s in seeds],
+            group=group,
+            step=step,
+            grid=os.path.relpath(grid, out) if grid.exists() else None,
+            captions=list(heldout_spec(first).prompts[:32]),
+        )
         models_.append(entry)
+    by_name = {m.name: m for m in models_}
 
     curves: list[Curve] = []
-    for k in range(1, SPIN_ITERATIONS + 1):
-        curves += train_curves(iter_dir(out / "spin", k) / TRAIN_LOG, prefix=f"spin iter {k} ")
-    curves += train_curves(iter_dir(out / "sft", 1) / TRAIN_LOG, prefix="sft ")
+    first_dir = out / f"seed_{first}"
+    for k in range(1, iterations + 1):
+        curves += train_curves(iter_dir(first_dir / "spin", k) / TRAIN_LOG, prefix=f"spin iter {k} ")
+    curves += train_curves(iter_dir(first_dir / "sft", 1) / TRAIN_LOG, prefix="sft ")
 
-    final = {m.name: m.metrics for m in models_}
-    last = f"spin iter {SPIN_ITERATIONS}"
-    judged = "shapes_judge"
-    summary = (
-        f"Prompt fidelity (exact judge: color, shape and position all right) on {EVAL_PROMPTS} prompts: base "
-        f"{final['base'].get(judged, float('nan')):.3f}, SFT {final['sft'].get(judged, float('nan')):.3f}, "
-        f"SPIN iteration 1 {final['spin iter 1'].get(judged, float('nan')):.3f}, {last} "
-        f"{final[last].get(judged, float('nan')):.3f}. Fréchet distance to real images (lower is better): base "
-        f"{final['base'].get('fd', float('nan')):.2f}, SFT {final['sft'].get('fd', float('nan')):.2f}, {last} "
-        f"{final[last].get('fd', float('nan')):.2f}.\n"
+    judged, last = "shapes_judge", f"spin iter {iterations}"
+    n_prompts = len(heldout_spec(first).prompts)
+    lines = [
+        f"Prompt fidelity on {n_prompts} prompts of 12 held-out test scenes (exact judge: color, shape and "
+        f"position all right), mean ± standard deviation over {len(seeds)} seed(s): "
+        + ", ".join(f"{m.name} {_fmt_ms(m, judged, True)}" for m in models_)
+        + ". Fréchet distance to real renders of the same scenes (lower is better): "
+        + ", ".join(f"{m.name} {_fmt_ms(m, 'fd', False)}" for m in models_)
+        + "."
+    ]
+    verdicts = []
+    for key, label in ((judged, "all correct"), ("fd", "Fréchet distance"), ("win_rate_vs_base", "win rate")):
+        a, b = by_name["sft"], by_name[last]
+        close = within_spread(a.metrics[key], b.metrics[key], a.spread.get(key, 0.0), b.spread.get(key, 0.0))
+        verdicts.append(
+            f"{label}: SFT vs {last} differ by {abs(a.metrics[key] - b.metrics[key]):.3g}"
+            + (" — no more than the seed-to-seed spread, so not resolved by these seeds" if close else "")
+        )
+    lines.append("; ".join(verdicts) + ".")
+    lines.append(
         f"SFT and SPIN ran the same number of optimizer steps ({sft_cfg.train.max_steps}) on the same "
-        f"{FINETUNE_PAIRS} clean pairs, with {sft_cfg.train.batch_size} images per step each; SPIN also generated "
-        f"{FINETUNE_PAIRS} images per iteration and ran reference forwards: wall-clock SFT {timings.get('sft')} s, "
-        f"SPIN {timings.get('spin')} s (SPIN's includes scoring the base model).\n"
-        "These are single-seed numbers from a tiny model in a toy world: they show that the pipeline works end to "
-        "end and how to read it, not a claim about Stable Diffusion."
+        f"{FINETUNE_PAIRS} clean pairs of the 24 train scenes, with {sft_cfg.train.batch_size} images per step "
+        f"each; SPIN also generated its opponent's images every iteration and ran reference forwards (wall-clock "
+        f"per seed in the section below). Evaluation prompts are scenes no fine-tuning pair shows."
+    )
+    if len(seeds) == 1:
+        lines.append("One seed only: no spread is shown, and no difference can be told from seed noise.")
+    lines.append(
+        "A tiny model in a toy world: this shows that the pipeline works end to end and how to read it, not a "
+        "claim about Stable Diffusion."
     )
     labels = {
         "shapes_judge": "judge: all correct",
@@ -268,21 +400,39 @@ def _report_data(
         "fd": "Fréchet distance",
         "win_rate_vs_base": "win rate vs base",
     }
+    info_path = base.parent / "training.json" if pretrain else base / "training.json"
+    base_info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    base_info.pop("history", None)
+    vae_info_path = models.DEMO_VAE_DIR / "training.json"
     sections = [
         ("Stage wall-clock (s)", json.dumps(timings, indent=1)),
-        ("Shipped VAE (scripts/train_demo_vae.py)", json.dumps(vae_info, indent=1)),
+        (
+            "Base model",
+            (
+                f"pretrained in this demo: {BASE_STEPS} steps on {PRETRAIN_IMAGES} noisy-caption images"
+                if pretrain
+                else f"shipped: {base} (scripts/train_demo_base.py)\n" + json.dumps(base_info, indent=1)
+            ),
+        ),
+        (
+            "Shipped VAE (scripts/train_demo_vae.py)",
+            vae_info_path.read_text() if vae_info_path.exists() else "(not found)",
+        ),
         (
             "Set-up",
-            f"pretraining corpus: {PRETRAIN_IMAGES} images, {CAPTION_NOISE:.0%} wrong captions; "
-            f"fine-tuning: {FINETUNE_PAIRS} clean pairs; sampler: DDIM {SAMPLE.num_steps} steps, CFG "
-            f"{SAMPLE.guidance_scale}; SPIN β = {spin_cfg.loss.beta}, lr = {spin_cfg.train.learning_rate}; SFT lr = "
-            f"{sft_cfg.train.learning_rate} (each method's best of 2e-4, 5e-5, 2e-5 in a one-seed sweep); "
-            f"evaluation prompts are training captions (the world has only 48 distinct scenes)",
+            f"seeds: {seeds} (each: its own fine-tuning data order, noise and evaluation noise; the base is "
+            f"shared); fine-tuning: {FINETUNE_PAIRS} clean pairs of the 24 train scenes; evaluation: "
+            f"{EVAL_PER_SCENE} images for each of the 12 test scenes, DDIM {EVAL_SAMPLE['num_steps']} steps, CFG "
+            f"{EVAL_SAMPLE['guidance_scale']}; validation scenes (12, not used here): "
+            f"{', '.join(s.caption for s in world.split_scenes('validation'))}; test scenes: "
+            f"{', '.join(s.caption for s in world.split_scenes('test'))}; SPIN opponent sampler: DDIM "
+            f"{SAMPLE.num_steps} steps, CFG {SAMPLE.guidance_scale}; SPIN β = {spin_cfg.loss.beta}, lr = "
+            f"{spin_cfg.train.learning_rate}; SFT lr = {sft_cfg.train.learning_rate}",
         ),
     ]
     return ReportData(
         title="spin-diffusion demo: SFT vs SPIN-Diffusion in the shapes world",
-        summary=summary,
+        summary="\n\n".join(lines),
         models=models_,
         curves=curves,
         metric_labels=labels,
@@ -290,4 +440,5 @@ def _report_data(
         sections=sections,
         baseline="base",
         x_label="optimizer steps since the base model (SFT: as many as SPIN in all)",
+        spread_label=f"sample standard deviation over {len(seeds)} seeds",
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -107,6 +108,42 @@ def parse_caption(caption: str) -> Scene:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Held-out split of the scenes
+#
+# The demo evaluates on scenes its fine-tuning pairs never show. A scene's split is fixed by
+# r = (shape index + color index + position index) mod 4 (indices into SHAPES, COLORS, POSITIONS):
+#   r = 0 -> "test" (12 scenes): the evaluation prompts of the demo report;
+#   r = 2 -> "validation" (12 scenes): for choosing hyper-parameters (never the test prompts);
+#   r = 1 or 3 -> "train" (24 scenes): the only scenes in the SFT / SPIN fine-tuning pairs.
+# Every shape, color and position occurs in every split (each split is balanced: 4 scenes per shape, 3 per
+# color, 3 per position), and each (shape, color) pair is in train at two positions: a held-out scene is a new
+# combination of attributes the fine-tuning data has all seen. The (noisy-caption) pretraining corpus covers all
+# 48 scenes, as a web-scale base has seen most concepts; so the split measures whether fine-tuning gains carry
+# over to prompts outside the fine-tuning set, not whether the base generalises to unseen scenes.
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+
+def split_of(scene: Scene) -> str:
+    """ "train", "validation" or "test" (see the comment above)."""
+    r = (SHAPES.index(scene.shape) + list(COLORS).index(scene.color) + POSITIONS.index(scene.position)) % 4
+    return {0: "test", 2: "validation"}.get(r, "train")
+
+
+def split_scenes(split: str) -> list[Scene]:
+    """The scenes of one split, in `all_scenes` order."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    return [scene for scene in all_scenes() if split_of(scene) == split]
+
+
+def split_prompts(split: str, per_scene: int) -> list[str]:
+    """Each caption of `split` `per_scene` times, scene-major in rounds (a prefix covers every scene evenly)."""
+    captions = [scene.caption for scene in split_scenes(split)]
+    return [caption for _ in range(per_scene) for caption in captions]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Rendering and datasets
 
 
@@ -163,9 +200,12 @@ def render(scene: Scene, *, size: int = 32, rng: np.random.Generator) -> Image.I
     return canvas.resize((size, size), Image.Resampling.BOX)
 
 
-def _balanced_order(n: int, seed: int) -> list[Scene]:
-    """`n` scenes: consecutive seeded permutations of all 48, so every scene appears floor/ceil(n / 48) times."""
-    scenes = all_scenes()
+def _balanced_order(n: int, seed: int, scenes: list[Scene] | None = None) -> list[Scene]:
+    """`n` scenes: consecutive seeded permutations of `scenes` (default: all 48), so every scene appears
+    floor/ceil(n / len(scenes)) times."""
+    scenes = all_scenes() if scenes is None else list(scenes)
+    if not scenes:
+        raise ValueError("scenes must not be empty")
     rng = np.random.default_rng([seed, 0])
     order: list[Scene] = []
     while len(order) < n:
@@ -173,22 +213,39 @@ def _balanced_order(n: int, seed: int) -> list[Scene]:
     return order[:n]
 
 
-def make_examples(n: int, *, seed: int, size: int = 32) -> list[tuple[Image.Image, str]]:
+def make_examples(
+    n: int, *, seed: int, size: int = 32, scenes: list[Scene] | None = None
+) -> list[tuple[Image.Image, str]]:
     """`n` (image, caption) pairs, deterministic in `seed`.
 
-    Scenes come in consecutive shuffled rounds of all 48, so counts are balanced (they differ by at most 1).
-    Example i is rendered with its own generator seeded by (seed, i): a shorter list is a prefix of a longer one.
+    Scenes come in consecutive shuffled rounds of `scenes` (default: all 48), so counts are balanced (they
+    differ by at most 1). Example i is rendered with its own generator seeded by (seed, i): a shorter list is a
+    prefix of a longer one.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return [
         (render(scene, size=size, rng=np.random.default_rng([seed, 1, i])), scene.caption)
-        for i, scene in enumerate(_balanced_order(n, seed))
+        for i, scene in enumerate(_balanced_order(n, seed, scenes))
     ]
 
 
-def write_imagefolder(out_dir: Path, n: int, *, seed: int, size: int = 32) -> Path:
-    """Write `make_examples(n, seed=seed, size=size)` as an imagefolder and return `out_dir`.
+def noisy_examples(n: int, *, seed: int, noise: float, size: int = 32) -> tuple[list[tuple[Image.Image, str]], int]:
+    """`make_examples(n, seed=seed + 1)` over all 48 scenes with a fraction `noise` of the captions swapped for
+    another scene's (as web alt-text is partly wrong): the demo's pretraining corpus. Returns (pairs, #wrong)."""
+    rng = random.Random(seed)
+    captions = [s.caption for s in all_scenes()]
+    pairs, wrong = [], 0
+    for image, caption in make_examples(n, seed=seed + 1, size=size):
+        if rng.random() < noise:
+            caption = rng.choice([c for c in captions if c != caption])
+            wrong += 1
+        pairs.append((image, caption))
+    return pairs, wrong
+
+
+def write_imagefolder(out_dir: Path, n: int, *, seed: int, size: int = 32, scenes: list[Scene] | None = None) -> Path:
+    """Write `make_examples(n, seed=seed, size=size, scenes=scenes)` as an imagefolder and return `out_dir`.
 
     Layout: ``00000.png, 00001.png, ...`` and ``metadata.jsonl`` with lines ``{"file_name": ..., "text": ...}``.
     Atomic: everything is written to ``<out_dir>.tmp`` first, which is then renamed to `out_dir`. Refuses to
@@ -204,7 +261,7 @@ def write_imagefolder(out_dir: Path, n: int, *, seed: int, size: int = 32) -> Pa
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     lines = []
-    for i, (image, caption) in enumerate(make_examples(n, seed=seed, size=size)):
+    for i, (image, caption) in enumerate(make_examples(n, seed=seed, size=size, scenes=scenes)):
         file_name = f"{i:05d}.png"
         image.save(tmp_dir / file_name)
         lines.append(json.dumps({"file_name": file_name, "text": caption}))

@@ -1,0 +1,109 @@
+"""Scoring demo models on a fixed prompt set: the held-out test scenes (the report) or the validation scenes
+(hyper-parameter choice). See `world.split_of` for the split.
+
+Every model of a comparison renders the same prompts from the same initial noise (`EvalSpec.seed`), and is
+judged per prompt by the world's exact judge, so win rates are paired. The Fréchet distance compares the
+generated images with fresh renders of the same scenes (`reference_images`). One model's result is written to
+a JSON file once; asking again reads it back (a rerun of the demo does not re-render).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from spin_diffusion import atomic, evaluation, models
+from spin_diffusion.demo import world
+from spin_diffusion.images import save_grid
+from spin_diffusion.model_eval import render_images
+from spin_diffusion.sampling import sample_seed
+
+ATTRIBUTES = ("all", "color", "shape", "position")
+METRIC_KEYS = {"all": "shapes_judge", "color": "shapes_color", "shape": "shapes_shape", "position": "shapes_position"}
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What one evaluation renders: prompts, noise seed and sampler."""
+
+    prompts: tuple[str, ...]
+    seed: int  # initial noise of prompt i: sampling.sample_seed(seed, 0, i)
+    num_steps: int = 20
+    guidance_scale: float = 3.0
+    batch_size: int = 64
+
+    @classmethod
+    def for_split(cls, split: str, per_scene: int, *, seed: int, **kwargs) -> EvalSpec:
+        """`per_scene` prompts for each scene of `split` ("test" or "validation"; `world.split_prompts`)."""
+        return cls(prompts=tuple(world.split_prompts(split, per_scene)), seed=seed, **kwargs)
+
+
+def reference_images(prompts: tuple[str, ...] | list[str], seed: int) -> list[Image.Image]:
+    """A real render of each prompt's scene (the Fréchet distance's reference set), deterministic in `seed`."""
+    return [
+        world.render(world.parse_caption(p), rng=np.random.default_rng([seed, 2, i])) for i, p in enumerate(prompts)
+    ]
+
+
+@torch.no_grad()
+def render(c: models.Components, spec: EvalSpec) -> list[Image.Image]:
+    """The images `c` draws for `spec.prompts` (DDIM with classifier-free guidance against the empty prompt).
+
+    Goes through `model_eval.render_images`, the library's own evaluation renderer, so the demo keeps working
+    as the sampler's signature changes."""
+    return render_images(
+        c,
+        c.unet,
+        models.encode_prompts(c, list(spec.prompts)),
+        models.encode_prompts(c, [""]),
+        seeds=[sample_seed(spec.seed, 0, i) for i in range(len(spec.prompts))],
+        num_steps=spec.num_steps,
+        guidance_scale=spec.guidance_scale,
+        batch_size=spec.batch_size,
+    )
+
+
+def evaluate(model: str | Path, spec: EvalSpec, out_json: Path, *, grid: Path | None = None) -> dict:
+    """Score the diffusers folder `model` on `spec`; write {"metrics", "scores", "prompts", "sampler",
+    "seconds"} to `out_json` (and a sample grid to `grid`). An existing `out_json` for the same spec is
+    returned as it is."""
+    out_json = Path(out_json)
+    sampler = asdict(spec) | {"prompts": len(spec.prompts)}
+    if out_json.exists():
+        saved = json.loads(out_json.read_text())
+        if saved.get("sampler") == sampler and saved.get("prompts") == list(spec.prompts):
+            return saved
+    started = time.perf_counter()
+    c = models.load_components(model)
+    images = render(c, spec)
+    verdicts = [world.judge(image, prompt) for image, prompt in zip(images, spec.prompts, strict=True)]
+    scores = {METRIC_KEYS[a]: [float(getattr(v, a)) for v in verdicts] for a in ATTRIBUTES}
+    metrics = {key: sum(values) / len(values) for key, values in scores.items()}
+    if len(images) >= 2:
+        reference = reference_images(spec.prompts, spec.seed)
+        metrics["fd"] = evaluation.frechet_distance_metric(images, reference, world.FeatureNet())
+    if grid is not None:
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, grid)
+    result = {
+        "model": str(model),
+        "metrics": metrics,
+        "scores": scores,
+        "prompts": list(spec.prompts),
+        "sampler": sampler,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out_json, json.dumps(result, indent=1))
+    return result
+
+
+def win_rate_vs(result: dict, baseline: dict, key: str = "shapes_judge") -> float:
+    """Paired win rate of `result` over `baseline` on per-prompt `key` scores (ties count 1/2)."""
+    return evaluation.win_rate(torch.tensor(result["scores"][key]), torch.tensor(baseline["scores"][key]))
