@@ -247,33 +247,34 @@ class Family:
         return None
 
 
+def _encode_with_pipeline(c: Components, prompts: list[str], batch_size: int, call) -> Cond:
+    """Conditioning of ``prompts`` from the family pipeline's own ``encode_prompt`` (``call(pipe, chunk, device)`` ->
+    its (embeds, _, pooled, _)), ``batch_size`` prompts at a time."""
+    from spin_diffusion.models import pipeline
+
+    pipe = pipeline(c)
+    device = next(c.text_encoder.parameters()).device
+    parts = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            embeds, _, pooled, _ = call(pipe, list(prompts[i : i + batch_size]), device)
+            parts.append(Cond(embeds, pooled))
+    if not parts:
+        return Cond(torch.zeros(0, 0, 0), torch.zeros(0, 0))
+    return Cond.cat(parts)
+
+
 class SDXLFamily(Family):
     name = "sdxl"
     uses_time_ids = True
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
-        from diffusers import StableDiffusionXLPipeline
-
-        pipe = StableDiffusionXLPipeline(
-            vae=c.vae,
-            text_encoder=c.text_encoder,
-            text_encoder_2=c.text_encoder_2,
-            tokenizer=c.tokenizer,
-            tokenizer_2=c.tokenizer_2,
-            unet=c.unet,
-            scheduler=c.scheduler,
+        return _encode_with_pipeline(
+            c,
+            prompts,
+            batch_size,
+            lambda pipe, chunk, device: pipe.encode_prompt(chunk, device=device, do_classifier_free_guidance=False),
         )
-        device = next(c.text_encoder.parameters()).device
-        parts = []
-        with torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                embeds, _, pooled, _ = pipe.encode_prompt(
-                    list(prompts[i : i + batch_size]), device=device, do_classifier_free_guidance=False
-                )
-                parts.append(Cond(embeds, pooled))
-        if not parts:
-            return Cond(torch.zeros(0, 0, 0), torch.zeros(0, 0))
-        return Cond.cat(parts)
 
     def negative(self, c: Components, text: str) -> Cond:
         cond = self.encode(c, [text])
@@ -301,40 +302,18 @@ class SD3Family(Family):
         self.scheduler_config = dict(scheduler_config)
         self.process = FlowProcess(scheduler_config)
 
-    def _pipe(self, c: Components) -> Any:
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline(
-            transformer=c.unet,
-            scheduler=c.scheduler,
-            vae=c.vae,
-            text_encoder=c.text_encoder,
-            tokenizer=c.tokenizer,
-            text_encoder_2=c.text_encoder_2,
-            tokenizer_2=c.tokenizer_2,
-            text_encoder_3=c.text_encoder_3,
-            tokenizer_3=c.tokenizer_3,
-        )
-
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
-        pipe = self._pipe(c)
-        device = next(c.text_encoder.parameters()).device
-        parts = []
-        with torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                chunk = list(prompts[i : i + batch_size])
-                embeds, _, pooled, _ = pipe.encode_prompt(
-                    chunk,
-                    chunk,
-                    chunk,
-                    device=device,
-                    do_classifier_free_guidance=False,
-                    max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
-                )
-                parts.append(Cond(embeds, pooled))
-        if not parts:
-            return Cond(torch.zeros(0, 0, 0), torch.zeros(0, 0))
-        return Cond.cat(parts)
+        def call(pipe: Any, chunk: list[str], device: Any) -> Any:
+            return pipe.encode_prompt(
+                chunk,
+                chunk,
+                chunk,
+                device=device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+            )
+
+        return _encode_with_pipeline(c, prompts, batch_size, call)
 
     def predict(self, model: Any, x: Tensor, timestep: Tensor, cond: Cond, time_ids: Tensor | None = None) -> Tensor:
         timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
