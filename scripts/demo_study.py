@@ -93,7 +93,7 @@ def _lr_of(name: str) -> float:
 
 def grid(out: Path, seeds: list[int], hyper: runner.Hyper) -> dict:
     rows: dict[str, list[dict]] = {}
-    tried = {"sft": list(LRS), "spin": list(LRS)}
+    tried = {"sft": [float(f"{x:.3g}") for x in LRS], "spin": [float(f"{x:.3g}") for x in LRS]}
     for s in seeds:
         for lr in LRS:
             _grid_point(out, "sft", lr, None, s, hyper, rows)
@@ -104,7 +104,7 @@ def grid(out: Path, seeds: list[int], hyper: runner.Hyper) -> dict:
             lr = _lr_of(select(rows, method))
             if lr not in (max(tried[method]), min(tried[method])):
                 break
-            new = lr * 5 if lr == max(tried[method]) else lr / 5
+            new = float(f"{lr * 5 if lr == max(tried[method]) else lr / 5:.3g}")  # as the names print it
             tried[method].append(new)
             for s in seeds:
                 for beta in (None,) if method == "sft" else BETAS:
