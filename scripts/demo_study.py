@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def _lr_of(name: str) -> float:
 
 def grid(out: Path, seeds: list[int], hyper: runner.Hyper) -> dict:
     rows: dict[str, list[dict]] = {}
-    tried = {"sft": [float(f"{x:.3g}") for x in LRS], "spin": [float(f"{x:.3g}") for x in LRS]}
+    tried = {"sft": list(LRS), "spin": list(LRS)}
     for s in seeds:
         for lr in LRS:
             _grid_point(out, "sft", lr, None, s, hyper, rows)
@@ -101,10 +102,11 @@ def grid(out: Path, seeds: list[int], hyper: runner.Hyper) -> dict:
             _grid_point(out, "spin", lr, beta, s, hyper, rows)
     for method in ("sft", "spin"):  # extend the lr grid while the pick sits at its edge (at most twice)
         for _ in range(2):
-            lr = _lr_of(select(rows, method))
+            # names print lr with %g: map back to the value tried (2e-5 / 5 is 4.000000000000001e-06, not 4e-06)
+            lr = next(x for x in tried[method] if math.isclose(x, _lr_of(select(rows, method)), rel_tol=1e-6))
             if lr not in (max(tried[method]), min(tried[method])):
                 break
-            new = float(f"{lr * 5 if lr == max(tried[method]) else lr / 5:.3g}")  # as the names print it
+            new = lr * 5 if lr == max(tried[method]) else lr / 5
             tried[method].append(new)
             for s in seeds:
                 for beta in (None,) if method == "sft" else BETAS:
