@@ -124,13 +124,13 @@ def child(n: int, args: argparse.Namespace) -> dict:
         total = 0.0
         for _ in range(args.batches):
             rows = torch.randint(0, n, (args.batch,), generator=g)
-            for store in (real.latents, real.prompt_embeds, generated.latents, generated.trajectory):
+            for store in (real.latents, real.prompt_embeds.embeds, generated.latents, generated.trajectory):
                 total += float(store[rows].sum())
         timings["read batches"] = time.perf_counter() - t0
         phases["after reads"] = _rss_mb()[0]
         return {
             "n": n,
-            "unique_captions": real.prompt_embeds.num_stored,
+            "unique_captions": real.prompt_embeds.embeds.num_stored,
             "peak_rss_mb": _rss_mb()[1],
             "phases_rss_mb": phases,
             "cache_mb": _dir_mb(cache_dir),
