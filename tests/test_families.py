@@ -94,7 +94,7 @@ def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(sd3
         guidance_scale=1.0,
         return_trajectory=True,
     )
-    sched = sampling.make_scheduler("ddim", sd3.scheduler.config)
+    sched = sampling.make_scheduler("ddim", sd3.family)
     sched.set_timesteps(5)
     assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
     schedule = sampling.SamplerSchedule(out.timesteps, None, 0.0, 0.0, sched.sigmas.double())
@@ -164,7 +164,7 @@ def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
     assert families.family_name("MyPipeline", sd3.unet) == "sd3"
     assert families.family_name("MyPipeline", sdxl.unet) == "sdxl"
     with pytest.raises(Exception, match="dpmsolver"):
-        sampling.make_scheduler("dpmsolver++", sd3.scheduler.config)
+        sampling.make_scheduler("dpmsolver++", sd3.family)
 
 
 def test_sd3_vae_latents_are_shifted_then_scaled(sd3):

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from diffusers import DDPMScheduler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -63,15 +62,13 @@ def _pairs(n: int = 8, seed: int = 0) -> trainer.TrainData:
     )
 
 
-@pytest.fixture(scope="module")
-def exact_pairs(tiny, tmp_path_factory) -> trainer.TrainData:
-    """spin_exact data made the way self_play makes it: generate_shards (η = 0, no guidance) -> load_generated."""
-    data = _pairs(8)
-    out = tmp_path_factory.mktemp("generated")
+def _with_opponent_samples(data: trainer.TrainData, unet, family, out: Path) -> trainer.TrainData:
+    """`data` with losers, trajectories and sampler made the way self_play makes them: generate_shards (η = 0, no
+    guidance, 4 DDIM steps) -> load_generated."""
     spec = sampling.GenerationSpec(
         run_seed=0,
         iteration=0,
-        num_prompts=8,
+        num_prompts=len(data),
         num_steps=4,
         guidance_scale=1.0,
         eta=0.0,
@@ -79,12 +76,17 @@ def exact_pairs(tiny, tmp_path_factory) -> trainer.TrainData:
         store_trajectory=True,
         shard_size=4,
     )
-    sampling.generate_shards(tiny.unet, tiny.family, data.prompt_embeds, None, out, spec, batch_size=4, progress=False)
+    sampling.generate_shards(unet, family, data.prompt_embeds, None, out, spec, batch_size=4, progress=False)
     gen = sampling.load_generated(out)
-    data.loser = gen.latents
-    data.loser_trajectory = gen.trajectory
+    data.loser, data.loser_trajectory = gen.latents, gen.trajectory
     data.sampler = sampling.SamplerSchedule.of(gen)
     return data
+
+
+@pytest.fixture(scope="module")
+def exact_pairs(tiny, tmp_path_factory) -> trainer.TrainData:
+    """spin_exact data made the way self_play makes it (`_with_opponent_samples`)."""
+    return _with_opponent_samples(_pairs(8), tiny.unet, tiny.family, tmp_path_factory.mktemp("generated"))
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -553,37 +555,13 @@ def test_exact_objective_never_draws_a_step_with_zero_b():
 
 def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
     """A v-prediction model: the sampler and the exact objective both turn v into ε, so on the opponent's own
-    trajectory (η = 0, no guidance) the first loser error is again ~0. Pins _to_epsilon and the v path."""
+    trajectory (η = 0, no guidance) the first loser error is again ~0. Pins DDPMProcess.exact_space and the v path."""
     from diffusers import DDIMScheduler
 
     config = dict(DDIMScheduler.from_config(tiny.scheduler.config, prediction_type="v_prediction").config)
-    data = _pairs(4)
-    spec = sampling.GenerationSpec(
-        run_seed=0,
-        iteration=0,
-        num_prompts=4,
-        num_steps=4,
-        guidance_scale=1.0,
-        eta=0.0,
-        latent_shape=LATENT_SHAPE,
-        store_trajectory=True,
-        shard_size=4,
-    )
-    sampling.generate_shards(
-        tiny.unet,
-        families.make("sd", config),
-        data.prompt_embeds,
-        None,
-        tmp_path / "gen",
-        spec,
-        batch_size=4,
-        progress=False,
-    )
-    gen = sampling.load_generated(tmp_path / "gen")
-    data.loser, data.loser_trajectory = gen.latents, gen.trajectory
-    data.sampler = sampling.SamplerSchedule.of(gen)
-    noise_scheduler = DDPMScheduler.from_config(config)
-    assert noise_scheduler.config.prediction_type == "v_prediction"
+    family = families.make("sd", config)
+    assert family.process.prediction_type == "v_prediction"
+    data = _with_opponent_samples(_pairs(4), tiny.unet, family, tmp_path / "gen")
     result = trainer.train(
         copy.deepcopy(tiny.unet),
         models.frozen_copy(tiny.unet),
@@ -591,7 +569,7 @@ def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
         objective="spin_exact",
         loss_cfg=LossConfig(objective="spin_exact", timesteps_per_pair=4),
         train_cfg=_cfg(max_steps=1),
-        family=families.make("sd", config),
+        family=family,
         out_dir=tmp_path / "train",
         seed=0,
         progress=False,

@@ -220,10 +220,11 @@ class Family:
 
     name = "sd"
     uses_time_ids = False  # SDXL's micro-conditioning: 6 numbers per image
+    process_class: type[ForwardProcess] = DDPMProcess
 
     def __init__(self, scheduler_config: dict) -> None:
         self.scheduler_config = dict(scheduler_config)  # the model's own scheduler (sampling builds on it)
-        self.process: ForwardProcess = DDPMProcess(scheduler_config)
+        self.process: ForwardProcess = self.process_class(scheduler_config)
 
     @property
     def pipeline_class(self) -> str:
@@ -297,10 +298,7 @@ class SDXLFamily(Family):
 
 class SD3Family(Family):
     name = "sd3"
-
-    def __init__(self, scheduler_config: dict) -> None:
-        self.scheduler_config = dict(scheduler_config)
-        self.process = FlowProcess(scheduler_config)
+    process_class = FlowProcess
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         def call(pipe: Any, chunk: list[str], device: Any) -> Any:

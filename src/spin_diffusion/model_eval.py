@@ -48,7 +48,7 @@ def render_images(
             c.family,
             prompt_embeds[start : start + batch_size],
             negative_embed,
-            image_size=c.sample_size * c.vae_scale_factor,
+            image_size=c.resolution,
             seeds=seeds[start : start + batch_size],
             latent_shape=shape,
             num_steps=num_steps,

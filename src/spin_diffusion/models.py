@@ -849,7 +849,7 @@ def pipeline(c: Components, *, unet: Any = None) -> Any:
             tokenizer_2=c.tokenizer_2,
             unet=unet,
             scheduler=c.scheduler,
-            **{k: v for k, v in c.pipeline_config.items() if k in ("force_zeros_for_empty_prompt",)},
+            force_zeros_for_empty_prompt=c.pipeline_config.get("force_zeros_for_empty_prompt", True),
         )
     return diffusers.StableDiffusion3Pipeline(
         transformer=unet,

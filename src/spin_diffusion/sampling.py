@@ -43,21 +43,14 @@ def ddim_scheduler(scheduler_config: dict) -> DDIMScheduler:
     return DDIMScheduler.from_config(scheduler_config)
 
 
-def is_flow(scheduler_config: dict) -> bool:
-    """Whether the scheduler config is a flow-matching one (SD3's FlowMatchEulerDiscreteScheduler). A live
-    scheduler's config has no `_class_name`; flow configs are the ones with a `shift` and no DDPM betas."""
-    cfg = dict(scheduler_config)
-    name = str(cfg.get("_class_name") or "")
-    return "FlowMatch" in name or (not name and "shift" in cfg and "beta_start" not in cfg)
-
-
-def make_scheduler(name: str, scheduler_config: dict):
+def make_scheduler(name: str, family: Family):
     """`sample.scheduler` on the model's noise schedule: "ddim" (η-DDIM; its step can be inverted for the implied
     noise, so spin_exact uses it) or "dpmsolver++" (2nd-order multistep DPM-Solver++, deterministic; good images in
     ~20 steps where DDIM needs ~50; spin_approx only). A flow-matching model (SD3) always samples with its own
     first-order Euler scheduler ("ddim" names that deterministic first-order sampler; its step is inverted the
-    same way)."""
-    if is_flow(scheduler_config):
+    same way). The family (`families.make`) holds the model's scheduler config and says which kind it is."""
+    scheduler_config = family.scheduler_config
+    if family.process.kind == "flow":
         if name != "ddim":
             raise SpinDiffusionError(
                 f"sample.scheduler={name} is for DDPM models; a flow-matching model samples with its own Euler "
@@ -141,8 +134,8 @@ def sample(
     device, param_dtype = param.device, param.dtype
     compute = SAMPLE_DTYPES[dtype] if dtype is not None else param_dtype
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != param_dtype)
-    sampler_name, scheduler = scheduler, make_scheduler(scheduler, family.scheduler_config)
-    flow = is_flow(family.scheduler_config)
+    sampler_name, scheduler = scheduler, make_scheduler(scheduler, family)
+    flow = family.process.kind == "flow"
     scheduler.set_timesteps(num_steps)
     use_cfg = guidance_scale != 1.0
     context = cond.to(device, param_dtype)
@@ -230,12 +223,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, check_only: bool = False) -> None:
+def _write_meta(out_dir: Path, spec: GenerationSpec, family: Family, *, check_only: bool = False) -> None:
     """Write meta.json, or check that an existing one holds the same spec; `check_only` never writes.
 
     It records the sampler's schedule that spin_exact inverts: DDPM models' timesteps and ᾱ; flow-matching
     models' timesteps (σ·1000) and the S+1 σ of the Euler steps (terminal 0 included)."""
-    sampler = make_scheduler(spec.scheduler, scheduler_config)
+    sampler = make_scheduler(spec.scheduler, family)
     sampler.set_timesteps(spec.num_steps)
     meta = {
         "spec": spec.to_json(),
@@ -244,11 +237,11 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, scheduler_config: dict, *, 
         "prompts": None if spec.prompts is None else list(spec.prompts),
         "timesteps": sampler.timesteps.tolist(),
     }
-    if is_flow(scheduler_config):
+    if family.process.kind == "flow":
         meta["sigmas"] = sampler.sigmas.tolist()
         meta["num_train_timesteps"] = int(sampler.config.num_train_timesteps)
     else:
-        sched = ddim_scheduler(scheduler_config)
+        sched = ddim_scheduler(family.scheduler_config)
         meta["alphas_cumprod"] = sched.alphas_cumprod.tolist()
         meta["final_alpha_cumprod"] = float(sched.final_alpha_cumprod)
         meta["num_train_timesteps"] = int(sched.config.num_train_timesteps)
@@ -310,7 +303,7 @@ def generate_shards(
         raise ValueError(f"spec says {spec.num_prompts} prompts, got {n} embeddings")
     # Every rank checks an existing meta.json: otherwise rank > 0 would add shards made with other settings
     # to a folder that rank 0 refuses, and a later resume with the original settings would keep them.
-    _write_meta(out, spec, family.scheduler_config, check_only=rank != 0)
+    _write_meta(out, spec, family, check_only=rank != 0)
     order = spec.order()
     if order and (min(order) < 0 or max(order) >= n or len(set(order)) != len(order)):
         raise ValueError("spec.prompts must be distinct prompt indices in [0, num_prompts)")
