@@ -3,6 +3,8 @@ from YAML and --set, and the one-line errors for bad values."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from spin_diffusion.config import (
@@ -29,13 +31,51 @@ def test_sft_weight_defaults_to_off_and_parses():
         (["loss.sft_weight=-1"], "loss.sft_weight must be >= 0, got -1.0"),
         (["loss.sft_weight=.nan"], "loss.sft_weight must be >= 0, got nan"),
         (["loss.sft_weight=abc"], "loss.sft_weight must be a number; got 'abc'"),
-        (["loss.objective=sft", "loss.sft_weight=1"], "objective sft already is that loss (set loss.sft_weight=0)"),
+        (["loss.objective=sft", "loss.sft_weight=1"], "objective sft has none (set loss.sft_weight=0)"),
+        (["loss.loser_guard=1.5"], "loss.loser_guard must be in [0, 1] (or null = off), got 1.5"),
+        (["loss.loser_guard=-0.1"], "loss.loser_guard must be in [0, 1] (or null = off), got -0.1"),
+        (["loss.loser_guard=.nan"], "loss.loser_guard must be in [0, 1] (or null = off), got nan"),
+        (["loss.dpop_lambda=-1"], "loss.dpop_lambda must be >= 0, got -1.0"),
+        (["loss.objective=sft", "loss.dpop_lambda=5"], "objective sft has none (set loss.dpop_lambda=0)"),
+        (["loss.objective=sft", "loss.loser_guard=0.5"], "objective sft has none (set loss.loser_guard=null)"),
+        (["train.total_batch_size=0"], "train.total_batch_size must be >= 1 or null, got 0"),
+        (["train.total_batch_size=20", "train.batch_size=8"], "train.total_batch_size=20 is not a multiple of"),
+        (
+            ["train.total_batch_size=32", "train.gradient_accumulation_steps=2"],
+            "set train.total_batch_size or train.gradient_accumulation_steps, not both",
+        ),
+        (["sample.eta=-1"], "sample.eta must be >= 0 (or null = automatic), got -1.0"),
     ],
 )
 def test_bad_sft_weight_is_a_one_line_error(overrides, message):
     with pytest.raises(SpinDiffusionError) as err:
         load_config(None, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_guard_and_hinge_default_off_and_parse():
+    cfg = load_config(None)
+    assert cfg.loss.loser_guard is None and cfg.loss.dpop_lambda == 0.0 and cfg.sample.eta is None
+    cfg = load_config(None, ["loss.loser_guard=0.9", "loss.dpop_lambda=50", "loss.objective=dpo"])
+    assert cfg.loss.loser_guard == 0.9 and cfg.loss.dpop_lambda == 50.0
+
+
+def test_for_world_derives_accumulation_and_scales_lr():
+    from spin_diffusion.config import for_world
+
+    train = load_config(None, ["train.batch_size=4", "train.total_batch_size=32", "train.learning_rate=1e-8"]).train
+    one, two = for_world(train, 1), for_world(train, 2)
+    assert (one.gradient_accumulation_steps, two.gradient_accumulation_steps) == (8, 4)
+    assert one.learning_rate == two.learning_rate == 1e-8  # scale_lr off: the rate as given
+    assert for_world(one, 1) == one  # resolved: applying it again changes nothing
+    scaled = for_world(dataclasses.replace(train, scale_lr=True, learning_rate=(1e-8, 5e-9)), 2)
+    assert scaled.learning_rate == pytest.approx((32e-8, 16e-8)) and not scaled.scale_lr
+    # Diffusion-DPO's rule without a total: batch × accumulation × processes (8 GPUs × 8 × 32 = 2048 -> 2.048e-5)
+    paper = load_config(None, ["train.batch_size=8", "train.gradient_accumulation_steps=32", "train.scale_lr=true",
+                               "train.learning_rate=1e-8"]).train  # fmt: skip
+    assert for_world(paper, 8).learning_rate == pytest.approx(2.048e-5)
+    with pytest.raises(SpinDiffusionError, match=r"total_batch_size=32 is not a multiple of .* = 4 × 3"):
+        for_world(train, 3)
 
 
 # ------------------------------------------------------------------ β and learning-rate schedules

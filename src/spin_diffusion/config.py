@@ -97,7 +97,10 @@ class SampleConfig:
 
     num_steps: int = 50  # DDIM steps; also the trajectory length stored for spin_exact
     guidance_scale: float = 7.5  # classifier-free guidance; 1.0 disables it
-    eta: float = 0.0  # DDIM eta: 0 = deterministic given the initial noise
+    # DDIM η: 0 = deterministic given the initial noise, 1 = DDPM's posterior variance. None = 1.0 for spin_exact on a
+    # DDPM-family model (its objective is the likelihood of the opponent's stochastic chain: docs/EXACT_OBJECTIVE.md)
+    # and 0 otherwise (flow-matching models sample with deterministic Euler steps).
+    eta: float | None = None
     batch_size: int = 8  # prompts per sampling batch (does not change the images)
     shard_size: int = 256  # prompts per saved shard (the unit of resumption)
     negative_prompt: str = ""  # unconditional prompt for guidance
@@ -125,17 +128,33 @@ class LossConfig:
     # when the winners' likelihood falls during training. 0 = off (the paper's objective). The preference loss pulls
     # that error down with weight (β/2)·σ(-logit), β/4 at the start of an iteration, so λ ≈ β/4 weighs both equally.
     sft_weight: float = 0.0
+    # Diffusion-SDPO's winner-preserving guard, μ in [0, 1] (null = off): the loser's gradient is scaled per pair and
+    # timestep so that the step does not raise the winner's error to first order (μ > 0: lowers it by at least μ
+    # of a plain SFT step's first-order decrease). Fu et al. use 0.9 with Diffusion-DPO. losses.loser_guard_scale.
+    loser_guard: float | None = None
+    # DPO-Positive hinge λ_P >= 0 (0 = off): adds λ_P·min(0, reward_winner) to the logit, so the margin cannot be
+    # widened by making the real image's error worse than the reference's. Pal et al. use 50 (and 5 for some tasks).
+    dpop_lambda: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", _as_schedule(self.beta))
         _check_schedule("loss.beta", self.beta)
         if not self.sft_weight >= 0:  # also refuses nan
             raise SpinDiffusionError(f"loss.sft_weight must be >= 0, got {self.sft_weight}")
-        if self.sft_weight > 0 and self.objective == "sft":
-            raise SpinDiffusionError(
-                "loss.sft_weight adds an SFT term to the dpo / spin objectives; objective sft already is that loss "
-                "(set loss.sft_weight=0)"
-            )
+        if not self.dpop_lambda >= 0:
+            raise SpinDiffusionError(f"loss.dpop_lambda must be >= 0, got {self.dpop_lambda}")
+        if self.loser_guard is not None and not 0.0 <= self.loser_guard <= 1.0:
+            raise SpinDiffusionError(f"loss.loser_guard must be in [0, 1] (or null = off), got {self.loser_guard}")
+        for key, value, off in (
+            ("sft_weight", self.sft_weight, 0),
+            ("dpop_lambda", self.dpop_lambda, 0),
+            ("loser_guard", self.loser_guard, None),
+        ):
+            if self.objective == "sft" and value != off:
+                raise SpinDiffusionError(
+                    f"loss.{key} acts on the preference loss of the dpo / spin objectives; objective sft has none "
+                    f"(set loss.{key}={'null' if off is None else off})"
+                )
         if self.timesteps_per_pair < 1:
             raise SpinDiffusionError(f"loss.timesteps_per_pair must be >= 1, got {self.timesteps_per_pair}")
 
@@ -148,6 +167,12 @@ class TrainConfig:
     learning_rate: Schedule = 2e-5
     batch_size: int = 8  # pairs (or images, for sft) per device per micro-step
     gradient_accumulation_steps: int = 1
+    # Pairs (images for sft) per optimizer step over all processes; the accumulation is derived from it and the
+    # process count (it must divide by batch_size × processes). null = batch_size × processes × accumulation.
+    total_batch_size: int | None = None
+    # Diffusion-DPO's --scale_lr: the learning rate used is learning_rate × pairs per optimizer step (its launchers:
+    # 1e-8 × 2048 = 2.05e-5, SPIN-Diffusion's published rate for 2048 pairs).
+    scale_lr: bool = False
     max_steps: int | None = None  # optimizer steps per iteration; None -> `epochs` over the data
     epochs: float = 1.0  # used when max_steps is None
     warmup_steps: int = 0  # linear warm-up from 0 to learning_rate
@@ -176,6 +201,19 @@ class TrainConfig:
                 raise SpinDiffusionError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SpinDiffusionError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.total_batch_size is not None:
+            if self.total_batch_size < 1:
+                raise SpinDiffusionError(f"train.total_batch_size must be >= 1 or null, got {self.total_batch_size}")
+            if self.gradient_accumulation_steps != 1:
+                raise SpinDiffusionError(
+                    "set train.total_batch_size or train.gradient_accumulation_steps, not both (the accumulation is "
+                    "derived from the total)"
+                )
+            if self.total_batch_size % self.batch_size:
+                raise SpinDiffusionError(
+                    f"train.total_batch_size={self.total_batch_size} is not a multiple of train.batch_size="
+                    f"{self.batch_size}"
+                )
         if self.checkpoint_every_minutes < 0:
             raise SpinDiffusionError(
                 f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}"
@@ -246,7 +284,9 @@ class RunConfig:
                 f"spin_exact needs sample.scheduler=ddim (it inverts the DDIM step), "
                 f"not {self.sample.scheduler}; or use loss.objective=spin_approx"
             )
-        if self.sample.scheduler != "ddim" and self.sample.eta != 0:
+        if self.sample.eta is not None and not self.sample.eta >= 0:
+            raise SpinDiffusionError(f"sample.eta must be >= 0 (or null = automatic), got {self.sample.eta}")
+        if self.sample.scheduler != "ddim" and self.sample.eta:
             raise SpinDiffusionError(
                 f"sample.eta > 0 needs sample.scheduler=ddim ({self.sample.scheduler} is "
                 "deterministic); set sample.eta=0"
@@ -424,6 +464,28 @@ def for_iteration(cfg: RunConfig, i: int) -> RunConfig:
             "loss.beta": at_iteration(cfg.loss.beta, i),
             "train.learning_rate": at_iteration(cfg.train.learning_rate, i),
         },
+    )
+
+
+def for_world(train: TrainConfig, world_size: int) -> TrainConfig:
+    """``train`` as it runs on ``world_size`` processes: the accumulation derived from ``total_batch_size`` and the
+    learning rate(s) multiplied by the pairs per optimizer step when ``scale_lr``; the result has neither set, so
+    applying it twice changes nothing. Raises SpinDiffusionError when the total does not divide."""
+    accumulation = train.gradient_accumulation_steps
+    if train.total_batch_size is not None:
+        per_micro_step = train.batch_size * world_size
+        if train.total_batch_size % per_micro_step:
+            raise SpinDiffusionError(
+                f"train.total_batch_size={train.total_batch_size} is not a multiple of train.batch_size × processes "
+                f"= {train.batch_size} × {world_size}; change one of them"
+            )
+        accumulation = train.total_batch_size // per_micro_step
+    lr = train.learning_rate
+    if train.scale_lr:
+        total = train.batch_size * accumulation * world_size
+        lr = tuple(v * total for v in lr) if isinstance(lr, tuple) else lr * total
+    return dataclasses.replace(
+        train, gradient_accumulation_steps=accumulation, learning_rate=lr, total_batch_size=None, scale_lr=False
     )
 
 

@@ -24,9 +24,18 @@ Objectives:
 - Every preference loss takes ``sft_weight`` λ ≥ 0 and adds ``λ·mean_k e^θ_w`` per pair: the SFT term on the
   winner, the RPO remedy (Pang et al. 2024, https://huggingface.co/papers/2404.19733) for a preference loss that
   can fall while the likelihood of the preferred images falls too (the motivation of DPO-Positive, Pal et al.
-  2024, https://huggingface.co/papers/2402.13228, whose hinge inside the logistic is not implemented here).
+  2024, https://huggingface.co/papers/2402.13228).
   The preference term's gradient on ``e^θ_w`` is ``(β/2)·σ(−z)`` (β/4 at initialisation, where z = 0), the
   SFT term's is λ, so λ ≈ β/4 weighs the two equally at the start of an iteration.
+- Every preference loss takes ``dpop_lambda`` λ_P ≥ 0, the DPO-Positive hinge (Pal et al. 2024, Eq. 3) inside the
+  logistic: DPOP adds ``−λ_P·max(0, log π_ref(y_w) − log π_θ(y_w))`` inside β(·); with log π ∝ −e that is
+  ``−(β/2)·λ_P·max(0, e^θ_w − e^ref_w) = λ_P·min(0, reward_w)`` on the winner side of the logit. It is zero while
+  the policy denoises the winner at least as well as the reference, and otherwise makes the logit (1 + λ_P) times
+  as sensitive to the winner's reward, so the margin can no longer be widened by making the winner worse.
+- :func:`loser_guard_scale` and :func:`scale_gradient` are the winner-preserving guard of Diffusion-SDPO (Fu et al.
+  2025, https://huggingface.co/papers/2511.03317): the loser's error keeps its value, its gradient is scaled by
+  λ ∈ [0, 1] chosen from the output-space gradients so that the update does not raise the winner's error to first
+  order. The caller (the trainer) computes λ from the residuals and scales the policy's loser error before the loss.
 
 β units: an error is the per-element MEAN (not sum) of the squared error over the latent, and the
 logit carries the ½ of the Diffusion-DPO reference code (``scale_term = -0.5 * beta_dpo``), so β here
@@ -104,14 +113,23 @@ def _check_errors(errors: DenoiseErrors, name: str) -> DenoiseErrors:
     return DenoiseErrors(_as_2d(errors.winner, f"{name}.winner"), _as_2d(errors.loser, f"{name}.loser"))
 
 
-def _logits(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-timestep logits ``z = −(β/2)·Δ`` ``[B, K]`` and the shared preference metrics (each ``[B]``).
+def _logits(
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, dpop_lambda: float = 0.0, inside: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The logits inside ℓ and the shared preference metrics (each ``[B]``).
 
-    Metrics (detached, per sample): ``margin`` = mean_k z_k = ``reward_winner − reward_loser``;
-    ``reward_winner`` = −(β/2)·mean_k(e^θ_w − e^ref_w); ``reward_loser`` = −(β/2)·mean_k(e^θ_l − e^ref_l);
-    ``accuracy`` = 1.0 where margin > 0 (the policy prefers the winner more than the reference does);
-    ``policy_error_winner`` / ``policy_error_loser`` = mean_k of the raw policy errors.
+    ``inside=False`` (Diffusion-DPO, SPIN-approx): one logit per timestep, ``z_k = r_w,k + λ_P·min(0, r_w,k) − r_l,k``
+    ``[B, K]``. ``inside=True`` (SPIN-exact): one logit per pair on the timestep means, ``z = r̄_w + λ_P·min(0, r̄_w)
+    − r̄_l`` ``[B, 1]`` (the hinge acts on the trajectory's log-ratio, as DPOP's on a sequence's). Here
+    ``r_w = −(β/2)·(e^θ_w − e^ref_w)``, ``r_l = −(β/2)·(e^θ_l − e^ref_l)`` and λ_P = ``dpop_lambda``.
+
+    Metrics (detached, per sample): ``margin`` = mean_k (r_w − r_l) = ``reward_winner − reward_loser``;
+    ``reward_winner`` = mean_k r_w; ``reward_loser`` = mean_k r_l; ``accuracy`` = 1.0 where margin > 0 (the policy
+    prefers the winner more than the reference does); ``policy_error_winner`` / ``policy_error_loser`` = mean_k of
+    the raw policy errors; with λ_P > 0 also ``dpop_term`` = the hinge's mean contribution to the logit (≤ 0).
     """
+    if not dpop_lambda >= 0:  # also refuses nan
+        raise ValueError(f"dpop_lambda must be >= 0, got {dpop_lambda}")
     policy = _check_errors(policy, "policy")
     ref = _check_errors(ref, "ref")
     if policy.winner.shape != ref.winner.shape:
@@ -121,9 +139,12 @@ def _logits(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Ten
     scale = -0.5 * beta  # Diffusion-DPO `scale_term`
     reward_w = scale * (policy.winner - ref.winner)  # [B, K]
     reward_l = scale * (policy.loser - ref.loser)  # [B, K]
-    logits = reward_w - reward_l  # [B, K] = −(β/2)·Δ
+    if inside:
+        reward_w, reward_l = reward_w.mean(dim=1, keepdim=True), reward_l.mean(dim=1, keepdim=True)  # [B, 1]
+    hinge = dpop_lambda * reward_w.clamp(max=0) if dpop_lambda > 0 else None
+    logits = reward_w - reward_l if hinge is None else reward_w + hinge - reward_l
     with torch.no_grad():
-        margin = logits.mean(dim=1)
+        margin = (reward_w - reward_l).mean(dim=1)
         metrics = {
             "margin": margin,
             "reward_winner": reward_w.mean(dim=1),
@@ -132,6 +153,8 @@ def _logits(policy: DenoiseErrors, ref: DenoiseErrors, beta: float) -> tuple[Ten
             "policy_error_winner": policy.winner.mean(dim=1),
             "policy_error_loser": policy.loser.mean(dim=1),
         }
+        if hinge is not None:
+            metrics["dpop_term"] = hinge.mean(dim=1)
     return logits, metrics
 
 
@@ -151,11 +174,10 @@ def _plus_sft(
 
 
 def _logistic_outside(
-    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, sft_weight: float
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, sft_weight: float, dpop_lambda: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``mean_k −log σ(−(β/2)·Δ_k)``: the expectation over t outside ℓ (Diffusion-DPO = SPIN-approx), plus the
-    SFT term."""
-    logits, metrics = _logits(policy, ref, beta)
+    """``mean_k −log σ(z_k)``: the expectation over t outside ℓ (Diffusion-DPO = SPIN-approx), plus the SFT term."""
+    logits, metrics = _logits(policy, ref, beta, dpop_lambda=dpop_lambda)
     return _plus_sft(-F.logsigmoid(logits).mean(dim=1), policy, sft_weight, metrics)
 
 
@@ -177,7 +199,7 @@ def sft_loss(policy_winner: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def dpo_loss(
-    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0, dpop_lambda: float = 0.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Diffusion-DPO loss (Wallace et al. 2023, Eq. 14, https://huggingface.co/papers/2311.12908).
 
@@ -192,20 +214,22 @@ def dpo_loss(
         ref: errors of the frozen reference at the same timesteps and noise, same shape.
         beta: inverse temperature β > 0.
         sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ_w`` per pair (module docstring). 0 = the plain objective.
+        dpop_lambda: λ_P ≥ 0; the DPO-Positive hinge ``λ_P·min(0, reward_w)`` on the winner side of the logit
+            (module docstring). 0 = off.
 
     Returns:
         Per-sample loss ``[B]`` and metrics ``margin``, ``reward_winner``, ``reward_loser``, ``accuracy``,
-        ``policy_error_winner``, ``policy_error_loser`` and, when ``sft_weight`` > 0, ``sft_term`` (each ``[B]``,
-        detached).
+        ``policy_error_winner``, ``policy_error_loser``, when ``sft_weight`` > 0 ``sft_term``, and when
+        ``dpop_lambda`` > 0 ``dpop_term`` (each ``[B]``, detached).
 
     Raises:
-        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` < 0.
+        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` or ``dpop_lambda`` < 0.
     """
-    return _logistic_outside(policy, ref, beta, sft_weight)
+    return _logistic_outside(policy, ref, beta, sft_weight, dpop_lambda)
 
 
 def spin_approx_loss(
-    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0, dpop_lambda: float = 0.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Approximate SPIN-Diffusion objective, Eq. (4.9) of https://huggingface.co/papers/2402.10210.
 
@@ -221,18 +245,20 @@ def spin_approx_loss(
         ref: errors of θ_k at the same timesteps and noise, same shape.
         beta: inverse temperature β > 0, in Diffusion-DPO ``--beta_dpo`` units (module docstring).
         sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ_w`` per pair (module docstring). 0 = the plain objective.
+        dpop_lambda: λ_P ≥ 0; the DPO-Positive hinge ``λ_P·min(0, reward_w)`` on the winner side of the logit
+            (module docstring). 0 = off.
 
     Returns:
         Per-sample loss ``[B]`` and the metrics of :func:`dpo_loss`.
 
     Raises:
-        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` < 0.
+        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` or ``dpop_lambda`` < 0.
     """
-    return _logistic_outside(policy, ref, beta, sft_weight)
+    return _logistic_outside(policy, ref, beta, sft_weight, dpop_lambda)
 
 
 def spin_exact_loss(
-    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0, dpop_lambda: float = 0.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Exact SPIN-Diffusion objective, Eq. (4.8) of https://huggingface.co/papers/2402.10210.
 
@@ -262,13 +288,65 @@ def spin_exact_loss(
         ref: errors of θ_k at the same steps, same shape.
         beta: inverse temperature β > 0, in Diffusion-DPO ``--beta_dpo`` units (module docstring).
         sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ_w`` per pair (module docstring). 0 = the plain objective.
+        dpop_lambda: λ_P ≥ 0; the DPO-Positive hinge ``λ_P·min(0, reward_w)`` on the winner side of the logit
+            (module docstring). 0 = off.
 
     Returns:
-        Per-sample loss ``[B]`` and the metrics of :func:`dpo_loss` (``margin`` is exactly the logit
-        inside ℓ here, so ``loss = −log σ(margin) + sft_term``).
+        Per-sample loss ``[B]`` and the metrics of :func:`dpo_loss` (``margin + dpop_term`` is exactly the logit
+        inside ℓ here, so ``loss = −log σ(margin + dpop_term) + sft_term``).
 
     Raises:
-        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` < 0.
+        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` or ``dpop_lambda`` < 0.
     """
-    logits, metrics = _logits(policy, ref, beta)
-    return _plus_sft(-F.logsigmoid(logits.mean(dim=1)), policy, sft_weight, metrics)
+    logits, metrics = _logits(policy, ref, beta, dpop_lambda=dpop_lambda, inside=True)
+    return _plus_sft(-F.logsigmoid(logits[:, 0]), policy, sft_weight, metrics)
+
+
+def loser_guard_scale(residual_winner: Tensor, residual_loser: Tensor, mu: float) -> Tensor:
+    """Diffusion-SDPO's winner-preserving scale λ for the loser's gradient, one per row. -> ``[N]``, no grad.
+
+    For one row (one pair at one timestep) let A = e^θ_w and B = e^θ_l be the policy's errors and
+    ``g_A = ∂A/∂pred_w ∝ pred_w − target_w``, ``g_B = ∂B/∂pred_l ∝ pred_l − target_l`` their output-space
+    gradients (the ``residual_*`` given here; the common factor 2/numel cancels). A preference loss moves the
+    outputs along ``−c·(g_A − λ·g_B)`` with c > 0 (its gradient on A and B has the same size and opposite signs);
+    asking that this lowers A by at least μ of the plain SFT step, ``(−g_A + λ g_B)·g_A ≤ −μ‖g_A‖²``, gives
+
+        λ = clamp((1 − μ)·‖g_A‖² / (g_A·g_B), 0, 1)   where g_A·g_B > 0, else 1.
+
+    μ = 0 only forbids raising A; μ = 1 also cancels every loser push that has a component along g_A. The rule is
+    exact in output space, i.e. when winner and loser outputs share the network's Jacobian (the same prompt, time
+    and noise, as here by default); Fu et al. call this the output-space approximation.
+
+    Per row, not per batch (Diffusion-SDPO's code takes one λ from the batch means of its per-GPU batch): the
+    winner of every pair is protected, not just the batch average (row-wise bounds sum to the batch bound, since
+    rows are disjoint output coordinates), and λ of a row depends on that row alone, so N processes × B pairs
+    and 1 process × N·B pairs (or any gradient accumulation) compute the same λ without a collective.
+
+    Args:
+        residual_winner: ``[N, ...]`` policy prediction minus target on the winner (any float dtype).
+        residual_loser: same shape, on the loser, row for row the same pair and timestep.
+        mu: μ ∈ [0, 1].
+
+    Raises:
+        ValueError: if the shapes differ or μ is outside [0, 1].
+    """
+    if not 0.0 <= mu <= 1.0:
+        raise ValueError(f"loser guard mu must be in [0, 1], got {mu}")
+    if residual_winner.shape != residual_loser.shape or residual_winner.ndim == 0:
+        raise ValueError(
+            f"residual_winner {tuple(residual_winner.shape)} and residual_loser {tuple(residual_loser.shape)} must "
+            "have the same [N, ...] shape"
+        )
+    with torch.no_grad():
+        g_a = residual_winner.detach().reshape(residual_winner.shape[0], -1).double()
+        g_b = residual_loser.detach().reshape(residual_loser.shape[0], -1).double()
+        dot = (g_a * g_b).sum(dim=1)
+        norm2 = g_a.pow(2).sum(dim=1)
+        bound = ((1.0 - mu) * norm2 / dot.where(dot > 0, torch.ones_like(dot))).clamp(0.0, 1.0)
+        return bound.where(dot > 0, torch.ones_like(dot)).to(torch.promote_types(residual_winner.dtype, torch.float32))
+
+
+def scale_gradient(x: Tensor, scale: Tensor) -> Tensor:
+    """``x`` in value, ``scale·∂x`` in gradient: ``x.detach() + scale·(x − x.detach())`` (``scale`` broadcasts)."""
+    detached = x.detach()
+    return detached + scale.detach().to(x.dtype) * (x - detached)

@@ -25,10 +25,19 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from spin_diffusion import atomic, card, distributed, models, preemption, preflight, sampling, trainer
+from spin_diffusion import atomic, card, distributed, models, objectives, preemption, preflight, sampling, trainer
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
-from spin_diffusion.config import RunConfig, config_from_dict, for_iteration, read_yaml, save_config, to_dict
+from spin_diffusion.config import (
+    RunConfig,
+    config_from_dict,
+    for_iteration,
+    for_world,
+    read_yaml,
+    replace,
+    save_config,
+    to_dict,
+)
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.model_eval import EvalSet, default_scorer_names, evaluate_unet
 from spin_diffusion.rundir import CONFIG_FILE, EVAL_FILE, STATE_FILE, iter_dir, read_eval
@@ -150,8 +159,11 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     started = time.perf_counter()
     state_ = distributed.state()
     run_dir = check_run_dir(cfg, resume=resume)
+    saved_cfg = cfg  # what the run dir records; `cfg` below is it as it runs on this many processes
+    cfg = replace(cfg, train=for_world(cfg.train, state_.num_processes))  # refuses a total batch that does not divide
     objective = cfg.loss.objective
-    self_play = objective in ("spin_approx", "spin_exact")
+    obj = objectives.get(objective)
+    self_play = obj.self_play
     num_iterations = cfg.num_iterations if self_play else 1
 
     # 1. Model, data and evaluation set: every check that can fail on user input runs before the run dir is
@@ -167,7 +179,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     if c.vae is not None:
         c.vae.to(state_.device)
     resolution = cfg.data.resolution or c.resolution
-    if objective == "dpo":
+    if obj.loser == "pairs":
         images = data_lib.load_preference_pairs(cfg.data)
         build, cache_dir = cache_lib.build_pair_cache, run_dir / "cache" / "pairs"
     else:
@@ -189,7 +201,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         disk_estimate(cfg, c, images, resolution, embed_shape=tuple(negative_embed.shape[1:])),
         already_written=preflight.folder_bytes(run_dir) if resume else 0,
     )
-    create_run_dir(cfg)
+    create_run_dir(saved_cfg)
     state = RunState(run_dir)
 
     # 2. Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards,
@@ -236,12 +248,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         evaluate(start, opponent)  # a kill between train:k and eval:k leaves θ_k unscored
 
     for k in range(start, num_iterations):
+        pairs = obj.loser == "pairs"  # dpo: the cache holds (winner, loser) images
         data = trainer.TrainData(
-            winner=cache.latents if objective != "dpo" else cache.winner_latents,
+            winner=cache.winner_latents if pairs else cache.latents,
             prompt_embeds=cache.prompt_embeds,
             empty_embed=empty_embed,
-            winner_time_ids=cache.time_ids if objective != "dpo" else cache.winner_time_ids,
-            loser_time_ids=cache.loser_time_ids if objective == "dpo" else c.family.time_ids(1, resolution),
+            winner_time_ids=cache.winner_time_ids if pairs else cache.time_ids,
+            loser_time_ids=cache.loser_time_ids if pairs else c.family.time_ids(1, resolution),
         )
         # 4. generate:k — θ_k's own image for every prompt that train:k+1 will visit, in the order of its first
         #    visit (the pair stream is a seeded permutation per epoch, so this is known before training starts)
@@ -259,9 +272,9 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                     num_prompts=len(data),
                     num_steps=cfg.sample.num_steps,
                     guidance_scale=cfg.sample.guidance_scale,
-                    eta=cfg.sample.eta,
+                    eta=opponent_eta(cfg, c.family),
                     latent_shape=tuple(cache.latents.shape[1:]),
-                    store_trajectory=objective == "spin_exact",
+                    store_trajectory=obj.trajectory,
                     shard_size=cfg.sample.shard_size,
                     store_dtype=cfg.sample.store_dtype,
                     scheduler=cfg.sample.scheduler,
@@ -292,17 +305,17 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                     "settings"
                 )
             data.loser = generated.latents
-            if objective == "spin_exact":
+            if obj.trajectory:
                 data.loser_trajectory = generated.trajectory
                 data.sampler = sampling.SamplerSchedule.of(generated)
-        elif objective == "dpo":
+        elif pairs:
             data.loser = cache.loser_latents
 
         # 5. train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k, with this iteration's
         #    values of the per-iteration schedules (loss.beta, train.learning_rate)
         next_dir = iter_dir(run_dir, k + 1)
         cfg_k = for_iteration(cfg, k)
-        policy, ref = _policy_and_ref(cfg, opponent, needs_ref=objective != "sft", seed=train_seed(cfg, k))
+        policy, ref = _policy_and_ref(cfg, opponent, needs_ref=obj.needs_ref, seed=train_seed(cfg, k))
         result = trainer.train(
             policy,
             ref,
@@ -329,7 +342,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             models.save_pipeline(c, next_dir / "model", unet=policy, card=model_card)
         state_.wait_for_everyone()
         used = {"learning_rate": cfg_k.train.learning_rate}  # the schedules' values for this iteration
-        if objective != "sft":
+        if obj.needs_ref:
             used["beta"] = cfg_k.loss.beta
         state.mark(
             f"train:{k + 1}",
@@ -405,8 +418,7 @@ def disk_estimate(
 ) -> preflight.DiskEstimate:
     """What this run will write to its run dir (see preflight.estimate_run_bytes); `embed_shape` = (L, D) of one
     caption's embedding."""
-    objective = cfg.loss.objective
-    self_play = objective in ("spin_approx", "spin_exact")
+    spec = objectives.get(cfg.loss.objective)
 
     def params(module: torch.nn.Module | None) -> int:
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
@@ -419,17 +431,27 @@ def disk_estimate(
         latent_shape=(c.latent_channels, resolution // f, resolution // f),
         embed_shape=embed_shape,
         cache_dtype=cfg.data.cache_dtype,
-        images_per_row=2 if objective == "dpo" else 1,
-        iterations=cfg.num_iterations if self_play else 1,
-        self_play=self_play,
+        images_per_row=2 if spec.loser == "pairs" else 1,
+        iterations=cfg.num_iterations if spec.self_play else 1,
+        self_play=spec.self_play,
         store_dtype=cfg.sample.store_dtype,
-        trajectory_steps=cfg.sample.num_steps if objective == "spin_exact" else None,
+        trajectory_steps=cfg.sample.num_steps if spec.trajectory else None,
         pipeline_params=unet + sum(params(e) for e in c.text_encoders()) + params(c.vae),
         unet_params=unet,
         trainable_params=unet if cfg.model.lora_rank == 0 else 0,
         eval_images=cfg.eval.num_prompts if cfg.eval.enabled else 0,
         image_pixels=resolution * resolution,
     )
+
+
+def opponent_eta(cfg: RunConfig, family) -> float:
+    """DDIM η of the opponent's sampler: sample.eta when set; else 1.0 for an objective on the opponent's stored chain
+    (spin_exact) with DDIM on a DDPM-family model, whose per-step Gaussian needs σ_t > 0 to be a likelihood at all
+    (docs/EXACT_OBJECTIVE.md), and 0.0 otherwise (flow-matching models: deterministic Euler steps)."""
+    if cfg.sample.eta is not None:
+        return cfg.sample.eta
+    stochastic = objectives.get(cfg.loss.objective).trajectory and cfg.sample.scheduler == "ddim"
+    return 1.0 if stochastic and family.process.kind != "flow" else 0.0
 
 
 def train_seed(cfg: RunConfig, k: int) -> int:

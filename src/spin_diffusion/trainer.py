@@ -29,7 +29,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from spin_diffusion import losses, preemption
+from spin_diffusion import losses, objectives, preemption
 from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
@@ -68,11 +68,12 @@ class TrainData:
 
     def check(self, objective: Objective) -> None:
         n = len(self)
+        spec = objectives.get(objective)
         if self.prompt_embeds.shape[0] != n:
             raise ValueError("winner and prompt_embeds differ in length")
-        if objective in ("dpo", "spin_approx") and (self.loser is None or self.loser.shape != self.winner.shape):
+        if spec.loser and not spec.trajectory and (self.loser is None or self.loser.shape != self.winner.shape):
             raise ValueError(f"{objective} needs loser latents shaped like the winners")
-        if objective == "spin_exact":
+        if spec.trajectory:
             if self.loser_trajectory is None or self.sampler is None:
                 raise ValueError("spin_exact needs the opponent's trajectories and sampler schedule")
             if self.loser_trajectory.shape[0] != n or self.loser_trajectory.shape[2:] != self.winner.shape[1:]:
@@ -187,15 +188,20 @@ def train(
         seed: seeds the pair order and the (t, ε) draws; the same seed gives the same run.
     """
     data.check(objective)
+    spec = objectives.get(objective)
     if isinstance(loss_cfg.beta, tuple) or isinstance(train_cfg.learning_rate, tuple):
         raise ValueError("resolve the per-iteration loss.beta / train.learning_rate first (config.for_iteration)")
+    if train_cfg.total_batch_size is not None or train_cfg.scale_lr:
+        raise ValueError(
+            "resolve train.total_batch_size / train.scale_lr for the process count first (config.for_world)"
+        )
     if train_cfg.caption_dropout > 0 and data.empty_embed is None:
         raise ValueError("train.caption_dropout > 0 needs TrainData.empty_embed")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     log_path = out / "train_log.jsonl"
-    needs_ref = objective != "sft"
+    needs_ref = spec.needs_ref
     lora = bool(getattr(policy, "peft_config", None))
     if needs_ref and ref is None and not lora:
         raise ValueError(f"{objective} needs a reference model (or a LoRA policy)")
@@ -243,7 +249,7 @@ def train(
         ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
         ref.to(accelerator.device, dtype=ref_dtype)
     device = accelerator.device
-    exact_steps = valid_exact_steps(data.sampler) if objective == "spin_exact" else None
+    exact_steps = valid_exact_steps(data.sampler) if spec.trajectory else None
 
     # 2. Resume
     start_step = 0
@@ -261,7 +267,18 @@ def train(
             _truncate_log(log_path, start_step)
     elif accelerator.is_main_process and log_path.exists():
         log_path.unlink()
-    accelerator.init_trackers("spin_diffusion", config={"objective": objective, "beta": loss_cfg.beta})
+    accelerator.init_trackers(
+        "spin_diffusion",
+        config={
+            "objective": objective,
+            "beta": loss_cfg.beta,
+            "learning_rate": train_cfg.learning_rate,
+            "pairs_per_step": train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes,
+            "sft_weight": loss_cfg.sft_weight,
+            "dpop_lambda": loss_cfg.dpop_lambda,
+            "loser_guard": -1.0 if loss_cfg.loser_guard is None else loss_cfg.loser_guard,  # -1 = off (no None)
+        },
+    )
 
     micro_batches = _MicroBatches(
         data,
@@ -490,7 +507,7 @@ class _MicroBatches(torch.utils.data.Dataset):
         first_micro_step: int,
         num_micro_steps: int,
     ) -> None:
-        self.data, self.seed, self.objective = data, seed, objective
+        self.data, self.seed, self.objective = data, seed, objectives.get(objective)
         self.bsz, self.world, self.rank, self.k_steps = batch_size, world_size, rank, k_steps
         self.draw_kwargs = dict(
             k_steps=k_steps,
@@ -523,12 +540,12 @@ class _MicroBatches(torch.utils.data.Dataset):
             "noise": draws.noise,
             "loser_noise": draws.loser_noise,
         }
-        if self.objective == "spin_exact":
+        if self.objective.trajectory:
             traj = data.loser_trajectory[idx].repeat_interleave(k, dim=0)  # [B*K, S+1, C, h, w]
             rows = torch.arange(traj.shape[0])
             batch["loser_t"] = traj[rows, draws.t_or_step]  # x'_t and x'_{t-1} of the opponent's chain
             batch["loser_prev"] = traj[rows, draws.t_or_step + 1]
-        elif self.objective in ("dpo", "spin_approx"):
+        elif self.objective.loser:
             batch["loser"] = data.loser[idx].repeat_interleave(k, dim=0)
         for name in ("winner_time_ids", "loser_time_ids"):
             ids = getattr(data, name)
@@ -551,6 +568,7 @@ def _micro_step_loss(
     fsdp: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss of one micro-batch (`_MicroBatches` item): B pairs, each at K timesteps (rows b*K + k)."""
+    spec = objectives.get(objective)
     device = accelerator.device
     process = family.process
     k_steps = loss_cfg.timesteps_per_pair
@@ -562,7 +580,7 @@ def _micro_step_loss(
     winner_ids = None if winner_ids is None else winner_ids.to(device)
 
     # Times: drawn from the training schedule (DDPM t, or flow σ), or the opponent's sampling steps (spin_exact).
-    if objective == "spin_exact":
+    if spec.trajectory:
         assert sampler is not None
         step_index = batch["t_or_step"]
         t = process.exact_time(sampler, step_index).to(device)
@@ -570,7 +588,7 @@ def _micro_step_loss(
         t = batch["t_or_step"].to(device)
 
     winner_t = process.noised(winner, noise, t)
-    if objective == "sft":
+    if spec.loss is None:  # sft: the plain denoising loss on the real images
         target = process.target(winner, noise, t)
         pred = family.predict(policy, winner_t, process.model_timestep(t), context, winner_ids)
         err = losses.denoise_error(pred, target).reshape(b, k_steps)
@@ -578,7 +596,7 @@ def _micro_step_loss(
         return per_sample.mean(), metrics
 
     # Loser branch: forward-noised final latent (dpo, spin_approx) or the stored chain (spin_exact).
-    if objective == "spin_exact":
+    if spec.trajectory:
         loser_t = batch["loser_t"].to(device)
         loser_target = sampler.implied_target(loser_t, batch["loser_prev"].to(device), step_index)
         winner_target = process.exact_winner_target(winner, noise, t)  # ε-space (DDPM) or velocity (flow)
@@ -595,23 +613,32 @@ def _micro_step_loss(
         ids2 = torch.cat([winner_ids, batch.get("loser_time_ids", batch["winner_time_ids"]).to(device)])
     target = torch.cat([winner_target, loser_target])
 
-    def errors(model: torch.nn.Module) -> losses.DenoiseErrors:
+    def predict(model: torch.nn.Module) -> torch.Tensor:
         pred = family.predict(model, model_in, process.model_timestep(t2), context2, ids2)
-        if objective == "spin_exact":
-            pred = process.exact_space(pred.float(), model_in, t2)
-        err = losses.denoise_error(pred, target)  # [2*B*K]
-        err_winner, err_loser = err.chunk(2)
+        return process.exact_space(pred.float(), model_in, t2) if spec.trajectory else pred
+
+    def errors(pred: torch.Tensor) -> losses.DenoiseErrors:
+        err_winner, err_loser = losses.denoise_error(pred, target).chunk(2)  # [B*K] each
         return losses.DenoiseErrors(winner=err_winner.reshape(b, k_steps), loser=err_loser.reshape(b, k_steps))
 
-    policy_err = errors(policy)
+    policy_pred = predict(policy)
+    policy_err = errors(policy_pred)
     with torch.no_grad(), accelerator.autocast():
         if ref is not None:
-            ref_err = errors(ref)
+            ref_err = errors(predict(ref))
         else:
             # under FSDP only the prepared module can run (it gathers its shards); DDP's wrapper is skipped
             with adapters_disabled(accelerator.unwrap_model(policy)):
-                ref_err = errors(policy if fsdp else accelerator.unwrap_model(policy))
+                ref_err = errors(predict(policy if fsdp else accelerator.unwrap_model(policy)))
 
-    loss_fn = {"dpo": losses.dpo_loss, "spin_approx": losses.spin_approx_loss, "spin_exact": losses.spin_exact_loss}
-    per_sample, metrics = loss_fn[objective](policy_err, ref_err, loss_cfg.beta, sft_weight=loss_cfg.sft_weight)
+    guard = None
+    if loss_cfg.loser_guard is not None:  # per row (pair × timestep): see losses.loser_guard_scale
+        residual_winner, residual_loser = (policy_pred.detach().float() - target.float()).chunk(2)
+        guard = losses.loser_guard_scale(residual_winner, residual_loser, loss_cfg.loser_guard).reshape(b, k_steps)
+        policy_err = policy_err._replace(loser=losses.scale_gradient(policy_err.loser, guard))
+    per_sample, metrics = spec.loss(
+        policy_err, ref_err, loss_cfg.beta, sft_weight=loss_cfg.sft_weight, dpop_lambda=loss_cfg.dpop_lambda
+    )
+    if guard is not None:
+        metrics["loser_guard_lambda"] = guard.mean(dim=1)
     return per_sample.mean(), metrics
