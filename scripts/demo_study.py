@@ -17,6 +17,24 @@ Protocol (written before the numbers were seen; docs/DEMO_STUDY.md holds the res
 3. Knobs, from SPIN's selected setting, on the TEST scenes, each for the same seeds: loss.sft_weight = β/4 (equal pull
    at the start of an iteration), a halving β schedule, a cheaper opponent sampler (guidance 1.0 instead of 3.0),
    and spin_exact. Their numbers are reported whichever way they fall; they do not change the defaults.
+
+The remedies (`--phase remedies`, issue 15; written before its numbers were seen). β stays at the grid's pick (2000:
+β changed nothing beyond the spread at any stable rate). Units run in `--workers` processes of one thread each;
+every unit's training and scores are reused when the script runs again.
+
+A. Validation scenes, the demo's budget (16 pairs per step): SPIN × learning rate in LRS × loser guard in GUARDS
+   (off, μ 0.5, μ 0.9) × DPO-Positive hinge in HINGES (off, λ_P 50, Pal et al.'s value), and SFT × the same LRS.
+   While a method's pick sits at an edge of its learning rates, the next ×5 / ÷5 is added (at most twice) for SFT,
+   and for SPIN's picked (guard, hinge) only (a coordinate step: the full product would double the stage).
+   Selection as in 2 (validation, last model, ties within 1 point to the lower Fréchet distance).
+B. Validation scenes, the paper's batch regime by accumulation: 128 pairs per step (8 micro-steps of 16; SFT 256
+   images), the same 40 optimizer steps per iteration, learning rate by Diffusion-DPO's linear rule (train.scale_lr:
+   the A pick's rate per pair × 128), for SFT's pick, plain SPIN's best (no guard, no hinge) and SPIN's overall pick.
+   One rate per cell: the stage costs 8× A's per run.
+C. Test scenes, 3 seeds, everything reported: base; SFT (pick); plain SPIN (its best); SPIN with the validated recipe
+   (the best of A and B on validation); SPIN on top of SFT (start from the seed's SFT model, the validated 16-pair
+   SPIN recipe, 3 iterations) against SFT continued from the same model for the same 120 steps; spin_exact with the
+   validated 16-pair recipe, its opponent at DDIM η = 1 (the new default) and at η = 0 (the old one).
 """
 
 from __future__ import annotations
@@ -36,6 +54,9 @@ from spin_diffusion.demo.evaluate import evaluate, win_rate_vs
 
 LRS = (2e-5, 1e-4, 5e-4)
 BETAS = (500.0, 2000.0, 8000.0)
+GUARDS = (None, 0.5, 0.9)
+HINGES = (0.0, 50.0)
+BIG_BATCH = 128  # pairs per optimizer step in stage B (8 accumulated micro-steps of 16)
 
 
 def _log(path: Path) -> list[dict]:
@@ -159,6 +180,178 @@ def knobs(out: Path, seeds: list[int], hyper: runner.Hyper) -> tuple[dict, dict]
     return rows, curves
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The remedies (issue 15)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One setting of the remedies study; `name` is its row in the tables."""
+
+    method: str  # sft | spin
+    lr: float  # per-step learning rate (stage B: the rate as used, i.e. after scale_lr)
+    guard: float | None = None
+    hinge: float = 0.0
+    pairs: int = runner.PAIRS_PER_STEP  # pairs per optimizer step (SFT: images / 2)
+
+    @property
+    def name(self) -> str:
+        if self.method == "sft":
+            text = f"sft lr={self.lr:g}"
+        else:
+            guard = "off" if self.guard is None else f"{self.guard:g}"
+            text = f"spin lr={self.lr:g} guard={guard} hinge={self.hinge:g}"
+        return text + (f" pairs={self.pairs}" if self.pairs != runner.PAIRS_PER_STEP else "")
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace(" ", "_").replace("=", "")
+
+
+def _cell_configs(out: Path, cell: Cell, s: int, base: Path, hyper: runner.Hyper):
+    h = dataclasses.replace(hyper, spin_beta=2000.0, spin_loser_guard=cell.guard, spin_dpop_lambda=cell.hinge)
+    sft, spin = runner.finetune_configs(out / "remedies" / cell.folder / f"seed_{s}", base, runner.prepare(out),
+                                        seed=s, hyper=h, scale=1.0)  # fmt: skip
+    cfg = sft if cell.method == "sft" else spin
+    cfg = replace(cfg, **{"train.learning_rate": cell.lr})
+    if cell.pairs != runner.PAIRS_PER_STEP:  # the batch regime: accumulate, rate per pair × pairs (scale_lr)
+        total = cell.pairs * (2 if cell.method == "sft" else 1)
+        cfg = replace(
+            cfg, **{"train.total_batch_size": total, "train.scale_lr": True, "train.learning_rate": cell.lr / total}
+        )
+    return cfg
+
+
+def _run_cell(out: Path, cell: Cell, s: int, spec, split: str) -> dict:
+    """Train (or reuse) one cell for seed s and score its last model on `spec` (cached per split)."""
+    base = runner.shipped_base()
+    base_result = evaluate(base, spec, out / split / f"base_seed{s}.json")
+    cfg = _cell_configs(out, cell, s, base, runner.Hyper())
+    t0 = time.perf_counter()
+    runner.run(cfg, resume=Path(cfg.run_dir).exists(), progress=False)
+    model = Path(cfg.run_dir) / f"iter_{cfg.num_iterations:02d}" / "model"
+    result = _score(model, base_result, spec, Path(cfg.run_dir) / f"{split}.json")
+    return result | {"seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _units_done(out: Path, units: list[tuple[Cell, int]], split: str) -> bool:
+    return all((_cell_dir(out, c, s) / f"{split}.json").exists() for c, s in units)
+
+
+def _cell_dir(out: Path, cell: Cell, s: int) -> Path:
+    return out / "remedies" / cell.folder / f"seed_{s}"
+
+
+def _run_units(out: Path, units: list[tuple[Cell, int]], split: str, worker: int, workers: int) -> dict:
+    """This worker's share of the units (every workers-th), then wait for the others' and collect every score."""
+    spec_of = runner.validation_spec if split == "val" else runner.heldout_spec
+    for i, (cell, s) in enumerate(units):
+        if i % workers == worker:
+            r = _run_cell(out, cell, s, spec_of(s), split)
+            print(f"[{worker}] {cell.name} seed {s}: all correct {r['shapes_judge']:.3f} fd {r['fd']:.3f} "
+                  f"({r['seconds']} s)", flush=True)  # fmt: skip
+    while not _units_done(out, units, split):
+        time.sleep(5)
+    rows: dict[str, list[dict]] = {}
+    for cell, s in units:
+        r = json.loads((_cell_dir(out, cell, s) / f"{split}.json").read_text())
+        base = json.loads((out / split / f"base_seed{s}.json").read_text())
+        rows.setdefault(cell.name, []).append(r["metrics"] | {"win_rate_vs_base": win_rate_vs(r, base)})
+    return rows
+
+
+def _best(rows: dict[str, list[dict]], cells: list[Cell]) -> Cell:
+    """Selection rule 2 over `cells`: best mean all-correct, ties within 1 point to the lower Fréchet distance."""
+    score = {c: statistics.fmean(r["shapes_judge"] for r in rows[c.name]) for c in cells}
+    top = max(score.values())
+    close = [c for c in cells if score[c] >= top - 0.01]
+    return min(close, key=lambda c: statistics.fmean(r["fd"] for r in rows[c.name]))
+
+
+def remedies(out: Path, seeds: list[int], worker: int, workers: int) -> dict:
+    """Stages A, B and C of the remedies protocol (module docstring)."""
+    # A. the demo budget, validation scenes
+    sft_cells = [Cell("sft", lr) for lr in LRS]
+    spin_cells = [Cell("spin", lr, g, h) for lr in LRS for g in GUARDS for h in HINGES]
+    rows: dict[str, list[dict]] = {}
+    for _ in range(3):  # the grid, then at most two extensions
+        cells = sft_cells + spin_cells
+        rows = _run_units(out, [(c, s) for s in seeds for c in cells], "val", worker, workers)
+        grew = False
+        for pool in (sft_cells, spin_cells):
+            pick = _best(rows, pool)
+            same = [c for c in pool if (c.guard, c.hinge) == (pick.guard, pick.hinge)]
+            lrs = sorted({c.lr for c in same})
+            if pick.lr in (lrs[0], lrs[-1]) and len(lrs) < len(LRS) + 2:
+                new = dataclasses.replace(pick, lr=pick.lr * 5 if pick.lr == lrs[-1] else pick.lr / 5)
+                if new not in pool:
+                    pool.append(new)
+                    grew = True
+        if not grew:
+            break
+    sft_pick, spin_pick = _best(rows, sft_cells), _best(rows, spin_cells)
+    plain_pick = _best(rows, [c for c in spin_cells if c.guard is None and c.hinge == 0])
+
+    # B. the paper's batch regime (128 pairs per step, linear lr rule), validation scenes
+    big = [dataclasses.replace(c, lr=c.lr * BIG_BATCH / c.pairs, pairs=BIG_BATCH) for c in (sft_pick, plain_pick)]
+    if spin_pick != plain_pick:
+        big.append(dataclasses.replace(spin_pick, lr=spin_pick.lr * BIG_BATCH / spin_pick.pairs, pairs=BIG_BATCH))
+    rows |= _run_units(out, [(c, s) for s in seeds for c in big], "val", worker, workers)
+    recipe = _best(rows, [c for c in spin_cells + big if c.method == "spin"])
+    small_recipe = spin_pick  # what the demo's budget can run
+
+    # C. test scenes
+    test_cells = list(dict.fromkeys([sft_pick, plain_pick, recipe, small_recipe]))
+    test_rows = _run_units(out, [(c, s) for s in seeds for c in test_cells], "test", worker, workers)
+    test_rows |= protocols(out, seeds, sft_pick, small_recipe, worker, workers)
+    return {
+        "validation": rows,
+        "picks": {"sft": sft_pick.name, "spin": spin_pick.name, "spin plain": plain_pick.name, "recipe": recipe.name},
+        "test": test_rows,
+    }
+
+
+def protocols(out: Path, seeds: list[int], sft_cell: Cell, spin_cell: Cell, worker: int, workers: int) -> dict:
+    """Stage C's runs that start from another model or change the sampler: SFT → SPIN vs SFT continued (both from
+    the seed's SFT model, 120 more optimizer steps each), and spin_exact at η = 1 and η = 0."""
+    base = runner.shipped_base()
+    variants = ["sft -> spin", "sft -> sft continued", "spin_exact eta=1", "spin_exact eta=0"]
+    units = [(v, s) for s in seeds for v in variants]
+    hyper = runner.Hyper()
+    rows: dict[str, list[dict]] = {}
+
+    def run_variant(name: str, s: int) -> Path:
+        sft_model = _cell_dir(out, sft_cell, s) / "iter_01" / "model"
+        folder = out / "protocols" / name.replace(" ", "_").replace(">", "").replace("=", "") / f"seed_{s}"
+        if name.startswith("sft ->"):
+            while not (sft_model / "model_index.json").exists():  # the other worker may still train it
+                time.sleep(5)
+        cfg = _cell_configs(out, sft_cell if name == "sft -> sft continued" else spin_cell, s, base, hyper)
+        cfg = replace(cfg, run_dir=str(folder))
+        if name.startswith("sft ->"):
+            cfg = replace(cfg, **{"model.path": str(sft_model)})
+        if name.startswith("spin_exact"):
+            cfg = replace(cfg, **{"loss.objective": "spin_exact", "sample.eta": 1.0 if name.endswith("1") else 0.0})
+        runner.run(cfg, resume=folder.exists(), progress=False)
+        return folder / f"iter_{cfg.num_iterations:02d}" / "model"
+
+    for i, (name, s) in enumerate(units):
+        if i % workers == worker:
+            spec = runner.heldout_spec(s)
+            model = run_variant(name, s)
+            base_result = evaluate(base, spec, out / "test" / f"base_seed{s}.json")
+            _score(model, base_result, spec, model.parent.parent / "test.json")
+            print(f"[{worker}] {name} seed {s} done", flush=True)
+    for name, s in units:
+        folder = out / "protocols" / name.replace(" ", "_").replace(">", "").replace("=", "") / f"seed_{s}"
+        while not (folder / "test.json").exists():
+            time.sleep(5)
+        r = json.loads((folder / "test.json").read_text())
+        base = json.loads((out / "test" / f"base_seed{s}.json").read_text())
+        rows.setdefault(name, []).append(r["metrics"] | {"win_rate_vs_base": win_rate_vs(r, base)})
+    return rows
+
+
 def table(rows: dict[str, list[dict]]) -> str:
     lines = [
         "| model | all correct (%) | Fréchet distance ↓ | win rate vs base (%) | seeds |",
@@ -191,7 +384,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/demo_study"))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--phase", choices=["all", "grid", "knobs"], default="all")
+    parser.add_argument("--phase", choices=["all", "grid", "knobs", "remedies"], default="all")
+    parser.add_argument("--workers", type=int, default=1, help="remedies: processes sharing the units (1 thread each)")
+    parser.add_argument("--worker", type=int, default=-1, help="(internal) this process's index")
     parser.add_argument("--sft-lr", type=float, help="knobs only: skip the grid and use these")
     parser.add_argument("--spin-lr", type=float)
     parser.add_argument("--spin-beta", type=float)
@@ -199,6 +394,9 @@ def main() -> None:
     seeds = list(range(args.seeds))
     hyper = runner.Hyper()
     started = time.perf_counter()
+    if args.phase == "remedies":
+        _remedies_main(args, seeds, started)
+        return
     report: dict = {"protocol": __doc__, "lrs": LRS, "betas": BETAS, "seeds": seeds}
     if args.phase in ("all", "grid"):
         rows = grid(args.out, seeds, hyper)
@@ -218,6 +416,44 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"study_{args.phase}.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"\n{report['seconds']} s; {args.out / f'study_{args.phase}.json'}")
+
+
+def _remedies_main(args, seeds: list[int], started: float) -> None:
+    """--phase remedies: start `--workers` copies of this script with one thread each (worker 0 writes the report)."""
+    import os
+    import subprocess
+    import sys
+
+    if args.worker < 0:
+        # shared inputs first (the fine-tuning pairs, the base's scores), so that the workers only read them
+        runner.prepare(args.out)
+        for s in seeds:
+            for split, spec in (("val", runner.validation_spec(s)), ("test", runner.heldout_spec(s))):
+                evaluate(runner.shipped_base(), spec, args.out / split / f"base_seed{s}.json")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        argv = [sys.executable, __file__, "--out", str(args.out), "--seeds", str(args.seeds), "--phase", "remedies"]
+        argv += ["--workers", str(args.workers)]
+        procs = [subprocess.Popen([*argv, "--worker", str(w)], env=env) for w in range(args.workers)]
+        while any(p.poll() is None for p in procs):  # one worker's failure stops the others (they would wait)
+            if any(p.poll() not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"a worker failed: exit codes {[p.poll() for p in procs]}")
+            time.sleep(2)
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    result = remedies(args.out, seeds, args.worker, args.workers)
+    if args.worker != 0:
+        return
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["protocol"] = __doc__
+    (args.out / "study_remedies.json").write_text(json.dumps(result, indent=1, default=str))
+    print("\n## Remedies, validation scenes\n\n" + table(result["validation"]))
+    print("\npicks: " + json.dumps(result["picks"]))
+    print("\n## Test scenes\n\n" + table(result["test"]))
+    print(f"\n{result['seconds']} s; {args.out / 'study_remedies.json'}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ SAMPLE = SampleConfig(num_steps=10, guidance_scale=3.0, batch_size=64, shard_siz
 SFT_LR = 5e-4
 SPIN_LR = 4e-6
 SPIN_BETA = 2000.0
+SPIN_LOSER_GUARD: float | None = None  # loss.loser_guard of SPIN (null = off)
+SPIN_DPOP_LAMBDA = 0.0  # loss.dpop_lambda of SPIN (0 = off)
 ITERATIONS = 3
 STEPS_PER_ITERATION = 40
 PAIRS_PER_STEP = 16
@@ -71,6 +73,8 @@ class Hyper:
     sft_lr: float = SFT_LR
     spin_lr: float = SPIN_LR
     spin_beta: float = SPIN_BETA
+    spin_loser_guard: float | None = SPIN_LOSER_GUARD
+    spin_dpop_lambda: float = SPIN_DPOP_LAMBDA
     iterations: int = ITERATIONS
     steps_per_iteration: int = STEPS_PER_ITERATION
     pairs_per_step: int = PAIRS_PER_STEP
@@ -165,6 +169,8 @@ def _config(
     beta: float,
     warmup: int,
     caption_dropout: float = 0.0,
+    loser_guard: float | None = None,
+    dpop_lambda: float = 0.0,
 ) -> RunConfig:
     return RunConfig(
         run_dir=str(run_dir),
@@ -173,7 +179,7 @@ def _config(
         model=ModelConfig(path=str(model)),
         data=data,
         sample=SAMPLE,
-        loss=LossConfig(objective=objective, beta=beta),
+        loss=LossConfig(objective=objective, beta=beta, loser_guard=loser_guard, dpop_lambda=dpop_lambda),
         train=TrainConfig(
             learning_rate=lr,
             batch_size=batch,
@@ -216,6 +222,8 @@ def finetune_configs(
         steps=steps,
         batch=hyper.pairs_per_step,
         lr=hyper.spin_lr,
+        loser_guard=hyper.spin_loser_guard,
+        dpop_lambda=hyper.spin_dpop_lambda,
         **common,
     )
     return sft, spin
