@@ -181,6 +181,38 @@ def test_sdxl_and_sd3_on_two_processes_equal_one_process(tmp_path: Path, preset:
     assert update > 0 and diff <= 1e-3 * update, f"|2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
 
 
+def test_guard_hinge_and_total_batch_on_two_processes_equal_one_process(tmp_path: Path):
+    """The loser guard's λ is per pair and timestep, so it needs no collective: 2 processes × batch 2 with
+    train.total_batch_size=8 (accumulation 2, derived) give 1 process × batch 8's update, with the guard and the
+    hinge on and train.scale_lr's rate (same total, same rate); bound relative to the update, as above."""
+    from spin_diffusion.models import build_preset
+
+    common = ["num_iterations=1", "eval.enabled=false", "loss.loser_guard=0.5", "loss.dpop_lambda=5",
+              "train.total_batch_size=8", "train.scale_lr=true", "train.learning_rate=1.25e-5"]  # fmt: skip
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*common, "train.batch_size=2"]))
+    run(load_config(TINY, [*common, "train.batch_size=8", f"run_dir={one}"]), progress=False)
+    log = [json.loads(line) for line in (two / "iter_01" / "train" / "train_log.jsonl").open()]
+    assert "loser_guard_lambda" in log[-1] and "dpop_term" in log[-1]
+    used = json.loads((two / "state.json").read_text())["info"]["train:1"]["learning_rate"]
+    assert used == pytest.approx(1.25e-5 * 8)  # scale_lr: the rate per pair × 8 pairs per step
+    w2, w1 = (_unet(d / "iter_01" / "model") for d in (two, one))
+    base = build_preset("tiny", seed=0).unet.state_dict()
+    diff = torch.cat([(w2[n] - w1[n]).flatten() for n in w1]).norm()
+    update = torch.cat([(w1[n] - base[n]).flatten() for n in w1]).norm()
+    assert update > 0 and diff <= 1e-3 * update, f"|2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
+
+
+def test_a_total_batch_that_does_not_divide_stops_every_rank_with_one_line(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    bad = set_args(["train.batch_size=4", "train.total_batch_size=12"])
+    done = _torchrun("spin", "--config", str(TINY), "--run-dir", str(run_dir), *bad, check=False, timeout=120)
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "train.total_batch_size=12 is not a multiple of" in lines[0], done.stderr[-3000:]
+    assert "= 4 × 2" in lines[0] and not run_dir.exists()
+
+
 def _write_pairs(root: Path) -> Path:
     from spin_diffusion.demo import world
 

@@ -108,6 +108,8 @@ def _train(
     beta: float = 5000.0,
     timesteps_per_pair: int = 1,
     sft_weight: float = 0.0,
+    loser_guard: float | None = None,
+    dpop_lambda: float = 0.0,
     **train_kw,
 ) -> tuple[trainer.TrainResult, list[dict]]:
     result = trainer.train(
@@ -116,7 +118,12 @@ def _train(
         data,
         objective=objective,
         loss_cfg=LossConfig(
-            objective=objective, beta=beta, timesteps_per_pair=timesteps_per_pair, sft_weight=sft_weight
+            objective=objective,
+            beta=beta,
+            timesteps_per_pair=timesteps_per_pair,
+            sft_weight=sft_weight,
+            loser_guard=loser_guard,
+            dpop_lambda=dpop_lambda,
         ),
         train_cfg=_cfg(**train_kw),
         family=tiny.family,
@@ -370,8 +377,11 @@ def test_accumulation_visits_the_same_pairs(tiny, tmp_path, monkeypatch):
         assert torch.equal(seen_a[step], torch.cat(seen_b[2 * step : 2 * step + 2]))
 
 
-@pytest.mark.parametrize("objective", ["sft", "spin_approx"])
-def test_accumulation_matches_full_batch(tiny, tmp_path, objective):
+@pytest.mark.parametrize(
+    ("objective", "remedies"),
+    [("sft", {}), ("spin_approx", {}), ("spin_approx", {"loser_guard": 0.5, "dpop_lambda": 5.0})],
+)
+def test_accumulation_matches_full_batch(tiny, tmp_path, objective, remedies):
     """batch 2 x accumulation 2 == batch 4 x accumulation 1 (TRL's invariant equivalence classes).
 
     Each pair's (t, ε) is keyed by its position in the pair stream, not by the micro-step, so both runs draw the
@@ -396,10 +406,13 @@ def test_accumulation_matches_full_batch(tiny, tmp_path, objective):
         seed=seed,
         batch_size=2,
         gradient_accumulation_steps=2,
+        **remedies,
         **sgd_like,
     )
     policy_a = copy.deepcopy(tiny.unet)
-    _, log_a = _train(tiny, policy_a, ref, data, tmp_path / "a", objective, seed=seed, batch_size=4, **sgd_like)
+    _, log_a = _train(
+        tiny, policy_a, ref, data, tmp_path / "a", objective, seed=seed, batch_size=4, **remedies, **sgd_like
+    )
 
     for ra, rb in zip(log_a, log_b, strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
@@ -481,6 +494,47 @@ def test_an_unresolved_schedule_is_refused(tiny, tmp_path):
         _train(tiny, policy, ref, _pairs(), tmp_path, "spin_approx", beta=(5000.0, 2500.0))
     with pytest.raises(ValueError, match="config.for_iteration"):
         _train(tiny, policy, ref, _pairs(), tmp_path, "spin_approx", learning_rate=(1e-4, 5e-5))
+
+
+def test_an_unresolved_total_batch_is_refused(tiny, tmp_path):
+    """train.total_batch_size / scale_lr depend on the process count: config.for_world resolves them first."""
+    policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
+    with pytest.raises(ValueError, match="config.for_world"):
+        _train(tiny, policy, ref, _pairs(), tmp_path, "spin_approx", total_batch_size=4)
+    with pytest.raises(ValueError, match="config.for_world"):
+        _train(tiny, policy, ref, _pairs(), tmp_path, "spin_approx", scale_lr=True)
+
+
+# ------------------------------------------------------------------ loser guard and DPO-Positive hinge
+
+
+@pytest.mark.parametrize("objective", ["dpo", "spin_approx", "spin_exact"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_guard_and_hinge_train_every_preference_objective(tiny, exact_pairs, tmp_path, objective, lora):
+    """Full and LoRA, every preference objective: the guard's λ (in [0, 1]) and the hinge's term (≤ 0) are logged;
+    the guard keeps the loss's value (same first loss as without it) and changes the update."""
+    data = exact_pairs if objective == "spin_exact" else _pairs()
+
+    def policy_and_ref():
+        policy = copy.deepcopy(tiny.unet)
+        if not lora:
+            return policy, models.frozen_copy(tiny.unet)
+        policy.requires_grad_(False)
+        models.add_lora(policy, rank=4, alpha=4, target_modules=LORA_TARGETS, seed=0)
+        return policy, None
+
+    runs = {}
+    for name, remedies in (("plain", {}), ("guarded", {"loser_guard": 0.9, "dpop_lambda": 5.0})):
+        policy, ref = policy_and_ref()
+        _, log = _train(tiny, policy, ref, data, tmp_path / name, objective, max_steps=3, beta=50.0, **remedies)
+        runs[name] = (policy, log)
+    log = runs["guarded"][1]
+    assert all(0.0 <= r["loser_guard_lambda"] <= 1.0 for r in log) and all(r["dpop_term"] <= 0.0 for r in log)
+    assert any(r["loser_guard_lambda"] < 1.0 for r in log)  # the guard acted on some rows
+    assert log[0]["loss"] == pytest.approx(runs["plain"][1][0]["loss"], rel=1e-5)  # at θ = θ_k the hinge is 0 too
+    after = {n: p.detach() for n, p in runs["guarded"][0].named_parameters() if p.requires_grad}
+    plain = dict(runs["plain"][0].named_parameters())
+    assert any(not torch.equal(v, plain[n].detach()) for n, v in after.items())
 
 
 def test_data_check_errors():
