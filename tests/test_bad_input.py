@@ -196,6 +196,23 @@ CASES = [
         ["evaluate", "-m", "{model}", "--prompts", "{prompts}", "--baseline", "3"],
         "--baseline 3 is not an index into the 1 --model folders",
     ),
+    # the self-play remedies and the batch regime (issue 15): one line before any work
+    (
+        "spin-guard-outside-unit-interval",
+        ["spin", "--config", "{tiny}", "--set", "loss.loser_guard=2"],
+        r"loss.loser_guard must be in \[0, 1\] \(or null = off\), got 2.0",
+    ),
+    ("spin-negative-hinge", ["spin", "--config", "{tiny}", "--set", "loss.dpop_lambda=-5"], ".*>= 0, got -5.0"),
+    (
+        "spin-total-batch-does-not-divide",
+        ["spin", "--config", "{tiny}", "--set", "train.total_batch_size=6"],
+        "train.total_batch_size=6 is not a multiple of train.batch_size=4",
+    ),
+    (
+        "spin-eta-on-a-flow-model",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-sd3", "--set", "sample.eta=0.5"],
+        r"sample.eta=0.5: the sd3 family samples with deterministic Euler steps \(no η\); .*",
+    ),
     # demo and config
     ("demo-bad-scale", ["demo", "--scale", "0"], "--scale must be > 0, got 0.0"),
     ("config-unknown-key", ["config", "--set", "sample.bogus=1"], "unknown config key 'sample.bogus'; .*"),

@@ -32,7 +32,7 @@ def test_config_prints_resolved_yaml(capsys):
     assert resolved["train"]["learning_rate"] == pytest.approx(3e-4)
     assert resolved["loss"]["beta"] == 10.0
     assert resolved["model"]["preset"] == "tiny"  # from the file
-    assert resolved["sample"]["eta"] == 0.0  # a default
+    assert resolved["sample"]["eta"] is None  # a default (automatic: 1.0 for spin_exact on DDIM, else 0)
 
 
 @pytest.mark.parametrize(

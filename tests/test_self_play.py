@@ -297,6 +297,24 @@ def test_spin_exact_stores_trajectories_and_trains(tmp_path: Path):
     assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
 
 
+def test_spin_exact_opponent_samples_at_eta_one_by_default(tmp_path: Path):
+    """docs/EXACT_OBJECTIVE.md: the exact objective's opponent is stochastic (DDIM η = 1) unless sample.eta is set;
+    spin_approx keeps η = 0."""
+    from spin_diffusion.models import build_preset
+    from spin_diffusion.self_play import opponent_eta
+
+    ddpm, flow = build_preset("tiny", seed=0).family, build_preset("tiny-sd3", seed=0).family
+    exact = load_config(TINY, ["loss.objective=spin_exact"])
+    assert opponent_eta(exact, ddpm) == 1.0 and opponent_eta(exact, flow) == 0.0
+    assert opponent_eta(load_config(TINY), ddpm) == 0.0
+    assert opponent_eta(load_config(TINY, ["loss.objective=spin_exact", "sample.eta=0"]), ddpm) == 0.0
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "loss.objective=spin_exact", "num_iterations=1",
+                             "eval.enabled=false"])  # fmt: skip
+    run(cfg, progress=False)
+    meta = json.loads((tmp_path / "run" / "iter_00" / "generated" / "meta.json").read_text())
+    assert meta["spec"]["eta"] == 1.0
+
+
 def test_lora_run_merges_adapter_into_exported_model(tmp_path: Path):
     cfg = load_config(
         TINY,

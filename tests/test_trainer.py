@@ -530,7 +530,9 @@ def test_guard_and_hinge_train_every_preference_objective(tiny, exact_pairs, tmp
         runs[name] = (policy, log)
     log = runs["guarded"][1]
     assert all(0.0 <= r["loser_guard_lambda"] <= 1.0 for r in log) and all(r["dpop_term"] <= 0.0 for r in log)
-    assert any(r["loser_guard_lambda"] < 1.0 for r in log)  # the guard acted on some rows
+    if objective != "spin_exact":
+        assert any(r["loser_guard_lambda"] < 1.0 for r in log)  # the guard acted on some rows
+    # (spin_exact here: an unguided η = 0 opponent, whose chain's loser residual is ≈ 0 near θ_k: nothing to guard)
     assert log[0]["loss"] == pytest.approx(runs["plain"][1][0]["loss"], rel=1e-5)  # at θ = θ_k the hinge is 0 too
     after = {n: p.detach() for n, p in runs["guarded"][0].named_parameters() if p.requires_grad}
     plain = dict(runs["plain"][0].named_parameters())

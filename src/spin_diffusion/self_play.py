@@ -193,6 +193,11 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
     sampling.make_scheduler(cfg.sample.scheduler, c.family)  # refuses a sampler the family lacks
+    if cfg.sample.eta and c.family.process.kind == "flow":
+        raise SpinDiffusionError(
+            f"sample.eta={cfg.sample.eta}: the {c.family.name} family samples with deterministic Euler steps (no η); "
+            "set sample.eta=0 or leave it null"
+        )
     negative_embed = c.family.negative(c, cfg.sample.negative_prompt)  # as the family's pipeline makes it
     empty_embed = models.encode(c, [""])  # caption dropout trains on the encoded empty prompt
     preflight.check_writable(run_dir, "run_dir")
