@@ -30,7 +30,7 @@ def test_demo_end_to_end_two_seeds_and_rerun_continues(tmp_path, small_demo, cap
     report = out / "report.html"
     assert report.exists()
     results = json.loads((out / "results.json").read_text())
-    names = ["base", "sft", "spin iter 1", "spin iter 2", "spin iter 3"]
+    names = ["base", "sft", "spin iter 1", "spin iter 2", "spin iter 3", "sft then spin"]
     assert [m["name"] for m in results["models"]] == names
     for model in results["models"]:
         for key in ("shapes_judge", "shapes_color", "win_rate_vs_base", "fd"):
@@ -56,11 +56,20 @@ def test_demo_end_to_end_two_seeds_and_rerun_continues(tmp_path, small_demo, cap
     assert "SFT vs SPIN-Diffusion" in html and "data:image/png;base64," in html
     assert "±" in html and "standard deviation over 2 seeds" in html
     assert "not found" not in html
-    assert html.count('<img class="grid"') == 5 and html.count('<img class="plot"') == 2
+    assert html.count('<img class="grid"') == 6 and html.count('<img class="plot"') == 2
+    assert "SFT vs sft then spin differ by" in html
     for model in results["models"]:
         assert (out / model["grid"]).is_file() and not Path(model["grid"]).is_absolute()
     xs = {m["name"]: m["step"] for m in results["models"]}
     assert xs["base"] == 0 < xs["spin iter 1"] < xs["spin iter 2"] < xs["spin iter 3"] == xs["sft"]
+    assert xs["sft then spin"] == xs["sft"]
+    # SFT, then SPIN: half of SFT's steps (6 -> 3), then 3 SPIN iterations of 1 step from that model
+    then = out / "seed_0" / "sft_then_spin"
+    assert json.loads((then / "sft" / "state.json").read_text())["info"]["train:1"]["steps"] == 3
+    spin_cfg = (then / "spin" / "config.yaml").read_text()
+    assert str((then / "sft" / "iter_01" / "model").resolve()) in str(
+        Path(spin_cfg.split("path: ")[1].split()[0]).resolve()
+    )
 
     spin_model = out / "seed_1" / "spin" / "iter_03" / "model" / "model_index.json"
     stamp = spin_model.stat().st_mtime_ns
@@ -76,7 +85,7 @@ def test_demo_pretrain_keeps_the_from_scratch_path(tmp_path, small_demo, monkeyp
     out = tmp_path / "demo"
     runner.run_demo(out, seeds=1, scale=0.02, pretrain=True, hyper=runner.Hyper(iterations=1), progress=False)
     results = json.loads((out / "results.json").read_text())
-    assert [m["name"] for m in results["models"]] == ["base", "sft", "spin iter 1"]
+    assert [m["name"] for m in results["models"]] == ["base", "sft", "spin iter 1", "sft then spin"]
     assert results["models"][0]["spread"] == {}  # one seed: no spread
     base_eval = json.loads((out / "seed_0" / "eval" / "base.json").read_text())
     assert Path(base_eval["model"]) == out / "base" / "iter_01" / "model"

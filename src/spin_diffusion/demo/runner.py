@@ -33,7 +33,16 @@ from pathlib import Path
 import torch
 
 from spin_diffusion import models
-from spin_diffusion.config import DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from spin_diffusion.config import (
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    replace,
+)
 from spin_diffusion.demo import world
 from spin_diffusion.demo.evaluate import EvalSpec, evaluate, win_rate_vs
 from spin_diffusion.errors import SpinDiffusionError
@@ -229,14 +238,44 @@ def finetune_configs(
     return sft, spin
 
 
-def finetune(sft: RunConfig, spin: RunConfig, *, progress: bool, timings: dict[str, float]) -> dict[str, Path]:
-    """Run (or continue) both fine-tunings; -> {model name: diffusers folder} for SFT and each SPIN iteration."""
-    for name, cfg in (("sft", sft), ("spin", spin)):
+def sft_then_spin_configs(sft: RunConfig, spin: RunConfig, seed_dir: Path) -> tuple[RunConfig, RunConfig]:
+    """The arm "SFT, then SPIN" (the protocol of SPIN for language models: self-play from the SFT model, on the same
+    data) within the same budget: SFT for half of SFT's optimizer steps, then SPIN from that model for the other half
+    (as many iterations as the SPIN arm, each with half its steps), at the SPIN arm's settings. Its rival is the SFT
+    arm itself, i.e. the same SFT continued for the other half without a break (constant rate after warm-up, and the
+    pair stream and noise are keyed by position, so SFT's first half is exactly this arm's SFT)."""
+    half = max(1, sft.train.max_steps // 2)
+    first = replace(sft, run_dir=str(seed_dir / "sft_then_spin" / "sft"), **{"train.max_steps": half})
+    then = replace(
+        spin,
+        run_dir=str(seed_dir / "sft_then_spin" / "spin"),
+        **{
+            "model.path": str(iter_dir(Path(first.run_dir), 1) / "model"),
+            "train.max_steps": max(1, half // spin.num_iterations),
+        },
+    )
+    return first, then
+
+
+def finetune(
+    sft: RunConfig,
+    spin: RunConfig,
+    *,
+    progress: bool,
+    timings: dict[str, float],
+    then: tuple[RunConfig, RunConfig] | None = None,
+) -> dict[str, Path]:
+    """Run (or continue) the fine-tunings; -> {model name: diffusers folder} for SFT, each SPIN iteration and, with
+    `then` (`sft_then_spin_configs`), the last model of "SFT, then SPIN"."""
+    arms = [("sft", sft), ("spin", spin)] + ([("sft_then_spin", then[0]), ("sft_then_spin", then[1])] if then else [])
+    for name, cfg in arms:
         t0 = time.perf_counter()
         run(cfg, resume=Path(cfg.run_dir).exists(), progress=progress)
-        timings[name] = round(time.perf_counter() - t0, 1)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
     found = {"sft": iter_dir(Path(sft.run_dir), 1) / "model"}
     found |= {f"spin iter {k}": iter_dir(Path(spin.run_dir), k) / "model" for k in range(1, spin.num_iterations + 1)}
+    if then:
+        found[SFT_THEN_SPIN] = iter_dir(Path(then[1].run_dir), then[1].num_iterations) / "model"
     return found
 
 
@@ -258,6 +297,7 @@ def evaluate_seed(
 # The whole demo
 
 MARKER = "demo.json"
+SFT_THEN_SPIN = "sft then spin"
 
 
 def _claim(out: Path, settings: dict) -> bool:
@@ -312,7 +352,8 @@ def run_demo(
         seed_dir = out / f"seed_{s}"
         seed_timings: dict[str, float] = {}
         sft_cfg, spin_cfg = finetune_configs(seed_dir, base, data_dir, seed=s, hyper=hyper, scale=scale)
-        finetuned = finetune(sft_cfg, spin_cfg, progress=progress, timings=seed_timings)
+        then = sft_then_spin_configs(sft_cfg, spin_cfg, seed_dir)
+        finetuned = finetune(sft_cfg, spin_cfg, progress=progress, timings=seed_timings, then=then)
         per_seed[s] = evaluate_seed(seed_dir, base, finetuned, heldout_spec(s), timings=seed_timings)
         timings[f"seed_{s}"] = seed_timings
         print(f"seed {s}: {json.dumps(seed_timings)}")
@@ -349,6 +390,7 @@ def _report_data(
     # iterations together, so its point shares x with SPIN's last iteration.
     layout = [("base", "base", 0), ("sft", "sft", sft_cfg.train.max_steps)]
     layout += [(f"spin iter {k}", "spin", k * spin_steps) for k in range(1, iterations + 1)]
+    layout += [(SFT_THEN_SPIN, "sft then spin", sft_cfg.train.max_steps)]
     models_: list[ModelEntry] = []
     for name, group, step in layout:
         grid = out / f"seed_{first}" / "eval" / f"{name.replace(' ', '_')}.png"
@@ -368,6 +410,10 @@ def _report_data(
     for k in range(1, iterations + 1):
         curves += train_curves(iter_dir(first_dir / "spin", k) / TRAIN_LOG, prefix=f"spin iter {k} ")
     curves += train_curves(iter_dir(first_dir / "sft", 1) / TRAIN_LOG, prefix="sft ")
+    for k in range(1, iterations + 1):
+        curves += train_curves(
+            iter_dir(first_dir / "sft_then_spin" / "spin", k) / TRAIN_LOG, prefix=f"sft then spin iter {k} "
+        )
 
     judged, last = "shapes_judge", f"spin iter {iterations}"
     n_prompts = len(heldout_spec(first).prompts)
@@ -380,19 +426,23 @@ def _report_data(
         + "."
     ]
     verdicts = []
-    for key, label in ((judged, "all correct"), ("fd", "Fréchet distance"), ("win_rate_vs_base", "win rate")):
-        a, b = by_name["sft"], by_name[last]
-        close = within_spread(a.metrics[key], b.metrics[key], a.spread.get(key, 0.0), b.spread.get(key, 0.0))
-        verdicts.append(
-            f"{label}: SFT vs {last} differ by {abs(a.metrics[key] - b.metrics[key]):.3g}"
-            + (" — no more than the seed-to-seed spread, so not resolved by these seeds" if close else "")
-        )
-    lines.append("; ".join(verdicts) + ".")
+    for rival in (last, SFT_THEN_SPIN):
+        verdicts = []
+        for key, label in ((judged, "all correct"), ("fd", "Fréchet distance"), ("win_rate_vs_base", "win rate")):
+            a, b = by_name["sft"], by_name[rival]
+            close = within_spread(a.metrics[key], b.metrics[key], a.spread.get(key, 0.0), b.spread.get(key, 0.0))
+            verdicts.append(
+                f"{label}: SFT vs {rival} differ by {abs(a.metrics[key] - b.metrics[key]):.3g}"
+                + (" — no more than the seed-to-seed spread, so not resolved by these seeds" if close else "")
+            )
+        lines.append("; ".join(verdicts) + ".")
     lines.append(
         f"SFT and SPIN ran the same number of optimizer steps ({sft_cfg.train.max_steps}) on the same "
         f"{FINETUNE_PAIRS} clean pairs of the 24 train scenes, with {sft_cfg.train.batch_size} images per step "
         f"each; SPIN also generated its opponent's images every iteration and ran reference forwards (wall-clock "
-        f"per seed in the section below). Evaluation prompts are scenes no fine-tuning pair shows."
+        f'per seed in the section below). "SFT then SPIN" is SFT for half of those steps, then '
+        f"{iterations} SPIN iterations from that model for the other half; the SFT arm is its rival, the same SFT "
+        "continued. Evaluation prompts are scenes no fine-tuning pair shows."
     )
     if len(seeds) == 1:
         lines.append("One seed only: no spread is shown, and no difference can be told from seed noise.")
