@@ -30,9 +30,10 @@ A. Validation scenes, the demo's budget (16 pairs per step). Screen on seed 0: S
    both}, plus guard μ 0.5 with the hinge at 1e-4 and both remedies at 2e-5 (SCREEN). The two best screened cells
    (selection rule 2 on seed 0) get seeds 1 and 2; the recipe is the best of them by the 3-seed mean. SFT lr 5e-4 (the
    grid's pick) runs for seeds 0-2 because stage C starts from its models.
-B. Validation scenes, the paper's batch regime by accumulation, seed 0 only (a run costs 8× A's): 128 pairs per step
-   (8 micro-steps of 16; SFT 256 images), the same 40 optimizer steps per iteration, learning rate by Diffusion-DPO's
-   linear rule (train.scale_lr: the A rate per pair × 128), for the SPIN recipe and for SFT's pick.
+B. Validation scenes, the paper's batch regime by accumulation, seed 0, one iteration (a 128-pair iteration costs 8×
+   a 16-pair one; three would take ~30 min here): 128 pairs per step (8 micro-steps of 16), the same 40 optimizer
+   steps, learning rate by Diffusion-DPO's linear rule (train.scale_lr: the recipe's rate per pair × 128), against the
+   recipe's own first iteration at 16 pairs. SFT's 256-image arm is skipped for time.
 C. Test scenes, seeds 0-2, everything reported: SFT (pick); the SPIN recipe; SPIN on top of SFT (start from the seed's
    SFT model, the recipe, 3 iterations) against SFT continued from the same model for the same 120 steps; spin_exact
    at the grid's plain pick (lr 4e-6, β 2000: the knobs arm that gave 61 % at η = 0) with its opponent at DDIM η = 1
@@ -214,7 +215,10 @@ def _cell_configs(out: Path, cell: Cell, s: int, base: Path, hyper: runner.Hyper
                                         seed=s, hyper=h, scale=1.0)  # fmt: skip
     cfg = sft if cell.method == "sft" else spin
     cfg = replace(cfg, **{"train.learning_rate": cell.lr})
-    if cell.pairs != runner.PAIRS_PER_STEP:  # the batch regime: accumulate, rate per pair × pairs (scale_lr)
+    if (
+        cell.pairs != runner.PAIRS_PER_STEP
+    ):  # the batch regime: accumulate, rate per pair × pairs (scale_lr); 1 iteration
+        cfg = replace(cfg, num_iterations=1)
         total = cell.pairs * (2 if cell.method == "sft" else 1)
         cfg = replace(
             cfg, **{"train.total_batch_size": total, "train.scale_lr": True, "train.learning_rate": cell.lr / total}
@@ -242,14 +246,27 @@ def _cell_dir(out: Path, cell: Cell, s: int) -> Path:
     return out / "remedies" / cell.folder / f"seed_{s}"
 
 
-def _run_units(out: Path, units: list[tuple[Cell, int]], split: str, worker: int, workers: int) -> dict:
-    """This worker's share of the units (every workers-th), then wait for the others' and collect every score."""
+def _claim(out: Path, key: str) -> bool:
+    """True for exactly one worker per key (an atomic mkdir); the parent clears the claims before it starts them."""
+    try:
+        (out / "claims" / key).mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+
+
+def _work(out: Path, units: list[tuple[Cell, int]], split: str, worker: int) -> None:
+    """Run every unit no other worker has claimed (longest-first order is the caller's), without waiting."""
     spec_of = runner.validation_spec if split == "val" else runner.heldout_spec
-    for i, (cell, s) in enumerate(units):
-        if i % workers == worker:
+    for cell, s in units:
+        if _claim(out, f"{split}_{cell.folder}_seed{s}"):
             r = _run_cell(out, cell, s, spec_of(s), split)
             print(f"[{worker}] {cell.name} seed {s}: all correct {r['shapes_judge']:.3f} fd {r['fd']:.3f} "
                   f"({r['seconds']} s)", flush=True)  # fmt: skip
+
+
+def _collect(out: Path, units: list[tuple[Cell, int]], split: str) -> dict:
+    """Wait until every unit is scored (by any worker) and return {row name: [metrics per seed]}."""
     while not _units_done(out, units, split):
         time.sleep(5)
     rows: dict[str, list[dict]] = {}
@@ -258,6 +275,11 @@ def _run_units(out: Path, units: list[tuple[Cell, int]], split: str, worker: int
         base = json.loads((out / split / f"base_seed{s}.json").read_text())
         rows.setdefault(cell.name, []).append(r["metrics"] | {"win_rate_vs_base": win_rate_vs(r, base)})
     return rows
+
+
+def _run_units(out: Path, units: list[tuple[Cell, int]], split: str, worker: int) -> dict:
+    _work(out, units, split, worker)
+    return _collect(out, units, split)
 
 
 def _best(rows: dict[str, list[dict]], cells: list[Cell]) -> Cell:
@@ -273,26 +295,35 @@ def _screen() -> list[Cell]:
     return cells + [Cell("spin", 1e-4, 0.5, 50.0), Cell("spin", 2e-5, 0.9, 50.0)]
 
 
-def remedies(out: Path, seeds: list[int], worker: int, workers: int) -> dict:
+def remedies(out: Path, seeds: list[int], worker: int) -> dict:
     """Stages A, B and C of the remedies protocol (module docstring)."""
     # A. the demo budget, validation scenes: screen on the first seed, confirm the best two on the others
     sft_pick = Cell("sft", runner.SFT_LR)
     screen = _screen()
     first, rest = seeds[:1], seeds[1:]
-    units = [(sft_pick, s) for s in seeds] + [(c, s) for s in first for c in screen]
-    rows = _run_units(out, units, "val", worker, workers)
+    rows = _run_units(out, [(c, s) for s in first for c in screen] + [(sft_pick, s) for s in seeds], "val", worker)
     by_score = sorted(screen, key=lambda c: (-rows[c.name][0]["shapes_judge"], rows[c.name][0]["fd"]))
     confirmed = by_score[:2]
-    rows |= _run_units(out, [(c, s) for s in rest for c in confirmed], "val", worker, workers)
+    rows |= _run_units(out, [(c, s) for s in rest for c in confirmed], "val", worker)
     recipe = _best(rows, confirmed)
 
-    # B. the paper's batch regime (128 pairs per step, linear lr rule), validation scenes, first seed
-    big = [dataclasses.replace(c, lr=c.lr * BIG_BATCH / c.pairs, pairs=BIG_BATCH) for c in (sft_pick, recipe)]
-    rows |= _run_units(out, [(c, s) for s in first for c in big], "val", worker, workers)
-
-    # C. test scenes
-    test_rows = _run_units(out, [(c, s) for s in seeds for c in (sft_pick, recipe)], "test", worker, workers)
-    test_rows |= protocols(out, seeds, sft_pick, recipe, worker, workers)
+    # B (validation, first seed) and C (test scenes) share the workers; B's one long unit is claimed first.
+    big = dataclasses.replace(recipe, lr=recipe.lr * BIG_BATCH / recipe.pairs, pairs=BIG_BATCH)
+    _work(out, [(big, s) for s in first], "val", worker)
+    test_units = [(c, s) for s in seeds for c in (sft_pick, recipe)]
+    _work(out, test_units, "test", worker)
+    test_rows = protocols(out, seeds, sft_pick, recipe, worker)
+    test_rows = _collect(out, test_units, "test") | test_rows
+    rows |= _collect(out, [(big, s) for s in first], "val")
+    # the recipe's first iteration at 16 pairs, the rival of the one 128-pair iteration (same scenes, same seed)
+    iter1 = {}
+    for s in first:
+        base = json.loads((out / "val" / f"base_seed{s}.json").read_text())
+        model = _cell_dir(out, recipe, s) / "spin" / "iter_01" / "model"
+        iter1.setdefault(f"{recipe.name}, iteration 1", []).append(
+            _score(model, base, runner.validation_spec(s), _cell_dir(out, recipe, s) / "val_iter1.json")
+        )
+    rows |= iter1
     return {
         "validation": rows,
         "picks": {"sft": sft_pick.name, "screened best two": [c.name for c in confirmed], "recipe": recipe.name},
@@ -300,7 +331,7 @@ def remedies(out: Path, seeds: list[int], worker: int, workers: int) -> dict:
     }
 
 
-def protocols(out: Path, seeds: list[int], sft_cell: Cell, spin_cell: Cell, worker: int, workers: int) -> dict:
+def protocols(out: Path, seeds: list[int], sft_cell: Cell, spin_cell: Cell, worker: int) -> dict:
     """Stage C's runs that start from another model or change the sampler: SFT → SPIN vs SFT continued (both from
     the seed's SFT model, 120 more optimizer steps each), and spin_exact at the grid's plain pick with η = 1."""
     base = runner.shipped_base()
@@ -325,8 +356,8 @@ def protocols(out: Path, seeds: list[int], sft_cell: Cell, spin_cell: Cell, work
         runner.run(cfg, resume=folder.exists(), progress=False)
         return folder / f"iter_{cfg.num_iterations:02d}" / "model"
 
-    for i, (name, s) in enumerate(units):
-        if i % workers == worker:
+    for name, s in units:
+        if _claim(out, f"protocol_{name.replace(' ', '_').replace('>', '')}_seed{s}"):
             spec = runner.heldout_spec(s)
             model = run_variant(name, s)
             base_result = evaluate(base, spec, out / "test" / f"base_seed{s}.json")
@@ -411,13 +442,16 @@ def main() -> None:
 
 
 def _remedies_main(args, seeds: list[int], started: float) -> None:
-    """--phase remedies: start `--workers` copies of this script with one thread each (worker 0 writes the report)."""
+    """--phase remedies: start `--workers` copies of this script sharing the cores (worker 0 writes the report)."""
     import os
     import subprocess
     import sys
 
     if args.worker < 0:
         # shared inputs first (the fine-tuning pairs, the base's scores), so that the workers only read them
+        import shutil
+
+        shutil.rmtree(args.out / "claims", ignore_errors=True)  # units left half-done by a killed study run again
         runner.prepare(args.out)
         for s in seeds:
             for split, spec in (("val", runner.validation_spec(s)), ("test", runner.heldout_spec(s))):
@@ -437,7 +471,7 @@ def _remedies_main(args, seeds: list[int], started: float) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    result = remedies(args.out, seeds, args.worker, args.workers)
+    result = remedies(args.out, seeds, args.worker)
     if args.worker != 0:
         return
     result["seconds"] = round(time.perf_counter() - started, 1)
