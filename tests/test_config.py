@@ -174,3 +174,16 @@ def test_bad_eval_sampler_is_a_one_line_error(overrides, message):
     with pytest.raises(SpinDiffusionError) as err:
         load_config(None, overrides)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("recipe", ["sd15_pickapic", "sdxl_pickapic", "sd3_pickapic"])
+def test_shipped_recipes_run_the_papers_2048_pairs_on_8_gpus(recipe):
+    from pathlib import Path
+
+    from spin_diffusion.config import for_world
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml")
+    train = for_world(cfg.train, 8)
+    assert train.batch_size * train.gradient_accumulation_steps * 8 == 2048
+    if recipe == "sd15_pickapic":  # Diffusion-DPO's rule gives SPIN-Diffusion's published 2e-5
+        assert train.learning_rate == pytest.approx(2.048e-5) and cfg.sample.eta is None

@@ -30,6 +30,17 @@ FORBIDDEN = {
     "distributed": {"diffusers", "spin_diffusion.models", "spin_diffusion.self_play", "spin_diffusion.trainer"},
     "preemption": {"diffusers", "accelerate", "spin_diffusion"},
     "preflight": {"torch", "diffusers", "spin_diffusion.models", "spin_diffusion.self_play"},
+    # the table of objectives sits just above the pure losses: it names them, it runs nothing
+    "objectives": {
+        "diffusers",
+        "transformers",
+        "accelerate",
+        "spin_diffusion.trainer",
+        "spin_diffusion.self_play",
+        "spin_diffusion.models",
+        "spin_diffusion.families",
+        "spin_diffusion.config",
+    },
 }
 
 
