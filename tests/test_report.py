@@ -249,3 +249,16 @@ def test_collect_run_errors(tmp_path):
     assert data.models[0].grid is None and data.curves == [] and data.sections == []
     assert "nothing to compare" in data.summary
     assert "judge" in write_report(data, tmp_path).read_text()
+
+
+def test_guard_and_hinge_metrics_become_curves(tmp_path: Path):
+    """loss.loser_guard and loss.dpop_lambda log `loser_guard_lambda` and `dpop_term`; the report draws every numeric
+    key of a train log, so both get a curve."""
+    log = tmp_path / "train_log.jsonl"
+    rows = [
+        {"step": s, "loss": 0.7 - s / 100, "loser_guard_lambda": 0.5 + s / 100, "dpop_term": -s / 10} for s in (1, 2)
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = {c.metric: c for c in train_curves(log, prefix="spin iter 1")}
+    assert curves["loser_guard_lambda"].values == [0.51, 0.52] and curves["dpop_term"].steps == [1, 2]
+    assert curves["dpop_term"].name == "spin iter 1 dpop_term"
