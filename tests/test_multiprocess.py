@@ -156,8 +156,14 @@ def test_every_objective_runs_on_two_processes(tmp_path: Path, command, override
     assert _files(two) == _files(one)
     w2, w1 = _unet(two / "iter_01" / "model"), _unet(one / "iter_01" / "model")
     assert w2.keys() == w1.keys() and not any("lora" in n for n in w2)  # LoRA: exported merged
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6)
+    # the bound of the tests above, relative to the update (an element-wise 1e-6 fails on some CPUs: the ranks run
+    # one OpenMP thread, this process two, and the merged LoRA product sums in another order)
+    from spin_diffusion.models import build_preset
+
+    base = build_preset("tiny", seed=0).unet.state_dict()
+    diff = torch.cat([(w2[n] - w1[n]).flatten() for n in w1]).norm()
+    update = torch.cat([(w1[n] - base[n]).flatten() for n in w1]).norm()
+    assert update > 0 and diff <= 1e-3 * update, f"|2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
 
 
 @pytest.mark.parametrize(("preset", "objective"), [("tiny-sdxl", "spin_approx"), ("tiny-sd3", "spin_exact")])
