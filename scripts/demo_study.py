@@ -243,7 +243,8 @@ def _units_done(out: Path, units: list[tuple[Cell, int]], split: str) -> bool:
 
 
 def _cell_dir(out: Path, cell: Cell, s: int) -> Path:
-    return out / "remedies" / cell.folder / f"seed_{s}"
+    """The run dir of one cell and seed (runner.finetune_configs puts the run in seed_<s>/sft or seed_<s>/spin)."""
+    return out / "remedies" / cell.folder / f"seed_{s}" / cell.method
 
 
 def _claim(out: Path, key: str) -> bool:
@@ -319,7 +320,7 @@ def remedies(out: Path, seeds: list[int], worker: int) -> dict:
     iter1 = {}
     for s in first:
         base = json.loads((out / "val" / f"base_seed{s}.json").read_text())
-        model = _cell_dir(out, recipe, s) / "spin" / "iter_01" / "model"
+        model = _cell_dir(out, recipe, s) / "iter_01" / "model"
         iter1.setdefault(f"{recipe.name}, iteration 1", []).append(
             _score(model, base, runner.validation_spec(s), _cell_dir(out, recipe, s) / "val_iter1.json")
         )
