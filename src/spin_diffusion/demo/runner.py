@@ -64,12 +64,13 @@ VALIDATION_PER_SCENE = 4  # the validation set (12 other held-out scenes), for a
 # SPIN's opponent samples: DDIM 10 steps (half the evaluation sampler's) keeps the 3-seed demo under 5 minutes.
 SAMPLE = SampleConfig(num_steps=10, guidance_scale=3.0, batch_size=64, shard_size=128)
 # Chosen by scripts/demo_study.py on the validation scenes (3 seeds; the same lr grid for both methods, extended
-# while a pick sat at its edge; β for SPIN): docs/DEMO_STUDY.md has the grid and the protocol.
+# while a pick sat at its edge; β for SPIN), then SPIN's remedies (its `--phase remedies`: the loser guard and the
+# DPO-Positive hinge at the rates where plain SPIN collapsed): docs/DEMO_STUDY.md has the grids and the protocol.
 SFT_LR = 5e-4
-SPIN_LR = 4e-6
+SPIN_LR = 1e-4  # plain SPIN's best was 4e-6: from 1e-4 up it collapsed without the guard
 SPIN_BETA = 2000.0
-SPIN_LOSER_GUARD: float | None = None  # loss.loser_guard of SPIN (null = off)
-SPIN_DPOP_LAMBDA = 0.0  # loss.dpop_lambda of SPIN (0 = off)
+SPIN_LOSER_GUARD: float | None = 0.9  # loss.loser_guard of SPIN: Diffusion-SDPO's winner guard, μ = 0.9
+SPIN_DPOP_LAMBDA = 0.0  # loss.dpop_lambda of SPIN: the hinge did not add to the guard on validation
 ITERATIONS = 3
 STEPS_PER_ITERATION = 40
 PAIRS_PER_STEP = 16
