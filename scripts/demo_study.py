@@ -305,7 +305,8 @@ def remedies(out: Path, seeds: list[int], worker: int) -> dict:
     rows = _run_units(out, [(c, s) for s in first for c in screen] + [(sft_pick, s) for s in seeds], "val", worker)
     by_score = sorted(screen, key=lambda c: (-rows[c.name][0]["shapes_judge"], rows[c.name][0]["fd"]))
     confirmed = by_score[:2]
-    rows |= _run_units(out, [(c, s) for s in rest for c in confirmed], "val", worker)
+    for name, more in _run_units(out, [(c, s) for s in rest for c in confirmed], "val", worker).items():
+        rows[name] = rows[name] + more  # the first seed's score and the others'
     recipe = _best(rows, confirmed)
 
     # B (validation, first seed) and C (test scenes) share the workers; B's one long unit is claimed first.
