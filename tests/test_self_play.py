@@ -390,6 +390,23 @@ def test_resume_accepts_a_run_saved_before_a_config_key_existed(finished_run: Pa
     run(load_config(TINY, [f"run_dir={finished_run}"]), resume=True, progress=False)
 
 
+def test_resume_of_a_run_saved_with_the_old_eta_default(finished_run: Path):
+    """sample.eta's default became null (automatic): a spin_approx run saved with the old default 0.0 resumes; a
+    spin_exact run saved at 0.0 would now sample at 1.0, so it is refused with the key named."""
+    import yaml
+
+    saved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    saved["sample"]["eta"] = 0.0
+    (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
+    run(load_config(TINY, [f"run_dir={finished_run}"]), resume=True, progress=False)
+    saved["loss"]["objective"] = "spin_exact"
+    (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(SpinDiffusionError, match=r"sample.eta: 0.0 \(saved\) vs 1.0 \(now\)"):
+        run(load_config(TINY, [f"run_dir={finished_run}", "loss.objective=spin_exact"]), resume=True, progress=False)
+    saved["loss"]["objective"], saved["sample"]["eta"] = "spin_approx", None
+    (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
+
+
 def test_beta_and_learning_rate_schedules_change_per_iteration(tmp_path: Path, monkeypatch):
     """loss.beta=[2000,1000] and train.learning_rate=[1e-4,5e-5]: the trainer gets each iteration's numbers, the
     train log shows the learning rate used, state.json and the model cards record both, and --resume accepts

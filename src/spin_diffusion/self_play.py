@@ -82,6 +82,16 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
+def _comparable(values: dict) -> dict:
+    """A config dict with `sample.eta: null` replaced by the DDIM η it stands for (as `opponent_eta` picks it for
+    DDPM-family models): runs saved with the old default η = 0 resume, a spin_exact run saved at η = 0 does not."""
+    sample = dict(values["sample"])
+    if sample.get("eta") is None:
+        exact = objectives.get(values["loss"]["objective"]).trajectory and sample.get("scheduler") == "ddim"
+        sample["eta"] = 1.0 if exact else 0.0
+    return {**values, "sample": sample}
+
+
 def check_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
     """Check that the run dir may be started (fresh) or continued (resume); writes nothing. Every rank calls it
     before anything is written, so all of them see the folder as it was. Returns the run dir."""
@@ -92,8 +102,10 @@ def check_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
             raise SpinDiffusionError(
                 f"{run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir"
             )
-        # the saved config read back through today's defaults: a key added since the run started is not a change
-        diff = _first_difference(to_dict(config_from_dict(read_yaml(saved_cfg))), to_dict(cfg))
+        # the saved config read back through today's defaults: a key added since the run started is not a change, nor
+        # is a default that became automatic (sample.eta) where the automatic value is the one the run used
+        saved = _comparable(to_dict(config_from_dict(read_yaml(saved_cfg))))
+        diff = _first_difference(saved, _comparable(to_dict(cfg)))
         if diff:
             raise SpinDiffusionError(f"--resume with a config that differs from the saved one ({diff})")
     elif resume and (run_dir / STATE_FILE).exists():
