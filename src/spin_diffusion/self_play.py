@@ -171,7 +171,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     started = time.perf_counter()
     state_ = distributed.state()
     run_dir = check_run_dir(cfg, resume=resume)
-    saved_cfg = cfg  # what the run dir records; `cfg` below is it as it runs on this many processes
+    as_given = cfg  # what the run dir records; `cfg` below is it as it runs on this many processes
     cfg = replace(cfg, train=for_world(cfg.train, state_.num_processes))  # refuses a total batch that does not divide
     objective = cfg.loss.objective
     obj = objectives.get(objective)
@@ -218,7 +218,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         disk_estimate(cfg, c, images, resolution, embed_shape=tuple(negative_embed.shape[1:])),
         already_written=preflight.folder_bytes(run_dir) if resume else 0,
     )
-    create_run_dir(saved_cfg)
+    create_run_dir(as_given)
     state = RunState(run_dir)
 
     # 2. Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards,
