@@ -57,6 +57,7 @@ from spin_diffusion.demo.evaluate import evaluate, win_rate_vs
 
 LRS = (2e-5, 1e-4, 5e-4)
 BETAS = (500.0, 2000.0, 8000.0)
+PLAIN_SPIN_LR = 4e-6  # plain SPIN's pick in the grid (section 1); the demo's SPIN_LR is the remedies' recipe since
 BIG_BATCH = 128  # pairs per optimizer step in stage B (8 accumulated micro-steps of 16)
 
 
@@ -333,6 +334,11 @@ def remedies(out: Path, seeds: list[int], worker: int) -> dict:
     }
 
 
+def _protocol_dir(out: Path, name: str, s: int) -> Path:
+    """The run dir of one stage-C protocol run (e.g. "sft -> spin", seed 2 -> protocols/sft_-_spin/seed_2)."""
+    return out / "protocols" / name.replace(" ", "_").replace(">", "").replace("=", "") / f"seed_{s}"
+
+
 def protocols(out: Path, seeds: list[int], sft_cell: Cell, spin_cell: Cell, worker: int) -> dict:
     """Stage C's runs that start from another model or change the sampler: SFT → SPIN vs SFT continued (both from
     the seed's SFT model, 120 more optimizer steps each), and spin_exact at the grid's plain pick with η = 1."""
@@ -344,11 +350,11 @@ def protocols(out: Path, seeds: list[int], sft_cell: Cell, spin_cell: Cell, work
 
     def run_variant(name: str, s: int) -> Path:
         sft_model = _cell_dir(out, sft_cell, s) / "iter_01" / "model"
-        folder = out / "protocols" / name.replace(" ", "_").replace(">", "").replace("=", "") / f"seed_{s}"
+        folder = _protocol_dir(out, name, s)
         if name.startswith("sft ->"):
             while not (sft_model / "model_index.json").exists():  # the other worker may still train it
                 time.sleep(5)
-        cell = {"sft -> spin": spin_cell, "sft -> sft continued": sft_cell}.get(name, Cell("spin", runner.SPIN_LR))
+        cell = {"sft -> spin": spin_cell, "sft -> sft continued": sft_cell}.get(name, Cell("spin", PLAIN_SPIN_LR))
         cfg = _cell_configs(out, cell, s, base, hyper)
         cfg = replace(cfg, run_dir=str(folder))
         if name.startswith("sft ->"):
@@ -366,7 +372,7 @@ def protocols(out: Path, seeds: list[int], sft_cell: Cell, spin_cell: Cell, work
             _score(model, base_result, spec, model.parent.parent / "test.json")
             print(f"[{worker}] {name} seed {s} done", flush=True)
     for name, s in units:
-        folder = out / "protocols" / name.replace(" ", "_").replace(">", "").replace("=", "") / f"seed_{s}"
+        folder = _protocol_dir(out, name, s)
         while not (folder / "test.json").exists():
             time.sleep(5)
         r = json.loads((folder / "test.json").read_text())
@@ -467,8 +473,10 @@ def _remedies_main(args, seeds: list[int], started: float) -> None:
             if any(p.poll() not in (None, 0) for p in procs):
                 for p in procs:
                     p.kill()
-                raise SystemExit(f"a worker failed: exit codes {[p.poll() for p in procs]}")
+                break
             time.sleep(2)
+        if any(p.wait() != 0 for p in procs):  # also a worker that failed before the first look
+            raise SystemExit(f"a worker failed: exit codes {[p.poll() for p in procs]}")
         return
     import torch
 

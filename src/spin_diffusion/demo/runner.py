@@ -61,7 +61,7 @@ SEEDS = 3
 EVAL_PER_SCENE = 4  # evaluation: 4 images for each of the 12 held-out test scenes (48 prompts)
 EVAL_SAMPLE = dict(num_steps=20, guidance_scale=3.0)  # the evaluation sampler
 VALIDATION_PER_SCENE = 4  # the validation set (12 other held-out scenes), for a hyper-parameter grid
-# SPIN's opponent samples: DDIM 10 steps (half the evaluation sampler's) keeps the 3-seed demo under 5 minutes.
+# SPIN's opponent samples: DDIM 10 steps, half the evaluation sampler's (generation is most of a SPIN run's time).
 SAMPLE = SampleConfig(num_steps=10, guidance_scale=3.0, batch_size=64, shard_size=128)
 # Chosen by scripts/demo_study.py on the validation scenes (3 seeds; the same lr grid for both methods, extended
 # while a pick sat at its edge; β for SPIN), then SPIN's remedies (its `--phase remedies`: the loser guard and the
@@ -426,7 +426,6 @@ def _report_data(
         + ", ".join(f"{m.name} {_fmt_ms(m, 'fd', False)}" for m in models_)
         + "."
     ]
-    verdicts = []
     for rival in (last, SFT_THEN_SPIN):
         verdicts = []
         for key, label in ((judged, "all correct"), ("fd", "Fréchet distance"), ("win_rate_vs_base", "win rate")):
