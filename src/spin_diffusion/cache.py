@@ -198,6 +198,16 @@ class RowStore:
             f"dedup={self.index_map is not None})"
         )
 
+    def take(self, rows: torch.Tensor) -> RowStore:
+        """A lazy view whose row i is this store's row ``rows[i]`` (-1: absent, reading it raises IndexError); reads
+        nothing. E.g. one opponent sample per distinct caption, seen by every row of that caption."""
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if len(rows) and (int(rows.min()) < -1 or int(rows.max()) >= len(self)):
+            raise ValueError(f"take: rows must lie in [-1, {len(self)})")
+        if self.index_map is not None:
+            rows = torch.where(rows < 0, rows, self.index_map[rows.clamp(min=0)])
+        return RowStore(self._shards, self.row_shape, self.storage_dtype, index_map=rows)
+
     def __getitem__(self, idx: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
         n = len(self)
         if isinstance(idx, slice):

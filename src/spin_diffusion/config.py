@@ -108,6 +108,9 @@ class SampleConfig:
         "fp32"  # storage dtype of sampled latents/trajectories (reads: fp32)
     )
     # Opponent generation only (evaluation images always use fp32 DDIM, so scores stay comparable):
+    # every_row: one opponent image per training row (the paper); one: one per distinct caption, paired with every
+    # row of that caption (Pick-a-Pic repeats captions: far fewer images; docs/CHEAPER_ITERATIONS.md)
+    per_caption: Literal["every_row", "one"] = "every_row"
     scheduler: Literal["ddim", "dpmsolver++"] = "ddim"  # dpmsolver++: as good at ~20 steps as DDIM at 50; spin_approx
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = (
         "auto"  # UNet compute dtype (autocast); auto: bf16 on CUDA, else fp32

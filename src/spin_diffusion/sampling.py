@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,12 +23,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from spin_diffusion import atomic, preemption
-from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, read_header, read_tensor
+from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, dedup, read_header, read_tensor
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.families import Cond, Family
 
 META_FILE = "meta.json"
 SAMPLERS = ("ddim", "dpmsolver++")  # `sample.scheduler`; only DDIM has the invertible step spin_exact needs
+PER_CAPTION = ("every_row", "one")  # `sample.per_caption`: opponent samples per training row, or per distinct caption
 SAMPLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -180,6 +181,52 @@ def sample(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Which prompts the opponent samples
+
+
+@dataclass(frozen=True)
+class OpponentPrompts:
+    """Which prompts θ_k samples in one iteration, and which sample each training row is paired with.
+
+    `every_row`: prompt i is row i. `one`: prompt u is the u-th distinct caption (in order of first appearance),
+    sampled once and paired with every row of that caption; its seed is keyed by u, so it does not depend on which
+    rows training visits, on the batch or on the number of processes."""
+
+    num_prompts: int  # rows (every_row) or distinct captions (one)
+    visited: torch.Tensor  # [M] the prompts training visits, in the order of their first visit
+    first_row: torch.Tensor | None  # [num_prompts] the first row of each caption (its conditioning); None: row i
+    row_prompt: torch.Tensor | None  # [N] the prompt of each row; None: row i's prompt is i
+
+    @property
+    def prompts(self) -> tuple[int, ...] | None:
+        """`GenerationSpec.prompts`: None when every prompt is visited (they are then sampled in prompt order)."""
+        return None if len(self.visited) == self.num_prompts else tuple(self.visited.tolist())
+
+    def conditioning(self, rows: Cond) -> Cond:
+        """The conditioning of each prompt, from that of the training rows (tensors or RowStores, read lazily)."""
+        first = self.first_row
+        if first is None:
+            return rows
+        return rows.map(lambda x: x[first] if isinstance(x, torch.Tensor) else x.take(first))
+
+    def per_row(self, samples: RowStore) -> RowStore:
+        """The opponent's samples indexed by training row (a view: a caption's sample serves all its rows)."""
+        return samples if self.row_prompt is None else samples.take(self.row_prompt)
+
+
+def opponent_prompts(captions: Sequence[str], visited_rows: torch.Tensor, per_caption: str) -> OpponentPrompts:
+    """The prompts to sample for training rows `captions` of which training visits `visited_rows` (in order)."""
+    if per_caption not in PER_CAPTION:
+        raise SpinDiffusionError(f"sample.per_caption must be one of {', '.join(PER_CAPTION)}, got {per_caption!r}")
+    if per_caption == "every_row":
+        return OpponentPrompts(len(captions), visited_rows, None, None)
+    unique, row_caption = dedup(captions)
+    first_row = torch.from_numpy(np.unique(row_caption.numpy(), return_index=True)[1]).long()
+    visited = torch.tensor(list(dict.fromkeys(row_caption[visited_rows].tolist())), dtype=torch.long)
+    return OpponentPrompts(len(unique), visited, first_row, row_caption)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sharded, resumable generation of the opponent's samples
 
 
@@ -202,6 +249,7 @@ class GenerationSpec:
     # Prompt indices to sample, in the order the shards hold them (the order training first visits them);
     # None = all num_prompts in prompt order. Recorded in meta.json as "prompts".
     prompts: tuple[int, ...] | None = None
+    per_caption: str = "every_row"  # what a prompt is: a training row, or a distinct caption (`OpponentPrompts`)
 
     def to_json(self) -> dict:
         d = self.__dict__.copy()
@@ -248,8 +296,9 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, family: Family, *, check_on
     path = out_dir / META_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        # folders from before these settings: fp32 storage, DDIM in fp32, every prompt
-        old_spec = {"store_dtype": "fp32", "scheduler": "ddim", "dtype": "fp32", **old["spec"]}
+        # folders from before these settings: fp32 storage, DDIM in fp32, one sample per row
+        defaults = {"store_dtype": "fp32", "scheduler": "ddim", "dtype": "fp32", "per_caption": "every_row"}
+        old_spec = defaults | old["spec"]
         if old_spec != meta["spec"]:
             raise SpinDiffusionError(
                 f"{out_dir} holds samples made with other settings ({old['spec']}); "

@@ -281,12 +281,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             visited = trainer.visited_rows(
                 len(data), train_seed(cfg, k), trainer.stream_positions(len(data), cfg.train, state_.num_processes)
             )
-            prompts = None if len(visited) == len(data) else tuple(visited.tolist())  # None: all, in prompt order
+            plan = sampling.opponent_prompts(cache.captions, visited, cfg.sample.per_caption)
             if not state.done(phase):
+                gen_started = time.perf_counter()
                 spec = sampling.GenerationSpec(
                     run_seed=cfg.seed,
                     iteration=k,
-                    num_prompts=len(data),
+                    num_prompts=plan.num_prompts,
                     num_steps=cfg.sample.num_steps,
                     guidance_scale=cfg.sample.guidance_scale,
                     eta=opponent_eta(cfg, c.family),
@@ -296,12 +297,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                     store_dtype=cfg.sample.store_dtype,
                     scheduler=cfg.sample.scheduler,
                     dtype=sampling.resolve_dtype(cfg.sample.dtype, state_.device),
-                    prompts=prompts,
+                    prompts=plan.prompts,
+                    per_caption=cfg.sample.per_caption,
                 )
                 sampling.generate_shards(
                     opponent,
                     c.family,
-                    cache.prompt_embeds,
+                    plan.conditioning(cache.prompt_embeds),
                     negative_embed,
                     gen_dir,
                     spec,
@@ -313,17 +315,22 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                 )
                 state_.wait_for_everyone()
                 _stop_if_asked(f"generation of θ_{k} stopped; its finished shards are kept in {gen_dir}")
-                state.mark(phase, generated=len(visited), prompts=len(data))
+                state.mark(
+                    phase,
+                    generated=len(plan.visited),
+                    prompts=plan.num_prompts,
+                    wall_seconds=round(time.perf_counter() - gen_started, 2),  # this session's share after a resume
+                )
             generated = sampling.load_generated(gen_dir)
-            if generated.prompts is not None and not torch.equal(generated.prompts, visited):
+            if generated.prompts is not None and not torch.equal(generated.prompts, plan.visited):
                 raise SpinDiffusionError(
                     f"{gen_dir} holds θ_{k}'s samples of {len(generated.prompts)} prompts, but this training visits "
-                    f"{len(visited)} others (train.* or the number of processes changed); resume with the original "
-                    "settings"
+                    f"{len(plan.visited)} others (train.* or the number of processes changed); resume with the "
+                    "original settings"
                 )
-            data.loser = generated.latents
+            data.loser = plan.per_row(generated.latents)  # per_caption=one: a caption's sample serves its rows
             if obj.trajectory:
-                data.loser_trajectory = generated.trajectory
+                data.loser_trajectory = plan.per_row(generated.trajectory)
                 data.sampler = sampling.SamplerSchedule.of(generated)
         elif pairs:
             data.loser = cache.loser_latents
