@@ -213,6 +213,11 @@ CASES = [
         ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-sd3", "--set", "sample.eta=0.5"],
         r"sample.eta=0.5: the sd3 family samples with deterministic Euler steps \(no η\); .*",
     ),
+    (
+        "spin-unknown-per-caption",
+        ["spin", "--config", "{tiny}", "--set", "sample.per_caption=some"],
+        "sample.per_caption must be one of .*, got 'some'",
+    ),
     # demo and config
     ("demo-bad-scale", ["demo", "--scale", "0"], "--scale must be > 0, got 0.0"),
     ("config-unknown-key", ["config", "--set", "sample.bogus=1"], "unknown config key 'sample.bogus'; .*"),

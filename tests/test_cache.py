@@ -149,6 +149,23 @@ def test_rowstore_index_map_and_errors(tmp_path):
         C.RowStore.open(paths, "x")
 
 
+def test_rowstore_take_is_a_lazy_view_that_composes_with_the_index_map(tmp_path):
+    unique = torch.randn(4, 2)
+    store = C.RowStore.open(
+        _write_store(tmp_path, unique, 3, torch.float32), "x", index_map=torch.tensor([2, 0, 3, 1])
+    )
+    rows = torch.tensor([3, 3, -1, 0, 2])  # row 2 of the view is absent
+    view = store.take(rows)
+    assert view.shape == (5, 2) and view.num_stored == 4
+    assert torch.equal(view[[0, 1, 3, 4]], store[[3, 3, 0, 2]])
+    assert torch.equal(view.take(torch.tensor([4, 0]))[:], store[[2, 3]])  # a view of a view
+    with pytest.raises(IndexError, match="row 2 of this RowStore was not stored"):
+        view[2]
+    with pytest.raises(ValueError, match=r"rows must lie in \[-1, 4\)"):
+        store.take(torch.tensor([4]))
+    assert torch.equal(pickle.loads(pickle.dumps(view))[[0, 4]], store[[3, 2]])
+
+
 def test_config_validates_cache_fields():
     with pytest.raises(SpinDiffusionError, match="cache_shard_size"):
         DataConfig(cache_shard_size=0)

@@ -133,6 +133,31 @@ def test_partial_generation_on_two_processes_equals_one_process(tmp_path: Path):
         torch.testing.assert_close(w2[name], w1[name])
 
 
+def test_per_caption_one_on_two_processes_equals_one_process(tmp_path: Path):
+    """sample.per_caption=one, 1 step × 2 ranks × batch 2 (4 rows of 16, 4 distinct captions × 4): the ranks sample
+    the distinct captions among the visited rows, as one process with batch 4 does, and train the same weights."""
+    from spin_diffusion.demo import world
+
+    data = world.write_imagefolder(tmp_path / "data", 16, seed=0, scenes=world.split_scenes("train")[:4])
+    part = ["num_iterations=1", "eval.enabled=false", "train.max_steps=1", "sample.shard_size=1"]
+    part += ["data.builtin=null", f"data.path={data}", "sample.per_caption=one"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*part, "train.batch_size=2"]))
+    run(load_config(TINY, [*part, "train.batch_size=4", f"run_dir={one}"]), progress=False)
+    gen2, gen1 = two / "iter_00" / "generated", one / "iter_00" / "generated"
+    meta = json.loads((gen2 / "meta.json").read_text())
+    assert meta == json.loads((gen1 / "meta.json").read_text()) and meta["spec"]["num_prompts"] == 4
+    names = sorted(p.name for p in gen2.glob("shard_*"))
+    assert names == sorted(p.name for p in gen1.glob("shard_*")) and len(names) == meta["num_generated"]
+    for name in names:
+        a, b = load_file(str(gen2 / name)), load_file(str(gen1 / name))
+        assert torch.equal(a["indices"], b["indices"])
+        torch.testing.assert_close(a["latents"], b["latents"])  # ranks run 1 OpenMP thread, this process 2
+    w2, w1 = _unet(two / "iter_01" / "model"), _unet(one / "iter_01" / "model")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name])
+
+
 @pytest.mark.parametrize(
     ("command", "overrides", "completed"),
     [

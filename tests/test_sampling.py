@@ -471,3 +471,31 @@ def test_sampler_and_dtype_errors(tiny, sched_cfg, embeds):
         load_config(None, ["sample.eta=0.5", "sample.scheduler=dpmsolver++"])
     assert sampling.resolve_dtype("auto", "cpu") == "fp32" and sampling.resolve_dtype("auto", "cuda") == "bf16"
     assert sampling.resolve_dtype("fp16", "cpu") == "fp16"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which prompts the opponent samples (sample.per_caption)
+
+
+def test_opponent_prompts_every_row_is_the_identity():
+    visited = torch.tensor([3, 0, 2])
+    plan = sampling.opponent_prompts(["a", "b", "a", "c"], visited, "every_row")
+    assert plan.num_prompts == 4 and torch.equal(plan.visited, visited) and plan.prompts == (3, 0, 2)
+    assert plan.first_row is None and plan.row_prompt is None
+    everything = sampling.opponent_prompts(["a", "b"], torch.tensor([1, 0]), "every_row")
+    assert everything.prompts is None  # every prompt visited: sampled in prompt order
+
+
+def test_opponent_prompts_one_per_caption_in_first_visit_order():
+    captions = ["a", "b", "a", "c", "b", "a"]  # distinct captions in order of appearance: a=0, b=1, c=2
+    plan = sampling.opponent_prompts(captions, torch.tensor([4, 0, 2, 1]), "one")
+    assert plan.num_prompts == 3
+    assert plan.visited.tolist() == [1, 0]  # rows 4 (b), 0 (a), 2 (a again), 1 (b again): c is never visited
+    assert plan.prompts == (1, 0)
+    assert plan.first_row.tolist() == [0, 1, 3] and plan.row_prompt.tolist() == [0, 1, 0, 2, 1, 0]
+    embeds = torch.arange(6.0).reshape(6, 1, 1)  # row i's conditioning is i
+    cond = plan.conditioning(families.Cond(embeds))
+    assert cond.embeds.flatten().tolist() == [0.0, 1.0, 3.0]
+    assert sampling.opponent_prompts(captions, torch.arange(6), "one").prompts is None
+    with pytest.raises(SpinDiffusionError, match="sample.per_caption must be one of every_row, one, got 'some'"):
+        sampling.opponent_prompts(captions, torch.arange(6), "some")

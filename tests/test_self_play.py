@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -272,6 +273,103 @@ def test_every_prompt_visited_keeps_the_prompt_order_layout(finished_run: Path):
         assert meta["prompts"] is None and meta["num_generated"] == 16
         indices = torch.cat([load_file(str(gen / f"shard_{s:05d}.safetensors"))["indices"] for s in (0, 1)])
         assert indices.tolist() == list(range(16))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sample.per_caption=one: one opponent sample per distinct caption
+
+
+def _repeated_captions(root: Path, n: int = 16, scenes: int = 4) -> Path:
+    """n rows of `scenes` distinct captions (n / scenes renders of each scene)."""
+    from spin_diffusion.demo import world
+
+    return world.write_imagefolder(root / "data", n, seed=0, scenes=world.split_scenes("train")[:scenes])
+
+
+def _samples_by_prompt(gen: Path) -> dict[int, torch.Tensor]:
+    out = {}
+    for shard in sorted(gen.glob("shard_*.safetensors")):
+        tensors = load_file(str(shard))
+        out |= dict(zip(tensors["indices"].tolist(), tensors["latents"], strict=True))
+    return out
+
+
+def test_per_caption_one_samples_each_visited_caption_once_for_all_its_rows(tmp_path: Path, monkeypatch):
+    """Training visits 4 of 16 rows (4 captions × 4): θ_0 samples the distinct captions among them, once each, and
+    every row trains against its caption's sample; the samples are keyed by caption, so a run that visits every row
+    samples the same latents for those captions."""
+    from spin_diffusion import sampling, trainer
+
+    data = _repeated_captions(tmp_path)
+    captions = [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines()]
+    losers = []
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda *a, **kw: losers.append(a[2].loser) or real_train(*a, **kw))
+    common = ["data.builtin=null", f"data.path={data}", "sample.per_caption=one", "sample.shard_size=1"]
+    common += ["num_iterations=1", "eval.enabled=false"]
+    part = load_config(TINY, [*common, "train.max_steps=1", f"run_dir={tmp_path / 'part'}"])
+    run(part, progress=False)
+
+    visited = trainer.visited_rows(16, train_seed(part, 0), 4).tolist()
+    distinct = list(dict.fromkeys(captions[i] for i in visited))
+    unique = list(dict.fromkeys(captions))
+    gen = tmp_path / "part" / "iter_00" / "generated"
+    meta = json.loads((gen / "meta.json").read_text())
+    assert meta["spec"]["num_prompts"] == 4 and meta["spec"]["per_caption"] == "one"
+    assert meta["prompts"] == [unique.index(c) for c in distinct]  # in the order training first visits them
+    assert meta["num_generated"] == len(distinct) == len(list(gen.glob("shard_*")))
+    assert json.loads((tmp_path / "part" / "state.json").read_text())["info"]["generate:0"]["generated"] == len(
+        distinct
+    )
+    samples = _samples_by_prompt(gen)
+    for row in visited:
+        assert torch.equal(losers[0][row], samples[unique.index(captions[row])])
+
+    run(load_config(TINY, [*common, "train.max_steps=4", f"run_dir={tmp_path / 'all'}"]), progress=False)
+    every = _samples_by_prompt(tmp_path / "all" / "iter_00" / "generated")
+    assert sorted(every) == [0, 1, 2, 3]
+    assert all(torch.equal(samples[u], every[u]) for u in samples)
+    assert sampling.load_generated(tmp_path / "all" / "iter_00" / "generated").prompts is None
+
+
+def test_per_caption_one_with_spin_exact_shares_the_trajectory(tmp_path: Path):
+    data = _repeated_captions(tmp_path)
+    sets = ["data.builtin=null", f"data.path={data}", "sample.per_caption=one", "loss.objective=spin_exact"]
+    run(load_config(TINY, [*sets, "num_iterations=1", "eval.enabled=false", f"run_dir={tmp_path / 'run'}"]))
+    shard = load_file(str(tmp_path / "run" / "iter_00" / "generated" / "shard_00000.safetensors"))
+    assert shard["trajectory"].shape == (4, 4 + 1, 4, 8, 8)  # 4 captions, not 16 rows
+    log = [json.loads(line) for line in (tmp_path / "run" / "iter_01" / "train" / "train_log.jsonl").open()]
+    assert len(log) == 4 and all(math.isfinite(entry["loss"]) for entry in log)
+
+
+def test_kill9_during_per_caption_generation_then_resume_completes_identically(tmp_path: Path):
+    data = _repeated_captions(tmp_path, n=48, scenes=12)
+    sets = ["data.builtin=null", f"data.path={data}", "sample.per_caption=one", "sample.shard_size=1"]
+    sets = [a for kv in sets for a in ("--set", kv)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(reference, *sets), check=True, capture_output=True, env=env)
+    run_dir = tmp_path / "run"
+    gen = run_dir / "iter_00" / "generated"
+    proc = subprocess.Popen(_cli(run_dir, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    try:
+        while not (gen / "shard_00001.safetensors").exists():
+            assert proc.poll() is None, "the run finished before it could be killed"
+            assert time.time() < deadline, "timed out waiting for the kill point"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (gen / "shard_00011.safetensors").exists()
+    done = subprocess.run(_cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref_gen = reference / "iter_00" / "generated"
+    assert sorted(p.name for p in gen.glob("shard_*")) == [f"shard_{i:05d}.safetensors" for i in range(12)]
+    assert json.loads((gen / "meta.json").read_text()) == json.loads((ref_gen / "meta.json").read_text())
+    new, ref = _samples_by_prompt(gen), _samples_by_prompt(ref_gen)
+    assert new.keys() == ref.keys() and all(torch.equal(new[u], ref[u]) for u in ref)
+    _assert_same_weights(reference / "iter_01" / "model", run_dir / "iter_01" / "model")
 
 
 # ------------------------------------------------------------------------------------------------------------
