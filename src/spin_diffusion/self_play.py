@@ -322,6 +322,11 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
                     wall_seconds=round(time.perf_counter() - gen_started, 2),  # this session's share after a resume
                 )
             generated = sampling.load_generated(gen_dir)
+            if len(generated.latents) != plan.num_prompts:  # sampled per row, now per caption (or the reverse)
+                raise SpinDiffusionError(
+                    f"{gen_dir} holds θ_{k}'s samples of {len(generated.latents)} prompts, but sample.per_caption="
+                    f"{cfg.sample.per_caption} samples {plan.num_prompts}; resume with the value the run started with"
+                )
             if generated.prompts is not None and not torch.equal(generated.prompts, plan.visited):
                 raise SpinDiffusionError(
                     f"{gen_dir} holds θ_{k}'s samples of {len(generated.prompts)} prompts, but this training visits "
