@@ -216,7 +216,7 @@ CASES = [
     (
         "spin-unknown-per-caption",
         ["spin", "--config", "{tiny}", "--set", "sample.per_caption=some"],
-        "sample.per_caption must be one of .*, got 'some'",
+        "sample.per_caption must be one of 'every_row', 'one'; got 'some'",
     ),
     # demo and config
     ("demo-bad-scale", ["demo", "--scale", "0"], "--scale must be > 0, got 0.0"),

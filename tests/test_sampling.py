@@ -497,5 +497,5 @@ def test_opponent_prompts_one_per_caption_in_first_visit_order():
     cond = plan.conditioning(families.Cond(embeds))
     assert cond.embeds.flatten().tolist() == [0.0, 1.0, 3.0]
     assert sampling.opponent_prompts(captions, torch.arange(6), "one").prompts is None
-    with pytest.raises(SpinDiffusionError, match="sample.per_caption must be one of every_row, one, got 'some'"):
+    with pytest.raises(SpinDiffusionError, match="sample.per_caption must be one of 'every_row', 'one'; got 'some'"):
         sampling.opponent_prompts(captions, torch.arange(6), "some")

@@ -217,7 +217,8 @@ class OpponentPrompts:
 def opponent_prompts(captions: Sequence[str], visited_rows: torch.Tensor, per_caption: str) -> OpponentPrompts:
     """The prompts to sample for training rows `captions` of which training visits `visited_rows` (in order)."""
     if per_caption not in PER_CAPTION:
-        raise SpinDiffusionError(f"sample.per_caption must be one of {', '.join(PER_CAPTION)}, got {per_caption!r}")
+        choices = ", ".join(repr(choice) for choice in PER_CAPTION)
+        raise SpinDiffusionError(f"sample.per_caption must be one of {choices}; got {per_caption!r}")
     if per_caption == "every_row":
         return OpponentPrompts(len(captions), visited_rows, None, None)
     unique, row_caption = dedup(captions)
