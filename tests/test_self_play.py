@@ -488,6 +488,28 @@ def test_resume_accepts_a_run_saved_before_a_config_key_existed(finished_run: Pa
     run(load_config(TINY, [f"run_dir={finished_run}"]), resume=True, progress=False)
 
 
+def test_resume_of_a_run_saved_before_per_caption_existed(finished_run: Path):
+    """It sampled every row: resuming it under today's default (one per caption) is refused with the key named;
+    with sample.per_caption=every_row, or through the saved config alone, it resumes."""
+    import yaml
+
+    from spin_diffusion.self_play import load_saved_config
+
+    original = (finished_run / "config.yaml").read_text()
+    saved = yaml.safe_load(original)
+    del saved["sample"]["per_caption"]
+    (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
+    try:
+        assert load_saved_config(finished_run).sample.per_caption == "every_row"
+        with pytest.raises(SpinDiffusionError, match=r"sample.per_caption: 'every_row' \(saved\) vs 'one' \(now\)"):
+            run(load_config(TINY, [f"run_dir={finished_run}", "sample.per_caption=one"]), resume=True, progress=False)
+        sets = [f"run_dir={finished_run}", "sample.per_caption=every_row"]
+        run(load_config(TINY, sets), resume=True, progress=False)
+        run(load_saved_config(finished_run), resume=True, progress=False)
+    finally:
+        (finished_run / "config.yaml").write_text(original)
+
+
 def test_resume_of_a_run_saved_with_the_old_eta_default(finished_run: Path):
     """sample.eta's default became null (automatic): a spin_approx run saved with the old default 0.0 resumes; a
     spin_exact run saved at 0.0 would now sample at 1.0, so it is refused with the key named."""

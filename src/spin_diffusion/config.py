@@ -108,9 +108,10 @@ class SampleConfig:
         "fp32"  # storage dtype of sampled latents/trajectories (reads: fp32)
     )
     # Opponent generation only (evaluation images always use fp32 DDIM, so scores stay comparable):
-    # every_row: one opponent image per training row (the paper); one: one per distinct caption, paired with every
-    # row of that caption (Pick-a-Pic repeats captions: far fewer images; docs/CHEAPER_ITERATIONS.md)
-    per_caption: Literal["every_row", "one"] = "every_row"
+    # one: one opponent image per distinct caption, paired with every row of that caption (Pick-a-Pic repeats its
+    # captions ~16 times: ~16x fewer images, the same results in the demo study: docs/CHEAPER_ITERATIONS.md);
+    # every_row: one per training row (the paper). With distinct captions the two sample the same images.
+    per_caption: Literal["every_row", "one"] = "one"
     scheduler: Literal["ddim", "dpmsolver++"] = "ddim"  # dpmsolver++: as good at ~20 steps as DDIM at 50; spin_approx
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = (
         "auto"  # UNet compute dtype (autocast); auto: bf16 on CUDA, else fp32

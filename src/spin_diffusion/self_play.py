@@ -92,6 +92,15 @@ def _comparable(values: dict) -> dict:
     return {**values, "sample": sample}
 
 
+def _read_saved(path: Path) -> RunConfig:
+    """A run dir's config.yaml through today's defaults, except a default that changed since: a run saved before
+    `sample.per_caption` existed sampled every row."""
+    raw = read_yaml(path)
+    if "per_caption" not in (raw.get("sample") or {}):
+        raw = {**raw, "sample": {**(raw.get("sample") or {}), "per_caption": "every_row"}}
+    return config_from_dict(raw)
+
+
 def check_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
     """Check that the run dir may be started (fresh) or continued (resume); writes nothing. Every rank calls it
     before anything is written, so all of them see the folder as it was. Returns the run dir."""
@@ -104,7 +113,7 @@ def check_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
             )
         # the saved config read back through today's defaults: a key added since the run started is not a change, nor
         # is a default that became automatic (sample.eta) where the automatic value is the one the run used
-        saved = _comparable(to_dict(config_from_dict(read_yaml(saved_cfg))))
+        saved = _comparable(to_dict(_read_saved(saved_cfg)))
         diff = _first_difference(saved, _comparable(to_dict(cfg)))
         if diff:
             raise SpinDiffusionError(f"--resume with a config that differs from the saved one ({diff})")
@@ -137,7 +146,7 @@ def load_saved_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise SpinDiffusionError(f"no run to resume in {run_dir} (missing {CONFIG_FILE})")
-    return config_from_dict(read_yaml(path))
+    return _read_saved(path)
 
 
 def load_base_components(cfg: RunConfig) -> models.Components:
