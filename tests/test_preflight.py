@@ -18,7 +18,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 def test_estimate_adds_up_what_a_run_writes():
     """SD-1.5-like: 1000 rows, 250 captions, fp16 cache, 3 iterations of spin_exact with 50 steps."""
-    est = preflight.estimate_run_bytes(
+    sizes = dict(
         num_rows=1000,
         num_captions=250,
         latent_shape=(4, 64, 64),
@@ -35,12 +35,15 @@ def test_estimate_adds_up_what_a_run_writes():
         eval_images=10,
         image_pixels=512 * 512,
     )
+    est = preflight.estimate_run_bytes(**sizes)
     assert est.cache == 1000 * 16384 * 2 + 250 * 77 * 768 * 2
     assert est.samples == 3 * 1000 * 16384 * 2 * 51
     assert est.exports == 3 * 1_000_000 * 4
     assert est.checkpoints == 2 * 4 * (800_000 + 2 * 800_000)
     assert est.eval_images == 4 * 10 * 512 * 512 * 3 // 2
     assert est.total == est.cache + est.samples + est.exports + est.checkpoints + est.eval_images
+    per_caption = preflight.estimate_run_bytes(**sizes, opponent_samples=250)  # sample.per_caption=one
+    assert per_caption.samples == 3 * 250 * 16384 * 2 * 51 and per_caption.cache == est.cache
 
 
 def test_a_run_that_does_not_fit_is_refused_with_numbers_and_writes_nothing(tmp_path, monkeypatch):

@@ -79,17 +79,20 @@ def estimate_run_bytes(
     trainable_params: int,
     eval_images: int,
     image_pixels: int,
+    opponent_samples: int | None = None,
 ) -> DiskEstimate:
     """What a run writes. `images_per_row` is 2 for preference pairs; `trajectory_steps` S stores S+1 latents per
     opponent sample (spin_exact); a checkpoint holds the UNet's weights and AdamW's two moments of the trainable
-    ones (fp32), and the newest is written before the previous one is removed, so two can exist at once."""
+    ones (fp32), and the newest is written before the previous one is removed, so two can exist at once.
+    `opponent_samples` per iteration: one per row unless given (sample.per_caption=one: one per caption)."""
     latent = math.prod(latent_shape)
     cache = (
         num_rows * images_per_row * latent * BYTES[cache_dtype]
         + num_captions * math.prod(embed_shape) * BYTES[cache_dtype]
     )
     per_sample = latent * BYTES[store_dtype] * ((trajectory_steps + 1) if trajectory_steps else 1)
-    samples = iterations * num_rows * per_sample if self_play else 0
+    per_iteration = num_rows if opponent_samples is None else opponent_samples
+    samples = iterations * per_iteration * per_sample if self_play else 0
     exports = iterations * pipeline_params * 4
     checkpoints = 2 * 4 * (unet_params + 2 * trainable_params)
     evals = (iterations + 1) * eval_images * image_pixels * 3 // 2  # PNG: roughly half of the raw RGB bytes

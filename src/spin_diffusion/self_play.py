@@ -463,9 +463,11 @@ def disk_estimate(
 
     f = c.vae_scale_factor
     unet = params(c.unet)
+    num_captions = len(set(images.captions))
     return preflight.estimate_run_bytes(
         num_rows=len(images),
-        num_captions=len(set(images.captions)),
+        num_captions=num_captions,
+        opponent_samples=num_captions if cfg.sample.per_caption == "one" else None,
         latent_shape=(c.latent_channels, resolution // f, resolution // f),
         embed_shape=embed_shape,
         cache_dtype=cfg.data.cache_dtype,
