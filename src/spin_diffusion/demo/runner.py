@@ -61,8 +61,9 @@ SEEDS = 3
 EVAL_PER_SCENE = 4  # evaluation: 4 images for each of the 12 held-out test scenes (48 prompts)
 EVAL_SAMPLE = dict(num_steps=20, guidance_scale=3.0)  # the evaluation sampler
 VALIDATION_PER_SCENE = 4  # the validation set (12 other held-out scenes), for a hyper-parameter grid
-# SPIN's opponent samples: DDIM 10 steps, half the evaluation sampler's (generation is most of a SPIN run's time).
-SAMPLE = SampleConfig(num_steps=10, guidance_scale=3.0, batch_size=64, shard_size=128)
+# SPIN's opponent samples: DDIM 10 steps, half the evaluation sampler's, one image per distinct caption (24, not 192
+# rows): scripts/study_cheaper.py found every option within the seed spread of every_row + DDIM 50; the cheapest.
+SAMPLE = SampleConfig(num_steps=10, guidance_scale=3.0, per_caption="one", batch_size=64, shard_size=128)
 # Chosen by scripts/demo_study.py on the validation scenes (3 seeds; the same lr grid for both methods, extended
 # while a pick sat at its edge; β for SPIN), then SPIN's remedies (its `--phase remedies`: the loser guard and the
 # DPO-Positive hinge at the rates where plain SPIN collapsed): docs/DEMO_STUDY.md has the grids and the protocol.
@@ -484,7 +485,8 @@ def _report_data(
             f"{EVAL_SAMPLE['guidance_scale']}; validation scenes (12, not used here): "
             f"{', '.join(s.caption for s in world.split_scenes('validation'))}; test scenes: "
             f"{', '.join(s.caption for s in world.split_scenes('test'))}; SPIN opponent sampler: DDIM "
-            f"{SAMPLE.num_steps} steps, CFG {SAMPLE.guidance_scale}; SPIN β = {spin_cfg.loss.beta}, lr = "
+            f"{SAMPLE.num_steps} steps, CFG {SAMPLE.guidance_scale}, sample.per_caption={SAMPLE.per_caption}; "
+            f"SPIN β = {spin_cfg.loss.beta}, lr = "
             f"{spin_cfg.train.learning_rate}; SFT lr = {sft_cfg.train.learning_rate}",
         ),
     ]
