@@ -112,18 +112,14 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(spin_runs):
         assert diff <= 1e-3 * update, f"iteration {k}: |2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
 
 
-def test_partial_generation_on_two_processes_equals_one_process(tmp_path: Path):
-    """1 step x 2 ranks x batch 4 visits 8 of the 16 prompts: the ranks generate those 8 (shards split by rank),
-    exactly what one process with batch 8 generates, and train the same weights."""
-    part = ["num_iterations=1", "eval.enabled=false", "train.max_steps=1", "sample.shard_size=2"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*part, "train.batch_size=4"]))
-    run(load_config(TINY, [*part, "train.batch_size=8", f"run_dir={one}"]), progress=False)
+def _assert_same_generation_and_weights(two: Path, one: Path) -> tuple[dict, int]:
+    """θ_0's samples (meta.json, shard names, indices, latents) and θ_1's weights of two one-iteration runs agree.
+    -> (meta.json, number of shards)"""
     gen2, gen1 = two / "iter_00" / "generated", one / "iter_00" / "generated"
     meta = json.loads((gen2 / "meta.json").read_text())
-    assert meta == json.loads((gen1 / "meta.json").read_text()) and meta["num_generated"] == 8
+    assert meta == json.loads((gen1 / "meta.json").read_text())
     names = sorted(p.name for p in gen2.glob("shard_*"))
-    assert names == sorted(p.name for p in gen1.glob("shard_*")) and len(names) == 4
+    assert names == sorted(p.name for p in gen1.glob("shard_*"))
     for name in names:
         a, b = load_file(str(gen2 / name)), load_file(str(gen1 / name))
         assert torch.equal(a["indices"], b["indices"])
@@ -131,6 +127,18 @@ def test_partial_generation_on_two_processes_equals_one_process(tmp_path: Path):
     w2, w1 = _unet(two / "iter_01" / "model"), _unet(one / "iter_01" / "model")
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name])
+    return meta, len(names)
+
+
+def test_partial_generation_on_two_processes_equals_one_process(tmp_path: Path):
+    """1 step x 2 ranks x batch 4 visits 8 of the 16 prompts: the ranks generate those 8 (shards split by rank),
+    exactly what one process with batch 8 generates, and train the same weights."""
+    part = ["num_iterations=1", "eval.enabled=false", "train.max_steps=1", "sample.shard_size=2"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*part, "train.batch_size=4"]))
+    run(load_config(TINY, [*part, "train.batch_size=8", f"run_dir={one}"]), progress=False)
+    meta, shards = _assert_same_generation_and_weights(two, one)
+    assert meta["num_generated"] == 8 and shards == 4
 
 
 def test_per_caption_one_on_two_processes_equals_one_process(tmp_path: Path):
@@ -144,18 +152,8 @@ def test_per_caption_one_on_two_processes_equals_one_process(tmp_path: Path):
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*part, "train.batch_size=2"]))
     run(load_config(TINY, [*part, "train.batch_size=4", f"run_dir={one}"]), progress=False)
-    gen2, gen1 = two / "iter_00" / "generated", one / "iter_00" / "generated"
-    meta = json.loads((gen2 / "meta.json").read_text())
-    assert meta == json.loads((gen1 / "meta.json").read_text()) and meta["spec"]["num_prompts"] == 4
-    names = sorted(p.name for p in gen2.glob("shard_*"))
-    assert names == sorted(p.name for p in gen1.glob("shard_*")) and len(names) == meta["num_generated"]
-    for name in names:
-        a, b = load_file(str(gen2 / name)), load_file(str(gen1 / name))
-        assert torch.equal(a["indices"], b["indices"])
-        torch.testing.assert_close(a["latents"], b["latents"])  # ranks run 1 OpenMP thread, this process 2
-    w2, w1 = _unet(two / "iter_01" / "model"), _unet(one / "iter_01" / "model")
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name])
+    meta, shards = _assert_same_generation_and_weights(two, one)
+    assert meta["spec"]["num_prompts"] == 4 and shards == meta["num_generated"]
 
 
 @pytest.mark.parametrize(

@@ -140,9 +140,13 @@ def reference_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _kill_when(run_dir: Path, ready, timeout: float = 120.0) -> None:
+def _kill_when(run_dir: Path, ready, *extra: str, timeout: float = 120.0) -> None:
+    """Start `_cli(run_dir, *extra)` and kill -9 it as soon as `ready()` holds (failing if it finishes first)."""
     proc = subprocess.Popen(
-        _cli(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        _cli(run_dir, *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     deadline = time.time() + timeout
     try:
@@ -203,21 +207,7 @@ def test_kill9_during_partial_generation_then_resume_completes_identically(tmp_p
     run_dir = tmp_path / "run"
     gen = run_dir / "iter_00" / "generated"
     sets = [a for kv in PARTIAL for a in ("--set", kv)]
-    proc = subprocess.Popen(
-        _cli(run_dir, *sets),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.time() + 120
-    try:
-        while not (gen / "shard_00001.safetensors").exists():
-            assert proc.poll() is None, "the run finished before it could be killed"
-            assert time.time() < deadline, "timed out waiting for the kill point"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    _kill_when(run_dir, lambda: (gen / "shard_00001.safetensors").exists(), *sets)
     assert not (gen / "shard_00011.safetensors").exists()
     done = subprocess.run(
         _cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -351,16 +341,7 @@ def test_kill9_during_per_caption_generation_then_resume_completes_identically(t
     subprocess.run(_cli(reference, *sets), check=True, capture_output=True, env=env)
     run_dir = tmp_path / "run"
     gen = run_dir / "iter_00" / "generated"
-    proc = subprocess.Popen(_cli(run_dir, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    try:
-        while not (gen / "shard_00001.safetensors").exists():
-            assert proc.poll() is None, "the run finished before it could be killed"
-            assert time.time() < deadline, "timed out waiting for the kill point"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    _kill_when(run_dir, lambda: (gen / "shard_00001.safetensors").exists(), *sets)
     assert not (gen / "shard_00011.safetensors").exists()
     done = subprocess.run(_cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
