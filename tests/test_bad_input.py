@@ -94,8 +94,8 @@ CASES = [
     (
         "spin-missing-model",
         ["spin", "--config", "{tiny}", "--set", "model.path=/no/such/model"],
-        r"model folder not found: /no/such/model \(give a local diffusers pipeline folder, or leave model.path unset "
-        r"to use a built-in preset\)",
+        r"model folder not found: /no/such/model \(give a local diffusers pipeline folder or a Hub id such as "
+        r"stable-diffusion-v1-5/stable-diffusion-v1-5\)",
     ),
     (
         "sft-missing-model",
@@ -174,7 +174,7 @@ CASES = [
     (
         "evaluate-missing-model",
         ["evaluate", "-m", "{model}", "-m", "/no/such/model", "--prompts", "{prompts}"],
-        r"--model /no/such/model is not a diffusers pipeline folder \(no model_index.json\)",
+        r"model folder not found: /no/such/model \(give a local diffusers pipeline folder or a Hub id .*\)",
     ),
     (
         "evaluate-missing-prompts",

@@ -70,7 +70,7 @@ def test_card_info_from_config_reads_the_base_license(tmp_path):
     (base / "README.md").write_text("---\nlicense: openrail\ntags: [x]\n---\n# base\n")
     cfg = load_config(None, [f"model.path={base}", "loss.objective=spin_exact", "loss.beta=5000"])
     info = card.card_info(cfg, iteration=1, steps=40, data_size=256, resolution=32)
-    assert info.license == "openrail" and info.base_model == str(base) and info.beta == 5000.0
+    assert info.license == "openrail" and info.base_model == "a local model (base)" and info.beta == 5000.0
     assert info.objective == "spin_exact" and info.steps == 40 and info.data_size == 256
     assert info.sft_weight == 0.0 and "SFT weight" not in card.render_card(info)
     assert card.base_license(tmp_path) is None  # no README.md

@@ -229,7 +229,7 @@ def test_pixel_space_folder_round_trip(tiny, tmp_path):
 def test_load_errors_are_one_line(tmp_path, saved):
     cases = [
         (tmp_path / "missing", "not found"),
-        (tmp_path, "not a diffusers pipeline folder"),
+        (tmp_path, "not a diffusers pipeline"),
     ]
     broken = tmp_path / "broken"
     shutil.copytree(saved, broken)

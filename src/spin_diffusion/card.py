@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from spin_diffusion import hub
 from spin_diffusion.config import RunConfig, at_iteration
 
 # What each objective is, in one line (the card's "Training" section).
@@ -34,7 +35,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 class CardInfo:
     """What a model card says about one exported model."""
 
-    base_model: str  # Hugging Face id or local path of the model training started from (θ_0)
+    base_model: str  # what training started from (θ_0), as the card shows it: a Hub id, a folder's name or a preset
     objective: str  # sft | dpo | spin_approx | spin_exact
     iteration: int  # this model is θ_iteration (1 = one round of training)
     steps: int  # optimizer steps of the training that produced it
@@ -51,11 +52,40 @@ class CardInfo:
     pixel_space: bool = False  # no VAE: diffusers needs vae=None and output_type="latent"
     family: str = "sd"  # sd | sdxl | sd3 (families.py): the usage snippet and the tags follow it
     tags: list[str] = field(default_factory=list)  # extra tags beyond the default ones
+    base_model_id: str | None = None  # the Hub id of the base (or of its own base), for the `base_model:` metadata
 
     @property
     def hub_base_model(self) -> str | None:
-        """``base_model`` when it is a Hugging Face id (owner/name), which the Hub's metadata accepts."""
+        """The Hub id the ``base_model:`` metadata names: ``base_model_id``, else ``base_model`` when it is one."""
+        if self.base_model_id:
+            return self.base_model_id
         return self.base_model if _HUB_ID.fullmatch(self.base_model) and not Path(self.base_model).exists() else None
+
+
+def _base_model(cfg: RunConfig) -> tuple[str, str | None, Path | None]:
+    """(what the card calls the base model, its Hub id or None, a local folder that may hold its README.md).
+
+    Never an absolute path: a card is published, and a path on the training machine means nothing to readers.
+    A folder inside the Hugging Face cache is its Hub id; another local folder is named by its last part, and its
+    own card's ``base_model`` (an exported model fine-tuned further) is carried over as the Hub id."""
+    path = cfg.model.path
+    if path is None:
+        return f"spin-diffusion preset '{cfg.model.preset}'", None, None
+    revision = f" (revision {cfg.model.revision})" if cfg.model.revision else ""
+    if hub.is_hub_id(path):
+        from huggingface_hub import try_to_load_from_cache
+
+        readme = try_to_load_from_cache(path, "README.md", revision=cfg.model.revision)
+        return f"{path}{revision}", path, Path(readme).parent if isinstance(readme, str) else None
+    folder = Path(path).expanduser()
+    cached = hub.hub_id_of(folder)
+    if cached:
+        return cached, cached, folder
+    parent = read_metadata(folder / "README.md").get("base_model")
+    parent = parent if isinstance(parent, str) and _HUB_ID.fullmatch(parent) else None
+    name = folder.resolve().name
+    shown = f"a local model ({name}), fine-tuned from {parent}" if parent else f"a local model ({name})"
+    return shown, parent, folder
 
 
 def card_info(
@@ -70,10 +100,11 @@ def card_info(
 ) -> CardInfo:
     """A CardInfo from a run's config and what the run knows at export time (steps done, data size); β and the
     learning rate are the values that trained this iteration (config.at_iteration). The base
-    model's license is read from the metadata of its own README.md when the base is a local folder that has one."""
-    base = cfg.model.path if cfg.model.path is not None else f"spin-diffusion preset '{cfg.model.preset}'"
+    model's license is read from the metadata of its own README.md (a local folder's, or a Hub id's cached one)."""
+    base, base_id, base_dir = _base_model(cfg)
     return CardInfo(
         base_model=base,
+        base_model_id=base_id,
         objective=cfg.loss.objective,
         iteration=iteration,
         steps=steps,
@@ -84,7 +115,7 @@ def card_info(
         batch_size=cfg.train.batch_size,
         resolution=resolution,
         lora_rank=cfg.model.lora_rank,
-        license=base_license(cfg.model.path) if cfg.model.path is not None else None,
+        license=base_license(base_dir) if base_dir is not None else None,
         evaluation=dict(evaluation or {}),
         eval_prompts=eval_prompts,
     )

@@ -6,7 +6,6 @@ Errors a user can fix are printed as one line (``error: …``) with exit status 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +17,6 @@ import typer
 from spin_diffusion import preemption
 from spin_diffusion.distributed import is_main, launched_rank, launched_ranks, shutdown
 from spin_diffusion.errors import SpinDiffusionError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are never needed: every model comes from a local folder
 
 RANK_ERROR_DELAY_S = 3.0  # > the launcher's worker-monitor interval (torchrun: 0.1 s)
 
@@ -144,14 +141,16 @@ def demo(
 
 @app.command()
 def evaluate(
-    model: Annotated[list[Path], typer.Option("--model", "-m", help="Diffusers pipeline folder (repeatable).")],
+    model: Annotated[
+        list[str], typer.Option("--model", "-m", help="Diffusers pipeline: a Hub id or a folder (repeatable).")
+    ],
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file: .txt, .csv, .jsonl or .parquet.")],
     scorer: Annotated[
         list[str] | None,
         typer.Option("--scorer", help="pickscore, hpsv2, imagereward, aesthetic, clip, shapes_judge (repeatable)."),
     ] = None,
     scorer_path: Annotated[
-        list[str] | None, typer.Option("--scorer-path", help="name=/local/weights (repeatable).")
+        list[str] | None, typer.Option("--scorer-path", help="name=/local/weights or name=hub/id (repeatable).")
     ] = None,
     baseline: Annotated[int, typer.Option(help="Index of the --model that win rates are computed against.")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (eval.json, table, image grids).")] = Path(
@@ -163,7 +162,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 8,
     seed: Annotated[int, typer.Option(help="Sampling seed (the same noise for every model).")] = 0,
     fid_reference: Annotated[Path | None, typer.Option(help="Folder of real images: adds FID per model.")] = None,
-    fid_features: Annotated[str | None, typer.Option(help="Local CLIP folder used as FID's feature network.")] = None,
+    fid_features: Annotated[str | None, typer.Option(help="CLIP folder or Hub id: FID's feature network.")] = None,
 ):
     """Generate images for a prompt set with each model and score them (mean, median, win rate vs baseline)."""
     from spin_diffusion.model_eval import evaluate_models

@@ -44,7 +44,11 @@ def _as_schedule(value: Any) -> Any:
 class ModelConfig:
     """Which model to start from and which of its parameters train (only the UNet ever trains)."""
 
-    path: str | None = None  # local diffusers pipeline folder (model_index.json); None -> built-in `preset`
+    # diffusers pipeline: a Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5) or a local folder (model_index.json),
+    # resolved as DiffusionPipeline.from_pretrained does (HF_HUB_OFFLINE=1: the cache only); None -> built-in `preset`
+    path: str | None = None
+    revision: str | None = None  # Hub ids: branch, tag or commit (None = main)
+    variant: str | None = None  # weight files variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)
     # built-in model built from configs (no download): tiny (SD-1.x family), tiny-sdxl, tiny-sd3 (tests), demo
     preset: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3"] = "tiny"
     lora_rank: int = 0  # 0 = full fine-tuning of the UNet; > 0 = LoRA of this rank (merged at each iteration end)
@@ -55,6 +59,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise SpinDiffusionError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.path is None and (self.revision is not None or self.variant is not None):
+            raise SpinDiffusionError("model.revision and model.variant select files of model.path; set model.path")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Images come in as ``list[PIL.Image.Image]`` (this module never imports diffusers
 prompt. A scorer maps ``(images, prompts)`` to per-image scores ``[N]``; ``summarize`` turns them into
 ``{"mean", "median", "win_rate"}`` per scorer and ``flat_metrics`` into the flat ``metrics`` of eval.json.
 
-Scorers (``build_scorer(name, path)``; weights are always read from a local ``path``, hubs are never contacted).
+Scorers (``build_scorer(name, path)``; ``path`` is a local folder or a Hub id, resolved through the Hugging Face
+cache by spin_diffusion.hub).
 What ``path`` must hold, and what the score is:
 
 - ``pickscore``: the ``yuvalkirstain/PickScore_v1`` CLIP folder (``<path>/model`` or ``<path>``) and the
@@ -44,7 +45,6 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -324,12 +324,13 @@ class ClipImageFeatures(torch.nn.Module):
 
 
 def clip_feature_network(path: str | os.PathLike) -> ClipImageFeatures:
-    """``ClipImageFeatures`` from a local transformers CLIP folder (e.g. openai/clip-vit-large-patch14)."""
+    """``ClipImageFeatures`` from a transformers CLIP folder or Hub id (e.g. openai/clip-vit-large-patch14)."""
     from transformers import CLIPModel
 
+    from spin_diffusion import hub
     from spin_diffusion.scorers._common import CLIP_MEAN, CLIP_STD
 
-    folder = Path(path).expanduser()
+    folder = hub.resolve_repo(path, what="--fid-features")
     if not (folder / "config.json").is_file():
         raise SpinDiffusionError(
             f"{folder} is not a transformers CLIP folder (no config.json); download e.g. openai/clip-vit-large-patch14"

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from spin_diffusion import data as data_lib
-from spin_diffusion import distributed, evaluation, models, preflight, rundir, sampling
+from spin_diffusion import distributed, evaluation, hub, models, preflight, rundir, sampling
 from spin_diffusion.config import RunConfig
 from spin_diffusion.demo import world
 from spin_diffusion.errors import SpinDiffusionError
@@ -174,7 +174,7 @@ def evaluate_unet(
 
 
 def evaluate_models(
-    model_dirs: list[Path],
+    model_dirs: list[str | Path],
     prompts_path: Path,
     *,
     scorers: list[str],
@@ -205,9 +205,10 @@ def evaluate_models(
     main = distributed.is_main()  # scorers, FID and the outputs live on the main process; all ranks render
     built = [evaluation.build_scorer(n, scorer_paths.get(n)) for n in scorers] if main else []  # fail early
     evaluation.check_prompts(built, prompts)  # before any image is rendered
-    for path in model_dirs:  # every model folder, before the first one renders
-        if not (Path(path) / "model_index.json").is_file():
-            raise SpinDiffusionError(f"--model {path} is not a diffusers pipeline folder (no model_index.json)")
+    folders = [hub.resolve_pipeline(m) for m in model_dirs]  # every model (folder or Hub id), before one renders
+    for given, folder in zip(model_dirs, folders, strict=True):
+        if not (folder / "model_index.json").is_file():
+            raise SpinDiffusionError(f"--model {given} is not a diffusers pipeline (no model_index.json)")
     preflight.check_writable(out_dir, "--out")
     if (fid_reference is None) != (fid_features is None):
         raise SpinDiffusionError("FID needs both --fid-reference (real images) and --fid-features (a CLIP folder)")
@@ -221,7 +222,7 @@ def evaluate_models(
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
     fds: dict[str, float] = {}
     shown: dict[str, int] = {}
-    for name, path in zip(names, model_dirs, strict=True):
+    for name, path in zip(names, folders, strict=True):
         c = models.load_components(path)
         for module in (c.unet, *c.text_encoders(), c.vae):
             if module is not None:
@@ -321,9 +322,9 @@ def _read_image_folder(folder: Path) -> list[Image.Image]:
     return images
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
-    """Readable, distinct names for model folders: the shortest path suffix that tells them apart."""
-    parts = [Path(p).resolve().parts for p in paths]
+def _unique_names(paths: list[str | Path]) -> list[str]:
+    """Readable, distinct names for models: the shortest path (or Hub id) suffix that tells them apart."""
+    parts = [tuple(str(p).split("/")) if hub.is_hub_id(str(p)) else Path(p).resolve().parts for p in paths]
     for depth in range(1, max(len(p) for p in parts) + 1):
         names = ["_".join(p[-depth:]).replace("/", "_") for p in parts]
         if len(set(names)) == len(names):

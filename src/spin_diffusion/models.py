@@ -1,7 +1,8 @@
-"""Model components: load a local diffusers folder, build tiny presets, LoRA helpers, export.
+"""Model components: load a diffusers pipeline (a folder or a Hub id), build tiny presets, LoRA helpers, export.
 
-Everything here works offline: folders are read with ``local_files_only=True`` and the presets are
-built from configs with the tokenizer shipped in ``spin_diffusion/assets/tokenizer``.
+A Hub id is resolved to its cached snapshot by spin_diffusion.hub (as diffusers does); the folder is then read
+with ``local_files_only=True``. The presets are built from configs with the tokenizer shipped in
+``spin_diffusion/assets/tokenizer``.
 
 Only the UNet ever trains. The text encoder and the VAE come back frozen (``eval()``,
 ``requires_grad_(False)``). The UNet comes back in ``eval()`` mode with ``requires_grad`` on; the
@@ -30,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from spin_diffusion import families
+from spin_diffusion import families, hub
 from spin_diffusion.card import CardInfo, render_card
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -206,26 +207,24 @@ def _check_compatible(c: Components) -> None:
             )
 
 
-def load_components(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Components:
-    """Load a local diffusers pipeline folder (``model_index.json`` + ``unet/``, ``text_encoder/``, ...).
+def load_components(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None
+) -> Components:
+    """Load a diffusers pipeline (``model_index.json`` + ``unet/``, ``text_encoder/``, ...) from a local folder or a
+    Hub id (``revision``: branch, tag or commit; ``variant``: e.g. ``fp16`` weight files), as
+    ``DiffusionPipeline.from_pretrained`` resolves them (spin_diffusion.hub).
 
-    Never downloads (``local_files_only=True``). ``vae/`` is optional: without it the model is pixel space.
-    Raises SpinDiffusionError (one line) when the folder is missing, is not a diffusers pipeline
-    folder, or a component cannot be read.
+    ``vae/`` is optional: without it the model is pixel space. Raises SpinDiffusionError (one line) when the model
+    cannot be found, is not a diffusers pipeline, or a component cannot be read.
     """
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise SpinDiffusionError(
-            f"model folder not found: {root} (give a local diffusers pipeline folder, or leave model.path "
-            "unset to use a built-in preset)"
-        )
+    root = hub.resolve_pipeline(path, revision=revision, variant=variant)
     if not (root / "model_index.json").is_file() or not ((root / "unet").is_dir() or (root / "transformer").is_dir()):
         raise SpinDiffusionError(
-            f"{root} is not a diffusers pipeline folder (it needs model_index.json and unet/ or transformer/; "
+            f"{path} is not a diffusers pipeline (it needs model_index.json and unet/ or transformer/; "
             "save one with DiffusionPipeline.save_pretrained)"
         )
     index = _read_json(root / "model_index.json")
@@ -254,14 +253,14 @@ def load_components(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
         cls = getattr(diffusers, entry_class(denoiser_name) or "", None)
         if cls is None or not hasattr(cls, "from_pretrained"):
             cls = UNet2DConditionModel
-        return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+        return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, variant=variant)
 
     unet = load(denoiser_name, load_denoiser)
 
     def load_text_encoder(name: str):
         def fn(folder: Path) -> torch.nn.Module:
             cls = getattr(transformers, entry_class(name) or "", None) or transformers.AutoModel
-            return cls.from_pretrained(folder, local_files_only=True).to(dtype)
+            return cls.from_pretrained(folder, local_files_only=True, variant=variant).to(dtype)
 
         return fn
 
@@ -304,7 +303,12 @@ def load_components(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
         if dtype == torch.float16 and _read_json(root / "vae" / "config.json").get("force_upcast", True):
             vae_dtype = torch.float32
         vae = _freeze(
-            load("vae", lambda f: AutoencoderKL.from_pretrained(f, local_files_only=True, torch_dtype=vae_dtype))
+            load(
+                "vae",
+                lambda f: AutoencoderKL.from_pretrained(
+                    f, local_files_only=True, torch_dtype=vae_dtype, variant=variant
+                ),
+            )
         )
     unet.eval()
     settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list | tuple)}

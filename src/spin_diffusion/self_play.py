@@ -25,7 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from spin_diffusion import atomic, card, distributed, models, objectives, preemption, preflight, sampling, trainer
+from spin_diffusion import atomic, card, distributed, hub, models, objectives, preemption, preflight, sampling, trainer
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
 from spin_diffusion.config import (
@@ -151,14 +151,15 @@ def load_saved_config(run_dir: str | Path) -> RunConfig:
 
 def load_base_components(cfg: RunConfig) -> models.Components:
     if cfg.model.path is not None:
-        return models.load_components(cfg.model.path)
+        return models.load_components(cfg.model.path, revision=cfg.model.revision, variant=cfg.model.variant)
     return models.build_preset(cfg.model.preset, seed=cfg.seed)
 
 
 def model_id(cfg: RunConfig) -> str:
     """Identifies the frozen parts (VAE, text encoder) for the latent cache key."""
-    if cfg.model.path is not None:
-        return f"path:{Path(cfg.model.path).resolve()}"
+    if cfg.model.path is not None:  # a Hub id's snapshot folder names its commit
+        folder = hub.resolve_pipeline(cfg.model.path, revision=cfg.model.revision, variant=cfg.model.variant)
+        return f"path:{folder.resolve()}" + (f":variant={cfg.model.variant}" if cfg.model.variant else "")
     return f"preset:{cfg.model.preset}:seed={cfg.seed}"
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from spin_diffusion import hub
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.images import pil_to_tensor
 
@@ -51,10 +52,12 @@ def parse_path_spec(name: str, spec: str | Path | None, keys: Sequence[str], *, 
                 )
             parts[key] = value.strip()
         return None, parts
+    if hub.is_hub_id(text):
+        return hub.resolve_repo(text, what=f"{name} weights"), {}
     root = Path(text).expanduser()
     if not root.exists():
         raise SpinDiffusionError(
-            f"{name}: {root} does not exist; {name} needs {hint}: pass --scorer-path {name}=/path"
+            f"{name}: {root} does not exist; {name} needs {hint}: pass --scorer-path {name}=/path (or a Hub id)"
         )
     return root, {}
 
@@ -72,7 +75,8 @@ def component(
     """Locate component ``key``: the explicit ``key=`` entry, else ``root/<subdir>`` for ``subdirs`` (default
     ``[key]``), else ``root`` itself, whichever first satisfies ``found``. Raises a one-line error naming ``what``."""
     if key in parts:
-        path = Path(parts[key]).expanduser()
+        given = parts[key]
+        path = hub.resolve_repo(given, what=f"{name} {key}") if hub.is_hub_id(given) else Path(given).expanduser()
         if not path.exists():
             raise SpinDiffusionError(f"{name}: {key}={path} does not exist; it should be {what}")
         if not found(path):
