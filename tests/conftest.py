@@ -16,10 +16,12 @@ def _hf_offline(monkeypatch):
 def hub_cache(tmp_path, monkeypatch):
     """An empty Hugging Face cache that huggingface_hub (and diffusers, datasets through it) reads, offline; fill it
     with tests/_hub_cache.add_to_cache."""
+    import datasets
     from huggingface_hub import constants
 
     cache = tmp_path / "hf_cache"
     cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -118,15 +118,40 @@ def test_saved_dataset_and_datasetdict(tmp_path):
     _check(_load(tmp_path / "dd"))
 
 
-def test_parquet_image_feature_file_dir_and_glob(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_parquet_image_feature_file_dir_and_glob(tmp_path, streaming):
     (tmp_path / "pq").mkdir()
     _image_dataset().to_parquet(str(tmp_path / "pq" / "train.parquet"))
-    _check(_load(tmp_path / "pq" / "train.parquet"))
-    _check(_load(tmp_path / "pq"))
-    _check(_load(tmp_path / "pq" / "*.parquet"))
+    _check(_load(tmp_path / "pq" / "train.parquet", streaming=streaming))
+    _check(_load(tmp_path / "pq", streaming=streaming))
+    _check(_load(tmp_path / "pq" / "*.parquet", streaming=streaming))
 
 
-def test_parquet_bytes_dict_and_path_columns(tmp_path):
+def test_a_hub_layout_folder_reads_data_split(tmp_path):
+    for split, rows in (("train", [0, 1]), ("validation", [2]), ("validation_unique", [1])):
+        table = pa.table({"image": [_png(i) for i in rows], "text": [CAPTIONS[i] for i in rows]})
+        (tmp_path / "data").mkdir(exist_ok=True)
+        pq.write_table(table, tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    assert _load(tmp_path).captions == CAPTIONS[:2]
+    assert _load(tmp_path, split="validation", streaming=True).captions == [CAPTIONS[2]]
+
+
+def test_streaming_reads_row_groups_in_place_and_keeps_the_fingerprint(tmp_path):
+    n = 12
+    table = pa.table({"image": [_png(i) for i in range(n)], "text": [f"caption {i}" for i in range(n)]})
+    pq.write_table(table.slice(0, 7), tmp_path / "a.parquet", row_group_size=3)
+    pq.write_table(table.slice(7), tmp_path / "b.parquet", row_group_size=2)
+    streamed, converted = _load(tmp_path, streaming=True), _load(tmp_path)
+    assert streamed.captions == converted.captions == [f"caption {i}" for i in range(n)]
+    for i in range(n):
+        _assert_color(streamed.image(i), i % len(COLORS))
+        group, cells = streamed._table._loaded["image"]
+        assert len(cells) <= 3  # one row group of one column in memory, never a whole file
+    assert streamed.fingerprint() == converted.fingerprint()  # the latent cache outlives switching the reader
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_parquet_bytes_dict_and_path_columns(tmp_path, streaming):
     for i in range(3):
         _img(i).save(tmp_path / f"{i}.png")
     table = pa.table(
@@ -139,7 +164,7 @@ def test_parquet_bytes_dict_and_path_columns(tmp_path):
     )
     pq.write_table(table, tmp_path / "x.parquet")
     for column in ("raw", "as_dict", "as_path"):
-        _check(_load(tmp_path / "x.parquet", image_column=column))
+        _check(_load(tmp_path / "x.parquet", image_column=column, streaming=streaming))
 
 
 def test_arrow_file(tmp_path):
@@ -331,7 +356,8 @@ def test_pairs_dataset_columns(tmp_path):
     _assert_color(pairs.loser(0), 1)
 
 
-def test_pairs_pickapic_layout_drops_ties(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_pairs_pickapic_layout_drops_ties(tmp_path, streaming):
     table = pa.table(
         {
             "caption": ["zero wins", "tie", "one wins"],
@@ -341,7 +367,7 @@ def test_pairs_pickapic_layout_drops_ties(tmp_path):
         }
     )
     pq.write_table(table, tmp_path / "pickapic.parquet")
-    pairs = D.load_preference_pairs(DataConfig(path=str(tmp_path / "pickapic.parquet")))
+    pairs = D.load_preference_pairs(DataConfig(path=str(tmp_path / "pickapic.parquet"), streaming=streaming))
     assert pairs.captions == ["zero wins", "one wins"]
     _assert_color(pairs.winner(0), 0)
     _assert_color(pairs.loser(0), 1)

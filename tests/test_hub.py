@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from _hub_cache import add_to_cache
 from spin_diffusion import card, hub, models
-from spin_diffusion.config import load_config
+from spin_diffusion.config import DataConfig, load_config
+from spin_diffusion.data import load_captioned_images
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.scorers._common import component, has_files, parse_path_spec
 
@@ -118,3 +123,39 @@ def test_the_cli_trains_from_a_hub_id(hub_cache, exports, tmp_path):
     assert str(tmp_path) not in text
     trained = models.load_components(run_dir / "iter_01" / "model")
     assert _same(trained.text_encoder, exports["c0"].text_encoder)  # the frozen parts are the Hub model's
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _color(i: int) -> tuple[int, int, int]:
+    return (i * 20 % 256, 255 - i * 20 % 256, 7 * i % 256)
+
+
+def _shard(path: Path, rows: range) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"image": [_png(_color(i)) for i in rows], "text": [f"caption {i}" for i in rows]})
+    pq.write_table(table, path, row_group_size=3)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_hub_dataset_id_reads_its_split_from_the_cache(hub_cache, tmp_path, streaming):
+    repo = tmp_path / "repo"
+    _shard(repo / "data" / "train-00000-of-00002.parquet", range(0, 5))
+    _shard(repo / "data" / "train-00001-of-00002.parquet", range(5, 10))
+    _shard(repo / "data" / "validation-00000-of-00001.parquet", range(100, 103))
+    _shard(repo / "data" / "validation_unique-00000-of-00001.parquet", range(200, 201))
+    add_to_cache(hub_cache, "org/captioned", repo, repo_type="dataset")
+
+    train = load_captioned_images(DataConfig(path="org/captioned", streaming=streaming))
+    assert train.captions == [f"caption {i}" for i in range(10)]
+    assert [train.image(i).getpixel((3, 3)) for i in (0, 4, 7, 9)] == [_color(i) for i in (0, 4, 7, 9)]
+    val = load_captioned_images(DataConfig(path="org/captioned", split="validation", streaming=streaming))
+    assert val.captions == ["caption 100", "caption 101", "caption 102"]
+    with pytest.raises(SpinDiffusionError, match="no parquet files of split 'test'"):
+        load_captioned_images(DataConfig(path="org/captioned", split="test", streaming=streaming))
+    with pytest.raises(SpinDiffusionError, match="`hf download org/none --repo-type dataset`"):
+        load_captioned_images(DataConfig(path="org/none", streaming=streaming))

@@ -67,7 +67,10 @@ class ModelConfig:
 class DataConfig:
     """Where the (image, caption) pairs come from; for `dpo`, (caption, winner image, loser image) triples."""
 
-    path: str | None = None  # imagefolder with metadata.jsonl/csv, a `datasets` folder, or parquet/arrow file(s)
+    # imagefolder with metadata.jsonl/csv, a `datasets` folder, parquet/arrow file(s), or a Hub dataset id
+    path: str | None = None
+    split: str = "train"  # the split of a Hub dataset id or of a `datasets` folder / Hub-layout folder
+    streaming: bool = False  # parquet read in place row group by row group (no arrow copy; larger than memory)
     builtin: Literal["shapes"] | None = None  # built-in procedural dataset (the demo world) instead of `path`
     num_builtin: int = 256  # size of the built-in dataset
     image_column: str = "image"  # column holding the image (or its file name, for imagefolders: file_name)

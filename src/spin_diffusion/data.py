@@ -6,8 +6,14 @@ Sources (``DataConfig.path``), detected in this order:
   ``dataset_dict.json``; a DatasetDict uses its ``train`` split);
 * an image folder with ``metadata.jsonl`` or ``metadata.csv`` whose rows name a ``file_name`` (relative to
   the folder) and a caption;
-* parquet / arrow file(s): one file, a folder of ``*.parquet`` / ``*.arrow`` or a glob.
-  The image column may be an ``Image()`` feature, a ``{"bytes", "path"}`` dict, raw bytes or a file path.
+* parquet / arrow file(s): one file, a folder of ``*.parquet`` / ``*.arrow`` or a glob (in a folder laid out as
+  the Hub lays datasets out, the files of ``DataConfig.split``);
+* a Hub dataset id (``yuvalkirstain/pickapic_v2``): the parquet files of ``DataConfig.split``, downloaded into
+  (or, offline, read from) the Hugging Face cache.
+
+The image column may be an ``Image()`` feature, a ``{"bytes", "path"}`` dict, raw bytes or a file path.
+Parquet is read through ``datasets`` (converted once to its memory-mapped arrow cache) or, with
+``DataConfig.streaming``, in place row group by row group (no copy; shards larger than memory).
 
 ``DataConfig.builtin == "shapes"`` is the procedural demo world instead of a path.
 
@@ -24,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from spin_diffusion import hub
 from spin_diffusion.config import DataConfig
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -289,6 +297,66 @@ class _DatasetTable(_Table):
         return {"kind": "datasets", "files": [_stat(f, self.name) for f in self.files]}
 
 
+class _ParquetTable(_Table):
+    """Parquet files read in place, row group by row group (``data.streaming``): nothing is converted to an arrow
+    cache, and at most one row group of one image column is in memory. Rows are numbered across the files in order.
+    """
+
+    def __init__(self, files: list[Path], name: str, base_dir: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.files, self.name, self.base_dir = files, name, base_dir
+        self._starts: list[int] = []  # first row of each (file, row group), in order
+        self._groups: list[tuple[int, int]] = []
+        total, self.columns = 0, []
+        for i, f in enumerate(files):
+            try:
+                meta = pq.ParquetFile(f).metadata
+                names = pq.read_schema(f).names
+            except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
+                raise SpinDiffusionError(f"cannot read parquet file {f}: {_one_line(err)}; check the file") from err
+            if i == 0:
+                self.columns = names
+            elif names != self.columns:
+                raise SpinDiffusionError(
+                    f"{f} has columns {', '.join(names)}, but {files[0]} has {', '.join(self.columns)}; "
+                    "give files of one dataset"
+                )
+            for g in range(meta.num_row_groups):
+                self._starts.append(total)
+                self._groups.append((i, g))
+                total += meta.row_group(g).num_rows
+        self._len = total
+        self._loaded: dict[str, tuple[int, list[Any]]] = {}  # column -> (group index, its cells)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def where(self, row: int) -> str:
+        return f"row {row} of {self.name}"
+
+    def values(self, column: str) -> list[Any]:
+        import pyarrow.parquet as pq
+
+        return [v for f in self.files for v in pq.read_table(f, columns=[column]).column(column).to_pylist()]
+
+    def image(self, column: str, row: int) -> Image.Image:
+        import bisect
+
+        import pyarrow.parquet as pq
+
+        group = bisect.bisect_right(self._starts, row) - 1
+        if self._loaded.get(column, (-1, None))[0] != group:
+            file, g = self._groups[group]
+            cells = pq.ParquetFile(self.files[file]).read_row_group(g, columns=[column]).column(column).to_pylist()
+            self._loaded[column] = (group, cells)
+        cell = self._loaded[column][1][row - self._starts[group]]
+        return _decode_cell(cell, self.base_dir, f"{self.where(row)}, column '{column}'")
+
+    def identity(self, cells: Sequence[tuple[str, int]]) -> Any:
+        return {"kind": "datasets", "files": [_stat(f, self.name) for f in self.files]}
+
+
 class _MemoryTable(_Table):
     """In-memory rows (the built-in demo world)."""
 
@@ -323,7 +391,11 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _dataset_table(kind: str, files: list[Path], name: str, base_dir: Path) -> _DatasetTable:
+def _dataset_table(kind: str, files: list[Path], name: str, base_dir: Path, streaming: bool = False) -> _Table:
+    if streaming and kind == "parquet":
+        return _ParquetTable(files, name, base_dir)
+    if streaming:
+        raise SpinDiffusionError(f"data.streaming reads parquet files; {name} holds {kind} files (set it false)")
     import datasets
 
     try:
@@ -333,7 +405,7 @@ def _dataset_table(kind: str, files: list[Path], name: str, base_dir: Path) -> _
     return _DatasetTable(ds, name, base_dir, files)
 
 
-def _saved_dataset_table(path: Path) -> _DatasetTable:
+def _saved_dataset_table(path: Path, split: str) -> _DatasetTable:
     import datasets
 
     try:
@@ -345,25 +417,29 @@ def _saved_dataset_table(path: Path) -> _DatasetTable:
     name = str(path)
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds)
-        split = "train" if "train" in ds else (splits[0] if len(splits) == 1 else None)
-        if split is None:
+        if split not in ds:
             raise SpinDiffusionError(
-                f"the `datasets` folder {path} has no 'train' split (splits: {', '.join(splits)}); "
-                "save the training split on its own or name it 'train'"
+                f"the `datasets` folder {path} has no '{split}' split (splits: {', '.join(splits)}); "
+                "set data.split to one of them"
             )
         ds, name = ds[split], f"{path} (split '{split}')"
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return _DatasetTable(ds, name, path, files)
 
 
-def _table_files_in(directory: Path) -> list[Path]:
-    """Parquet (else arrow) files in a folder; in nested layouts (data/train-*.parquet) prefer 'train' files."""
+def _split_files(files: list[Path], directory: Path, split: str) -> list[Path]:
+    """The files of one split in the Hub's layouts: data/<split>-00000-of-00010.parquet or <split>/*.parquet."""
+    pattern = re.compile(rf"(^|/){re.escape(split)}([-_.]\d|[-.]|/)")
+    return [f for f in files if pattern.search(f.relative_to(directory).as_posix())]
+
+
+def _table_files_in(directory: Path, split: str = "train") -> list[Path]:
+    """Parquet (else arrow) files in a folder; in nested layouts (data/train-*.parquet) those of ``split``."""
     for suffix in _TABLE_SUFFIXES:
         files = sorted(directory.glob(f"*{suffix}"))
         if not files:
             files = sorted(directory.rglob(f"*{suffix}"))
-            train = [f for f in files if "train" in f.relative_to(directory).as_posix()]
-            files = train or files
+            files = _split_files(files, directory, split) or files
         if files:
             return files
     return []
@@ -383,8 +459,10 @@ def _open_table(cfg: DataConfig) -> _Table:
         kinds = {_TABLE_SUFFIXES.get(f.suffix.lower()) for f in files}
         if len(kinds) != 1 or None in kinds:
             raise SpinDiffusionError(f"data.path {cfg.path} must match only .parquet or only .arrow files")
-        return _dataset_table(kinds.pop(), files, cfg.path, files[0].parent)
+        return _dataset_table(kinds.pop(), files, cfg.path, files[0].parent, cfg.streaming)
     path = Path(text)
+    if not path.exists() and hub.is_hub_id(cfg.path):
+        return _hub_table(cfg)
     if not path.exists():
         raise SpinDiffusionError(
             f"data.path not found: {path}; point it at an image folder, a `datasets` folder or parquet/arrow files"
@@ -392,25 +470,42 @@ def _open_table(cfg: DataConfig) -> _Table:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in _TABLE_SUFFIXES:
-            return _dataset_table(_TABLE_SUFFIXES[suffix], [path], str(path), path.parent)
+            return _dataset_table(_TABLE_SUFFIXES[suffix], [path], str(path), path.parent, cfg.streaming)
         if path.name in METADATA_FILES or suffix in (".jsonl", ".csv"):
             return _MetadataTable(path)
         raise SpinDiffusionError(
             f"data.path {path} is not a folder, .parquet, .arrow, .jsonl or .csv file; point it at your data"
         )
     if any((path / m).is_file() for m in _DATASETS_MARKERS):
-        return _saved_dataset_table(path)
+        return _saved_dataset_table(path, cfg.split)
     for meta in METADATA_FILES:
         if (path / meta).is_file():
             return _MetadataTable(path / meta)
-    files = _table_files_in(path)
+    files = _table_files_in(path, cfg.split)
     if files:
         kind = _TABLE_SUFFIXES[files[0].suffix.lower()]
-        return _dataset_table(kind, files, str(path), path)
+        return _dataset_table(kind, files, str(path), path, cfg.streaming)
     raise SpinDiffusionError(
         f"no metadata.jsonl or metadata.csv in the image folder {path}; add one with a 'file_name' and a 'text' "
         "column per image (or point data.path at a `datasets` folder or parquet files)"
     )
+
+
+def _hub_table(cfg: DataConfig) -> _Table:
+    """A Hub dataset id: the parquet files of ``cfg.split`` (only those are downloaded), through the Hugging Face
+    cache; read with ``datasets`` (memory-mapped arrow) or, with ``cfg.streaming``, in place row group by row group."""
+    assert cfg.path is not None
+    split = cfg.split
+    patterns = [f"*{split}-*.parquet", f"*{split}_*.parquet", f"*{split}.parquet", f"*{split}/*.parquet"]
+    folder = hub.resolve_repo(cfg.path, what="dataset", repo_type="dataset", allow_patterns=[*patterns, "*.md"])
+    files = _split_files(sorted(folder.rglob("*.parquet")), folder, split)
+    if not files:
+        found = sorted({f.relative_to(folder).as_posix() for f in folder.rglob("*.parquet")})
+        raise SpinDiffusionError(
+            f"the dataset {cfg.path} has no parquet files of split '{split}' (found: {', '.join(found) or 'none'}); "
+            "set data.split"
+        )
+    return _dataset_table("parquet", files, f"{cfg.path} (split '{split}')", folder, cfg.streaming)
 
 
 def _check_max_samples(cfg: DataConfig) -> None:

@@ -97,7 +97,12 @@ def resolve_pipeline(name_or_path: str | Path, *, revision: str | None = None, v
 
 
 def resolve_repo(
-    name_or_path: str | Path, *, what: str, revision: str | None = None, repo_type: str = "model"
+    name_or_path: str | Path,
+    *,
+    what: str,
+    revision: str | None = None,
+    repo_type: str = "model",
+    allow_patterns: list[str] | None = None,
 ) -> Path:
     """The local folder of any repository (scorer weights, a processor): a folder or file as it is, else the
     cached snapshot of that Hub id (``huggingface_hub.snapshot_download``)."""
@@ -110,6 +115,7 @@ def resolve_repo(
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, revision=revision, repo_type=repo_type))  # offline: the cache only
+        folder = snapshot_download(text, revision=revision, repo_type=repo_type, allow_patterns=allow_patterns)
+        return Path(folder)  # offline: the cache only
     except Exception as err:  # noqa: BLE001
         raise _failure(err, what, text, revision, repo_type) from err
