@@ -335,3 +335,42 @@ def test_pair_cache(tmp_path, tiny, monkeypatch):
     calls = _count_encodes(monkeypatch)
     C.build_pair_cache(tiny, pairs, tmp_path / "cache", **kw)
     assert (calls["images"], calls["prompts"]) == (0, 0)
+
+
+def test_augmented_cache_encodes_each_rows_draw_and_keys_on_it(tiny, tmp_path, monkeypatch):
+    from spin_diffusion import models
+
+    root = _imagefolder(tmp_path / "f", CAPTIONS[:4])
+    for i in range(4):  # a white left edge: flips and crops show
+        img = _img(i)
+        img.paste((255, 255, 255), (0, 0, 3, 12))
+        img.save(root / "imgs" / f"{i}.png")
+    cache_dir = tmp_path / "cache"
+    augment = D.Augment(flip=True, crop=True, seed=3)
+    cache = C.build_latent_cache(tiny, _load(root), cache_dir, **KW, batch_size=4, augment=augment)
+    src = _load(root)
+    draws = [augment.draw(i) for i in range(4)]
+    pixels = torch.stack([D.image_to_tensor(src.image(i), 16, flip=f, crop=c) for i, (f, c) in enumerate(draws)])
+    torch.testing.assert_close(cache.latents[:], models.encode_images(tiny, pixels), atol=1e-5, rtol=1e-5)
+    plain = torch.stack([D.image_to_tensor(src.image(i), 16) for i in range(4)])
+    assert not torch.equal(pixels, plain)
+
+    calls = _count_encodes(monkeypatch)
+    C.build_latent_cache(tiny, _load(root), cache_dir, **KW, batch_size=4, augment=augment)
+    assert calls["images"] == 0  # same draw: reused
+    C.build_latent_cache(tiny, _load(root), cache_dir, **KW, batch_size=4, augment=D.Augment(flip=True, seed=4))
+    assert calls["images"] == 1  # another augmentation: rebuilt
+    C.build_latent_cache(tiny, _load(root), cache_dir, **KW, batch_size=4)
+    assert calls["images"] == 2
+
+
+def test_sdxl_time_ids_follow_the_random_crop(tmp_path):
+    from spin_diffusion import models
+
+    sdxl = models.build_preset("tiny-sdxl")
+    root = _imagefolder(tmp_path / "f", CAPTIONS[:4])  # 20 x 12 images
+    augment = D.Augment(crop=True, seed=0)
+    cache = C.build_latent_cache(sdxl, _load(root), tmp_path / "cache", **KW, batch_size=4, augment=augment)
+    expected = [D.sdxl_time_ids((20, 12), 16, crop=augment.draw(i)[1]) for i in range(4)]
+    assert cache.time_ids[:].tolist() == expected
+    assert len({ids[3] for ids in expected}) > 1  # the crops differ from row to row

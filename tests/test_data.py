@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -423,3 +424,38 @@ def test_image_to_tensor_resize_and_center_crop():
     assert t.shape == (3, 16, 16) and t.min() == -1.0 and t.max() == -1.0
     t = D.image_to_tensor(_img(0, (16, 16)), 16)
     assert t[0].eq(1).all() and t[1:].eq(-1).all()
+
+
+def _gradient(w: int, h: int) -> Image.Image:
+    """Every pixel distinct: red = x, green = y."""
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[..., 0] = np.arange(w)[None, :]
+    arr[..., 1] = np.arange(h)[:, None]
+    return Image.fromarray(arr)
+
+
+def test_flip_mirrors_and_crops_follow_their_fractions_and_time_ids():
+    img = _gradient(40, 16)  # resolution 16: no resize, a 24-pixel horizontal slack
+    red = lambda t: ((t[0] + 1) * 127.5).round()  # noqa: E731 - the x coordinate each pixel came from
+    center = D.image_to_tensor(img, 16)
+    assert red(center)[0].tolist() == list(range(12, 28))
+    assert red(D.image_to_tensor(img, 16, flip=True))[0].tolist() == list(range(27, 11, -1))
+    left = D.image_to_tensor(img, 16, crop=(0.0, 0.0))
+    right = D.image_to_tensor(img, 16, crop=(0.0, 0.999))
+    assert red(left)[0, 0].item() == 0 and red(right)[0, -1].item() == 39  # the whole slack is reachable
+    flipped_crop = D.image_to_tensor(img, 16, flip=True, crop=(0.0, 0.25))
+    left_px = int(0.25 * 25)  # left offset in the mirrored image
+    assert red(flipped_crop)[0].tolist() == [39 - (left_px + j) for j in range(16)]
+    assert D.sdxl_time_ids(img.size, 16, crop=(0.0, 0.25)) == [16.0, 40.0, 0.0, float(left_px), 16.0, 16.0]
+    assert D.sdxl_time_ids(img.size, 16) == [16.0, 40.0, 0.0, 12.0, 16.0, 16.0]
+
+
+def test_augment_draws_once_per_row_from_the_seed():
+    assert D.Augment().draw(3) == (False, None) and not D.Augment().active
+    flips = [D.Augment(flip=True, seed=0).draw(r)[0] for r in range(400)]
+    assert 150 < sum(flips) < 250  # p = 1/2
+    assert [D.Augment(flip=True, seed=0).draw(r) for r in range(5)] == [D.Augment(flip=True).draw(r) for r in range(5)]
+    assert flips != [D.Augment(flip=True, seed=1).draw(r)[0] for r in range(400)]
+    crops = {D.Augment(crop=True).draw(r)[1] for r in range(50)}
+    assert len(crops) == 50 and all(0 <= a < 1 and 0 <= b < 1 for a, b in crops)
+    assert all(not D.Augment(crop=True).draw(r)[0] for r in range(50))  # no flip unless asked

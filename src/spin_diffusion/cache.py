@@ -23,6 +23,7 @@ the main process writes the marker after everyone finished. A marker with the cu
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from PIL import Image
 
 from spin_diffusion import atomic
 from spin_diffusion.data import (
+    Augment,
     CaptionedImages,
     PreferencePairs,
     _digest,
@@ -423,6 +425,7 @@ def _cached_encode(
     desc: str,
     where: Callable[[int], str],
     bad_policy: BadExamples,
+    augment: Augment,
 ) -> tuple[dict[str, RowStore], dict[int, str]]:
     """Build or reuse the cache; returns its stores (bad rows left out) and the bad rows with their reasons."""
     from spin_diffusion import distributed
@@ -442,19 +445,20 @@ def _cached_encode(
     meta_path = cache_dir / f"{kind}.json"
     n = len(captions)
     unique, index_map = dedup(captions)
-    key = _digest(
-        {
-            "version": CACHE_VERSION,
-            "kind": kind,
-            "data": fingerprint,
-            "resolution": resolution,
-            "model": model_id,
-            "dtype": dtype,
-            "shard_size": shard_size,
-            "on_bad": bad_policy.on_bad,
-            "min_side": bad_policy.min_side,
-        }
-    )
+    identity = {
+        "version": CACHE_VERSION,
+        "kind": kind,
+        "data": fingerprint,
+        "resolution": resolution,
+        "model": model_id,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "on_bad": bad_policy.on_bad,
+        "min_side": bad_policy.min_side,
+    }
+    if augment.active:  # (without augmentation the key is the one caches had before it existed)
+        identity["augment"] = dataclasses.asdict(augment)
+    key = _digest(identity)
     state = distributed.state()
     image_paths = _paths(cache_dir, kind, "images", _num_shards(n, shard_size))
 
@@ -499,7 +503,9 @@ def _cached_encode(
         by zeros ("skip")."""
         try:
             img = check_image_size(fn(i), bad_policy.min_side, where(i))
-            return image_to_tensor(img, resolution), sdxl_time_ids(img.size, resolution)
+            flip, crop = augment.draw(i)
+            pixels = image_to_tensor(img, resolution, flip=flip, crop=crop)
+            return pixels, sdxl_time_ids(img.size, resolution, crop=crop)
         except SpinDiffusionError as err:
             if bad_policy.on_bad == "error":
                 raise
@@ -578,9 +584,11 @@ def build_latent_cache(
     dtype: StoreDtype = "fp32",
     shard_size: int = 1024,
     bad_examples: BadExamples | None = None,
+    augment: Augment | None = None,
 ) -> LatentCache:
     """Encode every image (VAE) and distinct caption (text encoder) once into ``cache_dir``; reuse it while
-    (data fingerprint, resolution, ``model_id``, ``dtype``, ``shard_size``) match, rebuild otherwise.
+    (data fingerprint, resolution, ``model_id``, ``dtype``, ``shard_size``, ``augment``) match, rebuild otherwise.
+    ``augment`` (data.random_flip / data.random_crop) is drawn per row, once, when the row is encoded.
     ``model_id`` must identify the VAE + text encoder.
 
     Files: ``latents-images-*.safetensors`` (``latents``), ``latents-embeds-*.safetensors`` (``prompt_embeds``
@@ -601,6 +609,7 @@ def build_latent_cache(
         desc=f"encoding {images.name}",
         where=images.where,
         bad_policy=bad_examples or BadExamples(),
+        augment=augment or Augment(),
     )
     captions = [text for i, text in enumerate(images.captions) if i not in bad]
     return LatentCache(
@@ -623,6 +632,7 @@ def build_pair_cache(
     dtype: StoreDtype = "fp32",
     shard_size: int = 1024,
     bad_examples: BadExamples | None = None,
+    augment: Augment | None = None,
 ) -> PairCache:
     """:func:`build_latent_cache` for preference pairs: ``pairs-images-*.safetensors`` (``winner_latents``,
     ``loser_latents``), ``pairs-embeds-*.safetensors`` + ``pairs.json``."""
@@ -641,6 +651,7 @@ def build_pair_cache(
         desc=f"encoding {pairs.name}",
         where=pairs.where,
         bad_policy=bad_examples or BadExamples(),
+        augment=augment or Augment(),
     )
     return PairCache(
         winner_latents=stores["winner_latents"],

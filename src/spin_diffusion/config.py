@@ -78,6 +78,11 @@ class DataConfig:
     winner_column: str = "winner"  # dpo only: column of the preferred image
     loser_column: str = "loser"  # dpo only: column of the rejected image
     resolution: int | None = None  # training resolution in pixels; None -> the model's native resolution
+    # Augmentations of the real images, drawn once per row (the cache encodes each row once): a horizontal mirror
+    # with probability 1/2 (on in Diffusion-DPO; off here by default: it breaks captions that say left or right,
+    # as the demo's do) and a random instead of a centered square crop (SDXL's crop time ids follow it).
+    random_flip: bool = False
+    random_crop: bool = False
     max_samples: int | None = None  # use only the first N examples
     encode_batch_size: int = 32  # batch size for the one-off VAE/text-encoder pass that fills the cache
     # A bad example is an unreadable or missing image, one whose shorter side is < min_image_side, or an empty

@@ -116,32 +116,73 @@ def _decode_cell(value: Any, base_dir: Path | None, where: str) -> Image.Image:
     )
 
 
-def sdxl_time_ids(size: tuple[int, int], resolution: int) -> list[float]:
-    """SDXL's micro-conditioning of an image of ``size`` (w, h) prepared by :func:`image_to_tensor`: original (h, w),
-    the crop's top-left (y, x) in resized pixels, target (R, R) — as diffusers' SDXL training scripts record it."""
+@dataclass(frozen=True)
+class Augment:
+    """The anchors' augmentations of a real image (``data.random_flip``, ``data.random_crop``), drawn once per row
+    from ``(seed, row)``: the cache encodes each row once, and at the paper's scale a run visits a row about once,
+    so one draw per row has the distribution of one draw per visit. Every image of a row (a DPO pair's winner and
+    loser) gets the same draw, as Diffusion-DPO flips and crops the two together."""
+
+    flip: bool = False
+    crop: bool = False
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.crop
+
+    def draw(self, row: int) -> tuple[bool, tuple[float, float] | None]:
+        """(mirror the image?, the crop's (top, left) as fractions of the slack; None = center crop)."""
+        if not self.active:
+            return False, None
+        u = np.random.default_rng([self.seed, row]).random(3)
+        return bool(self.flip and u[0] < 0.5), ((float(u[1]), float(u[2])) if self.crop else None)
+
+
+def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(w, h) after resizing the shorter side to ``resolution``."""
     w, h = size
-    if min(w, h) != resolution:
-        scale = resolution / min(w, h)
-        rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    else:
-        rw, rh = w, h
-    top, left = int(round((rh - resolution) / 2.0)), int(round((rw - resolution) / 2.0))
+    if min(w, h) == resolution:
+        return w, h
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def _crop_offsets(resized: tuple[int, int], resolution: int, crop: tuple[float, float] | None) -> tuple[int, int]:
+    """(top, left) of the R x R crop in the resized (and, when flipped, mirrored) image: centered, or at fractions
+    ``crop`` of the slack (uniform over the whole pixels of it, as torchvision's RandomCrop draws)."""
+    w, h = resized
+    if crop is None:
+        return int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
+    return min(int(crop[0] * (h - resolution + 1)), h - resolution), min(
+        int(crop[1] * (w - resolution + 1)), w - resolution
+    )
+
+
+def sdxl_time_ids(size: tuple[int, int], resolution: int, *, crop: tuple[float, float] | None = None) -> list[float]:
+    """SDXL's micro-conditioning of an image of ``size`` (w, h) prepared by :func:`image_to_tensor` with the same
+    ``crop``: original (h, w), the crop's top-left (y, x) in resized pixels, target (R, R) — as diffusers' SDXL
+    training scripts record it (after a flip, in the mirrored image, as they do)."""
+    w, h = size
+    top, left = _crop_offsets(_resized(size, resolution), resolution, crop)
     return [float(h), float(w), float(top), float(left), float(resolution), float(resolution)]
 
 
-def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution`` (bicubic, antialiased), center-crop -> ``[3, R, R]`` in [-1, 1]."""
+def image_to_tensor(
+    img: Image.Image, resolution: int, *, flip: bool = False, crop: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """Resize the shorter side to ``resolution`` (bicubic, antialiased), mirror it if ``flip``, crop ``R x R``
+    (centered, or at fractions ``crop`` of the slack: :class:`Augment`) -> ``[3, R, R]`` in [-1, 1]."""
     if resolution < 1:
         raise SpinDiffusionError(f"resolution must be >= 1, got {resolution}")
     img = _to_rgb(img) if img.mode != "RGB" else img
-    w, h = img.size
-    if min(w, h) != resolution:
-        scale = resolution / min(w, h)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    size = _resized(img.size, resolution)
+    if size != img.size:
         img = img.resize(size, resample=Image.Resampling.BICUBIC)
-        w, h = img.size
-    left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
-    if (w, h) != (resolution, resolution):
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    top, left = _crop_offsets(size, resolution, crop)
+    if size != (resolution, resolution):
         img = img.crop((left, top, left + resolution, top + resolution))
     arr = np.array(img, dtype=np.uint8)  # [H, W, 3], a copy (writable)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)

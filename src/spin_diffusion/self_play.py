@@ -243,6 +243,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         dtype=cfg.data.cache_dtype,
         shard_size=cfg.data.cache_shard_size,
         bad_examples=bad_examples,
+        augment=data_lib.Augment(flip=cfg.data.random_flip, crop=cfg.data.random_crop, seed=cfg.seed),
     )
     _record_skipped(run_dir, images, cache, cfg.data.max_bad_fraction, state)
     # Every embedding the run needs is computed by now (cache, eval prompts, negative and empty prompt): the text
