@@ -192,6 +192,60 @@ def evaluate(
         typer.echo(table)
 
 
+prepare_app = typer.Typer(help="Turn downloaded datasets into training data the trainer reads.", no_args_is_help=True)
+app.add_typer(prepare_app, name="prepare")
+
+
+@prepare_app.command("pickapic")
+def prepare_pickapic(
+    out: Annotated[Path, typer.Option("--out", "-o", help="New (or empty) output folder.")],
+    shards: Annotated[
+        list[str] | None, typer.Argument(help="Pick-a-Pic v2 parquet shards or glob patterns.", show_default=False)
+    ] = None,
+    input_: Annotated[
+        list[str] | None,
+        typer.Option("--input", "-i", help="A shard or a quoted glob, e.g. 'data/train-*.parquet' (repeatable)."),
+    ] = None,
+    keep: Annotated[
+        str, typer.Option(help="winners: caption + preferred image (SFT, SPIN); pairs: + winner + loser (DPO).")
+    ] = "winners",
+    drop_ties: Annotated[
+        bool, typer.Option("--drop-ties/--keep-ties", help="Drop ties, label_0 = 0.5 (--keep-ties: pairs only).")
+    ] = True,
+    on_bad_example: Annotated[
+        str, typer.Option(help="skip: list corrupt rows and unreadable shards in skipped.jsonl; error: stop.")
+    ] = "skip",
+    rows_per_shard: Annotated[int | None, typer.Option(help="Rows per output shard (default 10000).")] = None,
+):
+    """Pick-a-Pic v2 parquet shards (the Hub's yuvalkirstain/pickapic_v2) -> out/train-*.parquet.
+
+    Ties are dropped; JPEG bytes are copied unchanged (each checked to decode); bad rows go to out/skipped.jsonl.
+
+    Train on the result with --set data.path=OUT."""
+    from spin_diffusion.prepare import expand_inputs
+    from spin_diffusion.prepare import prepare_pickapic as prepare
+
+    patterns = [*(shards or []), *(input_ or [])]
+    if not patterns:
+        raise SpinDiffusionError("no input shards; pass them as arguments or with --input (globs are expanded)")
+    extra = {} if rows_per_shard is None else {"rows_per_shard": rows_per_shard}
+    s = prepare(expand_inputs(patterns), out, keep=keep, drop_ties=drop_ties, on_bad_example=on_bad_example, **extra)
+    unreadable = f" (see {s.skipped_file})" if s.shards_unreadable else ""
+    typer.echo(f"shards read: {s.shards_read:,}, unreadable: {s.shards_unreadable:,}{unreadable}")
+    typer.echo(f"pairs read: {s.pairs_read:,}")
+    typer.echo(f"ties: {s.ties:,} ({'dropped' if s.drop_ties else 'kept, marked in the tie column'})")
+    same = "dropped" if s.keep == "pairs" else "kept"
+    typer.echo(f"same images (are_different=false): {s.same_images:,} ({same})")
+    typer.echo(f"corrupt rows: {s.corrupt_rows:,} (see {s.skipped_file})")
+    typer.echo(f"kept rows: {s.kept_rows:,} ({s.keep})")
+    typer.echo(f"unique captions: {s.unique_captions:,}")
+    typer.echo(f"output: {s.out} ({s.output_shards} shard(s), prepare.json)")
+    if s.kept_rows == 0:
+        raise SpinDiffusionError(f"no rows were kept; see {s.skipped_file} for why")
+    command = "dpo" if s.keep == "pairs" else "spin"
+    typer.echo(f"train on it: spin-diffusion {command} --set data.path={s.out}")
+
+
 def _peer_failed(err: BaseException) -> bool:
     """A collective broke because another rank of this run exited (its own error line says why)."""
     import torch.distributed as dist
