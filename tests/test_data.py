@@ -391,6 +391,12 @@ def test_load_prompts_all_formats(tmp_path):
     assert D.load_prompts(tmp_path / "p.jsonl") == ["P1", "P2"]
     pq.write_table(pa.table({"text": ["a cat", "a dog"]}), tmp_path / "p.parquet")
     assert D.load_prompts(str(tmp_path / "p.parquet")) == ["a cat", "a dog"]
+    (tmp_path / "data").mkdir()  # a Hub split's shards, by a glob
+    pq.write_table(pa.table({"caption": ["c", "d"]}), tmp_path / "data" / "test_unique-00001-of-00002.parquet")
+    pq.write_table(pa.table({"caption": ["a", "b"]}), tmp_path / "data" / "test_unique-00000-of-00002.parquet")
+    assert D.load_prompts(tmp_path / "data" / "test_unique-*.parquet") == ["a", "b", "c", "d"]
+    with _raises("prompt files not found: .*matches nothing"):
+        D.load_prompts(tmp_path / "data" / "test-*.parquet")
 
 
 def test_load_prompts_errors(tmp_path):

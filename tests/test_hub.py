@@ -159,3 +159,25 @@ def test_a_hub_dataset_id_reads_its_split_from_the_cache(hub_cache, tmp_path, st
         load_captioned_images(DataConfig(path="org/captioned", split="test", streaming=streaming))
     with pytest.raises(SpinDiffusionError, match="`hf download org/none --repo-type dataset`"):
         load_captioned_images(DataConfig(path="org/none", streaming=streaming))
+
+
+def test_a_processor_id_fetches_only_its_small_files(hub_cache, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(repo_id, **kwargs):
+        asked.append((repo_id, kwargs.get("allow_patterns")))
+        return real(repo_id, **kwargs)
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    add_to_cache(hub_cache, "org/clip", folder)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    _, parts = parse_path_spec("pickscore", "model=org/clip,processor=org/clip", ("model", "processor"), hint="x")
+    for key in ("model", "processor"):
+        component("pickscore", None, parts, key, found=has_files("config.json"), what="a folder")
+    assert asked[0] == ("org/clip", None)  # the model: the whole repository
+    assert "*.json" in asked[1][1] and not any("safetensors" in p or "bin" in p for p in asked[1][1])

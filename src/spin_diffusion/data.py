@@ -845,8 +845,14 @@ def load_preference_pairs(cfg: DataConfig) -> PreferencePairs:
 
 def load_prompts(path: str | Path) -> list[str]:
     """Prompts from .txt (one per line; blank lines skipped) or .csv / .jsonl / .parquet (column "prompt", else
-    "caption", else "text"; empty cells skipped)."""
+    "caption", else "text"; empty cells skipped). A glob pattern reads every file it matches, in sorted order
+    (a Hub split's shards: ``pickapic_v2/data/test_unique-*.parquet``)."""
     p = Path(path).expanduser()
+    if not p.exists() and _is_glob(str(p)):
+        files = sorted(glob.glob(str(p)))
+        if not files:
+            raise SpinDiffusionError(f"prompt files not found: {p} matches nothing")
+        return [prompt for f in files for prompt in load_prompts(f)]
     if not p.is_file():
         raise SpinDiffusionError(f"prompt file not found: {p}")
     suffix = p.suffix.lower()

@@ -76,7 +76,11 @@ def component(
     ``[key]``), else ``root`` itself, whichever first satisfies ``found``. Raises a one-line error naming ``what``."""
     if key in parts:
         given = parts[key]
-        path = hub.resolve_repo(given, what=f"{name} {key}") if hub.is_hub_id(given) else Path(given).expanduser()
+        if hub.is_hub_id(given):  # a processor or tokenizer needs its small files, not the repo's weights
+            small = ["*.json", "*.txt", "*.model", "*.md"] if key in ("processor", "tokenizer") else None
+            path = hub.resolve_repo(given, what=f"{name} {key}", allow_patterns=small)
+        else:
+            path = Path(given).expanduser()
         if not path.exists():
             raise SpinDiffusionError(f"{name}: {key}={path} does not exist; it should be {what}")
         if not found(path):
