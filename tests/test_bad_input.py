@@ -98,6 +98,17 @@ CASES = [
         r"stable-diffusion-v1-5/stable-diffusion-v1-5\)",
     ),
     (
+        "spin-uncached-hub-id",
+        ["spin", "--config", "{tiny}", "--set", "model.path=org/not-cached"],
+        r"model org/not-cached is not in the Hugging Face cache \(.*\) and the Hub is offline \(HF_HUB_OFFLINE=1\); "
+        r"download it first with `hf download org/not-cached` \(no local folder org/not-cached exists either\)",
+    ),
+    (
+        "spin-variant-without-a-model",
+        ["spin", "--config", "{tiny}", "--set", "model.variant=fp16"],
+        "model.revision and model.variant select files of model.path; set model.path",
+    ),
+    (
         "sft-missing-model",
         ["sft", "--config", "{tiny}", "--set", "model.path=/no/such/model"],
         "model folder not found: /no/such/model .*",
@@ -175,6 +186,11 @@ CASES = [
         "evaluate-missing-model",
         ["evaluate", "-m", "{model}", "-m", "/no/such/model", "--prompts", "{prompts}"],
         r"model folder not found: /no/such/model \(give a local diffusers pipeline folder or a Hub id .*\)",
+    ),
+    (
+        "evaluate-uncached-hub-id",
+        ["evaluate", "-m", "{model}", "-m", "org/not-cached", "--prompts", "{prompts}"],
+        "model org/not-cached is not in the Hugging Face cache .*`hf download org/not-cached`.*",
     ),
     (
         "evaluate-missing-prompts",
