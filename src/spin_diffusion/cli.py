@@ -18,7 +18,9 @@ from spin_diffusion import preemption
 from spin_diffusion.distributed import is_main, launched_rank, launched_ranks, shutdown
 from spin_diffusion.errors import SpinDiffusionError
 
-RANK_ERROR_DELAY_S = 3.0  # > the launcher's worker-monitor interval (torchrun: 0.1 s)
+# > the launcher's worker-monitor interval (torchrun: 0.1 s), and > how far apart ranks reach an error that they all
+# hit (on shared, loaded cores their imports alone can differ by seconds: with 3 s a full test run printed it twice)
+RANK_ERROR_DELAY_S = 10.0
 
 app = typer.Typer(
     name="spin-diffusion",
