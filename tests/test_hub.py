@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -181,3 +182,20 @@ def test_a_processor_id_fetches_only_its_small_files(hub_cache, tmp_path, monkey
         component("pickscore", None, parts, key, found=has_files("config.json"), what="a folder")
     assert asked[0] == ("org/clip", None)  # the model: the whole repository
     assert "*.json" in asked[1][1] and not any("safetensors" in p or "bin" in p for p in asked[1][1])
+
+
+def test_evaluate_renders_a_hub_id_beside_a_folder(hub_cache, exports, tmp_path):
+    """The same weights by Hub id and by folder render the same images."""
+    from spin_diffusion import rundir
+    from spin_diffusion.model_eval import evaluate_models
+
+    add_to_cache(hub_cache, "org/tiny", exports["plain"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\n")
+    out = tmp_path / "eval"
+    kwargs = dict(scorers=[], scorer_paths={}, baseline=0, out_dir=out, num_prompts=None, num_steps=2)
+    evaluate_models(["org/tiny", exports["plain"]], prompts, **kwargs, guidance_scale=1.0, batch_size=2, seed=0)
+    by_id, by_folder = rundir.read_eval(out / "eval.json").models
+    assert (by_id.name, by_folder.name) == ("tiny", "plain")
+    grids = [np.asarray(Image.open(out / m.grid)) for m in (by_id, by_folder)]
+    assert grids[0].std() > 0 and np.array_equal(grids[0], grids[1])
