@@ -228,3 +228,21 @@ def test_evaluate_adds_fid_against_reference_images(tmp_path, capsys):
     metrics = rundir.read_eval(out / "eval.json").model("m0").metrics
     assert metrics["fd"] >= 0.0 and "shapes_judge" in metrics
     assert "| fd |" in (out / "table.md").read_text().splitlines()[0]
+
+
+def test_config_explain_lists_every_key_with_its_meaning(capsys):
+    assert main(["config", "--config", str(TINY), "--explain", "--set", "train.learning_rate=3e-4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "train.learning_rate: 0.0003   (default: 2.0e-05)" in out
+    i = out.index("data.random_flip: false")
+    assert out[i + 1].startswith("    Augmentations of the real images")
+    assert "run_dir: runs/tiny   (default: runs/spin)" in out
+
+
+def test_a_run_names_the_config_it_starts_from(capsys, tmp_path):
+    assert main(["sft", "-o", str(tmp_path / "run"), "--set", "data.builtin=null"]) == 2  # fails after the line
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].startswith("config: no --config: every key's default")
+    assert captured.err.strip().startswith("error: no training data") and "\n" not in captured.err.strip()
+    assert main(["sft", "--config", str(TINY), "--set", "data.builtin=null", "--set", "eval.enabled=false"]) == 2
+    assert capsys.readouterr().out.splitlines()[0] == f"config: {TINY} + 2 --set"

@@ -187,3 +187,21 @@ def test_shipped_recipes_run_the_papers_2048_pairs_on_8_gpus(recipe):
     assert train.batch_size * train.gradient_accumulation_steps * 8 == 2048
     if recipe == "sd15_pickapic":  # Diffusion-DPO's rule gives SPIN-Diffusion's published 2e-5
         assert train.learning_rate == pytest.approx(2.048e-5) and cfg.sample.eta is None
+
+
+def test_every_key_is_explained_by_its_comment():
+    from spin_diffusion.config import RunConfig, explain_keys, to_dict
+
+    sections = ("model", "data", "sample", "loss", "train", "eval")
+    tree = to_dict(RunConfig())
+    leaves = {f"{s}.{k}" for s in sections for k in tree[s]} | {k for k in tree if k not in sections}
+    docs = explain_keys(load_config(None, ["loss.beta=10"]))
+    assert {d.key for d in docs} == leaves
+    assert [d.key for d in docs if not d.meaning] == []  # a key added without a comment fails here
+    by_key = {d.key: d for d in docs}
+    assert "beta_dpo" in by_key["loss.beta"].meaning and (by_key["loss.beta"].value, by_key["loss.beta"].default) == (
+        10.0,
+        5000.0,
+    )
+    assert by_key["data.random_crop"].meaning.startswith("a random instead of a centered square crop")
+    assert "\n" not in "".join(d.meaning for d in docs)

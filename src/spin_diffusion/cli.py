@@ -21,6 +21,8 @@ from spin_diffusion.errors import SpinDiffusionError
 # > the launcher's worker-monitor interval (torchrun: 0.1 s), and > how far apart ranks reach an error that they all
 # hit (on shared, loaded cores their imports alone can differ by seconds: with 3 s a full test run printed it twice)
 RANK_ERROR_DELAY_S = 10.0
+# What a run without --config starts from: every key's default (fp32, no warm-up, accumulation 1, the tiny preset)
+NO_CONFIG = "no --config: every key's default (`spin-diffusion config --explain`); recipes: configs/*.yaml"
 
 app = typer.Typer(
     name="spin-diffusion",
@@ -40,23 +42,30 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in -
 
 
 def _config(config: Path | None, overrides: list[str] | None, run_dir: Path | None, resume: bool, **forced: str):
+    """The run's config and where it came from (a line the run prints first)."""
     from spin_diffusion.config import load_config, replace
     from spin_diffusion.self_play import load_saved_config
 
     overrides = list(overrides or [])
     if resume and config is None and not overrides and run_dir is not None:
         cfg = load_saved_config(run_dir)  # `--resume --run-dir D` alone continues with the saved config
+        source = f"the saved config of {run_dir}"
     else:
         cfg = load_config(config, overrides)
         if run_dir is not None:
             cfg = replace(cfg, run_dir=str(run_dir))
+        source = str(config) if config is not None else NO_CONFIG
+        source += f" + {len(overrides)} --set" if overrides else ""
     if forced:
         cfg = replace(cfg, **forced)
-    return cfg
+    return cfg, source
 
 
-def _run(cfg, resume: bool) -> None:
+def _run(cfg, resume: bool, source: str) -> None:
     from spin_diffusion.self_play import run
+
+    if launched_rank() == 0:
+        typer.echo(f"config: {source}")
 
     preemption.install()  # SIGTERM/SIGINT: finish the step or shard, checkpoint, exit EXIT_PREEMPTED
     try:
@@ -82,7 +91,7 @@ def spin(
     exact: Annotated[bool, typer.Option("--exact", help="Use the exact objective (stores trajectories).")] = False,
 ):
     """Self-play fine-tuning: K iterations of generate with θ_k → train θ_{k+1} against θ_k → evaluate."""
-    cfg = _config(config, set_, run_dir, resume)
+    cfg, source = _config(config, set_, run_dir, resume)
     if exact:
         from spin_diffusion.config import replace
 
@@ -92,27 +101,36 @@ def spin(
             f"`spin` runs loss.objective spin_approx or spin_exact, not {cfg.loss.objective}; use `spin-diffusion "
             f"{cfg.loss.objective}`"
         )
-    _run(cfg, resume)
+    _run(cfg, resume, source)
 
 
 @app.command()
 def sft(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False):
     """Supervised fine-tuning baseline: the plain denoising loss on the real images."""
-    _run(_config(config, set_, run_dir, resume, **{"loss.objective": "sft"}), resume)
+    cfg, source = _config(config, set_, run_dir, resume, **{"loss.objective": "sft"})
+    _run(cfg, resume, source)
 
 
 @app.command()
 def dpo(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False):
     """Diffusion-DPO baseline on given preference pairs (data.winner_column / data.loser_column)."""
-    _run(_config(config, set_, run_dir, resume, **{"loss.objective": "dpo"}), resume)
+    cfg, source = _config(config, set_, run_dir, resume, **{"loss.objective": "dpo"})
+    _run(cfg, resume, source)
 
 
 @app.command("config")
-def show_config(config: ConfigOpt = None, set_: SetOpt = None):
+def show_config(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Every key with its value, its default (if other) and its meaning.")
+    ] = False,
+):
     """Print the resolved config (defaults + file + overrides) as YAML, after validating it."""
-    from spin_diffusion.config import dump_config, load_config
+    from spin_diffusion.config import dump_config, explain_keys, format_explain, load_config
 
-    typer.echo(dump_config(load_config(config, list(set_ or []))), nl=False)
+    cfg = load_config(config, list(set_ or []))
+    typer.echo(format_explain(explain_keys(cfg)) if explain else dump_config(cfg), nl=False)
 
 
 @app.command()

@@ -53,7 +53,7 @@ class ModelConfig:
     preset: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3"] = "tiny"
     lora_rank: int = 0  # 0 = full fine-tuning of the UNet; > 0 = LoRA of this rank (merged at each iteration end)
     lora_alpha: float | None = None  # LoRA scaling numerator; None -> equal to lora_rank
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # module names LoRA adapts
     gradient_checkpointing: bool = False  # trade compute for memory in the UNet backward pass
 
     def __post_init__(self) -> None:
@@ -78,11 +78,10 @@ class DataConfig:
     winner_column: str = "winner"  # dpo only: column of the preferred image
     loser_column: str = "loser"  # dpo only: column of the rejected image
     resolution: int | None = None  # training resolution in pixels; None -> the model's native resolution
-    # Augmentations of the real images, drawn once per row (the cache encodes each row once): a horizontal mirror
-    # with probability 1/2 (on in Diffusion-DPO; off here by default: it breaks captions that say left or right,
-    # as the demo's do) and a random instead of a centered square crop (SDXL's crop time ids follow it).
+    # Augmentations of the real images, drawn once per row when the cache encodes it (data.Augment).
+    # Mirror with probability 1/2: on in Diffusion-DPO; off by default (it breaks captions saying left or right).
     random_flip: bool = False
-    random_crop: bool = False
+    random_crop: bool = False  # a random instead of a centered square crop (SDXL's crop time ids follow it)
     max_samples: int | None = None  # use only the first N examples
     encode_batch_size: int = 32  # batch size for the one-off VAE/text-encoder pass that fills the cache
     # A bad example is an unreadable or missing image, one whose shorter side is < min_image_side, or an empty
@@ -136,7 +135,7 @@ class SampleConfig:
 class LossConfig:
     """The objective and its temperature. See spin_diffusion.losses for the formulas."""
 
-    objective: Objective = "spin_approx"
+    objective: Objective = "spin_approx"  # spin_approx | spin_exact (self-play), sft, dpo (baselines)
     # Same units as Diffusion-DPO's --beta_dpo: logit = -(beta/2) * Δ(mean-squared errors). A number, or one value
     # per self-play iteration, e.g. [5000, 2500]: 5000 trains θ_1, 2500 trains θ_2 and every later iteration.
     beta: Schedule = 5000.0
@@ -184,7 +183,7 @@ class TrainConfig:
     # AdamW peak learning rate: a number, or one value per self-play iteration (the last repeats), like loss.beta
     learning_rate: Schedule = 2e-5
     batch_size: int = 8  # pairs (or images, for sft) per device per micro-step
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step (or derived: total_batch_size)
     # Pairs (images for sft) per optimizer step over all processes; the accumulation is derived from it and the
     # process count (it must divide by batch_size × processes). null = batch_size × processes × accumulation.
     total_batch_size: int | None = None
@@ -194,16 +193,16 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps per iteration; None -> `epochs` over the data
     epochs: float = 1.0  # used when max_steps is None
     warmup_steps: int = 0  # linear warm-up from 0 to learning_rate
-    lr_scheduler: Literal["linear", "constant", "constant_with_warmup", "cosine"] = "linear"
-    weight_decay: float = 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal["linear", "constant", "constant_with_warmup", "cosine"] = "linear"  # after warm-up
+    weight_decay: float = 1e-2  # AdamW (decoupled) weight decay
+    adam_beta1: float = 0.9  # AdamW β1
+    adam_beta2: float = 0.999  # AdamW β2
+    adam_epsilon: float = 1e-8  # AdamW ε
     max_grad_norm: float = 1.0  # 0 disables clipping
     caption_dropout: float = (
         0.0  # fraction of pairs trained on the empty prompt (what makes CFG work when pretraining)
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast of the trained model
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
     checkpoint_every_minutes: float = (
         0.0  # also checkpoint when this much time has passed since the last one (0 = off)
@@ -244,7 +243,7 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation after each iteration."""
 
-    enabled: bool = True
+    enabled: bool = True  # score each iteration (and the base) after training
     include_base: bool = True  # also score the starting model (iteration 0); win rates are against it
     prompts: str | None = None  # prompt file (.txt/.csv/.jsonl/.parquet); None -> the first training captions
     num_prompts: int = 64  # how many prompts to score
@@ -266,7 +265,7 @@ class EvalConfig:
 class RunConfig:
     """One self-play run (or one sft / dpo baseline run)."""
 
-    run_dir: str = "runs/spin"
+    run_dir: str = "runs/spin"  # where caches, samples, checkpoints, exports and the report go
     seed: int = 0  # run seed; sampling seeds derive from (seed, iteration, prompt index)
     num_iterations: int = 3  # K self-play iterations (sft and dpo always train once)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -507,17 +506,18 @@ def for_world(train: TrainConfig, world_size: int) -> TrainConfig:
     )
 
 
+def _plain(v: Any) -> Any:
+    """YAML-ready values: tuples become lists."""
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain YAML-ready dict (tuples become lists)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+    return {k: _plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -527,3 +527,78 @@ def dump_config(cfg: RunConfig) -> str:
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config atomically."""
     atomic.write_text(path, dump_config(cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `spin-diffusion config --explain`: every key, read from the dataclasses and their comments (so it cannot drift)
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key: its dotted name, its value in a config, its default and its meaning (the field's comment)."""
+
+    key: str
+    value: Any
+    default: Any
+    meaning: str
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in this file: the comment on the field's own lines, else the comment lines just above
+    it (joined into one line)."""
+    import inspect
+    import io
+    import tokenize
+
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    field_name, inline, depth, prev = None, [], 0, None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.COMMENT:
+            (inline if field_name else above).append(tok.string.lstrip("#").strip())
+        elif tok.type == tokenize.OP and tok.string in "([{":
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth -= 1
+        elif tok.type == tokenize.OP and tok.string == ":" and depth == 0 and field_name is None and prev is not None:
+            if prev.type == tokenize.NAME and prev.start[1] == 4:  # `    name: type = default` in the class body
+                field_name = prev.string
+        elif tok.type == tokenize.NEWLINE:
+            if field_name is not None:
+                comments[field_name] = " ".join(inline or above)
+            field_name, inline, above = None, [], []
+        elif tok.type == tokenize.NL and prev is not None and prev.type == tokenize.NL:
+            above = []  # a blank line ends a comment block
+        prev = tok
+    return comments
+
+
+def explain_keys(cfg: RunConfig | None = None) -> list[KeyDoc]:
+    """Every leaf key of :class:`RunConfig` with its value in ``cfg`` (defaults when None), default and meaning."""
+    cfg = cfg if cfg is not None else RunConfig()
+    docs: list[KeyDoc] = []
+
+    def walk(obj: Any, default: Any, prefix: str) -> None:
+        comments = _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value, default_value = getattr(obj, f.name), getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, default_value, f"{prefix}{f.name}.")
+            else:
+                docs.append(KeyDoc(f"{prefix}{f.name}", value, default_value, comments.get(f.name, "")))
+
+    walk(cfg, RunConfig(), "")
+    return docs
+
+
+def format_explain(docs: list[KeyDoc]) -> str:
+    """``key: value`` (with the default when the value differs from it), then the meaning, indented."""
+
+    def shown(v: Any) -> str:
+        return yaml.safe_dump(_plain(v), default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+    lines = []
+    for d in docs:
+        differs = f"   (default: {shown(d.default)})" if d.value != d.default else ""
+        lines += [f"{d.key}: {shown(d.value)}{differs}", f"    {d.meaning}"]
+    return "\n".join(lines) + "\n"
