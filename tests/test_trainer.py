@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from spin_diffusion import families, losses, models, sampling, trainer  # noqa: E402
 from spin_diffusion.config import LossConfig, TrainConfig  # noqa: E402
+from spin_diffusion.errors import SpinDiffusionError  # noqa: E402
 
 LOG2 = math.log(2)
 LATENT_SHAPE = (4, 8, 8)
@@ -690,6 +691,17 @@ def test_data_loader_workers_and_on_disk_cache_give_the_same_run(tiny, tmp_path)
         runs[name] = _snapshot(policy)
     for key in runs["memory"]:
         assert torch.equal(runs["memory"][key], runs["disk"][key]), key
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny, tmp_path):
+    kept = {2: ["step_0000003", "step_0000004"], None: [f"step_000000{i}" for i in (1, 2, 3, 4)]}
+    for limit, names in kept.items():
+        out = tmp_path / str(limit)
+        kw = dict(max_steps=5, checkpoint_every=1, checkpoints_total_limit=limit)
+        _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), out, "sft", **kw)
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == names  # the last step is the export's
+    with pytest.raises(SpinDiffusionError, match="train.checkpoints_total_limit must be >= 1 or null"):
+        TrainConfig(checkpoints_total_limit=0)
 
 
 def test_time_based_checkpoints(tiny, tmp_path):

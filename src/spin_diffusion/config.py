@@ -204,6 +204,9 @@ class TrainConfig:
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast of the trained model
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
+    # Resumable checkpoints kept while an iteration trains, the newest first (null: all); --resume takes the newest.
+    # They are removed once the iteration's model is exported, which supersedes them.
+    checkpoints_total_limit: int | None = 1
     checkpoint_every_minutes: float = (
         0.0  # also checkpoint when this much time has passed since the last one (0 = off)
     )
@@ -231,6 +234,10 @@ class TrainConfig:
                     f"train.total_batch_size={self.total_batch_size} is not a multiple of train.batch_size="
                     f"{self.batch_size}"
                 )
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise SpinDiffusionError(
+                f"train.checkpoints_total_limit must be >= 1 or null (all), got {self.checkpoints_total_limit}"
+            )
         if self.checkpoint_every_minutes < 0:
             raise SpinDiffusionError(
                 f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}"

@@ -355,7 +355,7 @@ def train(
         stop, time_due = preemption.agree(device, preemption.requested(), clock.due())
         step_due = train_cfg.checkpoint_every > 0 and done % train_cfg.checkpoint_every == 0
         if done < total_steps and (step_due or time_due or stop):
-            _save_checkpoint(accelerator, ckpt_dir, done)
+            _save_checkpoint(accelerator, ckpt_dir, done, train_cfg.checkpoints_total_limit)
             clock.reset()
         if stop and done < total_steps:
             bar.close()
@@ -427,8 +427,8 @@ def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
-def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int) -> None:
-    """Write checkpoints/step_N atomically and drop older ones."""
+def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int, keep: int | None) -> None:
+    """Write checkpoints/step_N atomically, then keep the newest ``keep`` checkpoints (None: all of them)."""
     final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = ckpt_dir / f"tmp_{step:07d}"
     if accelerator.is_main_process:
@@ -438,9 +438,9 @@ def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int) -> Non
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(tmp, final)
-        for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-            if p != final:
-                shutil.rmtree(p, ignore_errors=True)
+        saved = sorted(p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit())
+        for old in saved[: -keep if keep else 0]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
