@@ -761,13 +761,28 @@ def lora_state_dict(unet: Any) -> dict[str, Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def save_lora(unet: Any, out_dir: str | Path, c: Components | None = None) -> Path:
-    """Write the denoiser's LoRA adapter as ``out_dir/pytorch_lora_weights.safetensors`` (diffusers LoRA format).
+KOHYA_LORA_FILE = "lora_kohya.safetensors"
 
-    Loadable with ``load_lora_weights(out_dir)`` of the family's pipeline (``c``; SD-1.x when None). Atomic like
-    :func:`save_pipeline`.
+
+def _kohya_state_dict(state: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """A UNet's peft LoRA weights in the kohya layout that AUTOMATIC1111 / ComfyUI / SD.Next load (``lora_unet_*``
+    keys, ``lora_down`` / ``lora_up``), through diffusers' ``convert_state_dict_to_kohya``; every ``.alpha`` is the
+    adapter's real alpha (the converter writes the rank, which is only right when alpha == rank)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+    return {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
+
+
+def save_lora(unet: Any, out_dir: str | Path, c: Components | None = None) -> Path:
+    """Write the denoiser's LoRA adapter as ``out_dir/pytorch_lora_weights.safetensors`` (diffusers LoRA format),
+    and for UNet families also as ``out_dir/lora_kohya.safetensors`` (the kohya layout of AUTOMATIC1111 / ComfyUI).
+
+    Loadable with ``load_lora_weights(out_dir)`` of the family's pipeline (``c``; SD-1.x when None); the kohya file
+    with ``load_lora_weights(out_dir, weight_name="lora_kohya.safetensors")`` too. Atomic like :func:`save_pipeline`.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import save_file
 
     state = lora_state_dict(unet)
     if not state:
@@ -791,6 +806,8 @@ def save_lora(unet: Any, out_dir: str | Path, c: Components | None = None) -> Pa
         (cls or StableDiffusionPipeline).save_lora_weights(
             tmp, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
         )
+        alpha = metadata.get("lora_alpha") or metadata.get("r")
+        save_file(_kohya_state_dict(state, alpha), tmp / KOHYA_LORA_FILE, metadata={"ss_network_alpha": str(alpha)})
     return _move_into_place(tmp, out_dir)
 
 
