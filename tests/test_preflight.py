@@ -59,3 +59,16 @@ def test_run_dir_under_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SpinDiffusionError, match="is a file, not a folder"):
         run(load_config(TINY, [f"run_dir={tmp_path / 'file' / 'run'}"]), progress=False)
+
+
+def test_a_tracker_without_its_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    from spin_diffusion import preflight
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SpinDiffusionError, match=r"train.report_to=wandb needs the wandb package: pip install wandb"):
+        preflight.check_trackers("wandb")
+    preflight.check_trackers("tensorboard")
+    preflight.check_trackers("none")

@@ -719,3 +719,61 @@ def test_time_based_checkpoints(tiny, tmp_path):
         checkpoint_every_minutes=1e-9,
     )  # due after every step; the newest replaces the older ones
     assert [p.name for p in (tmp_path / "on" / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+def test_trackers_get_the_whole_config_and_can_be_off(tiny, tmp_path, monkeypatch):
+    import yaml
+
+    from spin_diffusion.config import hparams, load_config
+
+    flat = hparams(load_config(None, ["data.random_flip=true"]))
+    assert flat["data.random_flip"] is True and flat["model.path"] == "null" and flat["loss.beta"] == 5000.0
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+
+    _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), tmp_path / "none", "sft", max_steps=1, report_to="none")
+    assert not (tmp_path / "none" / "tensorboard").exists() and (tmp_path / "none" / "train_log.jsonl").is_file()
+
+    result = trainer.train(
+        copy.deepcopy(tiny.unet),
+        None,
+        _pairs(),
+        objective="sft",
+        loss_cfg=LossConfig(objective="sft"),
+        train_cfg=TrainConfig(batch_size=2, max_steps=1, learning_rate=1e-4),
+        family=tiny.family,
+        out_dir=tmp_path / "tb",
+        seed=0,
+        progress=False,
+        hparams=flat,
+    )
+    assert result.steps == 1
+    (stored,) = (tmp_path / "tb" / "tensorboard").rglob("hparams.yml")
+    values = yaml.safe_load(stored.read_text())
+    assert values["data.random_flip"] is True and values["objective"] == "sft" and values["learning_rate"] == 1e-4
+
+
+def test_wandb_offline_writes_a_local_run_with_the_config(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from spin_diffusion.config import hparams, load_config
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the real package, no network
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "iter_01" / "train"
+    trainer.train(
+        copy.deepcopy(tiny.unet),
+        None,
+        _pairs(),
+        objective="sft",
+        loss_cfg=LossConfig(objective="sft"),
+        train_cfg=TrainConfig(batch_size=2, max_steps=2, learning_rate=1e-4, report_to="wandb"),
+        family=tiny.family,
+        out_dir=out,
+        seed=0,
+        progress=False,
+        hparams=hparams(load_config(None, ["data.random_crop=true"])),
+    )
+    (run,) = (out / "wandb").glob("offline-run-*")
+    (records,) = run.glob("*.wandb")
+    data = records.read_bytes()
+    assert b"data.random_crop" in data and b"loss.beta" in data  # the config, as hyper-parameters
+    assert b"loss" in data and not (out / "tensorboard").exists()

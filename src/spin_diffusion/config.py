@@ -8,6 +8,7 @@ cross-field checks. Unknown keys and wrong types raise :class:`SpinDiffusionErro
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -211,6 +212,9 @@ class TrainConfig:
         0.0  # also checkpoint when this much time has passed since the last one (0 = off)
     )
     log_every: int = 10  # optimizer steps between log lines
+    # Experiment trackers (accelerate's), logging the objective per step and the whole config as hyper-parameters.
+    # wandb needs `pip install wandb` (WANDB_MODE=offline writes runs locally); all = every tracker installed.
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
     num_workers: int = 0  # data loader workers
 
     def __post_init__(self) -> None:
@@ -596,6 +600,15 @@ def explain_keys(cfg: RunConfig | None = None) -> list[KeyDoc]:
 
     walk(cfg, RunConfig(), "")
     return docs
+
+
+def hparams(cfg: RunConfig) -> dict[str, Any]:
+    """The whole config as flat tracker hyper-parameters: dotted keys, scalars only (None and lists as text), as
+    TensorBoard's hparams and Weights & Biases' config take them."""
+    return {
+        d.key: d.value if isinstance(d.value, bool | int | float | str) else json.dumps(_plain(d.value))
+        for d in explain_keys(cfg)
+    }
 
 
 def format_explain(docs: list[KeyDoc]) -> str:

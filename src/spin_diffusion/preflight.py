@@ -116,3 +116,13 @@ def folder_bytes(path: Path) -> int:
     if not Path(path).exists():
         return 0
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def check_trackers(report_to: str) -> None:
+    """Refuse a tracker whose package is missing before any work (train.report_to)."""
+    import importlib.util
+
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise SpinDiffusionError(
+            "train.report_to=wandb needs the wandb package: pip install wandb (or set train.report_to: tensorboard)"
+        )

@@ -33,6 +33,7 @@ from spin_diffusion.config import (
     config_from_dict,
     for_iteration,
     for_world,
+    hparams,
     read_yaml,
     replace,
     save_config,
@@ -180,6 +181,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     """Run SPIN-Diffusion (objective spin_approx / spin_exact) or a baseline (sft / dpo) end to end."""
     started = time.perf_counter()
     state_ = distributed.state()
+    preflight.check_trackers(cfg.train.report_to)
     run_dir = check_run_dir(cfg, resume=resume)
     as_given = cfg  # what the run dir records; `cfg` below is it as it runs on this many processes
     cfg = replace(cfg, train=for_world(cfg.train, state_.num_processes))  # refuses a total batch that does not divide
@@ -367,6 +369,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             out_dir=next_dir / "train",
             seed=train_seed(cfg, k),
             progress=progress,
+            hparams=hparams(as_given),
         )
         policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
         if cfg.model.lora_rank > 0:

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,6 +174,7 @@ def train(
     out_dir: str | Path,
     seed: int,
     progress: bool = True,
+    hparams: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `policy` on `data` with `objective`; resumes from the latest checkpoint in `out_dir`.
 
@@ -184,8 +186,11 @@ def train(
         policy: the UNet being trained (full fine-tuning, or with a LoRA adapter added).
         ref: the frozen reference θ_k; None for sft, or for a LoRA policy (reference = adapters disabled).
         family: the model's family (`Components.family`): forward process, targets and how the network is called.
-        out_dir: gets `train_log.jsonl`, `tensorboard/` and `checkpoints/step_XXXXXXX/`.
+        out_dir: gets `train_log.jsonl`, the trackers' files (`tensorboard/`, `wandb/`: train_cfg.report_to) and
+            `checkpoints/step_XXXXXXX/`.
         seed: seeds the pair order and the (t, ε) draws; the same seed gives the same run.
+        hparams: the trackers' hyper-parameters (the run's whole config, flat: config.hparams); the values that
+            train this iteration (β, learning rate, pairs per step) are added to them.
     """
     data.check(objective)
     spec = objectives.get(objective)
@@ -214,7 +219,7 @@ def train(
     accelerator = Accelerator(
         mixed_precision=train_cfg.mixed_precision,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
     )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -270,14 +275,13 @@ def train(
     accelerator.init_trackers(
         "spin_diffusion",
         config={
+            **(hparams or {}),
             "objective": objective,
             "beta": loss_cfg.beta,
             "learning_rate": train_cfg.learning_rate,
             "pairs_per_step": train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes,
-            "sft_weight": loss_cfg.sft_weight,
-            "dpop_lambda": loss_cfg.dpop_lambda,
-            "loser_guard": -1.0 if loss_cfg.loser_guard is None else loss_cfg.loser_guard,  # -1 = off (no None)
         },
+        init_kwargs={"wandb": {"dir": str(out), "name": f"{out.parent.name} {objective}"}},
     )
 
     micro_batches = _MicroBatches(
