@@ -25,7 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from spin_diffusion import atomic, card, distributed, hub, models, objectives, preemption, preflight, sampling, trainer
+from spin_diffusion import atomic, card, distributed, models, objectives, preemption, preflight, sampling, trainer
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
 from spin_diffusion.config import (
@@ -156,11 +156,10 @@ def load_base_components(cfg: RunConfig) -> models.Components:
     return models.build_preset(cfg.model.preset, seed=cfg.seed)
 
 
-def model_id(cfg: RunConfig) -> str:
-    """Identifies the frozen parts (VAE, text encoder) for the latent cache key."""
-    if cfg.model.path is not None:  # a Hub id's snapshot folder names its commit
-        folder = hub.resolve_pipeline(cfg.model.path, revision=cfg.model.revision, variant=cfg.model.variant)
-        return f"path:{folder.resolve()}" + (f":variant={cfg.model.variant}" if cfg.model.variant else "")
+def model_id(cfg: RunConfig, c: models.Components) -> str:
+    """Identifies the frozen parts (VAE, text encoder) of ``c``, loaded for ``cfg``, for the latent cache key."""
+    if c.source is not None:  # the folder it was loaded from: a Hub id's snapshot folder names its commit
+        return f"path:{c.source.resolve()}" + (f":variant={cfg.model.variant}" if cfg.model.variant else "")
     return f"preset:{cfg.model.preset}:seed={cfg.seed}"
 
 
@@ -241,7 +240,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         cache_dir,
         resolution=resolution,
         batch_size=cfg.data.encode_batch_size,
-        model_id=model_id(cfg),
+        model_id=model_id(cfg, c),
         dtype=cfg.data.cache_dtype,
         shard_size=cfg.data.cache_shard_size,
         bad_examples=bad_examples,
