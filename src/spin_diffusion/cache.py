@@ -42,12 +42,11 @@ from spin_diffusion.data import (
     CaptionedImages,
     PreferencePairs,
     _digest,
-    _one_line,
     check_image_size,
     image_to_tensor,
     sdxl_time_ids,
 )
-from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.errors import SpinDiffusionError, one_line
 from spin_diffusion.families import Cond
 
 if TYPE_CHECKING:
@@ -476,7 +475,7 @@ def _cached_encode(
             raise
         except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
             if meta_path.exists():
-                logger.info("cache %s is unusable (%s); rebuilding", cache_dir, _one_line(err))
+                logger.info("cache %s is unusable (%s); rebuilding", cache_dir, one_line(err))
             return None
 
     reused = reuse()

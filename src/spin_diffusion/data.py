@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 
 from spin_diffusion import hub
 from spin_diffusion.config import DataConfig
-from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.errors import SpinDiffusionError, one_line
 
 CAPTION_FALLBACKS = ("text", "caption", "prompt")  # tried after DataConfig.caption_column, in this order
 PROMPT_COLUMNS = ("prompt", "caption", "text")  # load_prompts: first one present wins
@@ -52,11 +52,6 @@ PICKAPIC_COLUMNS = ("jpg_0", "jpg_1", "label_0")  # label_0 == 1 -> jpg_0 prefer
 
 _DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,7 +77,7 @@ def _open_image(src: Path | bytes, where: str) -> Image.Image:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         what = str(src) if isinstance(src, Path) else "bytes"
         raise SpinDiffusionError(
-            f"cannot read image {what} ({where}): {_one_line(err)}; replace the file or remove its row"
+            f"cannot read image {what} ({where}): {one_line(err)}; replace the file or remove its row"
         ) from err
 
 
@@ -352,10 +347,10 @@ class _ParquetTable(_Table):
         total, self.columns = 0, []
         for i, f in enumerate(files):
             try:
-                meta = pq.ParquetFile(f).metadata
-                names = pq.read_schema(f).names
+                pf = pq.ParquetFile(f)
+                meta, names = pf.metadata, pf.schema_arrow.names
             except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
-                raise SpinDiffusionError(f"cannot read parquet file {f}: {_one_line(err)}; check the file") from err
+                raise SpinDiffusionError(f"cannot read parquet file {f}: {one_line(err)}; check the file") from err
             if i == 0:
                 self.columns = names
             elif names != self.columns:
@@ -442,7 +437,7 @@ def _dataset_table(kind: str, files: list[Path], name: str, base_dir: Path, stre
     try:
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad input file
-        raise SpinDiffusionError(f"cannot read {kind} data {name}: {_one_line(err)}; check the file(s)") from err
+        raise SpinDiffusionError(f"cannot read {kind} data {name}: {one_line(err)}; check the file(s)") from err
     return _DatasetTable(ds, name, base_dir, files)
 
 
@@ -453,7 +448,7 @@ def _saved_dataset_table(path: Path, split: str) -> _DatasetTable:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:  # noqa: BLE001
         raise SpinDiffusionError(
-            f"cannot load the `datasets` folder {path}: {_one_line(err)}; re-save it with save_to_disk"
+            f"cannot load the `datasets` folder {path}: {one_line(err)}; re-save it with save_to_disk"
         ) from err
     name = str(path)
     if isinstance(ds, datasets.DatasetDict):
@@ -869,7 +864,7 @@ def load_prompts(path: str | Path) -> list[str]:
         try:
             names = pq.read_schema(p).names
         except Exception as err:  # noqa: BLE001
-            raise SpinDiffusionError(f"cannot read the parquet prompt file {p}: {_one_line(err)}") from err
+            raise SpinDiffusionError(f"cannot read the parquet prompt file {p}: {one_line(err)}") from err
         col = next((c for c in PROMPT_COLUMNS if c in names), None)
         if col is None:
             raise SpinDiffusionError(

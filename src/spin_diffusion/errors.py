@@ -6,3 +6,8 @@ class SpinDiffusionError(Exception):
 
     The CLI prints it as ``error: <message>`` and exits with status 2, without a traceback.
     """
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (whitespace runs collapsed), or its type's name when it has none."""
+    return " ".join(str(err).split()) or type(err).__name__

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spin_diffusion import atomic
-from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.errors import SpinDiffusionError, one_line
 
 KEEP_MODES = ("winners", "pairs")
 BAD_EXAMPLE_POLICIES = ("skip", "error")
@@ -132,10 +132,6 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _type_ok(column: str, typ: pa.DataType) -> bool:
     if column in ("jpg_0", "jpg_1"):
         if pa.types.is_struct(typ):  # a `datasets` Image() feature: {"bytes", "path"}
@@ -178,7 +174,7 @@ class _ShardFailed(Exception):
     """A shard could not be opened or failed part-way; `row` is the first row not read."""
 
     def __init__(self, row: int, err: BaseException) -> None:
-        super().__init__(_one_line(err))
+        super().__init__(one_line(err))
         self.row = row
 
 
@@ -235,7 +231,7 @@ def undecodable(data: bytes) -> str | None:
     except Image.UnidentifiedImageError:
         return "not an image in any format PIL reads"
     except Exception as err:  # noqa: BLE001 - any decoder failure means the trainer cannot read it either
-        return f"{type(err).__name__}: {_one_line(err)}"
+        return f"{type(err).__name__}: {one_line(err)}"
     return None
 
 
@@ -391,10 +387,10 @@ def prepare_pickapic(
         try:
             schema = pq.read_schema(path)
         except (pa.ArrowException, OSError) as err:
-            columns[path] = f"unreadable shard: {_one_line(err)}"
+            columns[path] = f"unreadable shard: {one_line(err)}"
             if on_bad_example == "error":
                 raise SpinDiffusionError(
-                    f"shard {path} cannot be read as parquet ({_one_line(err)}); download it again, or pass "
+                    f"shard {path} cannot be read as parquet ({one_line(err)}); download it again, or pass "
                     "--on-bad-example skip to leave it out"
                 ) from err
             continue
