@@ -321,51 +321,52 @@ def test_add_lora_bad_target_raises_and_leaves_unet_clean(tiny):
     assert models._tuner_layers(unet)
 
 
-def test_save_lora_loads_into_the_saved_pipeline(tiny, saved, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    unet = models.frozen_copy(tiny.unet)
-    with pytest.raises(SpinDiffusionError, match="no LoRA adapter"):
-        models.save_lora(unet, tmp_path / "lora")
-    models.add_lora(unet, rank=2, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.fill_(0.05)
-    x, t, emb = _unet_inputs(tiny)
-    expected = unet(x, t, encoder_hidden_states=emb).sample
-    out = models.save_lora(unet, tmp_path / "lora")
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
-    pipe = StableDiffusionPipeline.from_pretrained(saved)
-    pipe.load_lora_weights(out)
-    with torch.no_grad():
-        got = pipe.unet(x, t, encoder_hidden_states=emb).sample
-    assert torch.allclose(got, expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("alpha", [2.0, 4.0])
-def test_kohya_lora_converts_back_to_the_same_adapter(tiny, saved, tmp_path, alpha):
-    """The kohya file (ComfyUI / AUTOMATIC1111 layout) loads back through diffusers' kohya converter and gives the
-    trained adapter's outputs, alpha included (alpha != rank scales the update)."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file
-
+def _lora_unet(tiny, alpha: float):
+    """A copy of the tiny UNet with a rank-2 adapter whose update is not zero, its inputs and its output."""
     unet = models.frozen_copy(tiny.unet)
     models.add_lora(unet, rank=2, alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
                 p.fill_(0.05)
-    x, t, emb = _unet_inputs(tiny)
-    expected = unet(x, t, encoder_hidden_states=emb).sample
+    inputs = _unet_inputs(tiny)
+    x, t, emb = inputs
+    return unet, inputs, unet(x, t, encoder_hidden_states=emb).sample
+
+
+def _output_with_lora(saved, lora_dir, inputs, **load_kw):
+    """The saved pipeline's UNet output once ``load_lora_weights(lora_dir, **load_kw)`` has loaded the adapter."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(saved)
+    pipe.load_lora_weights(lora_dir, **load_kw)
+    x, t, emb = inputs
+    with torch.no_grad():
+        return pipe.unet(x, t, encoder_hidden_states=emb).sample
+
+
+def test_save_lora_loads_into_the_saved_pipeline(tiny, saved, tmp_path):
+    with pytest.raises(SpinDiffusionError, match="no LoRA adapter"):
+        models.save_lora(models.frozen_copy(tiny.unet), tmp_path / "lora")
+    unet, inputs, expected = _lora_unet(tiny, alpha=4.0)
+    out = models.save_lora(unet, tmp_path / "lora")
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert torch.allclose(_output_with_lora(saved, out, inputs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 4.0])
+def test_kohya_lora_converts_back_to_the_same_adapter(tiny, saved, tmp_path, alpha):
+    """The kohya file (ComfyUI / AUTOMATIC1111 layout) loads back through diffusers' kohya converter and gives the
+    trained adapter's outputs, alpha included (alpha != rank scales the update)."""
+    from safetensors.torch import load_file
+
+    unet, inputs, expected = _lora_unet(tiny, alpha)
     out = models.save_lora(unet, tmp_path / "lora")
     kohya = load_file(out / models.KOHYA_LORA_FILE)
     assert all(k.startswith("lora_unet_") for k in kohya)
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {alpha}
     assert sum(k.endswith(".lora_down.weight") for k in kohya) == len(models._tuner_layers(unet))
-    pipe = StableDiffusionPipeline.from_pretrained(saved)
-    pipe.load_lora_weights(out, weight_name=models.KOHYA_LORA_FILE)
-    with torch.no_grad():
-        got = pipe.unet(x, t, encoder_hidden_states=emb).sample
+    x, t, emb = inputs
     assert not torch.allclose(expected, tiny.unet(x, t, encoder_hidden_states=emb).sample, atol=1e-4)
+    got = _output_with_lora(saved, out, inputs, weight_name=models.KOHYA_LORA_FILE)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
