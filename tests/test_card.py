@@ -89,6 +89,14 @@ def test_card_names_a_nonzero_sft_weight():
     assert "| SFT weight λ (loss + λ · denoising error on the real images) | 1250.0 |" in text
 
 
+def test_card_says_when_the_weights_are_an_ema():
+    text = card.render_card(card.card_info(load_config(None, ["train.ema_decay=0.999"]), iteration=1, steps=10,
+                                           data_size=16))  # fmt: skip
+    assert "| weights saved | their exponential moving average, decay 0.999 (diffusers' EMAModel) |" in text
+    assert "weights saved" not in card.render_card(card.card_info(load_config(None, []), iteration=1, steps=10,
+                                                                  data_size=16))  # fmt: skip
+
+
 def test_save_pipeline_writes_the_card(tmp_path):
     c = models.build_preset("tiny", seed=0)
     out = models.save_pipeline(c, tmp_path / "model", card=_info())

@@ -25,8 +25,11 @@ from spin_diffusion.self_play import run
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-# The tiny run with eval on; each rank trains batch 4, so one process needs batch 8 for the same effective batch.
-BASE = ["num_iterations=2", "train.batch_size=4", "eval.num_prompts=8", "data.cache_shard_size=8"]
+# The tiny run with eval and validation images on; each rank trains batch 4, so one process needs batch 8 for the
+# same effective batch.
+BASE = ["num_iterations=2", "train.batch_size=4", "eval.num_prompts=8", "data.cache_shard_size=8",
+        "eval.validation_prompts=[a red circle on the left, a blue square on the right, a green triangle]",
+        "eval.validation_every=2"]  # fmt: skip
 
 
 def _torchrun(command: str, *args: str, nproc: int = 2, check: bool = True, timeout: float = 900):
@@ -88,6 +91,13 @@ def test_two_processes_write_what_one_process_writes(spin_runs):
     for k in (1, 2):
         log = [json.loads(line) for line in (two / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
         assert [r["step"] for r in log] == [1, 2, 3, 4]  # written once (by the main process), not once per rank
+        # validation images while training: the ranks shared the 3 prompts, at steps 2 and 4 (no rank waits alone)
+        rendered = sorted(p.relative_to(two).as_posix() for p in (two / f"iter_{k:02d}" / "validation").rglob("*"))
+        assert rendered == [
+            f"iter_{k:02d}/validation/{step}{name}"
+            for step in ("step_0000002", "step_0000004")
+            for name in ("", "/00000.png", "/00001.png", "/00002.png")
+        ]
     ev_two = json.loads((two / "iter_02" / "eval.json").read_text())
     ev_one = json.loads((one / "iter_02" / "eval.json").read_text())
     assert ev_two["prompts"] == ev_one["prompts"] and len(ev_two["models"][0]["scores"]["shapes_judge"]) == 8
@@ -213,11 +223,13 @@ def test_sdxl_and_sd3_on_two_processes_equal_one_process(tmp_path: Path, preset:
 def test_guard_hinge_and_total_batch_on_two_processes_equal_one_process(tmp_path: Path):
     """The loser guard's λ is per pair and timestep, so it needs no collective: 2 processes × batch 2 with
     train.total_batch_size=8 (accumulation 2, derived) give 1 process × batch 8's update, with the guard and the
-    hinge on and train.scale_lr's rate (same total, same rate); bound relative to the update, as above."""
+    hinge on and train.scale_lr's rate (same total, same rate), and the EMA exported; bound relative to the update,
+    as above."""
     from spin_diffusion.models import build_preset
 
     common = ["num_iterations=1", "eval.enabled=false", "loss.loser_guard=0.5", "loss.dpop_lambda=5",
-              "train.total_batch_size=8", "train.scale_lr=true", "train.learning_rate=1.25e-5"]  # fmt: skip
+              "train.total_batch_size=8", "train.scale_lr=true", "train.learning_rate=1.25e-5",
+              "train.ema_decay=0.5"]  # fmt: skip
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*common, "train.batch_size=2"]))
     run(load_config(TINY, [*common, "train.batch_size=8", f"run_dir={one}"]), progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spin_diffusion import preflight
-from spin_diffusion.config import load_config
+from spin_diffusion.config import TrainConfig, load_config
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.self_play import run
 
@@ -61,14 +61,31 @@ def test_run_dir_under_a_file_is_refused(tmp_path):
         run(load_config(TINY, [f"run_dir={tmp_path / 'file' / 'run'}"]), progress=False)
 
 
-def test_a_tracker_without_its_package_is_one_line(monkeypatch):
+@pytest.mark.parametrize(
+    ("train", "package", "message"),
+    [
+        ({"report_to": "wandb"}, "wandb", r"train.report_to=wandb needs the wandb package: pip install wandb"),
+        (
+            {"optimizer": "adamw8bit"},
+            "bitsandbytes",
+            r'train.optimizer=adamw8bit needs the bitsandbytes package: pip install "spin-diffusion\[8bit\]"',
+        ),
+    ],
+)
+def test_a_tracker_or_optimizer_without_its_package_is_one_line(monkeypatch, train, package, message):
     import importlib.util
 
-    from spin_diffusion import preflight
-
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(SpinDiffusionError, match=r"train.report_to=wandb needs the wandb package: pip install wandb"):
-        preflight.check_trackers("wandb")
-    preflight.check_trackers("tensorboard")
-    preflight.check_trackers("none")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(SpinDiffusionError, match=message):
+        preflight.check_training(TrainConfig(**train))
+    monkeypatch.undo()
+    preflight.check_training(TrainConfig(**train))  # installed here (dev extra)
+    preflight.check_training(TrainConfig(report_to="none"))
+
+
+def test_ema_under_fsdp_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(SpinDiffusionError, match="train.ema_decay is not supported with FSDP"):
+        run(load_config(TINY, [f"run_dir={tmp_path / 'run'}", "train.ema_decay=0.99"]), progress=False)
+    assert not (tmp_path / "run").exists()

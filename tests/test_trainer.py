@@ -111,6 +111,7 @@ def _train(
     sft_weight: float = 0.0,
     loser_guard: float | None = None,
     dpop_lambda: float = 0.0,
+    validation=None,
     **train_kw,
 ) -> tuple[trainer.TrainResult, list[dict]]:
     result = trainer.train(
@@ -131,6 +132,7 @@ def _train(
         out_dir=out_dir,
         seed=seed,
         progress=False,
+        validation=validation,
     )
     return result, _log(result.log_path)
 
@@ -719,6 +721,156 @@ def test_time_based_checkpoints(tiny, tmp_path):
         checkpoint_every_minutes=1e-9,
     )  # due after every step; the newest replaces the older ones
     assert [p.name for p in (tmp_path / "on" / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+# ------------------------------------------------------------------ EMA, 8-bit AdamW, validation images
+
+
+def _checkpoint_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+
+
+def test_ema_is_diffusers_moving_average_of_the_trained_weights(tiny, tmp_path):
+    """The policy returned (and so exported) is the EMA: update n mixes with decay min(ema_decay, (1+n)/(10+n)),
+    the first update copies the weights (EMAModel); the raw weights train exactly as without EMA."""
+    data, kw = _pairs(), dict(max_steps=3, checkpoint_every=1, checkpoints_total_limit=None, seed=3)
+    raw = copy.deepcopy(tiny.unet)
+    _train(tiny, raw, models.frozen_copy(tiny.unet), data, tmp_path / "raw", "spin_approx", **kw)
+    w1, w2 = (_checkpoint_weights(tmp_path / "raw", step) for step in (1, 2))
+    w3 = {name: t.detach() for name, t in raw.state_dict().items()}
+
+    ema = copy.deepcopy(tiny.unet)
+    out = tmp_path / "ema"
+    _train(tiny, ema, models.frozen_copy(tiny.unet), data, out, "spin_approx", ema_decay=0.2, **kw)
+    d2, d3 = min(0.2, 2 / 11), min(0.2, 3 / 12)  # the warm-up decides update 2, ema_decay update 3
+    for name, value in ema.state_dict().items():
+        expected = d3 * (d2 * w1[name] + (1 - d2) * w2[name]) + (1 - d3) * w3[name]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(_checkpoint_weights(out, 2), w2, rtol=0, atol=0)  # training itself is unchanged
+    assert any(not torch.equal(ema.state_dict()[n], w3[n]) for n in w3)
+    with pytest.raises(SpinDiffusionError, match=r"train.ema_decay must be in \[0, 1\) or null"):
+        TrainConfig(ema_decay=1.0)
+
+
+def _dtypes(state) -> set[torch.dtype]:
+    if isinstance(state, torch.Tensor):
+        return {state.dtype}
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, list | tuple) else []
+    return set().union(*(_dtypes(v) for v in values))
+
+
+@pytest.mark.parametrize("setting", [{"ema_decay": 0.5}, {"optimizer": "adamw8bit"}])
+def test_ema_and_8bit_adamw_resume_bit_identically(tiny, tmp_path, monkeypatch, setting):
+    """Killed during step 3 and resumed from step 2: the EMA (its shadow weights and update count) and the 8-bit
+    optimizer states come back from the checkpoint, so the result equals the uninterrupted run bit for bit."""
+    if "optimizer" in setting:  # bitsandbytes keeps tensors under 4096 elements in 32 bits: all of the tiny UNet's
+        import functools
+
+        import bitsandbytes as bnb
+
+        monkeypatch.setattr(bnb.optim, "AdamW8bit", functools.partial(bnb.optim.AdamW8bit, min_8bit_size=16))
+    data = _pairs()
+    kw = dict(max_steps=3, checkpoint_every=2, warmup_steps=1, lr_scheduler="linear", seed=4, **setting)
+    full = copy.deepcopy(tiny.unet)
+    _train(tiny, full, models.frozen_copy(tiny.unet), data, tmp_path / "full", "spin_approx", **kw)
+    state = torch.load(tmp_path / "full" / "checkpoints" / "step_0000002" / "optimizer.bin", weights_only=False)
+    assert (torch.uint8 in _dtypes(state["state"])) == ("optimizer" in setting)  # the states really are 8-bit
+
+    real, calls = trainer._micro_step_loss, itertools.count()
+
+    def dies_in_step_3(*args, **kwargs):
+        if next(calls) == 2:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as patch, pytest.raises(_Killed):
+        patch.setattr(trainer, "_micro_step_loss", dies_in_step_3)
+        _train(tiny, copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+    resumed = copy.deepcopy(tiny.unet)
+    result, _ = _train(tiny, resumed, models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+    assert result.resumed_from == 2
+    for name, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_lora_with_ema_averages_the_adapters_only(tiny, tmp_path):
+    policy = copy.deepcopy(tiny.unet)
+    models.add_lora(policy, rank=2, alpha=2.0, target_modules=LORA_TARGETS)
+    before = _snapshot(policy)
+    _train(tiny, policy, None, _pairs(), tmp_path, "spin_approx", ema_decay=0.9, max_steps=2)
+    assert _changed(before, policy) and all("lora" in name for name in _changed(before, policy))
+
+
+def _validation(tiny, folder: Path):
+    from spin_diffusion.model_eval import Validation
+
+    prompts = ["a red circle", "a blue square"]
+    return Validation(
+        c=tiny,
+        prompts=prompts,
+        embeds=models.encode(tiny, prompts),
+        negative_embed=tiny.family.negative(tiny, ""),
+        folder=folder,
+        every=2,
+        seeds=[11, 12],
+        num_steps=2,
+        guidance_scale=2.0,
+        batch_size=2,
+    )
+
+
+def test_validation_images_are_saved_logged_and_change_nothing(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    kw = dict(max_steps=4, report_to="tensorboard", ema_decay=0.5)
+    plain = copy.deepcopy(tiny.unet)
+    _train(tiny, plain, models.frozen_copy(tiny.unet), _pairs(), tmp_path / "plain", "spin_approx", **kw)
+    policy = copy.deepcopy(tiny.unet)
+    out = tmp_path / "iter_01" / "train"
+    validation = _validation(tiny, tmp_path / "iter_01" / "validation")
+    _train(tiny, policy, models.frozen_copy(tiny.unet), _pairs(), out, "spin_approx", validation=validation, **kw)
+
+    for name, value in plain.state_dict().items():  # rendering (EMA swapped in and back) leaves training alone
+        assert torch.equal(policy.state_dict()[name], value), name
+    steps = sorted(p.name for p in validation.folder.iterdir())
+    assert steps == ["step_0000002", "step_0000004"]
+    for step in steps:
+        assert sorted(p.name for p in (validation.folder / step).iterdir()) == ["00000.png", "00001.png"]
+    # the last render used the EMA weights, which are what the run returns: rendering those again gives the same
+    from PIL import Image
+
+    from spin_diffusion.model_eval import render_images
+
+    again = render_images(
+        tiny, policy, validation.embeds, validation.negative_embed, seeds=[11, 12], num_steps=2, guidance_scale=2.0,
+        batch_size=2,
+    )  # fmt: skip
+    for i, image in enumerate(again):
+        with Image.open(validation.folder / "step_0000004" / f"{i:05d}.png") as saved:
+            assert list(saved.convert("RGB").getdata()) == list(image.getdata())
+    logged = set()
+    for events in {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}:
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+        accumulator.Reload()
+        tags = [tag for tag in accumulator.Tags()["images"] if tag.startswith("validation")]
+        logged |= {(tag, e.step, e.height) for tag in tags for e in accumulator.Images(tag)}  # one grid
+    assert {step for _, step, _ in logged} == {2, 4} and {height for *_, height in logged} == {again[0].height}
+
+
+def test_tf32_is_set_on_cuda_devices_only():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        trainer.set_tf32(not before[0], torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 == before[0]
+        trainer.set_tf32(True, torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        trainer.set_tf32(False, torch.device("cuda"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_trackers_get_the_whole_config_and_can_be_off(tiny, tmp_path, monkeypatch):

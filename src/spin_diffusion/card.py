@@ -46,6 +46,7 @@ class CardInfo:
     batch_size: int | None = None
     resolution: int | None = None
     lora_rank: int = 0  # 0: full fine-tuning; else LoRA of this rank, merged into the saved UNet
+    ema_decay: float | None = None  # the saved weights are this EMA of the trained ones (train.ema_decay)
     license: str | None = None  # the base model's license, if known
     evaluation: dict[str, float | None] = field(default_factory=dict)  # flat eval.json metrics of this model
     eval_prompts: int = 0  # how many prompts the evaluation used
@@ -115,6 +116,7 @@ def card_info(
         batch_size=cfg.train.batch_size,
         resolution=resolution,
         lora_rank=cfg.model.lora_rank,
+        ema_decay=cfg.train.ema_decay,
         license=base_license(base_dir) if base_dir is not None else None,
         evaluation=dict(evaluation or {}),
         eval_prompts=eval_prompts,

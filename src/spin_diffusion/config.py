@@ -216,6 +216,13 @@ class TrainConfig:
     # wandb needs `pip install wandb` (WANDB_MODE=offline writes runs locally); all = every tracker installed.
     report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
     num_workers: int = 0  # data loader workers
+    # adamw: torch's AdamW; adamw8bit: bitsandbytes' AdamW with 8-bit states (pip install "spin-diffusion[8bit]"):
+    # 2 bytes of optimizer state per trained parameter instead of 8, same hyper-parameters
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    # Exponential moving average of the trained weights (diffusers' EMAModel: update n uses the decay
+    # min(ema_decay, (1+n)/(10+n))); the EMA is exported, and is the next iteration's opponent. null = off.
+    ema_decay: float | None = None
+    allow_tf32: bool = True  # TF32 matmuls and convolutions on NVIDIA GPUs (Ampere and newer); no effect elsewhere
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "learning_rate", _as_schedule(self.learning_rate))
@@ -248,6 +255,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise SpinDiffusionError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise SpinDiffusionError(f"train.ema_decay must be in [0, 1) or null (off), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -266,10 +275,16 @@ class EvalConfig:
     # while scores keep the settings they are compared at (e.g. 50 steps, CFG 7.5, as in the paper's evaluation).
     num_steps: int | None = None
     guidance_scale: float | None = None  # 1.0 disables classifier-free guidance
+    # A few prompts rendered with the policy while it trains (the evaluation's sampler and seeds), saved as
+    # iter_KK/validation/step_NNNNNNN/*.png and logged to the trackers; () = none.
+    validation_prompts: tuple[str, ...] = ()
+    validation_every: int = 100  # optimizer steps between validation renders
 
     def __post_init__(self) -> None:
         if self.num_steps is not None and self.num_steps < 1:
             raise SpinDiffusionError(f"eval.num_steps must be >= 1 or null, got {self.num_steps}")
+        if self.validation_every < 1:
+            raise SpinDiffusionError(f"eval.validation_every must be >= 1, got {self.validation_every}")
 
 
 @dataclass(frozen=True)

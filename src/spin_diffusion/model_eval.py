@@ -98,6 +98,66 @@ def render_shared(
 
 
 @dataclass
+class Validation:
+    """eval.validation_prompts, rendered with the model while it trains (`trainer.Validation`): the evaluation's
+    sampler and seeds, images saved as folder/step_NNNNNNN/00000.png …"""
+
+    c: models.Components
+    prompts: list[str]
+    embeds: Cond  # the prompts' conditioning (models.encode)
+    negative_embed: Cond
+    folder: Path
+    every: int
+    seeds: list[int]
+    num_steps: int
+    guidance_scale: float
+    batch_size: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig, c: models.Components, negative_embed: Cond, folder: Path) -> Validation | None:
+        """The run's validation (None without eval.validation_prompts); encodes the prompts, so call it while the
+        text encoders are loaded."""
+        prompts = list(cfg.eval.validation_prompts)
+        if not prompts:
+            return None
+        num_steps, guidance_scale = eval_sampler(cfg)
+        return cls(
+            c=c,
+            prompts=prompts,
+            embeds=models.encode(c, prompts),
+            negative_embed=negative_embed,
+            folder=folder,
+            every=cfg.eval.validation_every,
+            seeds=[sampling.sample_seed(cfg.eval.seed, 0, i) for i in range(len(prompts))],
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            batch_size=cfg.sample.batch_size,
+        )
+
+    def __call__(self, unet: torch.nn.Module, step: int, *, every_rank_renders_all: bool) -> list[Image.Image] | None:
+        folder = self.folder / f"step_{step:07d}"
+        kwargs = dict(
+            seeds=self.seeds, num_steps=self.num_steps, guidance_scale=self.guidance_scale, batch_size=self.batch_size
+        )
+        if not every_rank_renders_all:
+            return render_shared(self.c, unet, self.embeds, self.negative_embed, folder, **kwargs)
+        images = render_images(self.c, unet, self.embeds, self.negative_embed, **kwargs)
+        if not distributed.is_main():
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            img.save(folder / f"{i:05d}.png")
+        return images
+
+
+def eval_sampler(cfg: RunConfig) -> tuple[int, float]:
+    """(num_steps, guidance_scale) of evaluation images: eval.* when set, else the opponent's sample.*"""
+    num_steps = cfg.eval.num_steps if cfg.eval.num_steps is not None else cfg.sample.num_steps
+    guidance_scale = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else cfg.sample.guidance_scale
+    return num_steps, guidance_scale
+
+
+@dataclass
 class EvalSet:
     """Evaluation prompts, their embeddings, the scorers (loaded once per run) and, if known, real images."""
 
@@ -128,9 +188,7 @@ def evaluate_unet(
     shapes world the metrics include "fd", the Fréchet distance to the real images in the world's fixed feature
     space. Returns the model's evaluation on the main process, None on the others; call it on every rank."""
     seeds = [sampling.sample_seed(cfg.eval.seed, 0, i) for i in range(len(eval_set.prompts))]
-    # eval.* when set, else the opponent's sample.* (config.EvalConfig)
-    num_steps = cfg.eval.num_steps if cfg.eval.num_steps is not None else cfg.sample.num_steps
-    guidance_scale = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else cfg.sample.guidance_scale
+    num_steps, guidance_scale = eval_sampler(cfg)
     images = render_shared(
         c,
         unet,

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from spin_diffusion.config import TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -118,11 +119,22 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def check_trackers(report_to: str) -> None:
-    """Refuse a tracker whose package is missing before any work (train.report_to)."""
+def check_training(train: TrainConfig) -> None:
+    """Refuse, before any work, a train.* setting this installation cannot run: a tracker or optimizer whose
+    package is missing, or an EMA under FSDP (the EMA would have to follow the sharded weights)."""
     import importlib.util
 
-    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+    if train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise SpinDiffusionError(
             "train.report_to=wandb needs the wandb package: pip install wandb (or set train.report_to: tensorboard)"
+        )
+    if train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise SpinDiffusionError(
+            'train.optimizer=adamw8bit needs the bitsandbytes package: pip install "spin-diffusion[8bit]" '
+            "(or set train.optimizer: adamw)"
+        )
+    if train.ema_decay is not None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise SpinDiffusionError(
+            "train.ema_decay is not supported with FSDP (the EMA would follow sharded weights); "
+            "train without it, or launch without the FSDP config (DDP, or LoRA)"
         )

@@ -40,7 +40,7 @@ from spin_diffusion.config import (
     to_dict,
 )
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.model_eval import EvalSet, default_scorer_names, evaluate_unet
+from spin_diffusion.model_eval import EvalSet, Validation, default_scorer_names, evaluate_unet
 from spin_diffusion.rundir import CONFIG_FILE, EVAL_FILE, STATE_FILE, iter_dir, read_eval
 
 
@@ -180,7 +180,8 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     """Run SPIN-Diffusion (objective spin_approx / spin_exact) or a baseline (sft / dpo) end to end."""
     started = time.perf_counter()
     state_ = distributed.state()
-    preflight.check_trackers(cfg.train.report_to)
+    preflight.check_training(cfg.train)
+    trainer.set_tf32(cfg.train.allow_tf32, state_.device)
     run_dir = check_run_dir(cfg, resume=resume)
     as_given = cfg  # what the run dir records; `cfg` below is it as it runs on this many processes
     cfg = replace(cfg, train=for_world(cfg.train, state_.num_processes))  # refuses a total batch that does not divide
@@ -223,6 +224,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         )
     negative_embed = c.family.negative(c, cfg.sample.negative_prompt)  # as the family's pipeline makes it
     empty_embed = models.encode(c, [""])  # caption dropout trains on the encoded empty prompt
+    validation = Validation.of(cfg, c, negative_embed, folder=run_dir)  # each iteration renders into its own folder
     preflight.check_writable(run_dir, "run_dir")
     preflight.check_disk(
         run_dir,
@@ -369,6 +371,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             seed=train_seed(cfg, k),
             progress=progress,
             hparams=hparams(as_given),
+            validation=validation and dataclasses.replace(validation, folder=next_dir / "validation"),
         )
         policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
         if cfg.model.lora_rank > 0:

@@ -19,15 +19,18 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm.auto import tqdm
 
 from spin_diffusion import losses, objectives, preemption
@@ -89,6 +92,38 @@ class TrainResult:
     wall_seconds: float  # time spent in this call
     log_path: Path
     policy: torch.nn.Module | None = None  # the trained UNet as an ordinary module (see `train`)
+
+
+class Validation(Protocol):
+    """Renders a few fixed prompts with the model being trained (eval.validation_prompts; model_eval.Validation)."""
+
+    prompts: list[str]
+    every: int  # optimizer steps between renders
+
+    def __call__(self, model: torch.nn.Module, step: int, *, every_rank_renders_all: bool) -> list[Image.Image] | None:
+        """Call on every rank; the images in prompt order on the main process, None elsewhere."""
+
+
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 matmuls and cuDNN convolutions on CUDA devices (train.allow_tf32); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with train.* hyper-parameters: torch's (adamw) or bitsandbytes' with 8-bit states (adamw8bit)."""
+    kwargs = dict(
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def num_optimizer_steps(n: int, cfg: TrainConfig, world_size: int = 1) -> int:
@@ -175,6 +210,7 @@ def train(
     seed: int,
     progress: bool = True,
     hparams: dict[str, Any] | None = None,
+    validation: Validation | None = None,
 ) -> TrainResult:
     """Train `policy` on `data` with `objective`; resumes from the latest checkpoint in `out_dir`.
 
@@ -191,6 +227,10 @@ def train(
         seed: seeds the pair order and the (t, ε) draws; the same seed gives the same run.
         hparams: the trackers' hyper-parameters (the run's whole config, flat: config.hparams); the values that
             train this iteration (β, learning rate, pairs per step) are added to them.
+        validation: renders its prompts with the model (the EMA weights when train_cfg.ema_decay is set) every
+            `validation.every` steps; the images go to the trackers.
+
+    With train_cfg.ema_decay the returned policy holds the EMA of the trained weights.
     """
     data.check(objective)
     spec = objectives.get(objective)
@@ -234,13 +274,7 @@ def train(
         )
     total_steps = num_optimizer_steps(len(data), train_cfg, accelerator.num_processes)
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=train_cfg.learning_rate,
-        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        eps=train_cfg.adam_epsilon,
-        weight_decay=train_cfg.weight_decay,
-    )
+    optimizer = make_optimizer(trainable, train_cfg)
     lr_scheduler = get_scheduler(
         train_cfg.lr_scheduler,
         optimizer=optimizer,
@@ -255,6 +289,12 @@ def train(
         ref.to(accelerator.device, dtype=ref_dtype)
     device = accelerator.device
     exact_steps = valid_exact_steps(data.sampler) if spec.trajectory else None
+    ema = None
+    if train_cfg.ema_decay is not None:
+        if fsdp:  # preflight.check_training refuses it earlier; this guards direct callers
+            raise SpinDiffusionError("train.ema_decay is not supported with FSDP")
+        ema = EMAModel(trainable, decay=train_cfg.ema_decay)  # the trained parameters (LoRA: the adapters)
+        accelerator.register_for_checkpointing(ema)  # saved in every checkpoint, restored by load_state
 
     # 2. Resume
     start_step = 0
@@ -270,6 +310,8 @@ def train(
         accelerator.load_state(str(path))
         if accelerator.is_main_process:
             _truncate_log(log_path, start_step)
+    if ema is not None:
+        ema.to(device)  # load_state restores the EMA on the CPU
     elif accelerator.is_main_process and log_path.exists():
         log_path.unlink()
     accelerator.init_trackers(
@@ -340,8 +382,10 @@ def train(
             window["loss"].append(loss.detach().item())
             for name, value in metrics.items():
                 window[name].append(value.float().mean().item())
+        if ema is not None:
+            ema.step(trainable)
 
-        # 4. Log, checkpoint
+        # 4. Log, render the validation prompts, checkpoint
         done = step + 1
         bar.update(1)
         if done % max(1, train_cfg.log_every) == 0 or done == total_steps:
@@ -354,6 +398,8 @@ def train(
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{last_loss:.4f}")
+        if validation is not None and done % validation.every == 0:
+            _validate(accelerator, policy, trainable, ema, validation, done, fsdp=fsdp)
         # Step-based and time-based checkpoints, and a stop asked for by SIGTERM/SIGINT: the ranks agree (one
         # all-reduce of two flags), so all of them checkpoint and stop after the same step.
         stop, time_due = preemption.agree(device, preemption.requested(), clock.due())
@@ -377,6 +423,8 @@ def train(
         lines = log_path.read_text().splitlines()
         if lines:
             last_loss = json.loads(lines[-1]).get("loss", float("nan"))
+    if ema is not None:
+        ema.copy_to(trainable)  # the policy's own parameters (DDP wraps them, it does not copy them)
     trained = unsharded_copy(policy) if fsdp else accelerator.unwrap_model(policy)
     if fsdp:
         accelerator.free_memory()  # drop the sharded module and the optimizer states before the caller goes on
@@ -389,6 +437,43 @@ def train(
         log_path=log_path,
         policy=trained,
     )
+
+
+def _validate(
+    accelerator: Accelerator,
+    policy: torch.nn.Module,
+    trainable: list[torch.nn.Parameter],
+    ema: EMAModel | None,
+    validation: Validation,
+    step: int,
+    *,
+    fsdp: bool,
+) -> None:
+    """Render the validation prompts with the current weights (their EMA, if any) and log the images.
+
+    Every rank takes part: under FSDP each renders all prompts with the sharded module (same forwards, so the
+    shard gathers match); otherwise the ranks share the prompts with the unwrapped module, which runs no
+    collective. The training state is left exactly as it was (EMA swapped back, train mode restored)."""
+    model = policy if fsdp else accelerator.unwrap_model(policy)
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    model.eval()
+    images = validation(model, step, every_rank_renders_all=fsdp)
+    model.train()
+    if ema is not None:
+        ema.restore(trainable)
+    if images is None:
+        return
+    for tracker in accelerator.trackers:  # the main process's trackers
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(img.convert("RGB")) for img in images])
+            tracker.log_images({"validation": stacked}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            shown = [wandb.Image(img, caption=p) for img, p in zip(images, validation.prompts, strict=True)]
+            tracker.log({"validation": shown}, step=step)
 
 
 def _warn_if_fsdp_ignored(accelerator: Accelerator) -> None:
