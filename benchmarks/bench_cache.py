@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spin_diffusion import encoding, presets
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -45,7 +47,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
     import torch
     from PIL import Image
 
-    from spin_diffusion import cache, models, sampling
+    from spin_diffusion import cache, sampling
     from spin_diffusion.config import DataConfig
     from spin_diffusion.data import load_captioned_images
 
@@ -73,7 +75,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
         if args.end_to_end:
             return _end_to_end(n, root, Path(tmp) / "run", args, phases, timings)
 
-        c = models.build_preset("tiny")
+        c = presets.build_preset("tiny")
         t0 = time.perf_counter()
         images = load_captioned_images(DataConfig(path=str(root)))
         cache_dir = Path(tmp) / "cache" / "real"
@@ -92,7 +94,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
 
         t0 = time.perf_counter()
         gen_dir = Path(tmp) / "generated"
-        negative = models.encode_prompts(c, [""])
+        negative = encoding.encode_prompts(c, [""])
         spec = sampling.GenerationSpec(
             run_seed=0,
             iteration=0,

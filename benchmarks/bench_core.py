@@ -22,7 +22,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from spin_diffusion import models, sampling, trainer  # noqa: E402
+from spin_diffusion import (  # noqa: E402
+    encoding,  # noqa: E402
+    models,
+    presets,  # noqa: E402
+    sampling,
+    trainer,
+)
 from spin_diffusion.config import LossConfig, TrainConfig  # noqa: E402
 
 
@@ -45,15 +51,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    c = models.load_components(args.model) if args.model else models.build_preset("demo")
+    c = models.load_components(args.model) if args.model else presets.build_preset("demo")
     device = torch.device(args.device)
     c.unet.to(device)
     c.text_encoder.to(device)
     shape = (c.latent_channels, c.sample_size, c.sample_size)
     n = args.batch
     gen = torch.Generator().manual_seed(0)
-    embeds = models.encode_prompts(c, ["a red circle on the left"] * n).cpu()
-    negative = models.encode_prompts(c, [""]).cpu()
+    embeds = encoding.encode_prompts(c, ["a red circle on the left"] * n).cpu()
+    negative = encoding.encode_prompts(c, [""]).cpu()
     print(
         f"model: {args.model or 'demo preset'}, UNet {sum(p.numel() for p in c.unet.parameters()) / 1e6:.2f} M "
         f"params, latents {shape}, device {device}, torch threads {torch.get_num_threads()}"

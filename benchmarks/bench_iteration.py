@@ -34,7 +34,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from spin_diffusion import models, sampling, trainer  # noqa: E402
+from spin_diffusion import (  # noqa: E402
+    encoding,  # noqa: E402
+    export,  # noqa: E402
+    models,
+    presets,  # noqa: E402
+    sampling,
+    trainer,
+)
 from spin_diffusion.config import LossConfig, TrainConfig  # noqa: E402
 
 SD15 = dict(  # the architecture of stable-diffusion-v1-5 (configs only)
@@ -98,7 +105,7 @@ def _modules(arch: dict, vocab: int = 49408, tokenizer=None):
 
 def build_sdlike(seed: int = 0) -> models.Components:
     """The SD-like benchmark model: the demo preset's tokenizer and scheduler, SDLIKE's UNet / VAE / text encoder."""
-    c = models.build_preset("demo", seed=seed, pretrained_vae=False)
+    c = presets.build_preset("demo", seed=seed, pretrained_vae=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet, vae, text = _modules(SDLIKE, vocab=len(c.tokenizer), tokenizer=c.tokenizer)
@@ -201,8 +208,8 @@ def section_generate(c, device, batch: int, steps: int, repeats: int) -> None:
     )
     pipe.set_progress_bar_config(disable=True)
     prompts = [f"a red circle number {i}" for i in range(batch)]
-    embeds = models.encode_prompts(c, prompts)
-    negative = models.encode_prompts(c, [""])
+    embeds = encoding.encode_prompts(c, prompts)
+    negative = encoding.encode_prompts(c, [""])
     shape = (c.latent_channels, c.sample_size, c.sample_size)
     seeds = list(range(batch))
     side = c.sample_size * c.vae_scale_factor
@@ -239,8 +246,8 @@ def section_generate(c, device, batch: int, steps: int, repeats: int) -> None:
 
 
 def section_options(c, device, batch: int, steps: int, repeats: int) -> None:
-    embeds = models.encode_prompts(c, [f"a blue square {i}" for i in range(32)])
-    negative = models.encode_prompts(c, [""])
+    embeds = encoding.encode_prompts(c, [f"a blue square {i}" for i in range(32)])
+    negative = encoding.encode_prompts(c, [""])
     shape = (c.latent_channels, c.sample_size, c.sample_size)
 
     def run(n=batch, **kw):
@@ -284,7 +291,7 @@ def section_train(c, device, batch: int, repeats: int) -> None:
     prompts = [f"a green triangle at the top {i}" for i in range(n)]
     data = trainer.TrainData(
         winner=torch.randn(n, *shape, generator=gen),
-        prompt_embeds=models.encode_prompts(c, prompts).cpu(),
+        prompt_embeds=encoding.encode_prompts(c, prompts).cpu(),
         loser=torch.randn(n, *shape, generator=gen),
     )
     cfg = TrainConfig(
@@ -350,7 +357,7 @@ def section_iteration(c, device, num_prompts: int, steps: int, batch: int) -> No
         return wrapper
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = models.save_pipeline(c, Path(tmp) / "model")
+        model_dir = export.save_pipeline(c, Path(tmp) / "model")
         cfg = load_config(
             None,
             [
@@ -406,7 +413,7 @@ def main() -> None:
     if args.model == "sdlike":
         c = build_sdlike()
     elif args.model == "demo":
-        c = models.build_preset("demo")
+        c = presets.build_preset("demo")
     else:
         c = models.load_components(args.model)
     device = torch.device(args.device)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from spin_diffusion import encoding
+
 PICKAPIC_ROWS = 959_040  # Pick-a-Pic v2 train pairs
 PICKAPIC_CAPTIONS = 58_960  # distinct prompts Diffusion-DPO reports for it (after dropping ties)
 FLOP_PAIR_FORWARDS = 8.0
@@ -110,8 +112,8 @@ def measure_pair_forwards(batch: int = 4, steps: int = 10, repeats: int = 3) -> 
 
     c = build_sdlike()
     shape = (c.latent_channels, c.sample_size, c.sample_size)
-    embeds = models.encode_prompts(c, [f"a red circle number {i}" for i in range(batch)])
-    negative = models.encode_prompts(c, [""])
+    embeds = encoding.encode_prompts(c, [f"a red circle number {i}" for i in range(batch)])
+    negative = encoding.encode_prompts(c, [""])
     sample_times = []
     for r in range(repeats + 1):  # the first is a warm-up
         t0 = time.perf_counter()
@@ -123,7 +125,7 @@ def measure_pair_forwards(batch: int = 4, steps: int = 10, repeats: int = 3) -> 
     gen = torch.Generator().manual_seed(0)
     data = trainer.TrainData(
         winner=torch.randn(4 * batch, *shape, generator=gen),
-        prompt_embeds=models.encode_prompts(c, [f"a green triangle {i}" for i in range(4 * batch)]).cpu(),
+        prompt_embeds=encoding.encode_prompts(c, [f"a green triangle {i}" for i in range(4 * batch)]).cpu(),
         loser=torch.randn(4 * batch, *shape, generator=gen),
     )
     cfg = TrainConfig(batch_size=batch, max_steps=repeats + 1, checkpoint_every=0, log_every=1000)

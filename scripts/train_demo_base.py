@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spin_diffusion import models
-from spin_diffusion.demo import evaluate, world
+from spin_diffusion import encoding, export, models, presets, world
+from spin_diffusion.demo import evaluate
 from spin_diffusion.images import pil_to_tensor
 from spin_diffusion.model_eval import render_images
 
@@ -59,8 +59,8 @@ def judge_unet(c: models.Components, unet, prompts: list[str], *, seed: int = EV
     images = render_images(
         c,
         unet,
-        models.encode_prompts(c, prompts),
-        models.encode_prompts(c, [""]),
+        encoding.encode_prompts(c, prompts),
+        encoding.encode_prompts(c, [""]),
         seeds=[seed + i for i in range(len(prompts))],
         num_steps=SAMPLE_STEPS,
         guidance_scale=GUIDANCE,
@@ -88,13 +88,13 @@ def main() -> int:
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
 
-    c = models.build_preset("demo", seed=args.seed)
+    c = presets.build_preset("demo", seed=args.seed)
     t0 = time.perf_counter()
     pairs, wrong = world.noisy_examples(args.corpus, seed=args.seed, noise=CAPTION_NOISE)
-    latents = models.encode_images(c, pil_to_tensor([image for image, _ in pairs]) * 2 - 1)
+    latents = encoding.encode_images(c, pil_to_tensor([image for image, _ in pairs]) * 2 - 1)
     captions = sorted({caption for _, caption in pairs})
     caption_index = torch.tensor([captions.index(caption) for _, caption in pairs])
-    table = models.encode_prompts(c, captions + [""])  # [49, L, D]; the last row is the empty prompt
+    table = encoding.encode_prompts(c, captions + [""])  # [49, L, D]; the last row is the empty prompt
     print(f"corpus: {len(pairs)} images, {wrong} wrong captions, encoded in {time.perf_counter() - t0:.0f} s")
 
     unet = c.unet.train().requires_grad_(True)
@@ -180,7 +180,7 @@ def main() -> int:
 
     # Save the EMA UNet in fp16, then judge what was saved (as the demo and tests/test_demo_base.py load it):
     # 8 images per held-out test scene (96 prompts) and per validation scene, on noise the checks never used.
-    models.save_pipeline(c, args.out, unet=copy.deepcopy(ema).half())
+    export.save_pipeline(c, args.out, unet=copy.deepcopy(ema).half())
     for name in ("final_test.json", "final_validation.json"):
         (args.work / name).unlink(missing_ok=True)
     test = evaluate.evaluate(args.out, heldout_check(), args.work / "final_test.json")["metrics"]

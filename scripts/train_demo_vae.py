@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from spin_diffusion import models
-from spin_diffusion.demo import world
+from spin_diffusion import encoding, presets, world
 from spin_diffusion.demo.pretrain import train_vae
 from spin_diffusion.images import pil_to_tensor
 
@@ -26,12 +25,12 @@ OUT = Path(__file__).resolve().parents[1] / "src" / "spin_diffusion" / "assets" 
 
 def main() -> int:
     torch.manual_seed(0)
-    c = models.build_preset("demo", seed=0, pretrained_vae=False)
+    c = presets.build_preset("demo", seed=0, pretrained_vae=False)
     images = pil_to_tensor([img for img, _ in world.make_examples(4096, seed=2)]) * 2 - 1
     started = time.perf_counter()
     info = train_vae(c, images, steps=1500, batch_size=32, lr=2e-3, seed=0)
     test = world.make_examples(480, seed=7)
-    recon = models.decode_latents(c, models.encode_images(c, pil_to_tensor([i for i, _ in test]) * 2 - 1))
+    recon = encoding.decode_latents(c, encoding.encode_images(c, pil_to_tensor([i for i, _ in test]) * 2 - 1))
     judged = world.judge_batch(recon, [cap for _, cap in test])
     info.update({f"judge_{k}": v for k, v in judged.items()}, train_seconds=round(time.perf_counter() - started, 1))
     print(json.dumps(info, indent=1))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from spin_diffusion import world
 from spin_diffusion.cli import main
 from spin_diffusion.config import load_config
-from spin_diffusion.demo import world
 from spin_diffusion.self_play import run
 
 REPO = Path(__file__).resolve().parents[1]

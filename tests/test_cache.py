@@ -19,6 +19,10 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from spin_diffusion import cache as C  # noqa: E402
 from spin_diffusion import data as D  # noqa: E402
+from spin_diffusion import (
+    encoding,  # noqa: E402
+    presets,  # noqa: E402
+)
 from spin_diffusion.config import DataConfig  # noqa: E402
 from spin_diffusion.errors import SpinDiffusionError  # noqa: E402
 
@@ -37,9 +41,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from spin_diffusion import models
 
-    return models.build_preset("tiny")
+    return presets.build_preset("tiny")
 
 
 def _img(i: int) -> Image.Image:
@@ -71,7 +74,7 @@ def _count_encodes(monkeypatch) -> dict[str, int]:
     from spin_diffusion import models
 
     calls = {"images": 0, "prompts": 0, "num_images": 0, "texts": []}
-    real_images, real_prompts = models.encode_images, models.encode_prompts
+    real_images, real_prompts = encoding.encode_images, encoding.encode_prompts
 
     def images(c, x, **kw):
         calls["images"] += 1
@@ -176,7 +179,6 @@ def test_config_validates_cache_fields():
 
 
 def test_latent_cache_built_once_matches_direct_encoding(tmp_path, tiny, monkeypatch):
-    from spin_diffusion import models
 
     root = _imagefolder(tmp_path / "f", CAPTIONS[:3])
     src = _load(root)
@@ -190,9 +192,9 @@ def test_latent_cache_built_once_matches_direct_encoding(tmp_path, tiny, monkeyp
     assert cache.prompt_embeds.shape == (3, 16, 8)
 
     pixels = torch.stack([D.image_to_tensor(src.image(i), 16) for i in range(3)])
-    torch.testing.assert_close(cache.latents[:], models.encode_images(tiny, pixels), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.latents[:], encoding.encode_images(tiny, pixels), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        cache.prompt_embeds.embeds[:], models.encode_prompts(tiny, CAPTIONS[:3]), atol=1e-5, rtol=1e-5
+        cache.prompt_embeds.embeds[:], encoding.encode_prompts(tiny, CAPTIONS[:3]), atol=1e-5, rtol=1e-5
     )
     calls.update(images=0, prompts=0)
 
@@ -228,7 +230,6 @@ def test_latent_cache_invalidated_when_data_changes(tmp_path, tiny, monkeypatch)
 
 
 def test_latent_cache_dedups_captions(tmp_path, tiny, monkeypatch):
-    from spin_diffusion import models
 
     captions = ["b", "a", "b", "c", "a", "b"]  # N = 6 rows, U = 3 distinct captions
     root = _imagefolder(tmp_path / "f", captions)
@@ -240,7 +241,7 @@ def test_latent_cache_dedups_captions(tmp_path, tiny, monkeypatch):
     assert emb.shape == (6, 16, 8) and emb.num_stored == 3
     assert emb.index_map.tolist() == [0, 1, 0, 2, 1, 0]
     assert len(list((tmp_path / "cache").glob("latents-embeds-*.safetensors"))) == 2  # ceil(3 / 2)
-    direct = models.encode_prompts(tiny, captions)
+    direct = encoding.encode_prompts(tiny, captions)
     torch.testing.assert_close(emb[torch.tensor([5, 3, 1, 1])], direct[[5, 3, 1, 1]], atol=1e-5, rtol=1e-5)
     meta = json.loads((tmp_path / "cache" / "latents.json").read_text())
     assert meta["num_examples"] == 6 and meta["num_unique_captions"] == 3
@@ -317,7 +318,6 @@ def test_latent_cache_unreadable_image_names_file(tmp_path, tiny):
 
 
 def test_pair_cache(tmp_path, tiny, monkeypatch):
-    from spin_diffusion import models
 
     pq.write_table(
         pa.table({"caption": ["p", "q"], "jpg_0": [_png(0), _png(2)], "jpg_1": [_png(1), _png(3)], "label_0": [1, 0]}),
@@ -329,8 +329,8 @@ def test_pair_cache(tmp_path, tiny, monkeypatch):
     assert len(cache) == 2 and cache.captions == ["p", "q"]
     winners = torch.stack([D.image_to_tensor(_img(i), 16) for i in (0, 3)])
     losers = torch.stack([D.image_to_tensor(_img(i), 16) for i in (1, 2)])
-    torch.testing.assert_close(cache.winner_latents[:], models.encode_images(tiny, winners), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache.loser_latents[:], models.encode_images(tiny, losers), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.winner_latents[:], encoding.encode_images(tiny, winners), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.loser_latents[:], encoding.encode_images(tiny, losers), atol=1e-5, rtol=1e-5)
     assert cache.prompt_embeds.shape == (2, 16, 8)
     calls = _count_encodes(monkeypatch)
     C.build_pair_cache(tiny, pairs, tmp_path / "cache", **kw)
@@ -338,7 +338,6 @@ def test_pair_cache(tmp_path, tiny, monkeypatch):
 
 
 def test_augmented_cache_encodes_each_rows_draw_and_keys_on_it(tiny, tmp_path, monkeypatch):
-    from spin_diffusion import models
 
     root = _imagefolder(tmp_path / "f", CAPTIONS[:4])
     for i in range(4):  # a white left edge: flips and crops show
@@ -351,7 +350,7 @@ def test_augmented_cache_encodes_each_rows_draw_and_keys_on_it(tiny, tmp_path, m
     src = _load(root)
     draws = [augment.draw(i) for i in range(4)]
     pixels = torch.stack([D.image_to_tensor(src.image(i), 16, flip=f, crop=c) for i, (f, c) in enumerate(draws)])
-    torch.testing.assert_close(cache.latents[:], models.encode_images(tiny, pixels), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.latents[:], encoding.encode_images(tiny, pixels), atol=1e-5, rtol=1e-5)
     plain = torch.stack([D.image_to_tensor(src.image(i), 16) for i in range(4)])
     assert not torch.equal(pixels, plain)
 
@@ -365,9 +364,8 @@ def test_augmented_cache_encodes_each_rows_draw_and_keys_on_it(tiny, tmp_path, m
 
 
 def test_sdxl_time_ids_follow_the_random_crop(tmp_path):
-    from spin_diffusion import models
 
-    sdxl = models.build_preset("tiny-sdxl")
+    sdxl = presets.build_preset("tiny-sdxl")
     root = _imagefolder(tmp_path / "f", CAPTIONS[:4])  # 20 x 12 images
     augment = D.Augment(crop=True, seed=0)
     cache = C.build_latent_cache(sdxl, _load(root), tmp_path / "cache", **KW, batch_size=4, augment=augment)

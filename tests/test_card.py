@@ -6,7 +6,7 @@ import dataclasses
 
 import yaml
 
-from spin_diffusion import card, models
+from spin_diffusion import card, export, presets
 from spin_diffusion.config import load_config
 
 
@@ -98,9 +98,9 @@ def test_card_says_when_the_weights_are_an_ema():
 
 
 def test_save_pipeline_writes_the_card(tmp_path):
-    c = models.build_preset("tiny", seed=0)
-    out = models.save_pipeline(c, tmp_path / "model", card=_info())
+    c = presets.build_preset("tiny", seed=0)
+    out = export.save_pipeline(c, tmp_path / "model", card=_info())
     text = (out / "README.md").read_text()
     assert yaml.safe_load(text.split("---")[1])["library_name"] == "diffusers"
     assert ("vae=None" in text) == (c.vae is None)  # how to load it depends on whether there is a VAE
-    assert not (models.save_pipeline(c, tmp_path / "plain") / "README.md").exists()
+    assert not (export.save_pipeline(c, tmp_path / "plain") / "README.md").exists()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from spin_diffusion import rundir
+from spin_diffusion import export, presets, rundir
 from spin_diffusion.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,10 +142,9 @@ def test_rerun_without_resume_refuses_and_keeps_work(tmp_path):
 
 
 def test_evaluate_command_scores_models_against_a_baseline(tmp_path, capsys):
-    from spin_diffusion import models
 
     for seed in (0, 1):
-        models.save_pipeline(models.build_preset("tiny", seed=seed), tmp_path / f"m{seed}")
+        export.save_pipeline(presets.build_preset("tiny", seed=seed), tmp_path / f"m{seed}")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on the left\na blue square at the top\n\na green triangle on the right\n")
     out = tmp_path / "eval"
@@ -195,11 +194,10 @@ def test_evaluate_needs_weights_for_learned_scorers(tmp_path, capsys):
 
 
 def test_evaluate_adds_fid_against_reference_images(tmp_path, capsys):
-    from spin_diffusion import models
-    from spin_diffusion.demo import world
+    from spin_diffusion import world
     from test_evaluation import _save_clip
 
-    models.save_pipeline(models.build_preset("tiny", seed=0), tmp_path / "m0")
+    export.save_pipeline(presets.build_preset("tiny", seed=0), tmp_path / "m0")
     clip = tmp_path / "clip"
     _save_clip(clip)
     reference = tmp_path / "real"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from spin_diffusion import world
 from spin_diffusion.cli import main
 from spin_diffusion.config import SampleConfig
-from spin_diffusion.demo import runner, world
+from spin_diffusion.demo import runner
 from spin_diffusion.errors import SpinDiffusionError
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from spin_diffusion import models
-from spin_diffusion.demo import world
+from spin_diffusion import models, world
 from spin_diffusion.demo.evaluate import EvalSpec, evaluate
 from spin_diffusion.demo.runner import SHIPPED_BASE
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from spin_diffusion import data as data_lib
+from spin_diffusion import world
 from spin_diffusion.config import DataConfig, load_config
-from spin_diffusion.demo import world
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.self_play import run
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spin_diffusion import families, models, sampling
+from spin_diffusion import encoding, export, families, models, presets, sampling
 from spin_diffusion.cli import main
 from spin_diffusion.data import sdxl_time_ids
 
@@ -21,12 +21,12 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def sdxl() -> models.Components:
-    return models.build_preset("tiny-sdxl")
+    return presets.build_preset("tiny-sdxl")
 
 
 @pytest.fixture(scope="module")
 def sd3() -> models.Components:
-    return models.build_preset("tiny-sd3")
+    return presets.build_preset("tiny-sd3")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def sd3() -> models.Components:
 
 
 def test_ddpm_process_noises_and_targets_by_formula():
-    tiny = models.build_preset("tiny")
+    tiny = presets.build_preset("tiny")
     for prediction in ("epsilon", "v_prediction"):
         process = families.make("sd", {**tiny.scheduler.config, "prediction_type": prediction}).process
         x0, eps = torch.full((2, 1, 1, 1), 0.5), torch.full((2, 1, 1, 1), -1.0)
@@ -82,7 +82,7 @@ def test_implied_velocity_inverts_an_euler_step_by_values():
 def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(sd3):
     """Without guidance, (x_{i+1} - x_i)/(σ_{i+1} - σ_i) of a stored SD3 chain equals the transformer's output at x_i:
     the target of spin_exact on the opponent's samples (docs/FAMILIES.md)."""
-    cond = models.encode(sd3, ["a red circle on the left", "a blue square"])
+    cond = encoding.encode(sd3, ["a red circle on the left", "a blue square"])
     out = sampling.sample(
         sd3.unet,
         sd3.family,
@@ -113,7 +113,7 @@ def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(sd3
 
 def test_sdxl_conditioning_is_both_penultimate_layers_and_the_second_pooled(sdxl):
     prompts = ["a red circle", "a green triangle at the top"]
-    cond = models.encode(sdxl, prompts)
+    cond = encoding.encode(sdxl, prompts)
     tok = sdxl.tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
     with torch.no_grad():
         one = sdxl.text_encoder(tok.input_ids, output_hidden_states=True)
@@ -132,13 +132,13 @@ def test_sdxl_time_ids_record_original_size_and_crop():
     # a 40 (w) x 20 (h) image at 16 px: resized to 32 x 16, centre crop starts at x = 8
     assert sdxl_time_ids((40, 20), 16) == [20.0, 40.0, 0.0, 8.0, 16.0, 16.0]
     assert sdxl_time_ids((16, 16), 16) == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]
-    fam = families.make("sdxl", models.build_preset("tiny-sdxl").scheduler.config)
+    fam = families.make("sdxl", presets.build_preset("tiny-sdxl").scheduler.config)
     assert fam.time_ids(2, 1024).tolist() == [[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2
 
 
 def test_sd3_conditioning_joins_clip_and_t5_as_the_pipeline_does(sd3):
     prompts = ["a red circle"]
-    cond = models.encode(sd3, prompts)
+    cond = encoding.encode(sd3, prompts)
     tok = sd3.tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
     with torch.no_grad():
         one = sd3.text_encoder(tok.input_ids, output_hidden_states=True)
@@ -158,7 +158,7 @@ def test_sd3_conditioning_joins_clip_and_t5_as_the_pipeline_does(sd3):
 
 
 def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
-    assert models.build_preset("tiny").family.name == "sd"
+    assert presets.build_preset("tiny").family.name == "sd"
     assert sdxl.family.name == "sdxl" and sd3.family.name == "sd3"
     assert families.family_name("StableDiffusionXLPipeline", None) == "sdxl"
     assert families.family_name("MyPipeline", sd3.unet) == "sd3"
@@ -171,7 +171,7 @@ def test_sd3_vae_latents_are_shifted_then_scaled(sd3):
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         mean = sd3.vae.encode(x).latent_dist.mean
-    torch.testing.assert_close(models.encode_images(sd3, x), (mean - 0.0609) * 1.5305)
+    torch.testing.assert_close(encoding.encode_images(sd3, x), (mean - 0.0609) * 1.5305)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     ).images[0]
     assert image.shape == (16, 16, 3) and float(image.std()) > 0
     # the trained weights are the exported ones: they differ from the preset's
-    base = models.build_preset(preset).unet.state_dict()
+    base = presets.build_preset(preset).unet.state_dict()
     assert any(
         not torch.equal(base[k], v)
         for k, v in pipe.components["transformer" if preset == "tiny-sd3" else "unet"].state_dict().items()
@@ -225,7 +225,7 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
 def test_family_lora_sft_and_dpo(tmp_path, preset):
     import diffusers
 
-    from spin_diffusion.demo import world
+    from spin_diffusion import world
 
     # LoRA self-play: the adapter loads into the family's pipeline with load_lora_weights
     _spin(tmp_path / "lora", f"model.preset={preset}", "model.lora_rank=2", "num_iterations=1", "eval.enabled=false")
@@ -268,9 +268,9 @@ def test_sd2_v_prediction_model_runs_end_to_end(tmp_path):
     export, plain StableDiffusionPipeline reload and generation."""
     import diffusers
 
-    c = models.build_preset("tiny")
+    c = presets.build_preset("tiny")
     c.scheduler = diffusers.DDIMScheduler.from_config(c.scheduler.config, prediction_type="v_prediction")
-    models.save_pipeline(c, tmp_path / "sd2")
+    export.save_pipeline(c, tmp_path / "sd2")
     run_dir = tmp_path / "run"
     _spin(run_dir, f"model.path={tmp_path / 'sd2'}")
     model_dir = run_dir / "iter_02" / "model"
@@ -284,7 +284,7 @@ def test_sd2_v_prediction_model_runs_end_to_end(tmp_path):
 def test_fp16_sdxl_vae_is_upcast_unless_it_says_otherwise(tmp_path, sdxl):
     """An fp16 load keeps an SDXL VAE with force_upcast (its default) in fp32, as diffusers' pipelines decode and its
     training scripts encode; the fp16-fix VAE (force_upcast=False) stays fp16."""
-    models.save_pipeline(sdxl, tmp_path / "xl")
+    export.save_pipeline(sdxl, tmp_path / "xl")
     c = models.load_components(tmp_path / "xl", dtype=torch.float16)
     assert c.unet.dtype == torch.float16 and c.vae.dtype == torch.float32
     config = tmp_path / "xl" / "vae" / "config.json"

@@ -70,7 +70,7 @@ def _assert_close_relative_to_update(fsdp: dict, ddp: dict) -> None:
     relative to the update θ_1 - θ_0: 1e-3 of it is ~1000x the float32 rounding of these sums (measured: ~7e-5)
     and far below a real error (a missing gradient, a rank's shard not gathered, a wrong reference all change
     the update by O(1))."""
-    from spin_diffusion.models import build_preset
+    from spin_diffusion.presets import build_preset
 
     base = build_preset("tiny", seed=0).unet.state_dict()
     assert fsdp.keys() == ddp.keys() and not any("lora" in n for n in fsdp)

@@ -17,10 +17,11 @@ import yaml
 from PIL import Image
 
 from _hub_cache import add_to_cache
-from spin_diffusion import card, hub, models
+from spin_diffusion import card, hub, models, presets
 from spin_diffusion.config import DataConfig, load_config
 from spin_diffusion.data import load_captioned_images
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.export import save_pipeline
 from spin_diffusion.scorers._common import component, has_files, parse_path_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,10 +37,10 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def exports(tmp_path_factory):
     """Two tiny pipelines: seed 0 saved as the fp16 *variant* (file names only), seed 1 saved plainly."""
     root = tmp_path_factory.mktemp("exports")
-    c0, c1 = models.build_preset("tiny", seed=0), models.build_preset("tiny", seed=1)
-    models.pipeline(c0).save_pretrained(root / "variant", variant="fp16")
+    c0, c1 = presets.build_preset("tiny", seed=0), presets.build_preset("tiny", seed=1)
+    c0.family.pipeline(c0).save_pretrained(root / "variant", variant="fp16")
     (root / "variant" / "README.md").write_text("---\nlicense: openrail\n---\n# tiny\n")
-    models.save_pipeline(c1, root / "plain")
+    save_pipeline(c1, root / "plain")
     return {"variant": root / "variant", "plain": root / "plain", "c0": c0, "c1": c1}
 
 
@@ -100,7 +101,7 @@ def test_the_card_names_the_hub_id_and_no_local_path(hub_cache, exports, tmp_pat
     assert info.hub_base_model == "org/tiny" and str(hub_cache) not in card.render_card(info)
     # an exported model trained further: the card names the folder, not its path, and carries its base's id over
     export = tmp_path / "runs" / "sft" / "model"
-    models.save_pipeline(exports["c0"], export, card=info)
+    save_pipeline(exports["c0"], export, card=info)
     info = card.card_info(load_config(None, [f"model.path={export}"]), iteration=1, steps=4, data_size=16)
     text = card.render_card(info)
     assert info.base_model == "a local model (model), fine-tuned from org/tiny" and str(tmp_path) not in text

@@ -1,4 +1,5 @@
-"""Imports point downward only (docs/DESIGN.md): math never imports I/O, library never imports orchestration."""
+"""Imports point downward only (docs/DESIGN.md): every module has a floor in HOUSE and imports only modules on lower
+floors (so there is no cycle), math never imports I/O, library never imports orchestration."""
 
 from __future__ import annotations
 
@@ -42,6 +43,86 @@ FORBIDDEN = {
         "spin_diffusion.config",
     },
 }
+
+
+# The house, floor by floor (docs/DESIGN.md draws it). A module imports only from floors below its own; a new
+# module gets a floor here, or the test fails.
+HOUSE = [
+    # 0. foundations: no import of this package at run time
+    {"errors", "atomic", "losses", "preemption", "encoding", "__init__", "demo.__init__", "scorers.__init__"},
+    # 1. configuration, process roles, the objective table, the Hub, files of a run, the shapes world, families, LoRA
+    {"config", "distributed", "objectives", "hub", "images", "rundir", "world", "families", "lora", "prepare"},
+    # 2. models and data
+    {"models", "card", "data", "preflight", "report", "scorers._common"},
+    # 3. built models, writing models, the latent cache, the scorers
+    {
+        "presets",
+        "export",
+        "cache",
+        "scorers.clip",
+        "scorers.hpsv2",
+        "scorers.imagereward",
+        "scorers.shapes",
+        "demo.pretrain",
+    },  # fmt: skip
+    # 4. sampling and scoring images
+    {"sampling", "evaluation"},
+    # 5. training, and rendering + scoring models
+    {"trainer", "model_eval"},
+    # 6. the self-play loop and the demo's evaluation
+    {"self_play", "demo.evaluate"},
+    # 7. the demo
+    {"demo.runner"},
+    # 8. the command line
+    {"cli"},
+]
+
+
+def _module_files() -> dict[str, Path]:
+    return {
+        ".".join(p.relative_to(PKG).with_suffix("").parts): p for p in PKG.rglob("*.py") if "assets" not in p.parts
+    }
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """This package's modules that `path` imports when it runs (imports under `if TYPE_CHECKING:` are types only)."""
+    files = _module_files()
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for node in ast.walk(block)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "spin_diffusion":
+            base = node.module.removeprefix("spin_diffusion").lstrip(".")
+            for alias in node.names:
+                name = f"{base}.{alias.name}".lstrip(".")
+                found.add(name if name in files else base or "__init__")
+        elif isinstance(node, ast.Import):
+            found |= {
+                a.name.removeprefix("spin_diffusion.") for a in node.names if a.name.startswith("spin_diffusion.")
+            }
+    return {name if name in files else f"{name}.__init__" for name in found}
+
+
+def test_every_module_has_a_floor_and_imports_only_from_below():
+    floor = {module: level for level, modules in enumerate(HOUSE) for module in modules}
+    files = _module_files()
+    assert set(files) == set(floor), (
+        f"not in HOUSE: {sorted(set(files) - set(floor))}; gone: {sorted(set(floor) - set(files))}"
+    )
+    upward = [
+        f"{module} (floor {floor[module]}) imports {name} (floor {floor[name]})"
+        for module, path in files.items()
+        for name in _runtime_imports(path)
+        if name != module and floor[name] >= floor[module]
+    ]
+    assert not upward, "\n".join(upward)
 
 
 def _imports(path: Path) -> set[str]:

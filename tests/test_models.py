@@ -10,7 +10,7 @@ import string
 import pytest
 import torch
 
-from spin_diffusion import models
+from spin_diffusion import encoding, export, lora, models, presets
 from spin_diffusion.errors import SpinDiffusionError
 
 DEMO_WORDS = "a an the on at of in photo red green blue yellow circle square triangle left right top bottom".split()
@@ -18,19 +18,19 @@ DEMO_WORDS = "a an the on at of in photo red green blue yellow circle square tri
 
 @pytest.fixture(scope="module")
 def tiny() -> models.Components:
-    return models.build_preset("tiny", seed=0)
+    return presets.build_preset("tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
-    return models.save_pipeline(tiny, tmp_path_factory.mktemp("export") / "model")
+    return export.save_pipeline(tiny, tmp_path_factory.mktemp("export") / "model")
 
 
 def _unet_inputs(c: models.Components, n: int = 2):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c.latent_channels, c.sample_size, c.sample_size, generator=g)
     t = torch.linspace(10, 900, n).long()
-    emb = models.encode_prompts(c, ["a red circle on the left", "a blue square at the top"][:n])
+    emb = encoding.encode_prompts(c, ["a red circle on the left", "a blue square at the top"][:n])
     return x, t, emb
 
 
@@ -45,11 +45,11 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_build_preset_is_deterministic_and_leaves_global_rng_alone(tiny):
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    again = models.build_preset("tiny", seed=0)
+    again = presets.build_preset("tiny", seed=0)
     assert torch.equal(before, torch.get_rng_state())
     for name in ("unet", "text_encoder", "vae"):
         assert _same_weights(getattr(tiny, name), getattr(again, name)), name
-    other = models.build_preset("tiny", seed=1)
+    other = presets.build_preset("tiny", seed=1)
     assert not _same_weights(tiny.unet, other.unet)
 
 
@@ -68,7 +68,7 @@ def test_tiny_preset_properties(tiny):
 
 
 def test_demo_preset_shapes():
-    c = models.build_preset("demo")
+    c = presets.build_preset("demo")
     assert (c.latent_channels, c.sample_size, c.resolution) == (4, 16, 32)
     assert 1.5e6 < sum(p.numel() for p in c.unet.parameters()) < 1.8e6
     x, t, emb = _unet_inputs(c)
@@ -78,34 +78,34 @@ def test_demo_preset_shapes():
 
 def test_demo_preset_ships_a_vae_that_reconstructs_the_world():
     """The exact judge must pass on VAE round trips, or no model could score well in the demo."""
-    from spin_diffusion.demo import world
+    from spin_diffusion import world
     from spin_diffusion.images import pil_to_tensor
 
-    c = models.build_preset("demo")
+    c = presets.build_preset("demo")
     assert c.scaling_factor != 1.0  # calibrated, unlike a random VAE
     examples = world.make_examples(96, seed=11)
     images = pil_to_tensor([img for img, _ in examples]) * 2 - 1
-    recon = models.decode_latents(c, models.encode_images(c, images))
+    recon = encoding.decode_latents(c, encoding.encode_images(c, images))
     assert world.judge_batch(recon, [cap for _, cap in examples])["all"] >= 0.97
-    random_vae = models.build_preset("demo", pretrained_vae=False)
+    random_vae = presets.build_preset("demo", pretrained_vae=False)
     assert random_vae.scaling_factor == 1.0
 
 
 def test_unknown_preset_raises():
     with pytest.raises(SpinDiffusionError, match="unknown model preset"):
-        models.build_preset("huge")  # type: ignore[arg-type]
+        presets.build_preset("huge")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ tokenizer
 
 
 def test_shipped_tokenizer_files_match_generator(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_tokenizer", models.TOKENIZER_DIR / "make_tokenizer.py")
+    spec = importlib.util.spec_from_file_location("make_tokenizer", presets.TOKENIZER_DIR / "make_tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.write(tmp_path)
     for name in ("vocab.json", "merges.txt"):
-        assert (tmp_path / name).read_text() == (models.TOKENIZER_DIR / name).read_text(), name
+        assert (tmp_path / name).read_text() == (presets.TOKENIZER_DIR / name).read_text(), name
 
 
 def test_tokenizer_round_trip(tiny):
@@ -128,10 +128,10 @@ def test_tokenizer_round_trip(tiny):
 
 
 def test_encode_prompts_shape_and_padding(tiny):
-    emb = models.encode_prompts(tiny, ["a red circle", "x" * 50, ""], batch_size=2)
+    emb = encoding.encode_prompts(tiny, ["a red circle", "x" * 50, ""], batch_size=2)
     assert emb.shape == (3, 16, 8) and emb.dtype == torch.float32 and not emb.requires_grad
-    assert torch.equal(emb[:1], models.encode_prompts(tiny, ["a red circle"]))
-    assert models.encode_prompts(tiny, []).shape == (0, 16, 8)
+    assert torch.equal(emb[:1], encoding.encode_prompts(tiny, ["a red circle"]))
+    assert encoding.encode_prompts(tiny, []).shape == (0, 16, 8)
 
 
 # ------------------------------------------------------------------ images
@@ -139,13 +139,13 @@ def test_encode_prompts_shape_and_padding(tiny):
 
 def test_encode_decode_shapes_and_ranges(tiny):
     images = torch.rand(5, 3, 16, 16) * 2 - 1
-    latents = models.encode_images(tiny, images, batch_size=2)
+    latents = encoding.encode_images(tiny, images, batch_size=2)
     assert latents.shape == (5, 4, 8, 8) and not latents.requires_grad
-    assert torch.allclose(latents, models.encode_images(tiny, images), atol=1e-6)  # posterior mean, batch-invariant
-    out = models.decode_latents(tiny, latents, batch_size=3)
+    assert torch.allclose(latents, encoding.encode_images(tiny, images), atol=1e-6)  # posterior mean, batch-invariant
+    out = encoding.decode_latents(tiny, latents, batch_size=3)
     assert out.shape == (5, 3, 16, 16)
     assert out.min() >= 0 and out.max() <= 1
-    big = models.decode_latents(tiny, latents * 1e3)
+    big = encoding.decode_latents(tiny, latents * 1e3)
     assert big.min() >= 0 and big.max() <= 1
 
 
@@ -153,8 +153,8 @@ def test_pixel_space_identity(tiny):
     c = models.Components(tiny.unet, tiny.text_encoder, tiny.tokenizer, tiny.scheduler, None)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     assert c.vae_scale_factor == 1 and c.scaling_factor == 1.0
-    assert torch.equal(models.encode_images(c, x), x)
-    assert torch.allclose(models.decode_latents(c, x), (x + 1) / 2)
+    assert torch.equal(encoding.encode_images(c, x), x)
+    assert torch.allclose(encoding.decode_latents(c, x), (x + 1) / 2)
 
 
 # ------------------------------------------------------------------ export and load
@@ -186,31 +186,31 @@ def test_load_components_round_trip(tiny, saved):
         assert _same_weights(getattr(c, name), getattr(tiny, name)), name
     assert type(c.scheduler).__name__ == "DDIMScheduler"
     assert c.scheduler.config.steps_offset == 1 and c.resolution == tiny.resolution
-    assert torch.equal(models.encode_prompts(c, ["a red circle"]), models.encode_prompts(tiny, ["a red circle"]))
+    assert torch.equal(encoding.encode_prompts(c, ["a red circle"]), encoding.encode_prompts(tiny, ["a red circle"]))
     assert not any(p.requires_grad for p in c.text_encoder.parameters())
 
 
 def test_save_pipeline_overwrites_and_uses_given_unet(tiny, tmp_path):
     out = tmp_path / "m"
     (tmp_path / "m.tmp").mkdir()  # stale temp from a killed run
-    models.save_pipeline(tiny, out)
-    other = models.build_preset("tiny", seed=5).unet
-    assert models.save_pipeline(tiny, out, unet=other) == out
+    export.save_pipeline(tiny, out)
+    other = presets.build_preset("tiny", seed=5).unet
+    assert export.save_pipeline(tiny, out, unet=other) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert _same_weights(models.load_components(out).unet, other)
 
 
 def test_save_pipeline_merges_lora_without_touching_the_argument(tiny, tmp_path):
     unet = models.frozen_copy(tiny.unet)
-    models.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q", "to_v"])
+    lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q", "to_v"])
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
                 p.fill_(0.1)
     x, t, emb = _unet_inputs(tiny)
     expected = unet(x, t, encoder_hidden_states=emb).sample
-    out = models.save_pipeline(tiny, tmp_path / "m", unet=unet)
-    assert models._tuner_layers(unet)  # argument still has its adapter
+    out = export.save_pipeline(tiny, tmp_path / "m", unet=unet)
+    assert lora.tuner_layers(unet)  # argument still has its adapter
     loaded = models.load_components(out).unet
     assert torch.allclose(loaded(x, t, encoder_hidden_states=emb).sample, expected, atol=1e-5)
 
@@ -220,7 +220,7 @@ def test_pixel_space_folder_round_trip(tiny, tmp_path):
 
     unet = UNet2DConditionModel.from_config({**tiny.unet.config, "in_channels": 3, "out_channels": 3})
     c = models.Components(unet, tiny.text_encoder, tiny.tokenizer, tiny.scheduler, None)
-    out = models.save_pipeline(c, tmp_path / "pix")
+    out = export.save_pipeline(c, tmp_path / "pix")
     loaded = models.load_components(out)
     assert loaded.vae is None and loaded.latent_channels == 3 and loaded.resolution == 8
     assert _same_weights(loaded.unet, unet)
@@ -276,13 +276,13 @@ def test_lora_add_disable_merge(tiny):
             return unet(x, t, encoder_hidden_states=emb).sample
 
     base = run()
-    with models.adapters_disabled(unet):  # no adapter: no-op
+    with lora.adapters_disabled(unet):  # no adapter: no-op
         assert torch.equal(run(), base)
-    models.add_lora(unet, rank=4, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    lora.add_lora(unet, rank=4, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert torch.equal(run(), base)  # LoRA B starts at zero
-    state = models.lora_state_dict(unet)
+    state = lora.lora_state_dict(unet)
     assert state and all("lora" in k for k in state)
 
     g = torch.Generator().manual_seed(1)
@@ -292,39 +292,39 @@ def test_lora_add_disable_merge(tiny):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     adapted = run()
     assert not torch.allclose(adapted, base)
-    with models.adapters_disabled(unet):
+    with lora.adapters_disabled(unet):
         assert torch.equal(run(), base)
     assert torch.equal(run(), adapted)
-    with pytest.raises(RuntimeError), models.adapters_disabled(unet):
+    with pytest.raises(RuntimeError), lora.adapters_disabled(unet):
         raise RuntimeError("boom")
     assert torch.equal(run(), adapted)  # restored after an exception
 
     with pytest.raises(SpinDiffusionError, match="already has a LoRA"):
-        models.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q"])
+        lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q"])
 
-    assert models.merge_lora(unet) is unet
-    assert not models._tuner_layers(unet)
+    assert lora.merge_lora(unet) is unet
+    assert not lora.tuner_layers(unet)
     assert not any("lora" in n for n, _ in unet.named_parameters())
     assert torch.allclose(run(), adapted, atol=1e-5)
-    models.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q"])  # a fresh adapter after merging
+    lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q"])  # a fresh adapter after merging
     assert torch.allclose(run(), adapted, atol=1e-5)
 
 
 def test_add_lora_bad_target_raises_and_leaves_unet_clean(tiny):
     unet = models.frozen_copy(tiny.unet).requires_grad_(True)
     with pytest.raises(SpinDiffusionError, match="match no UNet module"):
-        models.add_lora(unet, rank=2, alpha=2.0, target_modules=["nope"])
+        lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["nope"])
     with pytest.raises(SpinDiffusionError, match="cannot add LoRA"):
-        models.add_lora(unet, rank=2, alpha=2.0, target_modules=["down_blocks"])
-    assert not models._tuner_layers(unet) and all(p.requires_grad for p in unet.parameters())
-    models.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q"])
-    assert models._tuner_layers(unet)
+        lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["down_blocks"])
+    assert not lora.tuner_layers(unet) and all(p.requires_grad for p in unet.parameters())
+    lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q"])
+    assert lora.tuner_layers(unet)
 
 
 def _lora_unet(tiny, alpha: float):
     """A copy of the tiny UNet with a rank-2 adapter whose update is not zero, its inputs and its output."""
     unet = models.frozen_copy(tiny.unet)
-    models.add_lora(unet, rank=2, alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    lora.add_lora(unet, rank=2, alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
@@ -347,9 +347,9 @@ def _output_with_lora(saved, lora_dir, inputs, **load_kw):
 
 def test_save_lora_loads_into_the_saved_pipeline(tiny, saved, tmp_path):
     with pytest.raises(SpinDiffusionError, match="no LoRA adapter"):
-        models.save_lora(models.frozen_copy(tiny.unet), tmp_path / "lora")
+        lora.save_lora(models.frozen_copy(tiny.unet), tmp_path / "lora")
     unet, inputs, expected = _lora_unet(tiny, alpha=4.0)
-    out = models.save_lora(unet, tmp_path / "lora")
+    out = lora.save_lora(unet, tmp_path / "lora")
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert torch.allclose(_output_with_lora(saved, out, inputs), expected, atol=1e-5)
 
@@ -361,12 +361,12 @@ def test_kohya_lora_converts_back_to_the_same_adapter(tiny, saved, tmp_path, alp
     from safetensors.torch import load_file
 
     unet, inputs, expected = _lora_unet(tiny, alpha)
-    out = models.save_lora(unet, tmp_path / "lora")
-    kohya = load_file(out / models.KOHYA_LORA_FILE)
+    out = lora.save_lora(unet, tmp_path / "lora")
+    kohya = load_file(out / lora.KOHYA_LORA_FILE)
     assert all(k.startswith("lora_unet_") for k in kohya)
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {alpha}
-    assert sum(k.endswith(".lora_down.weight") for k in kohya) == len(models._tuner_layers(unet))
+    assert sum(k.endswith(".lora_down.weight") for k in kohya) == len(lora.tuner_layers(unet))
     x, t, emb = inputs
     assert not torch.allclose(expected, tiny.unet(x, t, encoder_hidden_states=emb).sample, atol=1e-4)
-    got = _output_with_lora(saved, out, inputs, weight_name=models.KOHYA_LORA_FILE)
+    got = _output_with_lora(saved, out, inputs, weight_name=lora.KOHYA_LORA_FILE)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

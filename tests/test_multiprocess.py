@@ -110,7 +110,7 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(spin_runs):
     tiny): 1e-3 of the update is ~1000x the float32 rounding of these sums and far below any real divergence
     (a wrong batch split or noise draw changes the update by O(1))."""
     two, one = spin_runs
-    from spin_diffusion.models import build_preset
+    from spin_diffusion.presets import build_preset
 
     base = {n: t.detach().clone() for n, t in build_preset("tiny", seed=0).unet.state_dict().items()}
     for k in (1, 2):
@@ -154,7 +154,7 @@ def test_partial_generation_on_two_processes_equals_one_process(tmp_path: Path):
 def test_per_caption_one_on_two_processes_equals_one_process(tmp_path: Path):
     """sample.per_caption=one, 1 step × 2 ranks × batch 2 (4 rows of 16, 4 distinct captions × 4): the ranks sample
     the distinct captions among the visited rows, as one process with batch 4 does, and train the same weights."""
-    from spin_diffusion.demo import world
+    from spin_diffusion import world
 
     data = world.write_imagefolder(tmp_path / "data", 16, seed=0, scenes=world.split_scenes("train")[:4])
     part = ["num_iterations=1", "eval.enabled=false", "train.max_steps=1", "sample.shard_size=1"]
@@ -191,7 +191,7 @@ def test_every_objective_runs_on_two_processes(tmp_path: Path, command, override
     assert w2.keys() == w1.keys() and not any("lora" in n for n in w2)  # LoRA: exported merged
     # the bound of the tests above, relative to the update (an element-wise 1e-6 fails on some CPUs: the ranks run
     # one OpenMP thread, this process two, and the merged LoRA product sums in another order)
-    from spin_diffusion.models import build_preset
+    from spin_diffusion.presets import build_preset
 
     base = build_preset("tiny", seed=0).unet.state_dict()
     diff = torch.cat([(w2[n] - w1[n]).flatten() for n in w1]).norm()
@@ -203,7 +203,7 @@ def test_every_objective_runs_on_two_processes(tmp_path: Path, command, override
 def test_sdxl_and_sd3_on_two_processes_equal_one_process(tmp_path: Path, preset: str, objective: str):
     """The family seam under DDP: SDXL's per-image time ids and SD3's flow draws travel through the data loader, and
     2 processes × batch 4 give 1 process × batch 8's update (bound relative to the update, as for SD-1.x)."""
-    from spin_diffusion.models import build_preset
+    from spin_diffusion.presets import build_preset
 
     common = ["num_iterations=1", "eval.enabled=false", f"model.preset={preset}", f"loss.objective={objective}"]
     two, one = tmp_path / "two", tmp_path / "one"
@@ -225,7 +225,7 @@ def test_guard_hinge_and_total_batch_on_two_processes_equal_one_process(tmp_path
     train.total_batch_size=8 (accumulation 2, derived) give 1 process × batch 8's update, with the guard and the
     hinge on and train.scale_lr's rate (same total, same rate), and the EMA exported; bound relative to the update,
     as above."""
-    from spin_diffusion.models import build_preset
+    from spin_diffusion.presets import build_preset
 
     common = ["num_iterations=1", "eval.enabled=false", "loss.loser_guard=0.5", "loss.dpop_lambda=5",
               "train.total_batch_size=8", "train.scale_lr=true", "train.learning_rate=1.25e-5",
@@ -255,7 +255,7 @@ def test_a_total_batch_that_does_not_divide_stops_every_rank_with_one_line(tmp_p
 
 
 def _write_pairs(root: Path) -> Path:
-    from spin_diffusion.demo import world
+    from spin_diffusion import world
 
     root.mkdir(parents=True)
     rows = []

@@ -6,15 +6,22 @@ Everything runs the randomly initialised tiny preset (8x8x4 latents) on the CPU 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spin_diffusion import families, models, sampling  # noqa: E402
+from spin_diffusion import (  # noqa: E402
+    families,
+    models,
+    presets,  # noqa: E402
+    sampling,
+)
 from spin_diffusion.errors import SpinDiffusionError  # noqa: E402
 
 LATENT_SHAPE = (4, 8, 8)
@@ -32,7 +39,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny() -> models.Components:
-    return models.build_preset("tiny", seed=0)
+    return presets.build_preset("tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +257,12 @@ def _generate(tiny, cfg, embeds, out_dir, spec, **kw):
     sampling.generate_shards(tiny.unet, families.make("sd", cfg), cond[: spec.num_prompts], neg, out_dir, spec, **kw)
 
 
+def _complete(out: Path, spec: sampling.GenerationSpec) -> bool:
+    """meta.json and every shard of `spec` are in `out`."""
+    shards = [out / f"shard_{s:05d}.safetensors" for s in range(math.ceil(spec.num_prompts / spec.shard_size))]
+    return (out / "meta.json").exists() and all(p.exists() for p in shards)
+
+
 def test_generate_shards_matches_direct_sampling(tiny, sched_cfg, embeds, tmp_path):
     spec = _spec()
     _generate(tiny, sched_cfg, embeds, tmp_path, spec)
@@ -257,7 +270,7 @@ def test_generate_shards_matches_direct_sampling(tiny, sched_cfg, embeds, tmp_pa
     assert names == ["meta.json", "shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["spec"] == spec.to_json()
-    assert sampling.is_complete(tmp_path, spec.num_prompts, spec.shard_size)
+    assert _complete(tmp_path, spec)
 
     got = sampling.load_generated(tmp_path)
     cond, neg = embeds
@@ -293,7 +306,7 @@ def test_generate_shards_resumes_only_missing_shards(tiny, sched_cfg, embeds, tm
     files = ["meta.json", "shard_00000.safetensors", "shard_00002.safetensors"]
     mtimes = {name: (tmp_path / name).stat().st_mtime_ns for name in files}
     (tmp_path / "shard_00001.safetensors").unlink()
-    assert not sampling.is_complete(tmp_path, spec.num_prompts, spec.shard_size)
+    assert not _complete(tmp_path, spec)
 
     sampled: list[int] = []
     real_sample = sampling.sample
@@ -386,7 +399,7 @@ def test_generation_folder_from_before_store_dtype_resumes(tiny, sched_cfg, embe
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "shard_00001.safetensors").unlink()
     _generate(tiny, sched_cfg, embeds, tmp_path, spec)  # no "other settings" error
-    assert sampling.is_complete(tmp_path, spec.num_prompts, spec.shard_size)
+    assert _complete(tmp_path, spec)
 
 
 # ------------------------------------------------------------------ partial generation, samplers, dtypes

@@ -271,7 +271,7 @@ def test_every_prompt_visited_keeps_the_prompt_order_layout(finished_run: Path):
 
 def _repeated_captions(root: Path, n: int = 16, scenes: int = 4) -> Path:
     """n rows of `scenes` distinct captions (n / scenes renders of each scene)."""
-    from spin_diffusion.demo import world
+    from spin_diffusion import world
 
     return world.write_imagefolder(root / "data", n, seed=0, scenes=world.split_scenes("train")[:scenes])
 
@@ -379,7 +379,7 @@ def test_spin_exact_stores_trajectories_and_trains(tmp_path: Path):
 def test_spin_exact_opponent_samples_at_eta_one_by_default(tmp_path: Path):
     """docs/EXACT_OBJECTIVE.md: the exact objective's opponent is stochastic (DDIM η = 1) unless sample.eta is set;
     spin_approx keeps η = 0."""
-    from spin_diffusion.models import build_preset
+    from spin_diffusion.presets import build_preset
     from spin_diffusion.self_play import opponent_eta
 
     ddpm, flow = build_preset("tiny", seed=0).family, build_preset("tiny-sd3", seed=0).family
@@ -415,7 +415,7 @@ def test_lora_run_merges_adapter_into_exported_model(tmp_path: Path):
 
 
 def test_dpo_baseline_on_preference_pairs(tmp_path: Path):
-    from spin_diffusion.demo import world
+    from spin_diffusion import world
 
     root = tmp_path / "pairs"
     root.mkdir()

@@ -19,9 +19,21 @@ from accelerate.state import AcceleratorState, GradientState
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spin_diffusion import families, losses, models, sampling, trainer  # noqa: E402
+from spin_diffusion import (  # noqa: E402
+    encoding,  # noqa: E402
+    families,
+    losses,
+    models,
+    presets,  # noqa: E402
+    sampling,
+    trainer,
+)
 from spin_diffusion.config import LossConfig, TrainConfig  # noqa: E402
 from spin_diffusion.errors import SpinDiffusionError  # noqa: E402
+from spin_diffusion.lora import (
+    adapters_disabled,  # noqa: E402
+    add_lora,  # noqa: E402
+)
 
 LOG2 = math.log(2)
 LATENT_SHAPE = (4, 8, 8)
@@ -51,7 +63,7 @@ def _fresh_accelerate_state():
 
 @pytest.fixture(scope="module")
 def tiny() -> models.Components:
-    return models.build_preset("tiny", seed=0)
+    return presets.build_preset("tiny", seed=0)
 
 
 def _pairs(n: int = 8, seed: int = 0) -> trainer.TrainData:
@@ -203,7 +215,7 @@ def test_spin_exact_loser_target_is_the_opponents_own_prediction(tiny, exact_pai
 
 def test_lora_policy_without_ref(tiny, tmp_path):
     policy = copy.deepcopy(tiny.unet)
-    models.add_lora(policy, rank=2, alpha=2.0, target_modules=LORA_TARGETS)
+    add_lora(policy, rank=2, alpha=2.0, target_modules=LORA_TARGETS)
     before = _snapshot(policy)
     lora_keys = {k for k in before if "lora_" in k}
     assert lora_keys
@@ -227,7 +239,7 @@ def test_lora_policy_without_ref(tiny, tmp_path):
     t = torch.tensor([100, 700])
     with torch.no_grad():
         out_policy = policy(x, t, encoder_hidden_states=ctx).sample
-        with models.adapters_disabled(policy):
+        with adapters_disabled(policy):
             out_base = policy(x, t, encoder_hidden_states=ctx).sample
         out_orig = tiny.unet(x, t, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(out_base, out_orig)
@@ -523,7 +535,7 @@ def test_guard_and_hinge_train_every_preference_objective(tiny, exact_pairs, tmp
         if not lora:
             return policy, models.frozen_copy(tiny.unet)
         policy.requires_grad_(False)
-        models.add_lora(policy, rank=4, alpha=4, target_modules=LORA_TARGETS, seed=0)
+        add_lora(policy, rank=4, alpha=4, target_modules=LORA_TARGETS, seed=0)
         return policy, None
 
     runs = {}
@@ -798,7 +810,7 @@ def test_ema_and_8bit_adamw_resume_bit_identically(tiny, tmp_path, monkeypatch, 
 
 def test_lora_with_ema_averages_the_adapters_only(tiny, tmp_path):
     policy = copy.deepcopy(tiny.unet)
-    models.add_lora(policy, rank=2, alpha=2.0, target_modules=LORA_TARGETS)
+    add_lora(policy, rank=2, alpha=2.0, target_modules=LORA_TARGETS)
     before = _snapshot(policy)
     _train(tiny, policy, None, _pairs(), tmp_path, "spin_approx", ema_decay=0.9, max_steps=2)
     assert _changed(before, policy) and all("lora" in name for name in _changed(before, policy))
@@ -811,7 +823,7 @@ def _validation(tiny, folder: Path):
     return Validation(
         c=tiny,
         prompts=prompts,
-        embeds=models.encode(tiny, prompts),
+        embeds=encoding.encode(tiny, prompts),
         negative_embed=tiny.family.negative(tiny, ""),
         folder=folder,
         every=2,

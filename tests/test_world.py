@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from spin_diffusion.demo import world
+from spin_diffusion import world
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.evaluation import frechet_distance_metric as fd
 from spin_diffusion.images import pil_to_tensor, tensor_to_pil

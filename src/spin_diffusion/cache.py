@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from PIL import Image
 
-from spin_diffusion import atomic
+from spin_diffusion import atomic, encoding
 from spin_diffusion.data import (
     Augment,
     CaptionedImages,
@@ -486,8 +486,6 @@ def _cached_encode(
 
     from tqdm.auto import tqdm
 
-    from spin_diffusion import models
-
     if state.is_main_process:
         cache_dir.mkdir(parents=True, exist_ok=True)
         meta_path.unlink(missing_ok=True)  # a stale marker must never vouch for the shards written now
@@ -519,7 +517,7 @@ def _cached_encode(
             batch = range(start, min(rows.stop, start + batch_size))
             for name, fn in image_fns.items():
                 pixels, ids = zip(*(pixels_of(fn, i, bad) for i in batch), strict=True)
-                out[name].append(models.encode_images(c, torch.stack(pixels)).detach().to("cpu", store_dtype))
+                out[name].append(encoding.encode_images(c, torch.stack(pixels)).detach().to("cpu", store_dtype))
                 if time_ids:
                     out[f"{name}_time_ids"].append(torch.tensor(ids, dtype=torch.float32))
             bar.update(len(batch))
@@ -530,7 +528,7 @@ def _cached_encode(
         for start in range(rows.start, rows.stop, batch_size):
             texts = unique[start : min(rows.stop, start + batch_size)]
             parts.append(
-                models.encode(c, texts, batch_size=len(texts)).map(lambda x: x.detach().to("cpu", store_dtype))
+                encoding.encode(c, texts, batch_size=len(texts)).map(lambda x: x.detach().to("cpu", store_dtype))
             )
         return Cond.cat(parts).tensors(), {}
 

@@ -1,10 +1,10 @@
 """The model card (README.md) of an exported pipeline folder: Hugging Face metadata, training, evaluation, usage.
 
 ``render_card`` is pure (a ``CardInfo`` in, markdown out; template ``templates/model_card.md.j2``);
-``models.save_pipeline(..., card=info)`` writes it into the folder it exports.
+``export.save_pipeline(..., card=info)`` writes it into the folder it exports.
 
     info = card.card_info(cfg, iteration=k + 1, steps=result.steps, data_size=len(captions))
-    models.save_pipeline(c, out_dir, unet=policy, card=info)
+    export.save_pipeline(c, out_dir, unet=policy, card=info)
 """
 
 from __future__ import annotations

@@ -185,19 +185,14 @@ def evaluate(
     fid_features: Annotated[str | None, typer.Option(help="CLIP folder or Hub id: FID's feature network.")] = None,
 ):
     """Generate images for a prompt set with each model and score them (mean, median, win rate vs baseline)."""
+    from spin_diffusion.evaluation import parse_scorer_paths
     from spin_diffusion.model_eval import evaluate_models
 
-    paths = {}
-    for item in scorer_path or []:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise SpinDiffusionError(f"--scorer-path '{item}' must look like name=/path/to/weights")
-        paths[name.strip()] = path.strip()
     table = evaluate_models(
         model,
         prompts,
         scorers=list(scorer or []),
-        scorer_paths=paths,
+        scorer_paths=parse_scorer_paths(scorer_path or []),
         baseline=baseline,
         out_dir=out,
         num_prompts=num_prompts or None,

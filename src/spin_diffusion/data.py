@@ -701,7 +701,7 @@ def _builtin_images(cfg: DataConfig, seed: int) -> CaptionedImages:
         raise SpinDiffusionError(f"unknown data.builtin {cfg.builtin!r}; the built-in dataset is 'shapes'")
     if cfg.num_builtin < 1:
         raise SpinDiffusionError(f"data.num_builtin must be >= 1, got {cfg.num_builtin}")
-    from spin_diffusion.demo.world import make_examples
+    from spin_diffusion.world import make_examples
 
     n = cfg.num_builtin if cfg.max_samples is None else min(cfg.num_builtin, cfg.max_samples)
     examples = make_examples(n, seed=seed)  # a shorter list is a prefix of a longer one

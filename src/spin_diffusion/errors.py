@@ -11,3 +11,10 @@ class SpinDiffusionError(Exception):
 def one_line(err: BaseException) -> str:
     """An exception's message on one line (whitespace runs collapsed), or its type's name when it has none."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (at most ``limit`` characters), or its type's name."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(err).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from spin_diffusion.encoding import encode_prompts
 from spin_diffusion.errors import SpinDiffusionError
 
 if TYPE_CHECKING:
@@ -231,9 +232,22 @@ class Family:
         return PIPELINE_CLASSES[self.name]
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
-        from spin_diffusion.models import encode_prompts
-
         return Cond(encode_prompts(c, prompts, batch_size=batch_size))
+
+    def pipeline(self, c: Components, denoiser: Any = None) -> Any:
+        """The family's plain diffusers pipeline sharing ``c``'s modules; ``denoiser`` replaces ``c.unet``."""
+        import diffusers
+
+        return diffusers.StableDiffusionPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            unet=c.unet if denoiser is None else denoiser,
+            scheduler=c.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
     def negative(self, c: Components, text: str) -> Cond:
         """The unconditional input of classifier-free guidance for the negative prompt ``text``, as the family's
@@ -251,9 +265,7 @@ class Family:
 def _encode_with_pipeline(c: Components, prompts: list[str], batch_size: int, call) -> Cond:
     """Conditioning of ``prompts`` from the family pipeline's own ``encode_prompt`` (``call(pipe, chunk, device)`` ->
     its (embeds, _, pooled, _)), ``batch_size`` prompts at a time."""
-    from spin_diffusion.models import pipeline
-
-    pipe = pipeline(c)
+    pipe = c.family.pipeline(c)
     device = next(c.text_encoder.parameters()).device
     parts = []
     with torch.no_grad():
@@ -268,6 +280,20 @@ def _encode_with_pipeline(c: Components, prompts: list[str], batch_size: int, ca
 class SDXLFamily(Family):
     name = "sdxl"
     uses_time_ids = True
+
+    def pipeline(self, c: Components, denoiser: Any = None) -> Any:
+        import diffusers
+
+        return diffusers.StableDiffusionXLPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer=c.tokenizer,
+            tokenizer_2=c.tokenizer_2,
+            unet=c.unet if denoiser is None else denoiser,
+            scheduler=c.scheduler,
+            force_zeros_for_empty_prompt=c.pipeline_config.get("force_zeros_for_empty_prompt", True),
+        )
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         return _encode_with_pipeline(
@@ -299,6 +325,21 @@ class SDXLFamily(Family):
 class SD3Family(Family):
     name = "sd3"
     process_class = FlowProcess
+
+    def pipeline(self, c: Components, denoiser: Any = None) -> Any:
+        import diffusers
+
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=c.unet if denoiser is None else denoiser,
+            scheduler=c.scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer_2=c.tokenizer_2,
+            text_encoder_3=c.text_encoder_3,
+            tokenizer_3=c.tokenizer_3,
+        )
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         def call(pipe: Any, chunk: list[str], device: Any) -> Any:

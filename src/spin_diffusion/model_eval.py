@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 
 from spin_diffusion import data as data_lib
-from spin_diffusion import distributed, evaluation, hub, models, preflight, rundir, sampling
+from spin_diffusion import distributed, encoding, evaluation, hub, models, preflight, rundir, sampling, world
 from spin_diffusion.config import RunConfig
-from spin_diffusion.demo import world
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.families import Cond
 from spin_diffusion.images import save_grid, tensor_to_pil
@@ -39,7 +38,7 @@ def render_images(
     guidance_scale: float,
     batch_size: int,
 ) -> list[Image.Image]:
-    """Sample and decode one image per prompt (conditioning `prompt_embeds`, `models.encode`) with the given seeds."""
+    """Sample and decode one image per prompt (`prompt_embeds`: `encoding.encode`) with the given seeds."""
     shape = (c.latent_channels, c.sample_size, c.sample_size)
     images: list[Image.Image] = []
     for start in range(0, len(prompt_embeds), batch_size):
@@ -54,7 +53,7 @@ def render_images(
             num_steps=num_steps,
             guidance_scale=guidance_scale,
         )
-        images += tensor_to_pil(models.decode_latents(c, out.latents.to(next(unet.parameters()).device)))
+        images += tensor_to_pil(encoding.decode_latents(c, out.latents.to(next(unet.parameters()).device)))
     return images
 
 
@@ -104,7 +103,7 @@ class Validation:
 
     c: models.Components
     prompts: list[str]
-    embeds: Cond  # the prompts' conditioning (models.encode)
+    embeds: Cond  # the prompts' conditioning (encoding.encode)
     negative_embed: Cond
     folder: Path
     every: int
@@ -124,7 +123,7 @@ class Validation:
         return cls(
             c=c,
             prompts=prompts,
-            embeds=models.encode(c, prompts),
+            embeds=encoding.encode(c, prompts),
             negative_embed=negative_embed,
             folder=folder,
             every=cfg.eval.validation_every,
@@ -162,7 +161,7 @@ class EvalSet:
     """Evaluation prompts, their embeddings, the scorers (loaded once per run) and, if known, real images."""
 
     prompts: list[str]
-    embeds: Cond  # the prompts' conditioning (models.encode)
+    embeds: Cond  # the prompts' conditioning (encoding.encode)
     scorers: list = field(default_factory=list)  # evaluation.Scorer
     reference: list[Image.Image] = field(default_factory=list)
 
@@ -285,7 +284,7 @@ def evaluate_models(
         for module in (c.unet, *c.text_encoders(), c.vae):
             if module is not None:
                 module.to(device)
-        embeds = models.encode(c, prompts)
+        embeds = encoding.encode(c, prompts)
         negative = c.family.negative(c, "")
         images = render_shared(
             c,

@@ -398,14 +398,6 @@ def generate_shards(
     bar.close()
 
 
-def is_complete(out_dir: str | Path, num_prompts: int, shard_size: int) -> bool:
-    """Whether meta.json and every shard exist (num_prompts: how many prompts were to be generated)."""
-    out = Path(out_dir)
-    return (out / META_FILE).exists() and all(
-        _shard_path(out, s).exists() for s in range(math.ceil(num_prompts / shard_size))
-    )
-
-
 @dataclass
 class GeneratedSet:
     """The opponent's samples indexed by prompt (row i = prompt i); rows are read from disk on demand. When only

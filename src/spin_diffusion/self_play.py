@@ -19,13 +19,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from spin_diffusion import atomic, card, distributed, models, objectives, preemption, preflight, sampling, trainer
+from spin_diffusion import (
+    atomic,
+    card,
+    distributed,
+    encoding,
+    export,
+    lora,
+    models,
+    objectives,
+    preemption,
+    preflight,
+    presets,
+    sampling,
+    trainer,
+)
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
 from spin_diffusion.config import (
@@ -40,6 +55,7 @@ from spin_diffusion.config import (
     to_dict,
 )
 from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.families import Cond
 from spin_diffusion.model_eval import EvalSet, Validation, default_scorer_names, evaluate_unet
 from spin_diffusion.rundir import CONFIG_FILE, EVAL_FILE, STATE_FILE, iter_dir, read_eval
 
@@ -153,7 +169,7 @@ def load_saved_config(run_dir: str | Path) -> RunConfig:
 def load_base_components(cfg: RunConfig) -> models.Components:
     if cfg.model.path is not None:
         return models.load_components(cfg.model.path, revision=cfg.model.revision, variant=cfg.model.variant)
-    return models.build_preset(cfg.model.preset, seed=cfg.seed)
+    return presets.build_preset(cfg.model.preset, seed=cfg.seed)
 
 
 def model_id(cfg: RunConfig, c: models.Components) -> str:
@@ -176,34 +192,90 @@ class RunSummary:
     report: Path | None
 
 
+@dataclass
+class _Run:
+    """What the phases of a run share: the config as it runs, the loaded model, the cached data, the evaluation."""
+
+    cfg: RunConfig  # as it runs on this many processes (config.for_world)
+    as_given: RunConfig  # as the run dir records it
+    run_dir: Path
+    dist: Any  # accelerate's PartialState of this process (distributed.state)
+    state: RunState
+    c: models.Components
+    objective: objectives.Objective
+    num_iterations: int  # K for self-play; sft and dpo train once
+    resolution: int
+    cache: Any  # cache.LatentCache (real images) or cache.PairCache (dpo)
+    negative_embed: Cond  # the unconditional input of guidance (sample.negative_prompt)
+    empty_embed: Cond  # caption dropout trains on the encoded empty prompt
+    eval_set: EvalSet | None
+    validation: Validation | None
+
+
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
-    """Run SPIN-Diffusion (objective spin_approx / spin_exact) or a baseline (sft / dpo) end to end."""
+    """Run SPIN-Diffusion (objective spin_approx / spin_exact) or a baseline (sft / dpo) end to end.
+
+    Algorithm 1 of the paper, each phase resumable: the opponent θ_k generates an image for every training prompt,
+    θ_{k+1} is trained to prefer the real images over them, exported and evaluated; K times."""
     started = time.perf_counter()
-    state_ = distributed.state()
+    r = _set_up(cfg, resume=resume)
+    start = _finished_iterations(r)
+    opponent = r.c.unet if start == 0 else _load_unet(iter_dir(r.run_dir, start) / "model")
+    opponent.to(r.dist.device)
+    if r.cfg.eval.include_base and not r.state.done("eval:0"):
+        _evaluate(r, 0, r.c.unet if start == 0 else load_base_components(r.cfg).unet.to(r.dist.device))
+    if start > 0:
+        _evaluate(r, start, opponent)  # a kill between train:k and eval:k leaves θ_k unscored
+
+    for k in range(start, r.num_iterations):
+        data = _train_data(r)
+        if r.objective.self_play:
+            _generate(r, k, opponent, data, progress=progress)  # generate:k -> data.loser (and its trajectory)
+        opponent = _train_and_export(r, k, opponent, data, progress=progress)  # train:k+1 -> θ_{k+1}
+        _stop_if_asked(f"stopped after training θ_{k + 1} (exported to {iter_dir(r.run_dir, k + 1) / 'model'})")
+        _evaluate(r, k + 1, opponent)  # eval:k+1, and its table in θ_{k+1}'s model card
+
+    report_path = None
+    if r.dist.is_main_process and r.cfg.eval.enabled:
+        from spin_diffusion import report
+
+        report_path = report.write_report(report.collect_run(r.run_dir), r.run_dir)
+    metrics = {int(p.split(":")[1]): m for p, m in r.state.info.items() if p.startswith("eval:")}
+    return RunSummary(
+        run_dir=r.run_dir,
+        iterations=r.num_iterations,
+        metrics=metrics,
+        wall_seconds=time.perf_counter() - started,
+        report=report_path,
+    )
+
+
+def _set_up(cfg: RunConfig, *, resume: bool) -> _Run:
+    """Check everything that can fail on user input, then create the run dir and fill the latent cache.
+
+    Every check runs before the run dir is written, so a failed start leaves nothing behind and the corrected
+    command needs no --resume."""
+    dist = distributed.state()
     preflight.check_training(cfg.train)
-    trainer.set_tf32(cfg.train.allow_tf32, state_.device)
+    trainer.set_tf32(cfg.train.allow_tf32, dist.device)
     run_dir = check_run_dir(cfg, resume=resume)
     as_given = cfg  # what the run dir records; `cfg` below is it as it runs on this many processes
-    cfg = replace(cfg, train=for_world(cfg.train, state_.num_processes))  # refuses a total batch that does not divide
-    objective = cfg.loss.objective
-    obj = objectives.get(objective)
-    self_play = obj.self_play
-    num_iterations = cfg.num_iterations if self_play else 1
+    cfg = replace(cfg, train=for_world(cfg.train, dist.num_processes))  # refuses a total batch that does not divide
+    objective = objectives.get(cfg.loss.objective)
 
-    # 1. Model, data and evaluation set: every check that can fail on user input runs before the run dir is
-    #    written, so a failed start leaves nothing behind and the corrected command needs no --resume.
+    # Model, data and evaluation set
     c = load_base_components(cfg)
     # On GPUs the frozen text encoders run in the training's mixed-precision dtype, as diffusers' training scripts
     # cast them to weight_dtype (SD3's T5-XXL: 8.9 GiB in bf16 instead of 17.7); on CPU they stay fp32.
     encoder_dtype = None
-    if state_.device.type == "cuda":
+    if dist.device.type == "cuda":
         encoder_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     for encoder in c.text_encoders():
-        encoder.to(state_.device, dtype=encoder_dtype)
+        encoder.to(dist.device, dtype=encoder_dtype)
     if c.vae is not None:
-        c.vae.to(state_.device)
+        c.vae.to(dist.device)
     resolution = cfg.data.resolution or c.resolution
-    if obj.loser == "pairs":
+    if objective.loser == "pairs":
         images = data_lib.load_preference_pairs(cfg.data)
         build, cache_dir = cache_lib.build_pair_cache, run_dir / "cache" / "pairs"
     else:
@@ -223,7 +295,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
             "set sample.eta=0 or leave it null"
         )
     negative_embed = c.family.negative(c, cfg.sample.negative_prompt)  # as the family's pipeline makes it
-    empty_embed = models.encode(c, [""])  # caption dropout trains on the encoded empty prompt
+    empty_embed = encoding.encode(c, [""])
     validation = Validation.of(cfg, c, negative_embed, folder=run_dir)  # each iteration renders into its own folder
     preflight.check_writable(run_dir, "run_dir")
     preflight.check_disk(
@@ -234,8 +306,8 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     create_run_dir(as_given)
     state = RunState(run_dir)
 
-    # 2. Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards,
-    #    then all of them read the same files lazily
+    # Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards, then
+    # all of them read the same files lazily
     cache = build(
         c,
         images,
@@ -253,179 +325,188 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     # encoders leave the accelerator (SD3's T5-XXL alone is 9.5 GB in bf16).
     for encoder in c.text_encoders():
         encoder.to("cpu")
-
-    def evaluate(k: int, unet: torch.nn.Module) -> None:
-        """Every rank renders its share of the evaluation prompts; the main process scores and records them."""
-        phase = f"eval:{k}"
-        if eval_set is None or state.done(phase):
-            return
-        baseline = None
-        base_eval = iter_dir(run_dir, 0) / EVAL_FILE
-        if k > 0 and state_.is_main_process and base_eval.exists():
-            baseline = read_eval(base_eval).model()
-        result = evaluate_unet(cfg, c, unet, eval_set, negative_embed, iter_dir(run_dir, k), baseline=baseline)
-        state.mark(phase, **(result.metrics if result is not None else {}))
-        state_.wait_for_everyone()
-
-    # 3. Find where we are: the newest finished model is the current opponent θ_k
-    start = 0
-    while start < num_iterations and state.done(f"train:{start + 1}"):
-        start += 1
-    opponent = c.unet if start == 0 else _load_unet(iter_dir(run_dir, start) / "model")
-    opponent.to(state_.device)
-    if cfg.eval.include_base and not state.done("eval:0"):
-        evaluate(0, c.unet if start == 0 else load_base_components(cfg).unet.to(state_.device))
-    if start > 0:
-        evaluate(start, opponent)  # a kill between train:k and eval:k leaves θ_k unscored
-
-    for k in range(start, num_iterations):
-        pairs = obj.loser == "pairs"  # dpo: the cache holds (winner, loser) images
-        data = trainer.TrainData(
-            winner=cache.winner_latents if pairs else cache.latents,
-            prompt_embeds=cache.prompt_embeds,
-            empty_embed=empty_embed,
-            winner_time_ids=cache.winner_time_ids if pairs else cache.time_ids,
-            loser_time_ids=cache.loser_time_ids if pairs else c.family.time_ids(1, resolution),
-        )
-        # 4. generate:k — θ_k's own image for every prompt that train:k+1 will visit, in the order of its first
-        #    visit (the pair stream is a seeded permutation per epoch, so this is known before training starts)
-        if self_play:
-            gen_dir = iter_dir(run_dir, k) / "generated"
-            phase = f"generate:{k}"
-            visited = trainer.visited_rows(
-                len(data), train_seed(cfg, k), trainer.stream_positions(len(data), cfg.train, state_.num_processes)
-            )
-            plan = sampling.opponent_prompts(cache.captions, visited, cfg.sample.per_caption)
-            if not state.done(phase):
-                gen_started = time.perf_counter()
-                spec = sampling.GenerationSpec(
-                    run_seed=cfg.seed,
-                    iteration=k,
-                    num_prompts=plan.num_prompts,
-                    num_steps=cfg.sample.num_steps,
-                    guidance_scale=cfg.sample.guidance_scale,
-                    eta=opponent_eta(cfg, c.family),
-                    latent_shape=tuple(cache.latents.shape[1:]),
-                    store_trajectory=obj.trajectory,
-                    shard_size=cfg.sample.shard_size,
-                    store_dtype=cfg.sample.store_dtype,
-                    scheduler=cfg.sample.scheduler,
-                    dtype=sampling.resolve_dtype(cfg.sample.dtype, state_.device),
-                    prompts=plan.prompts,
-                    per_caption=cfg.sample.per_caption,
-                )
-                sampling.generate_shards(
-                    opponent,
-                    c.family,
-                    plan.conditioning(cache.prompt_embeds),
-                    negative_embed,
-                    gen_dir,
-                    spec,
-                    batch_size=cfg.sample.batch_size,
-                    image_size=resolution,
-                    rank=state_.process_index,
-                    world_size=state_.num_processes,
-                    progress=progress and state_.is_main_process,
-                )
-                state_.wait_for_everyone()
-                _stop_if_asked(f"generation of θ_{k} stopped; its finished shards are kept in {gen_dir}")
-                state.mark(
-                    phase,
-                    generated=len(plan.visited),
-                    prompts=plan.num_prompts,
-                    wall_seconds=round(time.perf_counter() - gen_started, 2),  # this session's share after a resume
-                )
-            generated = sampling.load_generated(gen_dir)
-            if len(generated.latents) != plan.num_prompts:  # sampled per row, now per caption (or the reverse)
-                raise SpinDiffusionError(
-                    f"{gen_dir} holds θ_{k}'s samples of {len(generated.latents)} prompts, but sample.per_caption="
-                    f"{cfg.sample.per_caption} samples {plan.num_prompts}; resume with the value the run started with"
-                )
-            if generated.prompts is not None and not torch.equal(generated.prompts, plan.visited):
-                raise SpinDiffusionError(
-                    f"{gen_dir} holds θ_{k}'s samples of {len(generated.prompts)} prompts, but this training visits "
-                    f"{len(plan.visited)} others (train.* or the number of processes changed); resume with the "
-                    "original settings"
-                )
-            data.loser = plan.per_row(generated.latents)  # per_caption=one: a caption's sample serves its rows
-            if obj.trajectory:
-                data.loser_trajectory = plan.per_row(generated.trajectory)
-                data.sampler = sampling.SamplerSchedule.of(generated)
-        elif pairs:
-            data.loser = cache.loser_latents
-
-        # 5. train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k, with this iteration's
-        #    values of the per-iteration schedules (loss.beta, train.learning_rate)
-        next_dir = iter_dir(run_dir, k + 1)
-        cfg_k = for_iteration(cfg, k)
-        policy, ref = _policy_and_ref(cfg, opponent, needs_ref=obj.needs_ref, seed=train_seed(cfg, k))
-        result = trainer.train(
-            policy,
-            ref,
-            data,
-            objective=objective,
-            loss_cfg=cfg_k.loss,
-            train_cfg=cfg_k.train,
-            family=c.family,
-            out_dir=next_dir / "train",
-            seed=train_seed(cfg, k),
-            progress=progress,
-            hparams=hparams(as_given),
-            validation=validation and dataclasses.replace(validation, folder=next_dir / "validation"),
-        )
-        policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
-        if cfg.model.lora_rank > 0:
-            if state_.is_main_process:
-                models.save_lora(policy, next_dir / "lora", c)
-            policy = models.merge_lora(policy)
-        model_card = dataclasses.replace(
-            card.card_info(cfg_k, iteration=k + 1, steps=result.steps, data_size=len(cache), resolution=resolution),
-            pixel_space=c.vae is None,
-            family=c.family.name,
-        )
-        if state_.is_main_process:
-            models.save_pipeline(c, next_dir / "model", unet=policy, card=model_card)
-        state_.wait_for_everyone()
-        used = {"learning_rate": cfg_k.train.learning_rate}  # the schedules' values for this iteration
-        if obj.needs_ref:
-            used["beta"] = cfg_k.loss.beta
-        state.mark(
-            f"train:{k + 1}",
-            steps=result.steps,
-            final_loss=result.final_loss,
-            wall_seconds=round(result.wall_seconds, 2),
-            **used,
-        )
-        if state_.is_main_process:
-            trainer.remove_checkpoints(next_dir / "train")
-        del ref
-        opponent = policy.eval().requires_grad_(False)
-        _stop_if_asked(f"stopped after training θ_{k + 1} (exported to {next_dir / 'model'})")
-        evaluate(k + 1, opponent)
-        if state_.is_main_process and state.info.get(f"eval:{k + 1}"):  # the card gets its evaluation table
-            atomic.write_text(
-                next_dir / "model" / "README.md",
-                card.render_card(
-                    dataclasses.replace(
-                        model_card, evaluation=state.info[f"eval:{k + 1}"], eval_prompts=len(eval_set.prompts)
-                    )
-                ),
-            )
-
-    # 6. Report
-    report_path = None
-    if state_.is_main_process and cfg.eval.enabled:
-        from spin_diffusion import report
-
-        report_path = report.write_report(report.collect_run(run_dir), run_dir)
-    metrics = {int(p.split(":")[1]): m for p, m in state.info.items() if p.startswith("eval:")}
-    return RunSummary(
+    return _Run(
+        cfg=cfg,
+        as_given=as_given,
         run_dir=run_dir,
-        iterations=num_iterations,
-        metrics=metrics,
-        wall_seconds=time.perf_counter() - started,
-        report=report_path,
+        dist=dist,
+        state=state,
+        c=c,
+        objective=objective,
+        num_iterations=cfg.num_iterations if objective.self_play else 1,
+        resolution=resolution,
+        cache=cache,
+        negative_embed=negative_embed,
+        empty_embed=empty_embed,
+        eval_set=eval_set,
+        validation=validation,
     )
+
+
+def _finished_iterations(r: _Run) -> int:
+    """k of the newest finished model θ_k (the current opponent): train:1 … train:k are done."""
+    start = 0
+    while start < r.num_iterations and r.state.done(f"train:{start + 1}"):
+        start += 1
+    return start
+
+
+def _evaluate(r: _Run, k: int, unet: torch.nn.Module) -> None:
+    """eval:k — every rank renders its share of the evaluation prompts; the main process scores and records them,
+    and writes the evaluation table into θ_k's model card (k > 0)."""
+    phase = f"eval:{k}"
+    if r.eval_set is None or r.state.done(phase):
+        return
+    baseline = None
+    base_eval = iter_dir(r.run_dir, 0) / EVAL_FILE
+    if k > 0 and r.dist.is_main_process and base_eval.exists():
+        baseline = read_eval(base_eval).model()
+    result = evaluate_unet(r.cfg, r.c, unet, r.eval_set, r.negative_embed, iter_dir(r.run_dir, k), baseline=baseline)
+    r.state.mark(phase, **(result.metrics if result is not None else {}))
+    r.dist.wait_for_everyone()
+    if k > 0 and r.dist.is_main_process and r.state.info.get(phase):
+        model_card = _card_info(r, k, steps=r.state.info[f"train:{k}"]["steps"])
+        atomic.write_text(
+            iter_dir(r.run_dir, k) / "model" / "README.md",
+            card.render_card(
+                dataclasses.replace(model_card, evaluation=r.state.info[phase], eval_prompts=len(r.eval_set.prompts))
+            ),
+        )
+
+
+def _card_info(r: _Run, k: int, *, steps: int) -> card.CardInfo:
+    """The model card of θ_k (before its evaluation)."""
+    info = card.card_info(
+        for_iteration(r.cfg, k - 1), iteration=k, steps=steps, data_size=len(r.cache), resolution=r.resolution
+    )
+    return dataclasses.replace(info, pixel_space=r.c.vae is None, family=r.c.family.name)
+
+
+def _train_data(r: _Run) -> trainer.TrainData:
+    """The cached tensors every iteration trains on; the loser of self-play is added by `_generate`."""
+    cache, pairs = r.cache, r.objective.loser == "pairs"  # dpo: the cache holds (winner, loser) images
+    return trainer.TrainData(
+        winner=cache.winner_latents if pairs else cache.latents,
+        prompt_embeds=cache.prompt_embeds,
+        empty_embed=r.empty_embed,
+        winner_time_ids=cache.winner_time_ids if pairs else cache.time_ids,
+        loser_time_ids=cache.loser_time_ids if pairs else r.c.family.time_ids(1, r.resolution),
+        loser=cache.loser_latents if pairs else None,
+    )
+
+
+def _generate(r: _Run, k: int, opponent: torch.nn.Module, data: trainer.TrainData, *, progress: bool) -> None:
+    """generate:k — θ_k's own image for every prompt that train:k+1 will visit, in the order of its first visit (the
+    pair stream is a seeded permutation per epoch, so this is known before training starts); sets data.loser."""
+    cfg, cache = r.cfg, r.cache
+    gen_dir = iter_dir(r.run_dir, k) / "generated"
+    phase = f"generate:{k}"
+    visited = trainer.visited_rows(
+        len(data), train_seed(cfg, k), trainer.stream_positions(len(data), cfg.train, r.dist.num_processes)
+    )
+    plan = sampling.opponent_prompts(cache.captions, visited, cfg.sample.per_caption)
+    if not r.state.done(phase):
+        gen_started = time.perf_counter()
+        spec = sampling.GenerationSpec(
+            run_seed=cfg.seed,
+            iteration=k,
+            num_prompts=plan.num_prompts,
+            num_steps=cfg.sample.num_steps,
+            guidance_scale=cfg.sample.guidance_scale,
+            eta=opponent_eta(cfg, r.c.family),
+            latent_shape=tuple(cache.latents.shape[1:]),
+            store_trajectory=r.objective.trajectory,
+            shard_size=cfg.sample.shard_size,
+            store_dtype=cfg.sample.store_dtype,
+            scheduler=cfg.sample.scheduler,
+            dtype=sampling.resolve_dtype(cfg.sample.dtype, r.dist.device),
+            prompts=plan.prompts,
+            per_caption=cfg.sample.per_caption,
+        )
+        sampling.generate_shards(
+            opponent,
+            r.c.family,
+            plan.conditioning(cache.prompt_embeds),
+            r.negative_embed,
+            gen_dir,
+            spec,
+            batch_size=cfg.sample.batch_size,
+            image_size=r.resolution,
+            rank=r.dist.process_index,
+            world_size=r.dist.num_processes,
+            progress=progress and r.dist.is_main_process,
+        )
+        r.dist.wait_for_everyone()
+        _stop_if_asked(f"generation of θ_{k} stopped; its finished shards are kept in {gen_dir}")
+        r.state.mark(
+            phase,
+            generated=len(plan.visited),
+            prompts=plan.num_prompts,
+            wall_seconds=round(time.perf_counter() - gen_started, 2),  # this session's share after a resume
+        )
+    generated = sampling.load_generated(gen_dir)
+    if len(generated.latents) != plan.num_prompts:  # sampled per row, now per caption (or the reverse)
+        raise SpinDiffusionError(
+            f"{gen_dir} holds θ_{k}'s samples of {len(generated.latents)} prompts, but sample.per_caption="
+            f"{cfg.sample.per_caption} samples {plan.num_prompts}; resume with the value the run started with"
+        )
+    if generated.prompts is not None and not torch.equal(generated.prompts, plan.visited):
+        raise SpinDiffusionError(
+            f"{gen_dir} holds θ_{k}'s samples of {len(generated.prompts)} prompts, but this training visits "
+            f"{len(plan.visited)} others (train.* or the number of processes changed); resume with the "
+            "original settings"
+        )
+    data.loser = plan.per_row(generated.latents)  # per_caption=one: a caption's sample serves its rows
+    if r.objective.trajectory:
+        data.loser_trajectory = plan.per_row(generated.trajectory)
+        data.sampler = sampling.SamplerSchedule.of(generated)
+
+
+def _train_and_export(
+    r: _Run, k: int, opponent: torch.nn.Module, data: trainer.TrainData, *, progress: bool
+) -> torch.nn.Module:
+    """train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k, with this iteration's values of
+    the per-iteration schedules (loss.beta, train.learning_rate); exported to iter_{k+1}/model (and lora/).
+    Returns θ_{k+1}, frozen: the next opponent."""
+    cfg, next_dir = r.cfg, iter_dir(r.run_dir, k + 1)
+    cfg_k = for_iteration(cfg, k)
+    policy, ref = _policy_and_ref(cfg, opponent, needs_ref=r.objective.needs_ref, seed=train_seed(cfg, k))
+    result = trainer.train(
+        policy,
+        ref,
+        data,
+        objective=cfg.loss.objective,
+        loss_cfg=cfg_k.loss,
+        train_cfg=cfg_k.train,
+        family=r.c.family,
+        out_dir=next_dir / "train",
+        seed=train_seed(cfg, k),
+        progress=progress,
+        hparams=hparams(r.as_given),
+        validation=r.validation and dataclasses.replace(r.validation, folder=next_dir / "validation"),
+    )
+    policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
+    if cfg.model.lora_rank > 0:
+        if r.dist.is_main_process:
+            lora.save_lora(policy, next_dir / "lora", r.c)
+        policy = lora.merge_lora(policy)
+    if r.dist.is_main_process:
+        export.save_pipeline(r.c, next_dir / "model", unet=policy, card=_card_info(r, k + 1, steps=result.steps))
+    r.dist.wait_for_everyone()
+    used = {"learning_rate": cfg_k.train.learning_rate}  # the schedules' values for this iteration
+    if r.objective.needs_ref:
+        used["beta"] = cfg_k.loss.beta
+    r.state.mark(
+        f"train:{k + 1}",
+        steps=result.steps,
+        final_loss=result.final_loss,
+        wall_seconds=round(result.wall_seconds, 2),
+        **used,
+    )
+    if r.dist.is_main_process:
+        trainer.remove_checkpoints(next_dir / "train")
+    del ref
+    return policy.eval().requires_grad_(False)
 
 
 def _record_skipped(run_dir: Path, images, cache, max_fraction: float, state: RunState) -> None:
@@ -523,7 +604,7 @@ def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: boo
         policy.enable_gradient_checkpointing()
     if cfg.model.lora_rank > 0:
         policy.requires_grad_(False)
-        models.add_lora(
+        lora.add_lora(
             policy,
             rank=cfg.model.lora_rank,
             alpha=cfg.model.lora_alpha or cfg.model.lora_rank,
@@ -549,4 +630,4 @@ def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images)
     if distributed.is_main():  # the other ranks only render
         scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in default_scorer_names(cfg)]
         evaluation.check_prompts(scorers, prompts)
-    return EvalSet(prompts=prompts, embeds=models.encode(c, prompts), scorers=scorers, reference=reference)
+    return EvalSet(prompts=prompts, embeds=encoding.encode(c, prompts), scorers=scorers, reference=reference)

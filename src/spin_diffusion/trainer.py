@@ -38,7 +38,7 @@ from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.families import Cond, Family, ForwardProcess
-from spin_diffusion.models import adapters_disabled
+from spin_diffusion.lora import adapters_disabled
 from spin_diffusion.sampling import SamplerSchedule, valid_exact_steps
 
 CHECKPOINT_PREFIX = "step_"
@@ -232,46 +232,16 @@ def train(
 
     With train_cfg.ema_decay the returned policy holds the EMA of the trained weights.
     """
-    data.check(objective)
+    _check_arguments(policy, ref, data, objective, loss_cfg, train_cfg)
     spec = objectives.get(objective)
-    if isinstance(loss_cfg.beta, tuple) or isinstance(train_cfg.learning_rate, tuple):
-        raise ValueError("resolve the per-iteration loss.beta / train.learning_rate first (config.for_iteration)")
-    if train_cfg.total_batch_size is not None or train_cfg.scale_lr:
-        raise ValueError(
-            "resolve train.total_batch_size / train.scale_lr for the process count first (config.for_world)"
-        )
-    if train_cfg.caption_dropout > 0 and data.empty_embed is None:
-        raise ValueError("train.caption_dropout > 0 needs TrainData.empty_embed")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     log_path = out / "train_log.jsonl"
-    needs_ref = spec.needs_ref
-    lora = bool(getattr(policy, "peft_config", None))
-    if needs_ref and ref is None and not lora:
-        raise ValueError(f"{objective} needs a reference model (or a LoRA policy)")
-    if ref is not None and ref is policy:
-        raise ValueError("policy and ref must be different objects; pass ref=None for a LoRA policy")
 
-    # 1. Accelerator, optimizer, schedule. On CPUs, subnormal floats (tiny gradients once the logistic
-    #    saturates) make every op ~10x slower; flushing them to zero changes nothing measurable.
-    torch.set_flush_denormal(True)
-    accelerator = Accelerator(
-        mixed_precision=train_cfg.mixed_precision,
-        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
-        log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
-    )
+    # 1. Accelerator, optimizer, schedule, EMA
+    accelerator = _accelerator(train_cfg, out)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    _warn_if_fsdp_ignored(accelerator)
-    if (
-        accelerator.distributed_type == DistributedType.DEEPSPEED
-        and accelerator.state.deepspeed_plugin.zero_stage == 3
-    ):
-        raise SpinDiffusionError(
-            "DeepSpeed ZeRO-3 is not supported (the trained UNet could not be exported on every "
-            "rank); use ZeRO-2 or configs/accelerate/fsdp.yaml"
-        )
     total_steps = num_optimizer_steps(len(data), train_cfg, accelerator.num_processes)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, train_cfg)
@@ -297,23 +267,9 @@ def train(
         accelerator.register_for_checkpointing(ema)  # saved in every checkpoint, restored by load_state
 
     # 2. Resume
-    start_step = 0
-    latest = _latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        start_step, path = latest
-        saved_ranks = len(list(path.glob("random_states_*.pkl")))
-        if saved_ranks and saved_ranks != accelerator.num_processes:
-            raise SpinDiffusionError(
-                f"the checkpoint {path} was written by {saved_ranks} processes and this run has "
-                f"{accelerator.num_processes}; resume with {saved_ranks} (the effective batch depends on it)"
-            )
-        accelerator.load_state(str(path))
-        if accelerator.is_main_process:
-            _truncate_log(log_path, start_step)
+    start_step = _resume(accelerator, ckpt_dir, log_path)
     if ema is not None:
         ema.to(device)  # load_state restores the EMA on the CPU
-    elif accelerator.is_main_process and log_path.exists():
-        log_path.unlink()
     accelerator.init_trackers(
         "spin_diffusion",
         config={
@@ -389,14 +345,7 @@ def train(
         done = step + 1
         bar.update(1)
         if done % max(1, train_cfg.log_every) == 0 or done == total_steps:
-            record = {"step": done, "lr": lr_scheduler.get_last_lr()[0]}
-            record.update({k: float(np.mean(v)) for k, v in window.items()})
-            last_loss = record["loss"]
-            window.clear()
-            accelerator.log(record, step=done)
-            if accelerator.is_main_process:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+            last_loss = _log_window(accelerator, log_path, window, step=done, lr=lr_scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{last_loss:.4f}")
         if validation is not None and done % validation.every == 0:
             _validate(accelerator, policy, trainable, ema, validation, done, fsdp=fsdp)
@@ -417,12 +366,10 @@ def train(
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the run goes on with
         tracker.finish()
-    if window:  # a resumed run that had nothing left to do still reports its last logged loss
+    if window:
         last_loss = float(np.mean(window["loss"]))
-    elif math.isnan(last_loss) and log_path.exists():
-        lines = log_path.read_text().splitlines()
-        if lines:
-            last_loss = json.loads(lines[-1]).get("loss", float("nan"))
+    elif math.isnan(last_loss):  # a resumed run that had nothing left to do still reports its last logged loss
+        last_loss = _last_logged_loss(log_path)
     if ema is not None:
         ema.copy_to(trainable)  # the policy's own parameters (DDP wraps them, it does not copy them)
     trained = unsharded_copy(policy) if fsdp else accelerator.unwrap_model(policy)
@@ -437,6 +384,95 @@ def train(
         log_path=log_path,
         policy=trained,
     )
+
+
+def _log_window(
+    accelerator: Accelerator, log_path: Path, window: dict[str, list[float]], *, step: int, lr: float
+) -> float:
+    """Log the means of the steps since the last log line (train_log.jsonl and the trackers) and empty the window.
+    -> the mean loss"""
+    record = {"step": step, "lr": lr, **{k: float(np.mean(v)) for k, v in window.items()}}
+    window.clear()
+    accelerator.log(record, step=step)
+    if accelerator.is_main_process:
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record["loss"]
+
+
+def _last_logged_loss(log_path: Path) -> float:
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    return json.loads(lines[-1]).get("loss", float("nan")) if lines else float("nan")
+
+
+def _check_arguments(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    data: TrainData,
+    objective: Objective,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+) -> None:
+    """Programming errors of a caller (user input is checked long before, in config and preflight)."""
+    data.check(objective)
+    if isinstance(loss_cfg.beta, tuple) or isinstance(train_cfg.learning_rate, tuple):
+        raise ValueError("resolve the per-iteration loss.beta / train.learning_rate first (config.for_iteration)")
+    if train_cfg.total_batch_size is not None or train_cfg.scale_lr:
+        raise ValueError(
+            "resolve train.total_batch_size / train.scale_lr for the process count first (config.for_world)"
+        )
+    if train_cfg.caption_dropout > 0 and data.empty_embed is None:
+        raise ValueError("train.caption_dropout > 0 needs TrainData.empty_embed")
+    lora = bool(getattr(policy, "peft_config", None))
+    if objectives.get(objective).needs_ref and ref is None and not lora:
+        raise ValueError(f"{objective} needs a reference model (or a LoRA policy)")
+    if ref is not None and ref is policy:
+        raise ValueError("policy and ref must be different objects; pass ref=None for a LoRA policy")
+
+
+def _accelerator(train_cfg: TrainConfig, out: Path) -> Accelerator:
+    """accelerate's Accelerator for this training (mixed precision, accumulation, trackers writing under `out`).
+
+    On CPUs, subnormal floats (tiny gradients once the logistic saturates) make every op ~10x slower; flushing them
+    to zero changes nothing measurable."""
+    torch.set_flush_denormal(True)
+    accelerator = Accelerator(
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+    )
+    _warn_if_fsdp_ignored(accelerator)
+    if (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    ):
+        raise SpinDiffusionError(
+            "DeepSpeed ZeRO-3 is not supported (the trained UNet could not be exported on every "
+            "rank); use ZeRO-2 or configs/accelerate/fsdp.yaml"
+        )
+    return accelerator
+
+
+def _resume(accelerator: Accelerator, ckpt_dir: Path, log_path: Path) -> int:
+    """Load the newest checkpoint into the prepared objects (model, optimizer, schedule, RNGs, EMA) and cut the log
+    back to its step; a fresh start removes an old log. -> the step resumed from (0 = fresh)"""
+    latest = _latest_checkpoint(ckpt_dir)
+    if latest is None:
+        if accelerator.is_main_process and log_path.exists():
+            log_path.unlink()
+        return 0
+    step, path = latest
+    saved_ranks = len(list(path.glob("random_states_*.pkl")))
+    if saved_ranks and saved_ranks != accelerator.num_processes:
+        raise SpinDiffusionError(
+            f"the checkpoint {path} was written by {saved_ranks} processes and this run has "
+            f"{accelerator.num_processes}; resume with {saved_ranks} (the effective batch depends on it)"
+        )
+    accelerator.load_state(str(path))
+    if accelerator.is_main_process:
+        _truncate_log(log_path, step)
+    return step
 
 
 def _validate(

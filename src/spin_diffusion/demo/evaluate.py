@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spin_diffusion import atomic, evaluation, models
-from spin_diffusion.demo import world
+from spin_diffusion import atomic, encoding, evaluation, models, world
 from spin_diffusion.images import save_grid
 from spin_diffusion.model_eval import render_images
 from spin_diffusion.sampling import sample_seed
@@ -60,8 +59,8 @@ def render(c: models.Components, spec: EvalSpec) -> list[Image.Image]:
     return render_images(
         c,
         c.unet,
-        models.encode_prompts(c, list(spec.prompts)),
-        models.encode_prompts(c, [""]),
+        encoding.encode_prompts(c, list(spec.prompts)),
+        encoding.encode_prompts(c, [""]),
         seeds=[sample_seed(spec.seed, 0, i) for i in range(len(spec.prompts))],
         num_steps=spec.num_steps,
         guidance_scale=spec.guidance_scale,

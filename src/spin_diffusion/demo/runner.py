@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from spin_diffusion import models
+from spin_diffusion import export, presets, world
 from spin_diffusion.config import (
     DataConfig,
     EvalConfig,
@@ -43,7 +43,6 @@ from spin_diffusion.config import (
     TrainConfig,
     replace,
 )
-from spin_diffusion.demo import world
 from spin_diffusion.demo.evaluate import EvalSpec, evaluate, win_rate_vs
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.report import Curve, ModelEntry, ReportData, train_curves, within_spread, write_report
@@ -139,7 +138,7 @@ def pretrain_base(out: Path, seed: int, scale: float, progress: bool) -> Path:
     corpus = _write_pretrain_corpus(out, seed)
     stage0 = out / "stage0" / "model"
     if not stage0.exists():
-        models.save_pipeline(models.build_preset("demo", seed=seed), stage0)
+        export.save_pipeline(presets.build_preset("demo", seed=seed), stage0)
     cfg = _config(
         out / "base",
         stage0,
@@ -462,7 +461,7 @@ def _report_data(
     info_path = base.parent / "training.json" if pretrain else base / "training.json"
     base_info = json.loads(info_path.read_text()) if info_path.exists() else {}
     base_info.pop("history", None)
-    vae_info_path = models.DEMO_VAE_DIR / "training.json"
+    vae_info_path = presets.DEMO_VAE_DIR / "training.json"
     sections = [
         ("Stage wall-clock (s)", json.dumps(timings, indent=1)),
         (

@@ -10,7 +10,7 @@ ATTRIBUTES = ("all", "color", "shape", "position")
 
 
 class ShapesJudgeScorer(BatchedScorer):
-    """1.0 when the image shows what the caption names, else 0.0, by ``spin_diffusion.demo.world.judge``.
+    """1.0 when the image shows what the caption names, else 0.0, by ``spin_diffusion.world.judge``.
 
     ``attribute="all"`` (name ``shapes_judge``) needs color, shape and position all right; ``"color"``,
     ``"shape"`` or ``"position"`` (names ``shapes_color`` ...) score that attribute alone. The mean over a
@@ -22,7 +22,7 @@ class ShapesJudgeScorer(BatchedScorer):
     def __init__(self, attribute: str = "all", *, batch_size: int = 64):
         if attribute not in ATTRIBUTES:
             raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-        from spin_diffusion.demo.world import judge  # lazy: the world is only needed when this scorer is used
+        from spin_diffusion.world import judge  # lazy: the world is only needed when this scorer is used
 
         self._judge = judge
         self.attribute = attribute
@@ -31,8 +31,8 @@ class ShapesJudgeScorer(BatchedScorer):
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Refuse, before any image is rendered, a prompt the world's judge cannot read."""
-        from spin_diffusion.demo.world import parse_caption
         from spin_diffusion.errors import SpinDiffusionError
+        from spin_diffusion.world import parse_caption
 
         for i, prompt in enumerate(prompts):
             try:

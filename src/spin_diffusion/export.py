@@ -1,0 +1,43 @@
+"""Writing a model: a diffusers pipeline folder of the family (safetensors) with its model card, atomically."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spin_diffusion.atomic import fresh_dir, move_into_place
+from spin_diffusion.card import CardInfo, render_card
+from spin_diffusion.lora import merge_lora, tuner_layers
+
+if TYPE_CHECKING:
+    from spin_diffusion.models import Components
+
+
+def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None, card: CardInfo | None = None) -> Path:
+    """Write a full diffusers pipeline folder (safetensors) for ``c``, with ``unet`` replacing ``c.unet`` if given,
+    and, with ``card``, its model card as README.md (``card.render_card``; metadata, training, evaluation, usage).
+
+    With a VAE it is the family's pipeline (:func:`pipeline`: ``StableDiffusionPipeline`` without safety checker,
+    ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline``) that loads offline with plain
+    ``DiffusionPipeline.from_pretrained(out_dir)``. A UNet carrying LoRA adapters is saved merged
+    (a merged copy; the argument is not modified).
+
+    Without a VAE (pixel space) no diffusers text-to-image class fits cleanly, so the folder is a
+    ``StableDiffusionPipeline`` with ``"vae": [null, null]``: :func:`load_components` reads it, while
+    diffusers needs ``DiffusionPipeline.from_pretrained(out_dir, vae=None)`` and ``output_type="latent"``.
+
+    Written to ``<out_dir>.tmp`` (a stale one is removed first) and moved into place with
+    ``os.replace``; an existing ``out_dir`` is replaced. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    unet = c.unet if unet is None else unet
+    if tuner_layers(unet):
+        unet = merge_lora(copy.deepcopy(unet))
+    tmp = fresh_dir(out_dir)
+    c.family.pipeline(c, unet).save_pretrained(tmp, safe_serialization=True)
+    if card is not None:
+        info = dataclasses.replace(card, pixel_space=c.vae is None, family=c.family.name)
+        (tmp / "README.md").write_text(render_card(info))
+    return move_into_place(tmp, out_dir)

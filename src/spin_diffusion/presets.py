@@ -1,0 +1,257 @@
+"""Tiny and demo models built from configs alone (no download): the "tiny" presets of the tests (SD, SDXL and SD3
+families at diffusers' get_dummy_components sizes) and the CPU demo's ~1 M-parameter model, with the tokenizer
+shipped in ``spin_diffusion/assets/tokenizer``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from spin_diffusion.errors import SpinDiffusionError
+from spin_diffusion.models import Components, check_compatible, freeze
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"  # vocab.json + merges.txt (make_tokenizer.py)
+PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3")
+
+# UNet / text encoder / VAE sizes. "tiny" copies diffusers' get_dummy_components sizes (tests);
+# "demo" is the CPU demo world: 32x32 RGB images, 16x16x4 latents, ~1 M-parameter UNet.
+_PRESET_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": dict(
+            sample_size=8,
+            block_out_channels=(4, 8),
+            layers_per_block=1,
+            norm_num_groups=2,
+            cross_attention_dim=8,
+            attention_head_dim=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        ),
+        "text": dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2),
+        "vae": dict(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2),
+        "scheduler": dict(beta_schedule="scaled_linear"),
+    },
+    "demo": {
+        # Three levels (16, 8, 4): the 4x4 level sees the latent's borders everywhere, which is where a conv
+        # UNet gets its sense of position from; with two levels "on the left" stayed at chance after 500 steps.
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=32,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        ),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        # (8, 16) without mid-block attention: fits the shapes world in ~200 steps (reconstructions are judged
+        # 100 % correct) at about half the cost per step of (16, 32).
+        "vae": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False),
+        "scheduler": dict(beta_schedule="scaled_linear"),
+    },
+}
+
+
+def _load_shipped_tokenizer() -> Any:
+    from transformers import CLIPTokenizer
+
+    # Positional paths: the parameter names differ between transformers 4 (vocab_file) and 5 (vocab).
+    return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=16)
+
+
+DEMO_VAE_DIR = Path(__file__).parent / "assets" / "demo_vae"  # made by scripts/train_demo_vae.py
+
+
+def build_preset(
+    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3"], *, seed: int = 0, pretrained_vae: bool = True
+) -> Components:
+    """Build a randomly initialised built-in model from configs (no download, no files).
+
+    - ``"tiny-sdxl"``, ``"tiny-sd3"``: for tests, the SDXL and SD3 families at the ``"tiny"`` sizes
+      (:func:`_build_family_preset`).
+
+    - ``"tiny"``: for tests. UNet (4, 8) channels, 8x8x4 latents, 16x16 images, 8-dim text encoder.
+    - ``"demo"``: the CPU demo world. UNet (32, 64, 64) channels, ~1.7 M parameters, 16x16x4 latents,
+      32x32 images; CLIP text encoder with 32-dim hidden states, 2 layers; VAE (8, 16) channels.
+
+    Both use the shipped 16-token CLIP BPE tokenizer and a DDIM scheduler (SD-1.x betas:
+    ``scaled_linear`` 0.00085..0.012 over 1000 steps, epsilon prediction, ``steps_offset=1``). The
+    ``"demo"`` VAE is the shipped one, fitted to the shapes world with a calibrated ``scaling_factor``
+    (``pretrained_vae=False`` gives a random one, as ``"tiny"`` always has, with ``scaling_factor=1.0``).
+
+    The same ``seed`` gives bit-identical weights. The global torch RNG is left untouched.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if name in ("tiny-sdxl", "tiny-sd3"):
+        return _build_family_preset(name, seed)
+    if name not in _PRESET_CONFIGS:
+        raise SpinDiffusionError(f"unknown model preset {name!r} (choose one of: {', '.join(PRESETS)})")
+    cfg = _PRESET_CONFIGS[name]
+    tokenizer = _load_shipped_tokenizer()
+    latent_channels = 4
+    vae_factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            **cfg["unet"],
+        )
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **cfg["text"],
+        )
+        text_encoder = CLIPTextModel(text_config)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
+            latent_channels=latent_channels,
+            sample_size=cfg["unet"]["sample_size"] * vae_factor,
+            scaling_factor=1.0,
+            **cfg["vae"],
+        )
+    if name == "demo" and pretrained_vae and (DEMO_VAE_DIR / "config.json").exists():
+        # The demo world's VAE is shipped, trained and checked (scripts/train_demo_vae.py); the UNet is random.
+        vae = AutoencoderKL.from_pretrained(DEMO_VAE_DIR, local_files_only=True)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="epsilon",
+        **cfg["scheduler"],
+    )
+    unet.eval()
+    c = Components(unet, freeze(text_encoder), tokenizer, scheduler, freeze(vae), "StableDiffusionPipeline", None)
+    check_compatible(c)
+    return c
+
+
+def _tiny_t5_tokenizer() -> Any:
+    """A T5 tokenizer built offline (a Unigram model over letters and a few word pieces), for ``tiny-sd3``."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + list(string.ascii_lowercase + string.digits + ",.-'")
+    pieces += ["\u2581" + ch for ch in string.ascii_lowercase]
+    vocab = [(p, 0.0 if i < 3 else -float(len(p) == 1)) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0, model_max_length=77
+    )
+
+
+def _build_family_preset(name: str, seed: int) -> Components:
+    """``tiny-sdxl``: UNet (4, 8) with SDXL's text-time embedding (pooled 8 + 6 time ids x 4), CLIP (8-dim) +
+    CLIP with projection (8-dim, pooled 8), concatenated cross-attention 16, SDXL's Euler scheduler config.
+    ``tiny-sd3``: SD3Transformer2DModel (2 layers, patch 2), CLIP-L + CLIP-G with projections (pooled 8 + 8),
+    a T5 encoder (32-dim) with an offline tokenizer, FlowMatchEulerDiscreteScheduler (shift 3, as SD3), a VAE with
+    SD3's scaling and shift factors. Both: 8x8x4 latents, 16x16 images; same seed, same weights."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = _load_shipped_tokenizer()
+    tiny = _PRESET_CONFIGS["tiny"]
+
+    def clip_config(projection: int = 8) -> Any:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=projection,
+            **tiny["text"],
+        )
+
+    extra: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "tiny-sdxl":
+            unet = UNet2DConditionModel(
+                in_channels=4,
+                out_channels=4,
+                **{**tiny["unet"], "cross_attention_dim": 16},
+                addition_embed_type="text_time",
+                addition_time_embed_dim=4,
+                projection_class_embeddings_input_dim=8 + 6 * 4,
+            )
+            text_encoder = CLIPTextModel(clip_config())
+            extra = dict(text_encoder_2=freeze(CLIPTextModelWithProjection(clip_config())), tokenizer_2=tokenizer)
+            vae_extra: dict[str, Any] = {"scaling_factor": 0.13025}
+            scheduler: Any = EulerDiscreteScheduler(
+                num_train_timesteps=1000,
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                steps_offset=1,
+                timestep_spacing="leading",
+                prediction_type="epsilon",
+            )
+            pipeline_class = "StableDiffusionXLPipeline"
+        else:
+            unet = SD3Transformer2DModel(
+                sample_size=8,
+                patch_size=2,
+                in_channels=4,
+                out_channels=4,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                caption_projection_dim=16,
+                pooled_projection_dim=16,
+                pos_embed_max_size=16,
+            )
+            text_encoder = CLIPTextModelWithProjection(clip_config())
+            tokenizer_3 = _tiny_t5_tokenizer()
+            t5 = T5EncoderModel(
+                T5Config(vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+            )
+            extra = dict(
+                text_encoder_2=freeze(CLIPTextModelWithProjection(clip_config())),
+                tokenizer_2=tokenizer,
+                text_encoder_3=freeze(t5),
+                tokenizer_3=tokenizer_3,
+            )
+            vae_extra = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+            pipeline_class = "StableDiffusion3Pipeline"
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            sample_size=16,
+            **tiny["vae"],
+            **vae_extra,
+        )
+    unet.eval()
+    c = Components(unet, freeze(text_encoder), tokenizer, scheduler, freeze(vae), pipeline_class, None, **extra)
+    check_compatible(c)
+    return c
