@@ -248,20 +248,32 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def resize_max_pad(image: Image.Image, size: int, fill: int = 0) -> Image.Image:
-    """open_clip's ``ResizeMaxSize`` as HPSv2 uses it: longer side -> size (bicubic), then pad to a square with
-    ``fill``, centred (the padding is only applied when a resize happened, as in the reference code)."""
-    image = image.convert("RGB")
-    w, h = image.size
+def resize_max_pad_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """HPSv2's ``preprocess_val`` before normalisation, as its code runs it: ``ToTensor()`` first, then open_clip's
+    ``ResizeMaxSize`` on the *float tensor* (longer side -> ``size``: torchvision's tensor resize, i.e. bicubic
+    ``interpolate`` with ``antialias=True``, not clamped or rounded to uint8), then zero padding to a centred square
+    (only when a resize happened, as in the reference code). Returns ``[3, size, size]`` float32.
+
+    Resizing the PIL image instead quantises to uint8 and uses PIL's bicubic, which moves HPSv2 scores by ~3e-4
+    (see docs/SCORER_PARITY.md)."""
+    x = pil_to_tensor([image.convert("RGB")])  # [1, 3, H, W] in [0, 1]
+    h, w = x.shape[-2:]
     scale = size / float(max(h, w))
-    if scale == 1.0:
-        return image
-    new_h, new_w = round(h * scale), round(w * scale)
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    pad_h, pad_w = size - new_h, size - new_w
-    canvas = Image.new("RGB", (new_w + pad_w, new_h + pad_h), (fill, fill, fill))
-    canvas.paste(image, (pad_w // 2, pad_h // 2))
-    return canvas
+    if scale != 1.0:
+        new_h, new_w = round(h * scale), round(w * scale)
+        x = nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        pad_h, pad_w = size - new_h, size - new_w
+        x = nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    return x[0]
+
+
+def normalize_tensor(
+    pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> torch.Tensor:
+    """``[B, 3, H, W]`` in [0, 1] -> ``(x - mean) / std``."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((pixels.float() - m) / s).contiguous()
 
 
 def to_normalized_tensor(
@@ -328,15 +340,6 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype not in table:
         raise SpinDiffusionError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
     return table[dtype]
-
-
-def image_side(value) -> int:
-    """An ``image_size`` config entry (int or (h, w)) -> int side."""
-    if isinstance(value, (list, tuple)):
-        if value[0] != value[-1]:
-            raise SpinDiffusionError(f"non-square model input {value} is not supported")
-        value = value[0]
-    return int(value)
 
 
 def isqrt_exact(n: int, *, what: str) -> int:

@@ -28,7 +28,9 @@ from spin_diffusion.scorers._common import (
     load_reward_mlp,
     load_state_dict_file,
     parse_path_spec,
+    resize_center_crop,
     single_file,
+    to_normalized_tensor,
 )
 
 PICKSCORE_HINT = (
@@ -78,7 +80,22 @@ class ClipEmbedder:
         return self.model.logit_scale.detach().float().exp()
 
     def image_embeds(self, images: list[Image.Image]) -> torch.Tensor:
+        """Preprocessed by the transformers image processor (the PickScore / torchmetrics CLIPScore path)."""
         pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        return self.embed_pixels(pixels)
+
+    def image_embeds_openai(self, images: list[Image.Image]) -> torch.Tensor:
+        """Preprocessed as OpenAI's ``clip.load`` does (torchvision ``Resize(n, BICUBIC)``, ``CenterCrop(n)``,
+        ``ToTensor``, ``Normalize``). Its centre crop rounds the offset (``round(75.5) = 76``) where the transformers
+        processor floors it, a one-pixel shift for some sizes (docs/SCORER_PARITY.md)."""
+        size = int(self.model.config.vision_config.image_size)
+        mean = getattr(self.image_processor, "image_mean", None)
+        std = getattr(self.image_processor, "image_std", None)
+        crops = [resize_center_crop(im, size) for im in images]
+        pixels = to_normalized_tensor(crops, mean, std) if mean and std else to_normalized_tensor(crops)
+        return self.embed_pixels(pixels)
+
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
@@ -139,7 +156,8 @@ class ClipScoreScorer(BatchedScorer):
 
 class AestheticScorer(BatchedScorer):
     """LAION improved aesthetic predictor: the MLP head on the L2-normalised CLIP ViT-L/14 image embedding
-    (about 1-10; ignores the prompt)."""
+    (about 1-10; ignores the prompt). Images are preprocessed as LAION's ``simple_inference.py`` does through
+    OpenAI's ``clip.load`` (``ClipEmbedder.image_embeds_openai``), not by the transformers processor."""
 
     name = "aesthetic"
 
@@ -181,4 +199,4 @@ class AestheticScorer(BatchedScorer):
         self.batch_size = batch_size
 
     def _score_batch(self, images, prompts):
-        return self.mlp(self.clip.image_embeds(images).to(self.device))
+        return self.mlp(self.clip.image_embeds_openai(images).to(self.device))

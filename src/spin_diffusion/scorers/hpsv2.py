@@ -15,14 +15,18 @@ transformers backend, the tokenizer (``<path>/tokenizer`` or ``<path>`` itself);
 ``config`` (an open_clip model-config JSON, read from ``<path>/open_clip_config.json`` when present) is only
 needed for architectures other than ViT-H-14 with the transformers backend; ``arch`` only for open_clip.
 
-Preprocessing is HPSv2's ``preprocess_val``: longer side -> 224 (bicubic), zero-pad to a square, CLIP mean/std.
-Scores are the raw cosine (about 0.25-0.30 for SD-1.5 images), as ``hpsv2.score`` returns; papers that quote
-"HPSv2 x 100" multiply by 100.
+Preprocessing is HPSv2's ``preprocess_val`` as its code runs it: to a float tensor, longer side -> 224 (bicubic,
+antialiased, on the tensor), zero-pad to a square, CLIP mean/std. The transformers backend first cleans prompts
+as open_clip's tokenizer does (``open_clip_clean``). Both backends match the ``hpsv2`` package to < 1e-7
+(docs/SCORER_PARITY.md). Scores are the raw cosine (about 0.25-0.30 for SD-1.5 images), as ``hpsv2.score``
+returns; papers that quote "HPSv2 x 100" multiply by 100.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -36,9 +40,9 @@ from spin_diffusion.scorers._common import (
     isqrt_exact,
     load_state_dict_file,
     locate_checkpoint,
-    resize_max_pad,
+    normalize_tensor,
+    resize_max_pad_tensor,
     single_file,
-    to_normalized_tensor,
 )
 
 HPSV2_HINT = "a local copy of HPS_v2_compressed.pt from xswu/HPSv2"
@@ -126,42 +130,6 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch
         raise SpinDiffusionError(
             f"hpsv2: unexpected open_clip keys {leftover[:3]} ({len(leftover)} in all); only plain ViT CLIPs convert"
         )
-    return {k: t.contiguous() for k, t in out.items()}
-
-
-def transformers_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``open_clip_to_transformers`` (q/k/v are concatenated back into ``in_proj``)."""
-    hf = dict(state)
-    hf.pop("text_model.embeddings.position_ids", None)
-    hf.pop("vision_model.embeddings.position_ids", None)
-    out: dict[str, torch.Tensor] = {}
-
-    def blocks(hf_prefix: str, oc_prefix: str) -> None:
-        i = 0
-        while f"{hf_prefix}{i}.layer_norm1.weight" in hf:
-            h, o = f"{hf_prefix}{i}.", f"{oc_prefix}{i}."
-            for a, b in _BLOCK.items():
-                for p in ("weight", "bias"):
-                    out[f"{o}{a}.{p}"] = hf[f"{h}{b}.{p}"]
-            for p in ("weight", "bias"):
-                out[f"{o}attn.in_proj_{p}"] = torch.cat([hf[f"{h}self_attn.{n}_proj.{p}"] for n in "qkv"], dim=0)
-            i += 1
-
-    v = "vision_model."
-    out["visual.conv1.weight"] = hf[f"{v}embeddings.patch_embedding.weight"]
-    out["visual.class_embedding"] = hf[f"{v}embeddings.class_embedding"]
-    out["visual.positional_embedding"] = hf[f"{v}embeddings.position_embedding.weight"]
-    for p in ("weight", "bias"):
-        out[f"visual.ln_pre.{p}"] = hf[f"{v}pre_layrnorm.{p}"]
-        out[f"visual.ln_post.{p}"] = hf[f"{v}post_layernorm.{p}"]
-        out[f"ln_final.{p}"] = hf[f"text_model.final_layer_norm.{p}"]
-    out["visual.proj"] = hf["visual_projection.weight"].t()
-    blocks(f"{v}encoder.layers.", "visual.transformer.resblocks.")
-    out["token_embedding.weight"] = hf["text_model.embeddings.token_embedding.weight"]
-    out["positional_embedding"] = hf["text_model.embeddings.position_embedding.weight"]
-    out["text_projection"] = hf["text_projection.weight"].t()
-    out["logit_scale"] = hf["logit_scale"]
-    blocks("text_model.encoder.layers.", "transformer.resblocks.")
     return {k: t.contiguous() for k, t in out.items()}
 
 
@@ -307,7 +275,11 @@ class HPSv2Scorer(BatchedScorer):
 
         def encode(pixels, prompts):
             tok = self.tokenizer(
-                prompts, padding="max_length", truncation=True, max_length=context, return_tensors="pt"
+                [open_clip_clean(p) for p in prompts],
+                padding="max_length",
+                truncation=True,
+                max_length=context,
+                return_tensors="pt",
             )
             img = self.model.get_image_features(pixel_values=pixels)
             txt = self.model.get_text_features(
@@ -323,9 +295,32 @@ class HPSv2Scorer(BatchedScorer):
         self._encode = encode
 
     def _score_batch(self, images, prompts):
-        pixels = to_normalized_tensor([resize_max_pad(im, self.image_size) for im in images])
+        pixels = normalize_tensor(torch.stack([resize_max_pad_tensor(im, self.image_size) for im in images]))
         img, txt = self._encode(pixels.to(self.device, self.dtype), prompts)
         return (img * txt).sum(-1)
+
+
+# ftfy's uncurl_quotes: U+02BC and U+2018..U+201B -> ', U+201C..U+201F -> "
+_CURLY = str.maketrans(
+    {**dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"')}
+)
+
+
+def open_clip_clean(text: str) -> str:
+    """open_clip's ``whitespace_clean(basic_clean(text))``, which its tokenizer (and so HPSv2) applies before BPE:
+    ``ftfy.fix_text``, HTML unescaping twice, whitespace runs -> one space, strip. A transformers CLIP tokenizer
+    does none of it, so "&amp;" or "dog\u2019s" would tokenise differently (docs/SCORER_PARITY.md).
+
+    Without ``ftfy`` installed only its quote straightening is reproduced (the ftfy fix prompts need most); mojibake
+    repair, ligatures and full-width forms then stay as they are."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        text = text.translate(_CURLY)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def _open_clip_importable() -> bool:

@@ -198,35 +198,6 @@ def imagereward_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def transformers_to_imagereward(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``imagereward_to_transformers`` (``ImageRewardModel`` keys -> ImageReward.pt keys)."""
-    inverse = {b: a for a, b in _VIT_BLOCK.items()}
-    out: dict[str, torch.Tensor] = {}
-    v = "vision_model."
-    for key, value in state.items():
-        if key.endswith("position_ids"):
-            continue
-        if key.startswith("mlp."):
-            out[key] = value
-        elif key.startswith("text_encoder."):
-            out[_TXT + key[len("text_encoder.") :]] = value
-        elif key == f"{v}embeddings.class_embedding":
-            out[f"{_VIS}cls_token"] = value
-        elif key == f"{v}embeddings.position_embedding":
-            out[f"{_VIS}pos_embed"] = value
-        elif key.startswith(f"{v}embeddings.patch_embedding."):
-            out[f"{_VIS}patch_embed.proj.{key.rsplit('.', 1)[1]}"] = value
-        elif key.startswith(f"{v}post_layernorm."):
-            out[f"{_VIS}norm.{key.rsplit('.', 1)[1]}"] = value
-        elif key.startswith(f"{v}encoder.layers."):
-            _, _, _, i, sub = key.split(".", 4)
-            mod, param = sub.rsplit(".", 1)
-            out[f"{_VIS}blocks.{i}.{inverse[mod]}.{param}"] = value
-        else:
-            raise KeyError(key)
-    return out
-
-
 def load_blip_tokenizer(folder: Path):
     """bert-base-uncased + BLIP's ``[DEC]`` (bos) and ``[ENC]`` special tokens, as BLIP's ``init_tokenizer``."""
     from transformers import AutoTokenizer
