@@ -108,7 +108,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
             store_dtype=args.dtype,
         )
         sampling.generate_shards(
-            c.unet,
+            c.denoiser,
             c.family,
             real.prompt_embeds,
             negative,

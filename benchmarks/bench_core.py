@@ -53,7 +53,7 @@ def main() -> None:
 
     c = models.load_components(args.model) if args.model else presets.build_preset("demo")
     device = torch.device(args.device)
-    c.unet.to(device)
+    c.denoiser.to(device)
     c.text_encoder.to(device)
     shape = (c.latent_channels, c.sample_size, c.sample_size)
     n = args.batch
@@ -61,7 +61,7 @@ def main() -> None:
     embeds = encoding.encode_prompts(c, ["a red circle on the left"] * n).cpu()
     negative = encoding.encode_prompts(c, [""]).cpu()
     print(
-        f"model: {args.model or 'demo preset'}, UNet {sum(p.numel() for p in c.unet.parameters()) / 1e6:.2f} M "
+        f"model: {args.model or 'demo preset'}, UNet {sum(p.numel() for p in c.denoiser.parameters()) / 1e6:.2f} M "
         f"params, latents {shape}, device {device}, torch threads {torch.get_num_threads()}"
     )
 
@@ -70,7 +70,7 @@ def main() -> None:
     for traj in (False, True):
         sec = _timed(
             lambda traj=traj: sampling.sample(
-                c.unet,
+                c.denoiser,
                 c.family,
                 embeds,
                 negative,
@@ -87,7 +87,7 @@ def main() -> None:
     # Training steps: each objective, `repeats` optimizer steps per measurement
     latents = torch.randn(n * 4, *shape, generator=gen)
     out = sampling.sample(
-        c.unet,
+        c.denoiser,
         c.family,
         embeds[:2],
         negative,
@@ -112,8 +112,8 @@ def main() -> None:
         ),
     )
     for objective in ("sft", "spin_approx", "spin_exact"):
-        policy = c.unet
-        ref = None if objective == "sft" else models.frozen_copy(c.unet)
+        policy = c.denoiser
+        ref = None if objective == "sft" else models.frozen_copy(c.denoiser)
         cfg = TrainConfig(
             batch_size=n, max_steps=args.repeats + 1, checkpoint_every=0, log_every=1000, learning_rate=1e-5
         )

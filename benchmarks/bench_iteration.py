@@ -109,7 +109,11 @@ def build_sdlike(seed: int = 0) -> models.Components:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet, vae, text = _modules(SDLIKE, vocab=len(c.tokenizer), tokenizer=c.tokenizer)
-    c.unet, c.vae, c.text_encoder = unet.eval(), vae.eval().requires_grad_(False), text.eval().requires_grad_(False)
+    c.denoiser, c.vae, c.text_encoder = (
+        unet.eval(),
+        vae.eval().requires_grad_(False),
+        text.eval().requires_grad_(False),
+    )
     return c
 
 
@@ -173,12 +177,12 @@ def section_flops(c: models.Components, name: str) -> None:
         (
             name,
             component_flops(
-                c.unet,
+                c.denoiser,
                 c.vae,
                 c.text_encoder,
                 c.sample_size,
                 c.tokenizer.model_max_length,
-                c.unet.config.cross_attention_dim,
+                c.denoiser.config.cross_attention_dim,
             ),
         ),
     ]
@@ -200,7 +204,7 @@ def section_generate(c, device, batch: int, steps: int, repeats: int) -> None:
         vae=c.vae,
         text_encoder=c.text_encoder,
         tokenizer=c.tokenizer,
-        unet=c.unet,
+        unet=c.denoiser,
         scheduler=DDIMScheduler.from_config(c.scheduler.config),
         safety_checker=None,
         feature_extractor=None,
@@ -216,7 +220,7 @@ def section_generate(c, device, batch: int, steps: int, repeats: int) -> None:
 
     def ours():
         sampling.sample(
-            c.unet,
+            c.denoiser,
             c.family,
             embeds,
             negative,
@@ -253,7 +257,7 @@ def section_options(c, device, batch: int, steps: int, repeats: int) -> None:
     def run(n=batch, **kw):
         kw = {"num_steps": steps, **kw}
         return lambda: sampling.sample(
-            c.unet,
+            c.denoiser,
             c.family,
             embeds[:n],
             negative,
@@ -302,10 +306,10 @@ def section_train(c, device, batch: int, repeats: int) -> None:
         learning_rate=1e-5,
         mixed_precision="bf16" if device.type == "cuda" else "no",
     )
-    ref = models.frozen_copy(c.unet)
+    ref = models.frozen_copy(c.denoiser)
     with tempfile.TemporaryDirectory() as tmp:
         result = trainer.train(
-            c.unet,
+            c.denoiser,
             ref,
             data,
             objective="spin_approx",
@@ -417,11 +421,11 @@ def main() -> None:
     else:
         c = models.load_components(args.model)
     device = torch.device(args.device)
-    for module in (c.unet, c.text_encoder, c.vae):
+    for module in (c.denoiser, c.text_encoder, c.vae):
         if module is not None:
             module.to(device)
     print(
-        f"model {args.model}: UNet {sum(p.numel() for p in c.unet.parameters()) / 1e6:.2f} M params, latents "
+        f"model {args.model}: UNet {sum(p.numel() for p in c.denoiser.parameters()) / 1e6:.2f} M params, latents "
         f"{c.latent_channels}x{c.sample_size}x{c.sample_size}, device {device}, "
         f"torch threads {torch.get_num_threads()}"
     )

@@ -117,7 +117,7 @@ def measure_pair_forwards(batch: int = 4, steps: int = 10, repeats: int = 3) -> 
     sample_times = []
     for r in range(repeats + 1):  # the first is a warm-up
         t0 = time.perf_counter()
-        sampling.sample(c.unet, c.family, embeds, negative, seeds=list(range(batch)), latent_shape=shape,
+        sampling.sample(c.denoiser, c.family, embeds, negative, seeds=list(range(batch)), latent_shape=shape,
                         num_steps=steps, guidance_scale=7.5)  # fmt: skip
         if r:
             sample_times.append(time.perf_counter() - t0)
@@ -130,7 +130,7 @@ def measure_pair_forwards(batch: int = 4, steps: int = 10, repeats: int = 3) -> 
     )
     cfg = TrainConfig(batch_size=batch, max_steps=repeats + 1, checkpoint_every=0, log_every=1000)
     with tempfile.TemporaryDirectory() as tmp:
-        result = trainer.train(c.unet, models.frozen_copy(c.unet), data, objective="spin_approx",
+        result = trainer.train(c.denoiser, models.frozen_copy(c.denoiser), data, objective="spin_approx",
                                loss_cfg=LossConfig(), train_cfg=cfg, family=c.family, out_dir=tmp, seed=0,
                                progress=False)  # fmt: skip
     per_pair = result.wall_seconds / result.steps / batch

@@ -97,7 +97,7 @@ def main() -> int:
     table = encoding.encode_prompts(c, captions + [""])  # [49, L, D]; the last row is the empty prompt
     print(f"corpus: {len(pairs)} images, {wrong} wrong captions, encoded in {time.perf_counter() - t0:.0f} s")
 
-    unet = c.unet.train().requires_grad_(True)
+    unet = c.denoiser.train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
 
@@ -180,7 +180,7 @@ def main() -> int:
 
     # Save the EMA UNet in fp16, then judge what was saved (as the demo and tests/test_demo_base.py load it):
     # 8 images per held-out test scene (96 prompts) and per validation scene, on noise the checks never used.
-    export.save_pipeline(c, args.out, unet=copy.deepcopy(ema).half())
+    export.save_pipeline(c, args.out, denoiser=copy.deepcopy(ema).half())
     for name in ("final_test.json", "final_validation.json"):
         (args.work / name).unlink(missing_ok=True)
     test = evaluate.evaluate(args.out, heldout_check(), args.work / "final_test.json")["metrics"]

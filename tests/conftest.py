@@ -1,4 +1,5 @@
-"""Shared test setup: no code path may reach a model hub; a Hugging Face cache to lay Hub ids out in."""
+"""Shared test setup: no code path may reach a model hub; the tiny SD model; one torch thread for the tiny models;
+a Hugging Face cache to lay Hub ids out in. (Real processes, and interrupting them: tests/_launch.py.)"""
 
 import os
 
@@ -10,6 +11,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _hf_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models are far faster single-threaded, and 2 busy cores make torch's thread pool thrash. A module
+    that wants it: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny SD-1.x preset (diffusers' get_dummy_components sizes), built once per test module."""
+    from spin_diffusion import presets
+
+    return presets.build_preset("tiny", seed=0)
 
 
 @pytest.fixture

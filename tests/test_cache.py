@@ -31,18 +31,7 @@ CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow square"
 KW = dict(resolution=16, model_id="tiny:0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-
-    return presets.build_preset("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _img(i: int) -> Image.Image:
@@ -71,8 +60,6 @@ def _load(path, **kw) -> D.CaptionedImages:
 
 def _count_encodes(monkeypatch) -> dict[str, int]:
     """Counts encoder calls, and the images / prompts they received."""
-    from spin_diffusion import models
-
     calls = {"images": 0, "prompts": 0, "num_images": 0, "texts": []}
     real_images, real_prompts = encoding.encode_images, encoding.encode_prompts
 
@@ -86,8 +73,8 @@ def _count_encodes(monkeypatch) -> dict[str, int]:
         calls["texts"] += list(p)
         return real_prompts(c, p, **kw)
 
-    monkeypatch.setattr(models, "encode_images", images)
-    monkeypatch.setattr(models, "encode_prompts", prompts)
+    monkeypatch.setattr(encoding, "encode_images", images)
+    monkeypatch.setattr(encoding, "encode_prompts", prompts)
     return calls
 
 

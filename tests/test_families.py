@@ -84,7 +84,7 @@ def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(sd3
     the target of spin_exact on the opponent's samples (docs/FAMILIES.md)."""
     cond = encoding.encode(sd3, ["a red circle on the left", "a blue square"])
     out = sampling.sample(
-        sd3.unet,
+        sd3.denoiser,
         sd3.family,
         cond,
         None,
@@ -103,7 +103,7 @@ def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(sd3
         x_i, x_next = out.trajectory[:, i], out.trajectory[:, i + 1]
         implied = schedule.implied_target(x_i, x_next, torch.tensor([i, i]))
         with torch.no_grad():
-            pred = sd3.family.predict(sd3.unet, x_i, out.timesteps[i], cond)
+            pred = sd3.family.predict(sd3.denoiser, x_i, out.timesteps[i], cond)
         torch.testing.assert_close(implied, pred, atol=1e-4, rtol=1e-4)
 
 
@@ -161,8 +161,8 @@ def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
     assert presets.build_preset("tiny").family.name == "sd"
     assert sdxl.family.name == "sdxl" and sd3.family.name == "sd3"
     assert families.family_name("StableDiffusionXLPipeline", None) == "sdxl"
-    assert families.family_name("MyPipeline", sd3.unet) == "sd3"
-    assert families.family_name("MyPipeline", sdxl.unet) == "sdxl"
+    assert families.family_name("MyPipeline", sd3.denoiser) == "sd3"
+    assert families.family_name("MyPipeline", sdxl.denoiser) == "sdxl"
     with pytest.raises(Exception, match="dpmsolver"):
         sampling.make_scheduler("dpmsolver++", sd3.family)
 
@@ -214,7 +214,7 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     ).images[0]
     assert image.shape == (16, 16, 3) and float(image.std()) > 0
     # the trained weights are the exported ones: they differ from the preset's
-    base = presets.build_preset(preset).unet.state_dict()
+    base = presets.build_preset(preset).denoiser.state_dict()
     assert any(
         not torch.equal(base[k], v)
         for k, v in pipe.components["transformer" if preset == "tiny-sd3" else "unet"].state_dict().items()
@@ -286,7 +286,7 @@ def test_fp16_sdxl_vae_is_upcast_unless_it_says_otherwise(tmp_path, sdxl):
     training scripts encode; the fp16-fix VAE (force_upcast=False) stays fp16."""
     export.save_pipeline(sdxl, tmp_path / "xl")
     c = models.load_components(tmp_path / "xl", dtype=torch.float16)
-    assert c.unet.dtype == torch.float16 and c.vae.dtype == torch.float32
+    assert c.denoiser.dtype == torch.float16 and c.vae.dtype == torch.float32
     config = tmp_path / "xl" / "vae" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "force_upcast": False}))
     assert models.load_components(tmp_path / "xl", dtype=torch.float16).vae.dtype == torch.float16

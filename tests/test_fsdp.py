@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _launch import set_args, torchrun_args
+from _launch import interrupt_when, set_args, torchrun_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -72,7 +70,7 @@ def _assert_close_relative_to_update(fsdp: dict, ddp: dict) -> None:
     the update by O(1))."""
     from spin_diffusion.presets import build_preset
 
-    base = build_preset("tiny", seed=0).unet.state_dict()
+    base = build_preset("tiny", seed=0).denoiser.state_dict()
     assert fsdp.keys() == ddp.keys() and not any("lora" in n for n in fsdp)
     diff = torch.cat([(fsdp[n] - ddp[n]).flatten() for n in ddp]).norm()
     update = torch.cat([(ddp[n] - base[n]).flatten() for n in ddp]).norm()
@@ -143,22 +141,7 @@ def test_fsdp_kill9_then_resume_equals_uninterrupted(tmp_path: Path):
             seen.extend(sorted(q.name for q in found[0].iterdir()))
         return bool(found)
 
-    proc = subprocess.Popen(
-        _fsdp_args(run_dir, KILL),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        start_new_session=True,
-    )
-    deadline = time.time() + 180
-    try:
-        while not checkpoint_written():
-            assert proc.poll() is None, "the run finished before it could be killed"
-            assert time.time() < deadline, "timed out waiting for a checkpoint"
-            time.sleep(0.01)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        proc.wait()
+    interrupt_when(_fsdp_args(run_dir, KILL), checkpoint_written, env=ENV)  # kill -9 of the launcher and both ranks
     assert not (run_dir / "iter_01" / "model").exists()
     assert "pytorch_model_fsdp_0" in seen, seen  # accelerate's sharded (DCP) FSDP checkpoint, not a DDP one
     _run([*_fsdp_args(run_dir, KILL), "--resume"])

@@ -50,10 +50,10 @@ def test_a_hub_id_loads_its_revision_and_variant_from_the_cache(hub_cache, expor
     assert any(p.name == "diffusion_pytorch_model.fp16.safetensors" for p in main.rglob("*"))
 
     fp16 = models.load_components("org/tiny", variant="fp16")
-    assert fp16.source == main and _same(fp16.unet, exports["c0"].unet)
+    assert fp16.source == main and _same(fp16.denoiser, exports["c0"].denoiser)
     assert _same(fp16.text_encoder, exports["c0"].text_encoder) and _same(fp16.vae, exports["c0"].vae)
     plain = models.load_components("org/tiny", revision="v2")
-    assert plain.source == v2 and _same(plain.unet, exports["c1"].unet)
+    assert plain.source == v2 and _same(plain.denoiser, exports["c1"].denoiser)
     assert hub.hub_id_of(main) == "org/tiny" and hub.hub_id_of(exports["plain"]) is None
 
 

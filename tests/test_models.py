@@ -17,11 +17,6 @@ DEMO_WORDS = "a an the on at of in photo red green blue yellow circle square tri
 
 
 @pytest.fixture(scope="module")
-def tiny() -> models.Components:
-    return presets.build_preset("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
     return export.save_pipeline(tiny, tmp_path_factory.mktemp("export") / "model")
 
@@ -47,10 +42,10 @@ def test_build_preset_is_deterministic_and_leaves_global_rng_alone(tiny):
     before = torch.get_rng_state()
     again = presets.build_preset("tiny", seed=0)
     assert torch.equal(before, torch.get_rng_state())
-    for name in ("unet", "text_encoder", "vae"):
+    for name in ("denoiser", "text_encoder", "vae"):
         assert _same_weights(getattr(tiny, name), getattr(again, name)), name
     other = presets.build_preset("tiny", seed=1)
-    assert not _same_weights(tiny.unet, other.unet)
+    assert not _same_weights(tiny.denoiser, other.denoiser)
 
 
 def test_tiny_preset_properties(tiny):
@@ -60,7 +55,7 @@ def test_tiny_preset_properties(tiny):
     assert tiny.pipeline_class == "StableDiffusionPipeline" and tiny.source is None
     assert not any(p.requires_grad for p in tiny.text_encoder.parameters())
     assert not any(p.requires_grad for p in tiny.vae.parameters())
-    assert all(p.requires_grad for p in tiny.unet.parameters())
+    assert all(p.requires_grad for p in tiny.denoiser.parameters())
     ns = tiny.noise_scheduler()
     assert type(ns).__name__ == "DDPMScheduler"
     assert torch.equal(ns.alphas_cumprod, tiny.scheduler.alphas_cumprod)
@@ -70,10 +65,10 @@ def test_tiny_preset_properties(tiny):
 def test_demo_preset_shapes():
     c = presets.build_preset("demo")
     assert (c.latent_channels, c.sample_size, c.resolution) == (4, 16, 32)
-    assert 1.5e6 < sum(p.numel() for p in c.unet.parameters()) < 1.8e6
+    assert 1.5e6 < sum(p.numel() for p in c.denoiser.parameters()) < 1.8e6
     x, t, emb = _unet_inputs(c)
     assert emb.shape == (2, 16, 32)
-    assert c.unet(x, t, encoder_hidden_states=emb).sample.shape == x.shape
+    assert c.denoiser(x, t, encoder_hidden_states=emb).sample.shape == x.shape
 
 
 def test_demo_preset_ships_a_vae_that_reconstructs_the_world():
@@ -150,7 +145,7 @@ def test_encode_decode_shapes_and_ranges(tiny):
 
 
 def test_pixel_space_identity(tiny):
-    c = models.Components(tiny.unet, tiny.text_encoder, tiny.tokenizer, tiny.scheduler, None)
+    c = models.Components(tiny.denoiser, tiny.text_encoder, tiny.tokenizer, tiny.scheduler, None)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     assert c.vae_scale_factor == 1 and c.scaling_factor == 1.0
     assert torch.equal(encoding.encode_images(c, x), x)
@@ -182,7 +177,7 @@ def test_save_pipeline_loads_in_diffusers_and_generates(tiny, saved):
 def test_load_components_round_trip(tiny, saved):
     c = models.load_components(saved)
     assert c.pipeline_class == tiny.pipeline_class and c.source == saved
-    for name in ("unet", "text_encoder", "vae"):
+    for name in ("denoiser", "text_encoder", "vae"):
         assert _same_weights(getattr(c, name), getattr(tiny, name)), name
     assert type(c.scheduler).__name__ == "DDIMScheduler"
     assert c.scheduler.config.steps_offset == 1 and c.resolution == tiny.resolution
@@ -194,14 +189,14 @@ def test_save_pipeline_overwrites_and_uses_given_unet(tiny, tmp_path):
     out = tmp_path / "m"
     (tmp_path / "m.tmp").mkdir()  # stale temp from a killed run
     export.save_pipeline(tiny, out)
-    other = presets.build_preset("tiny", seed=5).unet
-    assert export.save_pipeline(tiny, out, unet=other) == out
+    other = presets.build_preset("tiny", seed=5).denoiser
+    assert export.save_pipeline(tiny, out, denoiser=other) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-    assert _same_weights(models.load_components(out).unet, other)
+    assert _same_weights(models.load_components(out).denoiser, other)
 
 
 def test_save_pipeline_merges_lora_without_touching_the_argument(tiny, tmp_path):
-    unet = models.frozen_copy(tiny.unet)
+    unet = models.frozen_copy(tiny.denoiser)
     lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["to_q", "to_v"])
     with torch.no_grad():
         for n, p in unet.named_parameters():
@@ -209,21 +204,21 @@ def test_save_pipeline_merges_lora_without_touching_the_argument(tiny, tmp_path)
                 p.fill_(0.1)
     x, t, emb = _unet_inputs(tiny)
     expected = unet(x, t, encoder_hidden_states=emb).sample
-    out = export.save_pipeline(tiny, tmp_path / "m", unet=unet)
+    out = export.save_pipeline(tiny, tmp_path / "m", denoiser=unet)
     assert lora.tuner_layers(unet)  # argument still has its adapter
-    loaded = models.load_components(out).unet
+    loaded = models.load_components(out).denoiser
     assert torch.allclose(loaded(x, t, encoder_hidden_states=emb).sample, expected, atol=1e-5)
 
 
 def test_pixel_space_folder_round_trip(tiny, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_config({**tiny.unet.config, "in_channels": 3, "out_channels": 3})
+    unet = UNet2DConditionModel.from_config({**tiny.denoiser.config, "in_channels": 3, "out_channels": 3})
     c = models.Components(unet, tiny.text_encoder, tiny.tokenizer, tiny.scheduler, None)
     out = export.save_pipeline(c, tmp_path / "pix")
     loaded = models.load_components(out)
     assert loaded.vae is None and loaded.latent_channels == 3 and loaded.resolution == 8
-    assert _same_weights(loaded.unet, unet)
+    assert _same_weights(loaded.denoiser, unet)
 
 
 def test_load_errors_are_one_line(tmp_path, saved):
@@ -259,16 +254,16 @@ def test_prediction_type_from_scheduler_config(tmp_path, saved):
 
 
 def test_frozen_copy(tiny):
-    ref = models.frozen_copy(tiny.unet)
-    assert ref is not tiny.unet and not ref.training
+    ref = models.frozen_copy(tiny.denoiser)
+    assert ref is not tiny.denoiser and not ref.training
     assert not any(p.requires_grad for p in ref.parameters())
-    assert all(p.requires_grad for p in tiny.unet.parameters())
-    assert _same_weights(ref, tiny.unet)
-    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.parameters(), tiny.unet.parameters(), strict=True))
+    assert all(p.requires_grad for p in tiny.denoiser.parameters())
+    assert _same_weights(ref, tiny.denoiser)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.parameters(), tiny.denoiser.parameters(), strict=True))
 
 
 def test_lora_add_disable_merge(tiny):
-    unet = models.frozen_copy(tiny.unet)
+    unet = models.frozen_copy(tiny.denoiser)
     x, t, emb = _unet_inputs(tiny)
 
     def run():
@@ -311,7 +306,7 @@ def test_lora_add_disable_merge(tiny):
 
 
 def test_add_lora_bad_target_raises_and_leaves_unet_clean(tiny):
-    unet = models.frozen_copy(tiny.unet).requires_grad_(True)
+    unet = models.frozen_copy(tiny.denoiser).requires_grad_(True)
     with pytest.raises(SpinDiffusionError, match="match no UNet module"):
         lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["nope"])
     with pytest.raises(SpinDiffusionError, match="cannot add LoRA"):
@@ -323,7 +318,7 @@ def test_add_lora_bad_target_raises_and_leaves_unet_clean(tiny):
 
 def _lora_unet(tiny, alpha: float):
     """A copy of the tiny UNet with a rank-2 adapter whose update is not zero, its inputs and its output."""
-    unet = models.frozen_copy(tiny.unet)
+    unet = models.frozen_copy(tiny.denoiser)
     lora.add_lora(unet, rank=2, alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     with torch.no_grad():
         for n, p in unet.named_parameters():
@@ -347,7 +342,7 @@ def _output_with_lora(saved, lora_dir, inputs, **load_kw):
 
 def test_save_lora_loads_into_the_saved_pipeline(tiny, saved, tmp_path):
     with pytest.raises(SpinDiffusionError, match="no LoRA adapter"):
-        lora.save_lora(models.frozen_copy(tiny.unet), tmp_path / "lora")
+        lora.save_lora(models.frozen_copy(tiny.denoiser), tmp_path / "lora")
     unet, inputs, expected = _lora_unet(tiny, alpha=4.0)
     out = lora.save_lora(unet, tmp_path / "lora")
     assert (out / "pytorch_lora_weights.safetensors").is_file()
@@ -367,6 +362,6 @@ def test_kohya_lora_converts_back_to_the_same_adapter(tiny, saved, tmp_path, alp
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {alpha}
     assert sum(k.endswith(".lora_down.weight") for k in kohya) == len(lora.tuner_layers(unet))
     x, t, emb = inputs
-    assert not torch.allclose(expected, tiny.unet(x, t, encoder_hidden_states=emb).sample, atol=1e-4)
+    assert not torch.allclose(expected, tiny.denoiser(x, t, encoder_hidden_states=emb).sample, atol=1e-4)
     got = _output_with_lora(saved, out, inputs, weight_name=lora.KOHYA_LORA_FILE)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _launch import node_args, set_args, torchrun_args
+from _launch import interrupt_when, kill_tree, node_args, set_args, torchrun_args
 from spin_diffusion.config import load_config
 from spin_diffusion.self_play import run
 
@@ -112,7 +112,7 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(spin_runs):
     two, one = spin_runs
     from spin_diffusion.presets import build_preset
 
-    base = {n: t.detach().clone() for n, t in build_preset("tiny", seed=0).unet.state_dict().items()}
+    base = {n: t.detach().clone() for n, t in build_preset("tiny", seed=0).denoiser.state_dict().items()}
     for k in (1, 2):
         w2, w1 = _unet(two / f"iter_{k:02d}" / "model"), _unet(one / f"iter_{k:02d}" / "model")
         prev = base if k == 1 else _unet(one / f"iter_{k - 1:02d}" / "model")
@@ -193,7 +193,7 @@ def test_every_objective_runs_on_two_processes(tmp_path: Path, command, override
     # one OpenMP thread, this process two, and the merged LoRA product sums in another order)
     from spin_diffusion.presets import build_preset
 
-    base = build_preset("tiny", seed=0).unet.state_dict()
+    base = build_preset("tiny", seed=0).denoiser.state_dict()
     diff = torch.cat([(w2[n] - w1[n]).flatten() for n in w1]).norm()
     update = torch.cat([(w1[n] - base[n]).flatten() for n in w1]).norm()
     assert update > 0 and diff <= 1e-3 * update, f"|2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
@@ -214,7 +214,7 @@ def test_sdxl_and_sd3_on_two_processes_equal_one_process(tmp_path: Path, preset:
     w2, w1 = (
         load_file(str(d / "iter_01" / "model" / sub / "diffusion_pytorch_model.safetensors")) for d in (two, one)
     )
-    base = build_preset(preset, seed=0).unet.state_dict()
+    base = build_preset(preset, seed=0).denoiser.state_dict()
     diff = torch.cat([(w2[n] - w1[n]).flatten() for n in w1]).norm()
     update = torch.cat([(w1[n] - base[n]).flatten() for n in w1]).norm()
     assert update > 0 and diff <= 1e-3 * update, f"|2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
@@ -238,7 +238,7 @@ def test_guard_hinge_and_total_batch_on_two_processes_equal_one_process(tmp_path
     used = json.loads((two / "state.json").read_text())["info"]["train:1"]["learning_rate"]
     assert used == pytest.approx(1.25e-5 * 8)  # scale_lr: the rate per pair × 8 pairs per step
     w2, w1 = (_unet(d / "iter_01" / "model") for d in (two, one))
-    base = build_preset("tiny", seed=0).unet.state_dict()
+    base = build_preset("tiny", seed=0).denoiser.state_dict()
     diff = torch.cat([(w2[n] - w1[n]).flatten() for n in w1]).norm()
     update = torch.cat([(w1[n] - base[n]).flatten() for n in w1]).norm()
     assert update > 0 and diff <= 1e-3 * update, f"|2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
@@ -314,42 +314,9 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and every process under it. (torchrun starts its workers in sessions of their own, so
-    killing the launcher's process group would leave the ranks running.)"""
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def _kill_all_when(run_dir: Path, ready, timeout: float = 180.0) -> None:
-    proc = subprocess.Popen(
-        torchrun_args(2, "spin", *_spin_args(run_dir)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        start_new_session=True,
-    )
-    deadline = time.time() + timeout
-    try:
-        while not ready():
-            if proc.poll() is not None:
-                pytest.fail("the run finished before it could be killed")
-            if time.time() > deadline:
-                pytest.fail("timed out waiting for the kill point")
-            time.sleep(0.01)
-    finally:
-        _kill_tree(proc.pid)  # the launcher and every rank, as a node failure would
-        proc.wait()
+def _kill_all_when(run_dir: Path, ready) -> None:
+    """kill -9 the launcher and every rank of a 2-process run as soon as `ready()` holds, as a node failure would."""
+    interrupt_when(torchrun_args(2, "spin", *_spin_args(run_dir)), ready, env=ENV)
 
 
 @pytest.mark.parametrize("phase", ["generate", "train"])
@@ -462,7 +429,7 @@ def test_lost_node_stops_the_other_and_the_run_resumes(tmp_path: Path, uninterru
     while not (ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir())):
         assert nodes[0].poll() is None and time.time() < deadline, "no checkpoint before the run ended"
         time.sleep(0.01)
-    _kill_tree(nodes[1].pid)
+    kill_tree(nodes[1].pid)
     rc, output = _wait(nodes[:1], timeout=90)[0]  # the surviving node gives up instead of waiting forever
     nodes[1].wait()
     assert rc != 0

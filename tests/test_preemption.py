@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _launch import set_args, torchrun_args
+from _launch import interrupt_when, set_args, torchrun_args
 from spin_diffusion.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,15 +64,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(tmp_path: Path, re
         if phase == "generate"
         else (lambda: log.exists() and len(log.read_text().splitlines()) >= 3)
     )
-    proc = subprocess.Popen(
-        _command(nproc, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
-    )
-    deadline = time.time() + 180
-    while not ready():
-        assert proc.poll() is None, "the run ended before the signal"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)  # to the launcher (torchrun forwards it to every rank)
+    # to the launcher (torchrun forwards it to every rank)
+    proc = interrupt_when(_command(nproc, run_dir), ready, env=ENV, sig=signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED if nproc == 1 else proc.returncode != 0, stderr[-3000:]
     assert "preempted:" in stderr and "--resume" in stderr

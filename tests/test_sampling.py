@@ -18,8 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from spin_diffusion import (  # noqa: E402
     families,
-    models,
-    presets,  # noqa: E402
     sampling,
 )
 from spin_diffusion.errors import SpinDiffusionError  # noqa: E402
@@ -28,18 +26,7 @@ LATENT_SHAPE = (4, 8, 8)
 SEQ_LEN, EMBED_DIM = 16, 8  # tiny tokenizer model_max_length, tiny UNet cross_attention_dim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny UNet is far faster single-threaded, and 2 busy cores make torch's thread pool thrash."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> models.Components:
-    return presets.build_preset("tiny", seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,7 @@ def _seeds(n: int, *, run_seed: int = 0, iteration: int = 0, start: int = 0) -> 
 def _sample(tiny, cfg, cond, neg, seeds, **kw):
     kw = {"num_steps": 4, "guidance_scale": 1.0, **kw}
     return sampling.sample(
-        tiny.unet, families.make("sd", cfg), cond, neg, seeds=seeds, latent_shape=LATENT_SHAPE, **kw
+        tiny.denoiser, families.make("sd", cfg), cond, neg, seeds=seeds, latent_shape=LATENT_SHAPE, **kw
     )
 
 
@@ -190,7 +177,7 @@ def test_implied_noise_is_the_epsilon_prediction_without_guidance(tiny, sched_cf
         x_t, x_prev = out.trajectory[:, i], out.trajectory[:, i + 1]
         implied = sampling.implied_noise(x_t, x_prev, coef_a, coef_b)
         with torch.no_grad():
-            eps = tiny.unet(x_t, t, encoder_hidden_states=cond).sample
+            eps = tiny.denoiser(x_t, t, encoder_hidden_states=cond).sample
         _assert_noise_close(implied, eps, coef_b)
 
 
@@ -201,8 +188,8 @@ def test_implied_noise_is_the_guided_epsilon_with_guidance(tiny, sched_cfg, embe
     for i, t in enumerate(out.timesteps):
         x_t, x_prev = out.trajectory[:, i], out.trajectory[:, i + 1]
         with torch.no_grad():
-            eps_c = tiny.unet(x_t, t, encoder_hidden_states=cond).sample
-            eps_u = tiny.unet(x_t, t, encoder_hidden_states=neg.expand(3, -1, -1)).sample
+            eps_c = tiny.denoiser(x_t, t, encoder_hidden_states=cond).sample
+            eps_u = tiny.denoiser(x_t, t, encoder_hidden_states=neg.expand(3, -1, -1)).sample
         guided = eps_u + scale * (eps_c - eps_u)
         coef_a, coef_b = _coefficients(sched_cfg, out.timesteps, i, 3)
         implied = sampling.implied_noise(x_t, x_prev, coef_a, coef_b)
@@ -223,7 +210,7 @@ def test_implied_noise_with_eta_adds_unit_gaussian_noise(tiny, sched_cfg, embeds
         x_t, x_prev = out.trajectory[:, i], out.trajectory[:, i + 1]
         implied = sampling.implied_noise(x_t, x_prev, coef_a, coef_b).double()
         with torch.no_grad():
-            eps = tiny.unet(x_t, t, encoder_hidden_states=cond).sample.double()
+            eps = tiny.denoiser(x_t, t, encoder_hidden_states=cond).sample.double()
         a_t = ac[t]
         a_prev = ac[t - 1000 // 4] if t >= 1000 // 4 else torch.tensor(float(sched.final_alpha_cumprod))
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
@@ -254,7 +241,9 @@ def _spec(**kw) -> sampling.GenerationSpec:
 def _generate(tiny, cfg, embeds, out_dir, spec, **kw):
     cond, neg = embeds
     kw = {"batch_size": 2, "progress": False, **kw}
-    sampling.generate_shards(tiny.unet, families.make("sd", cfg), cond[: spec.num_prompts], neg, out_dir, spec, **kw)
+    sampling.generate_shards(
+        tiny.denoiser, families.make("sd", cfg), cond[: spec.num_prompts], neg, out_dir, spec, **kw
+    )
 
 
 def _complete(out: Path, spec: sampling.GenerationSpec) -> bool:
@@ -376,7 +365,7 @@ def test_generate_shards_store_dtype_and_lazy_embeddings(tiny, sched_cfg, embeds
     lazy = RowStore.open([tmp_path / "emb.safetensors"], "prompt_embeds")
     half = replace(spec, store_dtype=store_dtype)
     sampling.generate_shards(
-        tiny.unet, families.make("sd", sched_cfg), lazy, neg, tmp_path / "half", half, batch_size=2, progress=False
+        tiny.denoiser, families.make("sd", sched_cfg), lazy, neg, tmp_path / "half", half, batch_size=2, progress=False
     )
     header = read_header(tmp_path / "half" / "shard_00000.safetensors")[0]
     assert (
@@ -464,7 +453,7 @@ def test_other_samplers_and_dtypes_are_seeded_and_batch_invariant(tiny, sched_cf
         [_sample(tiny, sched_cfg, cond[i : i + 2], neg, _seeds(2, start=i), **kw).latents for i in (0, 2)]
     )
     torch.testing.assert_close(parts, whole.latents, atol=1e-2 if dtype else 1e-5, rtol=1e-2 if dtype else 1e-5)
-    assert next(tiny.unet.parameters()).dtype == torch.float32  # autocast leaves the module as it was
+    assert next(tiny.denoiser.parameters()).dtype == torch.float32  # autocast leaves the module as it was
     base = _sample(tiny, sched_cfg, cond[:4], neg, _seeds(4), num_steps=4, guidance_scale=2.0)
     assert not torch.equal(whole.latents, base.latents)
     assert torch.isfinite(whole.latents).all()

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from _launch import interrupt_when
 from spin_diffusion import rundir
 from spin_diffusion.config import load_config
 from spin_diffusion.errors import SpinDiffusionError
@@ -140,25 +139,9 @@ def reference_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _kill_when(run_dir: Path, ready, *extra: str, timeout: float = 120.0) -> None:
-    """Start `_cli(run_dir, *extra)` and kill -9 it as soon as `ready()` holds (failing if it finishes first)."""
-    proc = subprocess.Popen(
-        _cli(run_dir, *extra),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.time() + timeout
-    try:
-        while not ready():
-            if proc.poll() is not None:
-                pytest.fail("the run finished before it could be killed")
-            if time.time() > deadline:
-                pytest.fail("timed out waiting for the kill point")
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+def _kill_when(run_dir: Path, ready, *extra: str) -> None:
+    """kill -9 `_cli(run_dir, *extra)` as soon as `ready()` holds (failing if it finishes first)."""
+    interrupt_when(_cli(run_dir, *extra), ready, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
 
 
 @pytest.mark.parametrize("phase", ["generate", "train"])

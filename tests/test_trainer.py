@@ -24,7 +24,6 @@ from spin_diffusion import (  # noqa: E402
     families,
     losses,
     models,
-    presets,  # noqa: E402
     sampling,
     trainer,
 )
@@ -41,13 +40,7 @@ SEQ_LEN, EMBED_DIM = 16, 8
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny UNet is far faster single-threaded, and 2 busy cores make torch's thread pool thrash."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,11 +52,6 @@ def _fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def tiny() -> models.Components:
-    return presets.build_preset("tiny", seed=0)
 
 
 def _pairs(n: int = 8, seed: int = 0) -> trainer.TrainData:
@@ -99,7 +87,7 @@ def _with_opponent_samples(data: trainer.TrainData, unet, family, out: Path) -> 
 @pytest.fixture(scope="module")
 def exact_pairs(tiny, tmp_path_factory) -> trainer.TrainData:
     """spin_exact data made the way self_play makes it (`_with_opponent_samples`)."""
-    return _with_opponent_samples(_pairs(8), tiny.unet, tiny.family, tmp_path_factory.mktemp("generated"))
+    return _with_opponent_samples(_pairs(8), tiny.denoiser, tiny.family, tmp_path_factory.mktemp("generated"))
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -169,8 +157,8 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[st
 def test_first_loss_is_log2_and_only_the_policy_trains(tiny, exact_pairs, tmp_path, objective):
     """Policy == ref at step 1, with (t, ε) shared by winner/loser and policy/ref, so every margin is 0."""
     data = exact_pairs if objective == "spin_exact" else _pairs()
-    policy = copy.deepcopy(tiny.unet)
-    ref = models.frozen_copy(tiny.unet)
+    policy = copy.deepcopy(tiny.denoiser)
+    ref = models.frozen_copy(tiny.denoiser)
     policy_before, ref_before = _snapshot(policy), _snapshot(ref)
 
     result, log = _train(tiny, policy, ref, data, tmp_path, objective, max_steps=3)
@@ -200,8 +188,8 @@ def test_spin_exact_loser_target_is_the_opponents_own_prediction(tiny, exact_pai
     indexing (x'_t, x'_{t-1}), the timestep passed with x'_t and the DDIM coefficients."""
     _, log = _train(
         tiny,
-        copy.deepcopy(tiny.unet),
-        models.frozen_copy(tiny.unet),
+        copy.deepcopy(tiny.denoiser),
+        models.frozen_copy(tiny.denoiser),
         exact_pairs,
         tmp_path,
         "spin_exact",
@@ -214,7 +202,7 @@ def test_spin_exact_loser_target_is_the_opponents_own_prediction(tiny, exact_pai
 
 
 def test_lora_policy_without_ref(tiny, tmp_path):
-    policy = copy.deepcopy(tiny.unet)
+    policy = copy.deepcopy(tiny.denoiser)
     add_lora(policy, rank=2, alpha=2.0, target_modules=LORA_TARGETS)
     before = _snapshot(policy)
     lora_keys = {k for k in before if "lora_" in k}
@@ -229,7 +217,7 @@ def test_lora_policy_without_ref(tiny, tmp_path):
     assert changed <= lora_keys
     assert any("lora_B" in k for k in changed)  # B starts at 0 and must have moved
     # The base weights equal the original UNet's, under peft's `base_layer` names.
-    original = tiny.unet.state_dict()
+    original = tiny.denoiser.state_dict()
     base = {k.replace(".base_layer", ""): v for k, v in policy.state_dict().items() if "lora_" not in k}
     assert base.keys() == original.keys()
     torch.testing.assert_close(base, original, rtol=0, atol=0)
@@ -241,7 +229,7 @@ def test_lora_policy_without_ref(tiny, tmp_path):
         out_policy = policy(x, t, encoder_hidden_states=ctx).sample
         with adapters_disabled(policy):
             out_base = policy(x, t, encoder_hidden_states=ctx).sample
-        out_orig = tiny.unet(x, t, encoder_hidden_states=ctx).sample
+        out_orig = tiny.denoiser(x, t, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(out_base, out_orig)
     assert (out_policy - out_orig).abs().max() > 1e-4
 
@@ -269,7 +257,7 @@ def _eval_errors(tiny, unet, data: trainer.TrainData, draws: int = 64) -> losses
 
 def test_sft_loss_decreases_when_overfitting_two_examples(tiny, tmp_path):
     data = _pairs(2)  # sft ignores the losers
-    policy = copy.deepcopy(tiny.unet)
+    policy = copy.deepcopy(tiny.denoiser)
     before = _eval_errors(tiny, policy, data).winner.mean().item()
 
     _, log = _train(tiny, policy, None, data, tmp_path, "sft", max_steps=30, timesteps_per_pair=8)
@@ -282,7 +270,7 @@ def test_sft_loss_decreases_when_overfitting_two_examples(tiny, tmp_path):
 
 def test_spin_approx_overfits_two_pairs(tiny, tmp_path):
     data = _pairs(2)
-    policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
+    policy, ref = copy.deepcopy(tiny.denoiser), models.frozen_copy(tiny.denoiser)
     beta = 500.0
 
     _, log = _train(tiny, policy, ref, data, tmp_path, "spin_approx", max_steps=30, beta=beta, timesteps_per_pair=8)
@@ -303,14 +291,14 @@ def test_sft_weight_adds_the_winner_error_and_lowers_it(tiny, tmp_path):
     three data seeds); the assertion asks for 2 %."""
     data = _pairs(8)
     beta = 500.0
-    before = _eval_errors(tiny, tiny.unet, data).winner.mean().item()
+    before = _eval_errors(tiny, tiny.denoiser, data).winner.mean().item()
     runs = {}
     for name, weight in [("plain", 0.0), ("sft", beta / 4)]:
-        policy = copy.deepcopy(tiny.unet)
+        policy = copy.deepcopy(tiny.denoiser)
         _, log = _train(
             tiny,
             policy,
-            models.frozen_copy(tiny.unet),
+            models.frozen_copy(tiny.denoiser),
             data,
             tmp_path / name,
             "spin_approx",
@@ -341,8 +329,8 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny, tmp_path):
     data = _pairs()
     runs = {}
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
-        policy = copy.deepcopy(tiny.unet)
-        _train(tiny, policy, models.frozen_copy(tiny.unet), data, tmp_path / name, "spin_approx", seed=seed)
+        policy = copy.deepcopy(tiny.denoiser)
+        _train(tiny, policy, models.frozen_copy(tiny.denoiser), data, tmp_path / name, "spin_approx", seed=seed)
         runs[name] = policy.state_dict()
     torch.testing.assert_close(runs["a"], runs["b"], rtol=0, atol=0)
     assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
@@ -373,12 +361,12 @@ def test_accumulation_visits_the_same_pairs(tiny, tmp_path, monkeypatch):
 
     data = _pairs()
     seen_a = _recording(monkeypatch)
-    _train(tiny, copy.deepcopy(tiny.unet), None, data, tmp_path / "a", "sft", max_steps=3, batch_size=4)
+    _train(tiny, copy.deepcopy(tiny.denoiser), None, data, tmp_path / "a", "sft", max_steps=3, batch_size=4)
     monkeypatch.undo()
     seen_b = _recording(monkeypatch)
     _train(
         tiny,
-        copy.deepcopy(tiny.unet),
+        copy.deepcopy(tiny.denoiser),
         None,
         data,
         tmp_path / "b",
@@ -407,10 +395,10 @@ def test_accumulation_matches_full_batch(tiny, tmp_path, objective, remedies):
     seed = 3
     sgd_like = dict(learning_rate=10.0, adam_epsilon=1e3, weight_decay=0.0, max_grad_norm=0.0, max_steps=2)
     data = _pairs()
-    init = _snapshot(tiny.unet)
-    ref = None if objective == "sft" else models.frozen_copy(tiny.unet)
+    init = _snapshot(tiny.denoiser)
+    ref = None if objective == "sft" else models.frozen_copy(tiny.denoiser)
 
-    policy_b = copy.deepcopy(tiny.unet)
+    policy_b = copy.deepcopy(tiny.denoiser)
     _, log_b = _train(
         tiny,
         policy_b,
@@ -424,7 +412,7 @@ def test_accumulation_matches_full_batch(tiny, tmp_path, objective, remedies):
         **remedies,
         **sgd_like,
     )
-    policy_a = copy.deepcopy(tiny.unet)
+    policy_a = copy.deepcopy(tiny.denoiser)
     _, log_a = _train(
         tiny, policy_a, ref, data, tmp_path / "a", objective, seed=seed, batch_size=4, **remedies, **sgd_like
     )
@@ -454,8 +442,8 @@ def test_resume_after_kill_gives_the_same_weights_and_log(tiny, tmp_path, monkey
     data = _pairs()
     kw = dict(max_steps=4, checkpoint_every=2, warmup_steps=2, lr_scheduler="linear", seed=5)
 
-    full = copy.deepcopy(tiny.unet)
-    _train(tiny, full, models.frozen_copy(tiny.unet), data, tmp_path / "full", "spin_approx", **kw)
+    full = copy.deepcopy(tiny.denoiser)
+    _train(tiny, full, models.frozen_copy(tiny.denoiser), data, tmp_path / "full", "spin_approx", **kw)
 
     real = trainer._micro_step_loss
     calls = itertools.count()
@@ -468,13 +456,13 @@ def test_resume_after_kill_gives_the_same_weights_and_log(tiny, tmp_path, monkey
     out = tmp_path / "killed"
     monkeypatch.setattr(trainer, "_micro_step_loss", dies_in_step_4)
     with pytest.raises(_Killed):
-        _train(tiny, copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+        _train(tiny, copy.deepcopy(tiny.denoiser), models.frozen_copy(tiny.denoiser), data, out, "spin_approx", **kw)
     monkeypatch.undo()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]
     assert [r["step"] for r in _log(out / "train_log.jsonl")] == [1, 2, 3]
 
-    resumed = copy.deepcopy(tiny.unet)  # fresh weights: everything must come from the checkpoint
-    result, log = _train(tiny, resumed, models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+    resumed = copy.deepcopy(tiny.denoiser)  # fresh weights: everything must come from the checkpoint
+    result, log = _train(tiny, resumed, models.frozen_copy(tiny.denoiser), data, out, "spin_approx", **kw)
     assert result.resumed_from == 2 and result.steps == 4
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     full_log = _log(tmp_path / "full" / "train_log.jsonl")
@@ -484,8 +472,8 @@ def test_resume_after_kill_gives_the_same_weights_and_log(tiny, tmp_path, monkey
     torch.testing.assert_close(resumed.state_dict(), full.state_dict())
 
     # Nothing left to do: a second resume takes no step and keeps the weights and the log.
-    again = copy.deepcopy(tiny.unet)
-    result, log2 = _train(tiny, again, models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+    again = copy.deepcopy(tiny.denoiser)
+    result, log2 = _train(tiny, again, models.frozen_copy(tiny.denoiser), data, out, "spin_approx", **kw)
     assert result.resumed_from == 2 and [r["step"] for r in log2] == [1, 2, 3, 4]
 
 
@@ -495,7 +483,7 @@ def test_resume_after_kill_gives_the_same_weights_and_log(tiny, tmp_path, monkey
 @pytest.mark.parametrize("objective", ["dpo", "spin_approx", "spin_exact"])
 def test_objectives_with_a_reference_need_one(tiny, exact_pairs, tmp_path, objective):
     data = exact_pairs if objective == "spin_exact" else _pairs()
-    policy = copy.deepcopy(tiny.unet)
+    policy = copy.deepcopy(tiny.denoiser)
     with pytest.raises(ValueError, match="reference"):
         _train(tiny, policy, None, data, tmp_path, objective)
     with pytest.raises(ValueError, match="different objects"):
@@ -504,7 +492,7 @@ def test_objectives_with_a_reference_need_one(tiny, exact_pairs, tmp_path, objec
 
 def test_an_unresolved_schedule_is_refused(tiny, tmp_path):
     """The trainer knows no iterations: a list-valued β or learning rate must be resolved by the caller."""
-    policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
+    policy, ref = copy.deepcopy(tiny.denoiser), models.frozen_copy(tiny.denoiser)
     with pytest.raises(ValueError, match="config.for_iteration"):
         _train(tiny, policy, ref, _pairs(), tmp_path, "spin_approx", beta=(5000.0, 2500.0))
     with pytest.raises(ValueError, match="config.for_iteration"):
@@ -513,7 +501,7 @@ def test_an_unresolved_schedule_is_refused(tiny, tmp_path):
 
 def test_an_unresolved_total_batch_is_refused(tiny, tmp_path):
     """train.total_batch_size / scale_lr depend on the process count: config.for_world resolves them first."""
-    policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
+    policy, ref = copy.deepcopy(tiny.denoiser), models.frozen_copy(tiny.denoiser)
     with pytest.raises(ValueError, match="config.for_world"):
         _train(tiny, policy, ref, _pairs(), tmp_path, "spin_approx", total_batch_size=4)
     with pytest.raises(ValueError, match="config.for_world"):
@@ -531,9 +519,9 @@ def test_guard_and_hinge_train_every_preference_objective(tiny, exact_pairs, tmp
     data = exact_pairs if objective == "spin_exact" else _pairs()
 
     def policy_and_ref():
-        policy = copy.deepcopy(tiny.unet)
+        policy = copy.deepcopy(tiny.denoiser)
         if not lora:
-            return policy, models.frozen_copy(tiny.unet)
+            return policy, models.frozen_copy(tiny.denoiser)
         policy.requires_grad_(False)
         add_lora(policy, rank=4, alpha=4, target_modules=LORA_TARGETS, seed=0)
         return policy, None
@@ -591,7 +579,7 @@ def test_num_optimizer_steps():
 def test_epochs_set_the_number_of_steps(tiny, tmp_path):
     result, log = _train(
         tiny,
-        copy.deepcopy(tiny.unet),
+        copy.deepcopy(tiny.denoiser),
         None,
         _pairs(8),
         tmp_path,
@@ -632,10 +620,10 @@ def test_spin_exact_with_v_prediction_converts_to_epsilon(tiny, tmp_path):
     config = dict(DDIMScheduler.from_config(tiny.scheduler.config, prediction_type="v_prediction").config)
     family = families.make("sd", config)
     assert family.process.prediction_type == "v_prediction"
-    data = _with_opponent_samples(_pairs(4), tiny.unet, family, tmp_path / "gen")
+    data = _with_opponent_samples(_pairs(4), tiny.denoiser, family, tmp_path / "gen")
     result = trainer.train(
-        copy.deepcopy(tiny.unet),
-        models.frozen_copy(tiny.unet),
+        copy.deepcopy(tiny.denoiser),
+        models.frozen_copy(tiny.denoiser),
         data,
         objective="spin_exact",
         loss_cfg=LossConfig(objective="spin_exact", timesteps_per_pair=4),
@@ -657,10 +645,10 @@ def test_bf16_mixed_precision_keeps_a_bf16_reference(tiny, tmp_path):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
-        ref = models.frozen_copy(tiny.unet)
+        ref = models.frozen_copy(tiny.denoiser)
         _, log = _train(
             tiny,
-            copy.deepcopy(tiny.unet),
+            copy.deepcopy(tiny.denoiser),
             ref,
             _pairs(),
             tmp_path,
@@ -698,7 +686,7 @@ def test_data_loader_workers_and_on_disk_cache_give_the_same_run(tiny, tmp_path)
             run_data = trainer.TrainData(**stores)
         else:
             run_data = data
-        policy, ref = copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet)
+        policy, ref = copy.deepcopy(tiny.denoiser), models.frozen_copy(tiny.denoiser)
         _train(
             tiny, policy, ref, run_data, tmp_path / name, "spin_approx", max_steps=3, batch_size=4, num_workers=workers
         )
@@ -712,7 +700,7 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny, tmp_path):
     for limit, names in kept.items():
         out = tmp_path / str(limit)
         kw = dict(max_steps=5, checkpoint_every=1, checkpoints_total_limit=limit)
-        _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), out, "sft", **kw)
+        _train(tiny, copy.deepcopy(tiny.denoiser), None, _pairs(), out, "sft", **kw)
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == names  # the last step is the export's
     with pytest.raises(SpinDiffusionError, match="train.checkpoints_total_limit must be >= 1 or null"):
         TrainConfig(checkpoints_total_limit=0)
@@ -720,11 +708,11 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny, tmp_path):
 
 def test_time_based_checkpoints(tiny, tmp_path):
     """train.checkpoint_every_minutes checkpoints on the clock even with step-based checkpoints off."""
-    _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), tmp_path / "off", "sft", max_steps=3)
+    _train(tiny, copy.deepcopy(tiny.denoiser), None, _pairs(), tmp_path / "off", "sft", max_steps=3)
     assert not (tmp_path / "off" / "checkpoints").exists()
     _train(
         tiny,
-        copy.deepcopy(tiny.unet),
+        copy.deepcopy(tiny.denoiser),
         None,
         _pairs(),
         tmp_path / "on",
@@ -748,14 +736,14 @@ def test_ema_is_diffusers_moving_average_of_the_trained_weights(tiny, tmp_path):
     """The policy returned (and so exported) is the EMA: update n mixes with decay min(ema_decay, (1+n)/(10+n)),
     the first update copies the weights (EMAModel); the raw weights train exactly as without EMA."""
     data, kw = _pairs(), dict(max_steps=3, checkpoint_every=1, checkpoints_total_limit=None, seed=3)
-    raw = copy.deepcopy(tiny.unet)
-    _train(tiny, raw, models.frozen_copy(tiny.unet), data, tmp_path / "raw", "spin_approx", **kw)
+    raw = copy.deepcopy(tiny.denoiser)
+    _train(tiny, raw, models.frozen_copy(tiny.denoiser), data, tmp_path / "raw", "spin_approx", **kw)
     w1, w2 = (_checkpoint_weights(tmp_path / "raw", step) for step in (1, 2))
     w3 = {name: t.detach() for name, t in raw.state_dict().items()}
 
-    ema = copy.deepcopy(tiny.unet)
+    ema = copy.deepcopy(tiny.denoiser)
     out = tmp_path / "ema"
-    _train(tiny, ema, models.frozen_copy(tiny.unet), data, out, "spin_approx", ema_decay=0.2, **kw)
+    _train(tiny, ema, models.frozen_copy(tiny.denoiser), data, out, "spin_approx", ema_decay=0.2, **kw)
     d2, d3 = min(0.2, 2 / 11), min(0.2, 3 / 12)  # the warm-up decides update 2, ema_decay update 3
     for name, value in ema.state_dict().items():
         expected = d3 * (d2 * w1[name] + (1 - d2) * w2[name]) + (1 - d3) * w3[name]
@@ -785,8 +773,8 @@ def test_ema_and_8bit_adamw_resume_bit_identically(tiny, tmp_path, monkeypatch, 
         monkeypatch.setattr(bnb.optim, "AdamW8bit", functools.partial(bnb.optim.AdamW8bit, min_8bit_size=16))
     data = _pairs()
     kw = dict(max_steps=3, checkpoint_every=2, warmup_steps=1, lr_scheduler="linear", seed=4, **setting)
-    full = copy.deepcopy(tiny.unet)
-    _train(tiny, full, models.frozen_copy(tiny.unet), data, tmp_path / "full", "spin_approx", **kw)
+    full = copy.deepcopy(tiny.denoiser)
+    _train(tiny, full, models.frozen_copy(tiny.denoiser), data, tmp_path / "full", "spin_approx", **kw)
     state = torch.load(tmp_path / "full" / "checkpoints" / "step_0000002" / "optimizer.bin", weights_only=False)
     assert (torch.uint8 in _dtypes(state["state"])) == ("optimizer" in setting)  # the states really are 8-bit
 
@@ -800,16 +788,16 @@ def test_ema_and_8bit_adamw_resume_bit_identically(tiny, tmp_path, monkeypatch, 
     out = tmp_path / "killed"
     with monkeypatch.context() as patch, pytest.raises(_Killed):
         patch.setattr(trainer, "_micro_step_loss", dies_in_step_3)
-        _train(tiny, copy.deepcopy(tiny.unet), models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
-    resumed = copy.deepcopy(tiny.unet)
-    result, _ = _train(tiny, resumed, models.frozen_copy(tiny.unet), data, out, "spin_approx", **kw)
+        _train(tiny, copy.deepcopy(tiny.denoiser), models.frozen_copy(tiny.denoiser), data, out, "spin_approx", **kw)
+    resumed = copy.deepcopy(tiny.denoiser)
+    result, _ = _train(tiny, resumed, models.frozen_copy(tiny.denoiser), data, out, "spin_approx", **kw)
     assert result.resumed_from == 2
     for name, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
 def test_lora_with_ema_averages_the_adapters_only(tiny, tmp_path):
-    policy = copy.deepcopy(tiny.unet)
+    policy = copy.deepcopy(tiny.denoiser)
     add_lora(policy, rank=2, alpha=2.0, target_modules=LORA_TARGETS)
     before = _snapshot(policy)
     _train(tiny, policy, None, _pairs(), tmp_path, "spin_approx", ema_decay=0.9, max_steps=2)
@@ -838,12 +826,12 @@ def test_validation_images_are_saved_logged_and_change_nothing(tiny, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     kw = dict(max_steps=4, report_to="tensorboard", ema_decay=0.5)
-    plain = copy.deepcopy(tiny.unet)
-    _train(tiny, plain, models.frozen_copy(tiny.unet), _pairs(), tmp_path / "plain", "spin_approx", **kw)
-    policy = copy.deepcopy(tiny.unet)
+    plain = copy.deepcopy(tiny.denoiser)
+    _train(tiny, plain, models.frozen_copy(tiny.denoiser), _pairs(), tmp_path / "plain", "spin_approx", **kw)
+    policy = copy.deepcopy(tiny.denoiser)
     out = tmp_path / "iter_01" / "train"
     validation = _validation(tiny, tmp_path / "iter_01" / "validation")
-    _train(tiny, policy, models.frozen_copy(tiny.unet), _pairs(), out, "spin_approx", validation=validation, **kw)
+    _train(tiny, policy, models.frozen_copy(tiny.denoiser), _pairs(), out, "spin_approx", validation=validation, **kw)
 
     for name, value in plain.state_dict().items():  # rendering (EMA swapped in and back) leaves training alone
         assert torch.equal(policy.state_dict()[name], value), name
@@ -894,11 +882,11 @@ def test_trackers_get_the_whole_config_and_can_be_off(tiny, tmp_path, monkeypatc
     assert flat["data.random_flip"] is True and flat["model.path"] == "null" and flat["loss.beta"] == 5000.0
     assert all(isinstance(v, bool | int | float | str) for v in flat.values())
 
-    _train(tiny, copy.deepcopy(tiny.unet), None, _pairs(), tmp_path / "none", "sft", max_steps=1, report_to="none")
+    _train(tiny, copy.deepcopy(tiny.denoiser), None, _pairs(), tmp_path / "none", "sft", max_steps=1, report_to="none")
     assert not (tmp_path / "none" / "tensorboard").exists() and (tmp_path / "none" / "train_log.jsonl").is_file()
 
     result = trainer.train(
-        copy.deepcopy(tiny.unet),
+        copy.deepcopy(tiny.denoiser),
         None,
         _pairs(),
         objective="sft",
@@ -924,7 +912,7 @@ def test_wandb_offline_writes_a_local_run_with_the_config(tiny, tmp_path, monkey
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "iter_01" / "train"
     trainer.train(
-        copy.deepcopy(tiny.unet),
+        copy.deepcopy(tiny.denoiser),
         None,
         _pairs(),
         objective="sft",

@@ -429,35 +429,12 @@ def _cached_encode(
     """Build or reuse the cache; returns its stores (bad rows left out) and the bad rows with their reasons."""
     from spin_diffusion import distributed
 
-    if batch_size < 1:
-        raise SpinDiffusionError(f"data.encode_batch_size must be >= 1, got {batch_size}")
-    if shard_size < 1:
-        raise SpinDiffusionError(f"data.cache_shard_size must be >= 1, got {shard_size}")
-    if dtype not in STORE_DTYPES:
-        raise SpinDiffusionError(f"data.cache_dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
-    if resolution < 1 or resolution % getattr(c, "vae_scale_factor", 1):
-        raise SpinDiffusionError(
-            f"resolution {resolution} must be a positive multiple of the VAE scale factor "
-            f"{getattr(c, 'vae_scale_factor', 1)}; set data.resolution"
-        )
+    _check_encode_settings(c, resolution=resolution, batch_size=batch_size, dtype=dtype, shard_size=shard_size)
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / f"{kind}.json"
     n = len(captions)
     unique, index_map = dedup(captions)
-    identity = {
-        "version": CACHE_VERSION,
-        "kind": kind,
-        "data": fingerprint,
-        "resolution": resolution,
-        "model": model_id,
-        "dtype": dtype,
-        "shard_size": shard_size,
-        "on_bad": bad_policy.on_bad,
-        "min_side": bad_policy.min_side,
-    }
-    if augment.active:  # (without augmentation the key is the one caches had before it existed)
-        identity["augment"] = dataclasses.asdict(augment)
-    key = _digest(identity)
+    key = _cache_key(kind, fingerprint, resolution, model_id, dtype, shard_size, bad_policy, augment)
     state = distributed.state()
     image_paths = _paths(cache_dir, kind, "images", _num_shards(n, shard_size))
 
@@ -560,9 +537,50 @@ def _cached_encode(
             "num_skipped": len(bad),
             "captions": captions,
         }
-        _write_json_atomic(meta_path, meta)
+        _write_json_atomic(meta_path, meta)  # last: the marker that vouches for every shard above
     state.wait_for_everyone()
     return finished()
+
+
+def _check_encode_settings(c: Components, *, resolution: int, batch_size: int, dtype: str, shard_size: int) -> None:
+    if batch_size < 1:
+        raise SpinDiffusionError(f"data.encode_batch_size must be >= 1, got {batch_size}")
+    if shard_size < 1:
+        raise SpinDiffusionError(f"data.cache_shard_size must be >= 1, got {shard_size}")
+    if dtype not in STORE_DTYPES:
+        raise SpinDiffusionError(f"data.cache_dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    if resolution < 1 or resolution % getattr(c, "vae_scale_factor", 1):
+        raise SpinDiffusionError(
+            f"resolution {resolution} must be a positive multiple of the VAE scale factor "
+            f"{getattr(c, 'vae_scale_factor', 1)}; set data.resolution"
+        )
+
+
+def _cache_key(
+    kind: str,
+    fingerprint: str,
+    resolution: int,
+    model_id: str,
+    dtype: str,
+    shard_size: int,
+    bad_policy: BadExamples,
+    augment: Augment,
+) -> str:
+    """What the cache's content depends on, hashed; every shard carries it, and a change rebuilds the cache."""
+    identity = {
+        "version": CACHE_VERSION,
+        "kind": kind,
+        "data": fingerprint,
+        "resolution": resolution,
+        "model": model_id,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "on_bad": bad_policy.on_bad,
+        "min_side": bad_policy.min_side,
+    }
+    if augment.active:  # (without augmentation the key is the one caches had before it existed)
+        identity["augment"] = dataclasses.asdict(augment)
+    return _digest(identity)
 
 
 class _NoBar:

@@ -4,7 +4,7 @@
 ``export.save_pipeline(..., card=info)`` writes it into the folder it exports.
 
     info = card.card_info(cfg, iteration=k + 1, steps=result.steps, data_size=len(captions))
-    export.save_pipeline(c, out_dir, unet=policy, card=info)
+    export.save_pipeline(c, out_dir, denoiser=policy, card=info)
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ if TYPE_CHECKING:
     from spin_diffusion.models import Components
 
 
-def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None, card: CardInfo | None = None) -> Path:
-    """Write a full diffusers pipeline folder (safetensors) for ``c``, with ``unet`` replacing ``c.unet`` if given,
-    and, with ``card``, its model card as README.md (``card.render_card``; metadata, training, evaluation, usage).
+def save_pipeline(c: Components, out_dir: str | Path, *, denoiser: Any = None, card: CardInfo | None = None) -> Path:
+    """Write a full diffusers pipeline folder (safetensors) for ``c``, with ``denoiser`` replacing ``c.denoiser`` if
+    given, and, with ``card``, its model card as README.md (``card.render_card``: metadata, training, evaluation,
+    usage).
 
     With a VAE it is the family's pipeline (:func:`pipeline`: ``StableDiffusionPipeline`` without safety checker,
     ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline``) that loads offline with plain
@@ -32,11 +33,11 @@ def save_pipeline(c: Components, out_dir: str | Path, *, unet: Any = None, card:
     ``os.replace``; an existing ``out_dir`` is replaced. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    unet = c.unet if unet is None else unet
-    if tuner_layers(unet):
-        unet = merge_lora(copy.deepcopy(unet))
+    denoiser = c.denoiser if denoiser is None else denoiser
+    if tuner_layers(denoiser):
+        denoiser = merge_lora(copy.deepcopy(denoiser))
     tmp = fresh_dir(out_dir)
-    c.family.pipeline(c, unet).save_pretrained(tmp, safe_serialization=True)
+    c.family.pipeline(c, denoiser).save_pretrained(tmp, safe_serialization=True)
     if card is not None:
         info = dataclasses.replace(card, pixel_space=c.vae is None, family=c.family.name)
         (tmp / "README.md").write_text(render_card(info))

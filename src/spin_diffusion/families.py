@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from spin_diffusion.encoding import encode_prompts
+from spin_diffusion import encoding
 from spin_diffusion.errors import SpinDiffusionError
 
 if TYPE_CHECKING:
@@ -232,17 +232,17 @@ class Family:
         return PIPELINE_CLASSES[self.name]
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
-        return Cond(encode_prompts(c, prompts, batch_size=batch_size))
+        return Cond(encoding.encode_prompts(c, prompts, batch_size=batch_size))
 
     def pipeline(self, c: Components, denoiser: Any = None) -> Any:
-        """The family's plain diffusers pipeline sharing ``c``'s modules; ``denoiser`` replaces ``c.unet``."""
+        """The family's plain diffusers pipeline sharing ``c``'s modules; ``denoiser`` replaces ``c.denoiser``."""
         import diffusers
 
         return diffusers.StableDiffusionPipeline(
             vae=c.vae,
             text_encoder=c.text_encoder,
             tokenizer=c.tokenizer,
-            unet=c.unet if denoiser is None else denoiser,
+            unet=c.denoiser if denoiser is None else denoiser,
             scheduler=c.scheduler,
             safety_checker=None,
             feature_extractor=None,
@@ -290,7 +290,7 @@ class SDXLFamily(Family):
             text_encoder_2=c.text_encoder_2,
             tokenizer=c.tokenizer,
             tokenizer_2=c.tokenizer_2,
-            unet=c.unet if denoiser is None else denoiser,
+            unet=c.denoiser if denoiser is None else denoiser,
             scheduler=c.scheduler,
             force_zeros_for_empty_prompt=c.pipeline_config.get("force_zeros_for_empty_prompt", True),
         )
@@ -330,7 +330,7 @@ class SD3Family(Family):
         import diffusers
 
         return diffusers.StableDiffusion3Pipeline(
-            transformer=c.unet if denoiser is None else denoiser,
+            transformer=c.denoiser if denoiser is None else denoiser,
             scheduler=c.scheduler,
             vae=c.vae,
             text_encoder=c.text_encoder,

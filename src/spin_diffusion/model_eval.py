@@ -281,14 +281,14 @@ def evaluate_models(
     shown: dict[str, int] = {}
     for name, path in zip(names, folders, strict=True):
         c = models.load_components(path)
-        for module in (c.unet, *c.text_encoders(), c.vae):
+        for module in (c.denoiser, *c.text_encoders(), c.vae):
             if module is not None:
                 module.to(device)
         embeds = encoding.encode(c, prompts)
         negative = c.family.negative(c, "")
         images = render_shared(
             c,
-            c.unet.eval(),
+            c.denoiser.eval(),
             embeds,
             negative,
             out_dir / f"{name}_images",

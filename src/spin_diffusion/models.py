@@ -34,7 +34,7 @@ class Components:
     back by :func:`save_pipeline`); :meth:`noise_scheduler` gives the training forward process.
     """
 
-    unet: Any  # diffusers.UNet2DConditionModel
+    denoiser: Any  # the trained network: UNet2DConditionModel (SD, SDXL) or SD3Transformer2DModel (SD3)
     text_encoder: torch.nn.Module  # CLIPTextModel (or any encoder whose output has last_hidden_state)
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     scheduler: Any  # diffusers SchedulerMixin
@@ -51,7 +51,7 @@ class Components:
     @functools.cached_property
     def family(self) -> families.Family:
         """How this model is conditioned, noised and called (``families``): sd, sdxl or sd3."""
-        return families.make(families.family_name(self.pipeline_class, self.unet), self.scheduler.config)
+        return families.make(families.family_name(self.pipeline_class, self.denoiser), self.scheduler.config)
 
     @property
     def prediction_type(self) -> str:
@@ -73,7 +73,7 @@ class Components:
         """Channels of the UNet's input latents (the VAE's latent channels; image channels without a VAE)."""
         if self.vae is not None:
             return int(self.vae.config.latent_channels)
-        return int(self.unet.config.in_channels)
+        return int(self.denoiser.config.in_channels)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -92,8 +92,8 @@ class Components:
 
     @property
     def sample_size(self) -> int:
-        """Native latent side length (``unet.config.sample_size``)."""
-        size = self.unet.config.sample_size
+        """Native latent side length (``denoiser.config.sample_size``)."""
+        size = self.denoiser.config.sample_size
         return int(size[0] if isinstance(size, list | tuple) else size)
 
     @property
@@ -135,7 +135,7 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 def check_compatible(c: Components) -> None:
     """Raise SpinDiffusionError when the components cannot form a plain text-to-image model of their family."""
     where = f" in {c.source}" if c.source is not None else ""
-    cfg = c.unet.config
+    cfg = c.denoiser.config
     family = c.family.name  # raises for unsupported prediction types
     if cfg.in_channels != c.latent_channels:
         raise SpinDiffusionError(
@@ -216,7 +216,7 @@ def load_components(
             cls = UNet2DConditionModel
         return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, variant=variant)
 
-    unet = load(denoiser_name, load_denoiser)
+    denoiser = load(denoiser_name, load_denoiser)
 
     def load_text_encoder(name: str):
         def fn(folder: Path) -> torch.nn.Module:
@@ -271,10 +271,10 @@ def load_components(
                 ),
             )
         )
-    unet.eval()
+    denoiser.eval()
     settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list | tuple)}
     c = Components(
-        unet,
+        denoiser,
         text_encoder,
         tokenizer,
         scheduler,

@@ -220,10 +220,10 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     started = time.perf_counter()
     r = _set_up(cfg, resume=resume)
     start = _finished_iterations(r)
-    opponent = r.c.unet if start == 0 else _load_unet(iter_dir(r.run_dir, start) / "model")
+    opponent = r.c.denoiser if start == 0 else _load_unet(iter_dir(r.run_dir, start) / "model")
     opponent.to(r.dist.device)
     if r.cfg.eval.include_base and not r.state.done("eval:0"):
-        _evaluate(r, 0, r.c.unet if start == 0 else load_base_components(r.cfg).unet.to(r.dist.device))
+        _evaluate(r, 0, r.c.denoiser if start == 0 else load_base_components(r.cfg).denoiser.to(r.dist.device))
     if start > 0:
         _evaluate(r, start, opponent)  # a kill between train:k and eval:k leaves θ_k unscored
 
@@ -491,7 +491,7 @@ def _train_and_export(
             lora.save_lora(policy, next_dir / "lora", r.c)
         policy = lora.merge_lora(policy)
     if r.dist.is_main_process:
-        export.save_pipeline(r.c, next_dir / "model", unet=policy, card=_card_info(r, k + 1, steps=result.steps))
+        export.save_pipeline(r.c, next_dir / "model", denoiser=policy, card=_card_info(r, k + 1, steps=result.steps))
     r.dist.wait_for_everyone()
     used = {"learning_rate": cfg_k.train.learning_rate}  # the schedules' values for this iteration
     if r.objective.needs_ref:
@@ -550,7 +550,7 @@ def disk_estimate(
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
     f = c.vae_scale_factor
-    unet = params(c.unet)
+    unet = params(c.denoiser)
     num_captions = len(set(images.captions))
     return preflight.estimate_run_bytes(
         num_rows=len(images),

@@ -58,7 +58,7 @@ def render(c: models.Components, spec: EvalSpec) -> list[Image.Image]:
     as the sampler's signature changes."""
     return render_images(
         c,
-        c.unet,
+        c.denoiser,
         encoding.encode_prompts(c, list(spec.prompts)),
         encoding.encode_prompts(c, [""]),
         seeds=[sample_seed(spec.seed, 0, i) for i in range(len(spec.prompts))],
