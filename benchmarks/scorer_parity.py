@@ -16,7 +16,7 @@ CPU, and runs the official code there:
    scored with ``ImageReward.score`` -- with the shipped ViT-L/16 (stage ``imagereward``) and with BLIP's
    ``VisionTransformer`` reduced (stage ``imagereward_small``, the one the test suite rebuilds). Stage
    ``aesthetic``: LAION's ``simple_inference.py`` on OpenAI's ``clip.load`` of a reduced ViT-L/14.
-3. The main env: the project's scorers (``spin_diffusion.evaluation.build_scorer``) load the same files, with their
+3. The main env: the project's scorers (``spin_diffusion.scoring.build_scorer``) load the same files, with their
    own preprocessing and tokenisation, and the scores are compared (target: max abs difference <= 1e-4). PickScore
    and CLIP score are compared here with the PickScore model card's transformers code.
 
@@ -581,7 +581,7 @@ def write_pickscore_folder(state: dict, cfg: dict, folder: Path, tokenizer_dir: 
 def stage_compare(work: Path) -> dict:
     import torch
 
-    from spin_diffusion.evaluation import build_scorer
+    from spin_diffusion.scoring import build_scorer
 
     images = make_images()
     report = {}

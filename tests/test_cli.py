@@ -195,7 +195,7 @@ def test_evaluate_needs_weights_for_learned_scorers(tmp_path, capsys):
 
 def test_evaluate_adds_fid_against_reference_images(tmp_path, capsys):
     from spin_diffusion import world
-    from test_evaluation import _save_clip
+    from test_scoring import _save_clip
 
     export.save_pipeline(presets.build_preset("tiny", seed=0), tmp_path / "m0")
     clip = tmp_path / "clip"

@@ -25,7 +25,7 @@ FORBIDDEN = {
     "data": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.sampling"},
     "cache": {"spin_diffusion.trainer", "spin_diffusion.self_play", "spin_diffusion.sampling"},
     "trainer": {"spin_diffusion.self_play", "spin_diffusion.data", "spin_diffusion.model_eval"},
-    "evaluation": {"diffusers", "spin_diffusion.sampling", "spin_diffusion.self_play", "spin_diffusion.models"},
+    "scoring": {"diffusers", "spin_diffusion.sampling", "spin_diffusion.self_play", "spin_diffusion.models"},
     "report": {"diffusers", "torch", "spin_diffusion.models", "spin_diffusion.self_play"},
     "config": {"torch", "diffusers", "spin_diffusion.models", "spin_diffusion.self_play"},
     "distributed": {"diffusers", "spin_diffusion.models", "spin_diffusion.self_play", "spin_diffusion.trainer"},
@@ -66,7 +66,7 @@ HOUSE = [
         "demo.pretrain",
     },  # fmt: skip
     # 4. sampling and scoring images
-    {"sampling", "evaluation"},
+    {"sampling", "scoring"},
     # 5. training, and rendering + scoring models
     {"trainer", "model_eval"},
     # 6. the self-play loop and the demo's evaluation

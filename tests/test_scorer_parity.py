@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("transformers")
 
-from spin_diffusion import evaluation as ev  # noqa: E402
+from spin_diffusion import scoring as ev  # noqa: E402
 from spin_diffusion.scorers import _common, hpsv2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ from PIL import Image, ImageFilter
 
 from spin_diffusion import world
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.evaluation import frechet_distance_metric as fd
 from spin_diffusion.images import pil_to_tensor, tensor_to_pil
+from spin_diffusion.scoring import frechet_distance_metric as fd
 
 SCENES = world.all_scenes()
 
@@ -218,7 +218,7 @@ def test_image_features_fixed_and_independent_of_global_rng(real_images):
 
 
 def test_frechet_distance_in_world_features(real_images):
-    """The demo's FD: evaluation.frechet_distance_metric (torchmetrics) in the world's fixed feature space."""
+    """The demo's FD: scoring.frechet_distance_metric (torchmetrics) in the world's fixed feature space."""
     net = world.FeatureNet()
     assert net(real_images[:4]).shape == (4, net.num_features)
     reals = tensor_to_pil(real_images)

@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from spin_diffusion import hub
+from spin_diffusion import hub, objectives
 from spin_diffusion.config import RunConfig, at_iteration
 
 # What each objective is, in one line (the card's "Training" section).
@@ -110,7 +110,7 @@ def card_info(
         iteration=iteration,
         steps=steps,
         data_size=data_size,
-        beta=None if cfg.loss.objective == "sft" else at_iteration(cfg.loss.beta, iteration - 1),
+        beta=at_iteration(cfg.loss.beta, iteration - 1) if objectives.get(cfg.loss.objective).needs_ref else None,
         sft_weight=cfg.loss.sft_weight,
         learning_rate=at_iteration(cfg.train.learning_rate, iteration - 1),
         batch_size=cfg.train.batch_size,

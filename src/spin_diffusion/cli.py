@@ -96,7 +96,9 @@ def spin(
         from spin_diffusion.config import replace
 
         cfg = replace(cfg, **{"loss.objective": "spin_exact"})
-    if cfg.loss.objective not in ("spin_approx", "spin_exact"):
+    from spin_diffusion import objectives
+
+    if not objectives.get(cfg.loss.objective).self_play:
         raise SpinDiffusionError(
             f"`spin` runs loss.objective spin_approx or spin_exact, not {cfg.loss.objective}; use `spin-diffusion "
             f"{cfg.loss.objective}`"
@@ -185,8 +187,8 @@ def evaluate(
     fid_features: Annotated[str | None, typer.Option(help="CLIP folder or Hub id: FID's feature network.")] = None,
 ):
     """Generate images for a prompt set with each model and score them (mean, median, win rate vs baseline)."""
-    from spin_diffusion.evaluation import parse_scorer_paths
     from spin_diffusion.model_eval import evaluate_models
+    from spin_diffusion.scoring import parse_scorer_paths
 
     table = evaluate_models(
         model,

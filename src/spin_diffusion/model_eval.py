@@ -1,6 +1,6 @@
 """Evaluation of models (not images): render a prompt set with a UNet, score the images, write eval.json.
 
-`evaluation` holds the scorers and statistics on images; this module turns models into images for them,
+`scoring` holds the scorers and statistics on images; this module turns models into images for them,
 for the per-iteration evaluation of a run (`evaluate_unet`) and for `spin-diffusion evaluate`
 (`evaluate_models`). Both write the one eval.json schema of `rundir`. All models see the same initial noise
 for the same prompt, so win rates compare like with like.
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from spin_diffusion import data as data_lib
-from spin_diffusion import distributed, encoding, evaluation, hub, models, preflight, rundir, sampling, world
+from spin_diffusion import distributed, encoding, hub, models, preflight, rundir, sampling, scoring, world
 from spin_diffusion.config import RunConfig
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.families import Cond
@@ -162,7 +162,7 @@ class EvalSet:
 
     prompts: list[str]
     embeds: Cond  # the prompts' conditioning (encoding.encode)
-    scorers: list = field(default_factory=list)  # evaluation.Scorer
+    scorers: list = field(default_factory=list)  # scoring.Scorer
     reference: list[Image.Image] = field(default_factory=list)
 
 
@@ -202,12 +202,12 @@ def evaluate_unet(
     if images is None:
         return None
     scorers = eval_set.scorers
-    scores = evaluation.score_images(images, eval_set.prompts, scorers)
+    scores = scoring.score_images(images, eval_set.prompts, scorers)
     base = {k: torch.tensor(v) for k, v in baseline.scores.items()} if baseline is not None else None
-    summary = evaluation.summarize(scores, base, higher_is_better={s.name: s.higher_is_better for s in scorers})
-    metrics: dict[str, float | None] = dict(evaluation.flat_metrics(summary))
+    summary = scoring.summarize(scores, base, higher_is_better={s.name: s.higher_is_better for s in scorers})
+    metrics: dict[str, float | None] = dict(scoring.flat_metrics(summary))
     if cfg.data.builtin == "shapes" and len(eval_set.reference) >= 2:
-        metrics["fd"] = evaluation.frechet_distance_metric(images, eval_set.reference, world.FeatureNet())
+        metrics["fd"] = scoring.frechet_distance_metric(images, eval_set.reference, world.FeatureNet())
     out_dir.mkdir(parents=True, exist_ok=True)
     shown = save_grid(images, out_dir / "grid.png")
     result = rundir.ModelEval(
@@ -260,8 +260,8 @@ def evaluate_models(
         raise SpinDiffusionError(f"--baseline {baseline} is not an index into the {len(model_dirs)} --model folders")
     prompts = data_lib.load_prompts(prompts_path)[:num_prompts]
     main = distributed.is_main()  # scorers, FID and the outputs live on the main process; all ranks render
-    built = [evaluation.build_scorer(n, scorer_paths.get(n)) for n in scorers] if main else []  # fail early
-    evaluation.check_prompts(built, prompts)  # before any image is rendered
+    built = [scoring.build_scorer(n, scorer_paths.get(n)) for n in scorers] if main else []  # fail early
+    scoring.check_prompts(built, prompts)  # before any image is rendered
     folders = [hub.resolve_pipeline(m) for m in model_dirs]  # every model (folder or Hub id), before one renders
     for given, folder in zip(model_dirs, folders, strict=True):
         if not (folder / "model_index.json").is_file():
@@ -269,7 +269,7 @@ def evaluate_models(
     preflight.check_writable(out_dir, "--out")
     if (fid_reference is None) != (fid_features is None):
         raise SpinDiffusionError("FID needs both --fid-reference (real images) and --fid-features (a CLIP folder)")
-    fid_net = evaluation.clip_feature_network(fid_features) if fid_features is not None and main else None
+    fid_net = scoring.clip_feature_network(fid_features) if fid_features is not None and main else None
     reference = _read_image_folder(fid_reference) if fid_reference is not None and main else []
     names = _unique_names(model_dirs)
     seeds = [sampling.sample_seed(seed, 0, i) for i in range(len(prompts))]
@@ -300,9 +300,9 @@ def evaluate_models(
         if images is None:  # not the main process: it only renders its share
             continue
         shown[name] = save_grid(images, out_dir / f"{name}_grid.png")
-        all_scores[name] = evaluation.score_images(images, prompts, built)
+        all_scores[name] = scoring.score_images(images, prompts, built)
         if fid_net is not None:
-            fds[name] = evaluation.frechet_distance_metric(images, reference, fid_net, device=device)
+            fds[name] = scoring.frechet_distance_metric(images, reference, fid_net, device=device)
         del c, images
 
     if not main:
@@ -313,7 +313,7 @@ def evaluate_models(
     for name, scores in all_scores.items():
         base = None if name == base_name else all_scores[base_name]
         metrics: dict[str, float | None] = dict(
-            evaluation.flat_metrics(evaluation.summarize(scores, base, higher_is_better=higher))
+            scoring.flat_metrics(scoring.summarize(scores, base, higher_is_better=higher))
         )
         if name in fds:
             metrics["fd"] = fds[name]
@@ -331,7 +331,7 @@ def evaluate_models(
         out_dir / rundir.EVAL_FILE,
         rundir.EvalFile(prompts=prompts, models=results, sampler=sampler, baseline=base_name),
     )
-    table = evaluation.format_table({m.name: m.metrics for m in results}, [s.name for s in built], baseline=base_name)
+    table = scoring.format_table({m.name: m.metrics for m in results}, [s.name for s in built], baseline=base_name)
     (out_dir / "table.md").write_text(table + "\n")
     entries = [
         ModelEntry(

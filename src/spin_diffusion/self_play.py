@@ -624,10 +624,10 @@ def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images)
         prompts = captions[: cfg.eval.num_prompts]
         # the real images of these prompts: the shapes world's Fréchet distance compares against them
         reference = [images.image(i) for i in range(len(prompts))] if cfg.data.builtin == "shapes" else []
-    from spin_diffusion import evaluation
+    from spin_diffusion import scoring
 
     scorers = []
     if distributed.is_main():  # the other ranks only render
-        scorers = [evaluation.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in default_scorer_names(cfg)]
-        evaluation.check_prompts(scorers, prompts)
+        scorers = [scoring.build_scorer(n, cfg.eval.scorer_paths.get(n)) for n in default_scorer_names(cfg)]
+        scoring.check_prompts(scorers, prompts)
     return EvalSet(prompts=prompts, embeds=encoding.encode(c, prompts), scorers=scorers, reference=reference)

@@ -7,7 +7,7 @@ analysis instead of a learned scorer. The world is small enough (48 scenes, 32x3
 tiny text-to-image model on a CPU in about a minute.
 
 Also here: a fixed, deterministic feature extractor (`image_features`, as a module `FeatureNet`), the
-feature space of the FID-like distribution metric for this world (`evaluation.frechet_distance_metric`).
+feature space of the FID-like distribution metric for this world (`scoring.frechet_distance_metric`).
 """
 
 from __future__ import annotations
@@ -479,7 +479,7 @@ def image_features(images: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureNet(torch.nn.Module):
-    """`image_features` as the feature network of `evaluation.frechet_distance_metric` (91 features)."""
+    """`image_features` as the feature network of `scoring.frechet_distance_metric` (91 features)."""
 
     num_features = 91
 

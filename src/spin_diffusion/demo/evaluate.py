@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spin_diffusion import atomic, encoding, evaluation, models, world
+from spin_diffusion import atomic, encoding, models, scoring, world
 from spin_diffusion.images import save_grid
 from spin_diffusion.model_eval import render_images
 from spin_diffusion.sampling import sample_seed
@@ -86,7 +86,7 @@ def evaluate(model: str | Path, spec: EvalSpec, out_json: Path, *, grid: Path | 
     metrics = {key: sum(values) / len(values) for key, values in scores.items()}
     if len(images) >= 2:
         reference = reference_images(spec.prompts, spec.seed)
-        metrics["fd"] = evaluation.frechet_distance_metric(images, reference, world.FeatureNet())
+        metrics["fd"] = scoring.frechet_distance_metric(images, reference, world.FeatureNet())
     if grid is not None:
         grid.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, grid)
@@ -105,4 +105,4 @@ def evaluate(model: str | Path, spec: EvalSpec, out_json: Path, *, grid: Path | 
 
 def win_rate_vs(result: dict, baseline: dict, key: str = "shapes_judge") -> float:
     """Paired win rate of `result` over `baseline` on per-prompt `key` scores (ties count 1/2)."""
-    return evaluation.win_rate(torch.tensor(result["scores"][key]), torch.tensor(baseline["scores"][key]))
+    return scoring.win_rate(torch.tensor(result["scores"][key]), torch.tensor(baseline["scores"][key]))

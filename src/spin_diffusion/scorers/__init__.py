@@ -1,4 +1,4 @@
-"""Scorer implementations, one module per family; use ``spin_diffusion.evaluation.build_scorer`` to build them.
+"""Scorer implementations, one module per family; use ``spin_diffusion.scoring.build_scorer`` to build them.
 
 - ``clip``: PickScore, CLIP score, LAION aesthetic predictor (transformers ``CLIPModel``)
 - ``hpsv2``: HPSv2 (open_clip when importable, else a converted transformers ``CLIPModel``)

@@ -1,6 +1,6 @@
 """CLIP-family scorers on transformers' ``CLIPModel``: PickScore, CLIP score and the LAION aesthetic predictor.
 
-On disk (``path`` is one folder, or ``key=value`` pairs; see ``spin_diffusion.evaluation``):
+On disk (``path`` is one folder, or ``key=value`` pairs; see ``spin_diffusion.scoring``):
 
 - ``pickscore``: ``model`` = a transformers CLIP folder of ``yuvalkirstain/PickScore_v1`` (``<path>/model`` or
   ``<path>``); ``processor`` = a CLIP processor folder (``preprocessor_config.json`` + tokenizer files) of

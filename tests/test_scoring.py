@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from _scorer_checkpoints import transformers_to_imagereward, transformers_to_open_clip  # noqa: E402
-from spin_diffusion import evaluation as ev  # noqa: E402
+from spin_diffusion import scoring as ev  # noqa: E402
 from spin_diffusion.errors import SpinDiffusionError  # noqa: E402
 from spin_diffusion.scorers import _common, hpsv2, imagereward  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Evaluation: scorers (PickScore, HPSv2, ImageReward, Aesthetic, CLIP score, the shapes judge), win rates,
+"""Scoring images (not models: model_eval renders models into images for this module): scorers (PickScore, HPSv2,
+ImageReward, Aesthetic, CLIP score, the shapes judge), win rates,
 Fréchet distance (torchmetrics, with the feature network passed in), and the markdown table.
 
 Images come in as ``list[PIL.Image.Image]`` (this module never imports diffusers or the sampler), one per
