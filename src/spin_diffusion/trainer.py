@@ -270,17 +270,7 @@ def train(
     start_step = _resume(accelerator, ckpt_dir, log_path)
     if ema is not None:
         ema.to(device)  # load_state restores the EMA on the CPU
-    accelerator.init_trackers(
-        "spin_diffusion",
-        config={
-            **(hparams or {}),
-            "objective": objective,
-            "beta": loss_cfg.beta,
-            "learning_rate": train_cfg.learning_rate,
-            "pairs_per_step": train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes,
-        },
-        init_kwargs={"wandb": {"dir": str(out), "name": f"{out.parent.name} {objective}"}},
-    )
+    _init_trackers(accelerator, out, objective, loss_cfg, train_cfg, hparams)
 
     micro_batches = _MicroBatches(
         data,
@@ -313,22 +303,14 @@ def train(
     )
 
     clock = preemption.Clock(train_cfg.checkpoint_every_minutes)
+    loss_kw = dict(objective=objective, loss_cfg=loss_cfg, family=family, sampler=data.sampler, fsdp=fsdp)
     policy.train()
     for step in range(start_step, total_steps):
+        # 3. One optimizer step: `ga` micro-batches (accelerate accumulates their gradients), clip, step
         for _ in range(ga):
             batch = next(loader)
             with accelerator.accumulate(policy):
-                loss, metrics = _micro_step_loss(
-                    policy,
-                    ref,
-                    batch,
-                    objective=objective,
-                    loss_cfg=loss_cfg,
-                    family=family,
-                    accelerator=accelerator,
-                    sampler=data.sampler,
-                    fsdp=fsdp,
-                )
+                loss, metrics = _micro_step_loss(policy, ref, batch, accelerator=accelerator, **loss_kw)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
@@ -383,6 +365,28 @@ def train(
         wall_seconds=time.perf_counter() - started,
         log_path=log_path,
         policy=trained,
+    )
+
+
+def _init_trackers(
+    accelerator: Accelerator,
+    out: Path,
+    objective: Objective,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    hparams: dict[str, Any] | None,
+) -> None:
+    """The trackers' run (train.report_to): the whole config, and this iteration's β, rate and pairs per step."""
+    accelerator.init_trackers(
+        "spin_diffusion",
+        config={
+            **(hparams or {}),
+            "objective": objective,
+            "beta": loss_cfg.beta,
+            "learning_rate": train_cfg.learning_rate,
+            "pairs_per_step": train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes,
+        },
+        init_kwargs={"wandb": {"dir": str(out), "name": f"{out.parent.name} {objective}"}},
     )
 
 
