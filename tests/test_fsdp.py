@@ -80,11 +80,19 @@ def _assert_close_relative_to_update(fsdp: dict, ddp: dict) -> None:
 
 @pytest.mark.parametrize("overrides", [[], ["model.lora_rank=4", "train.learning_rate=1e-2"]], ids=["full", "lora"])
 def test_fsdp_two_processes_train_what_ddp_trains(tmp_path: Path, overrides: list[str]):
+    """... and render the validation images while training: under FSDP every rank renders every prompt with the
+    sharded module (the same forwards, so the shard gathers match: no hang), under DDP the ranks share them."""
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    _run(_fsdp_args(fsdp, [*ONE_ITER, *overrides]))
-    _run(_ddp_args(ddp, [*ONE_ITER, *overrides]), env={**ENV, "ACCELERATE_USE_CPU": "1"})
+    validation = ["eval.validation_prompts=[a red circle on the left, a blue square, a green triangle]",
+                  "eval.validation_every=2"]  # fmt: skip
+    _run(_fsdp_args(fsdp, [*ONE_ITER, *overrides, *validation]))
+    _run(_ddp_args(ddp, [*ONE_ITER, *overrides, *validation]), env={**ENV, "ACCELERATE_USE_CPU": "1"})
     assert _completed(fsdp) == _completed(ddp) == ["generate:0", "train:1"]
     _assert_close_relative_to_update(_unet(fsdp), _unet(ddp))
+    for run_dir in (fsdp, ddp):
+        rendered = sorted(p.relative_to(run_dir / "iter_01" / "validation").as_posix()
+                          for p in (run_dir / "iter_01" / "validation").rglob("*.png"))  # fmt: skip
+        assert rendered == [f"step_000000{s}/0000{i}.png" for s in (2, 4) for i in range(3)]
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(fsdp / "iter_01" / "model", local_files_only=True)
