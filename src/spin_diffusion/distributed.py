@@ -39,6 +39,12 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def fsdp_requested() -> bool:
+    """Whether the launcher's accelerate config asks for FSDP, read as accelerate itself reads it (its
+    ``ACCELERATE_USE_FSDP == "true"`` test). On CPU accelerate still runs such a config as DDP."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def state() -> PartialState:
     """The process group of this process, created on first use: gloo on CPU machines (or when
     `ACCELERATE_USE_CPU=1`), the accelerator's backend otherwise."""

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from spin_diffusion import distributed
 from spin_diffusion.config import TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -133,8 +134,8 @@ def check_training(train: TrainConfig) -> None:
             'train.optimizer=adamw8bit needs the bitsandbytes package: pip install "spin-diffusion[8bit]" '
             "(or set train.optimizer: adamw)"
         )
-    if train.ema_decay is not None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+    if train.ema_decay is not None and distributed.fsdp_requested():
         raise SpinDiffusionError(
             "train.ema_decay is not supported with FSDP (the EMA would follow sharded weights); "
-            "train without it, or launch without the FSDP config (DDP, or LoRA)"
+            "train without it, or launch without the FSDP config (plain DDP keeps the EMA)"
         )

@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from spin_diffusion import losses, objectives, preemption
+from spin_diffusion import distributed, losses, objectives, preemption
 from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
@@ -520,7 +520,7 @@ def _warn_if_fsdp_ignored(accelerator: Accelerator) -> None:
     """accelerate 1.15 shards only on accelerators: on CPU an FSDP config silently becomes DDP (MULTI_CPU)."""
     if (
         accelerator.distributed_type == DistributedType.MULTI_CPU
-        and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and distributed.fsdp_requested()
         and accelerator.is_main_process
     ):
         logger.warning(
