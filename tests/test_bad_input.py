@@ -229,6 +229,37 @@ CASES = [
         ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-sd3", "--set", "sample.eta=0.5"],
         r"sample.eta=0.5: the sd3 family samples with deterministic Euler steps \(no η\); .*",
     ),
+    # FLUX.1 / SD3.5 (issue 21): what the family cannot do, one line before any work
+    (
+        "spin-eta-on-flux",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-flux", "--set", "sample.eta=0.3"],
+        r"sample.eta=0.3: the flux family samples with deterministic Euler steps \(no η\); .*",
+    ),
+    (
+        "spin-dpmsolver-on-flux",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-flux", "--set", "sample.scheduler=dpmsolver++"],
+        r"sample.scheduler=dpmsolver\+\+ is for DDPM models; .*",
+    ),
+    (
+        "spin-true-cfg-on-sd",
+        ["spin", "--config", "{tiny}", "--set", "sample.true_cfg_scale=4"],
+        "sample.true_cfg_scale=4.0 is for FLUX.1 models; a sd model does classifier-free guidance with .*",
+    ),
+    (
+        "spin-skip-layers-on-flux",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-flux", "--set", "sample.skip_guidance_layers=[0]"],
+        "sample.skip_guidance_layers is for SD3/SD3.5 transformers; a flux model cannot skip layers",
+    ),
+    (
+        "spin-skip-layer-out-of-range",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-sd35", "--set", "sample.skip_guidance_layers=[7]"],
+        r"sample.skip_guidance_layers \[7\] out of range: the transformer has blocks 0..1",
+    ),
+    (
+        "spin-t5-length-on-sd",
+        ["spin", "--config", "{tiny}", "--set", "model.max_sequence_length=64"],
+        "model.max_sequence_length is the T5 prompt length of SD3/FLUX models; a sd model has no T5",
+    ),
     (
         "spin-unknown-per-caption",
         ["spin", "--config", "{tiny}", "--set", "sample.per_caption=some"],

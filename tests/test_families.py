@@ -1,6 +1,7 @@
-"""Model families (SD-1.x/2.x, SDXL, SD3): conditioning, forward processes, targets and the exact-objective
-inversion, checked by values; and each family end to end through the CLI: 2 self-play iterations, export,
-reload with the plain diffusers pipeline class, generate."""
+"""Model families (SD-1.x/2.x, SDXL, SD3/SD3.5, FLUX.1): conditioning, forward processes, targets and the
+exact-objective inversion, checked by values; the sampler against the family's own diffusers pipeline; and each
+family end to end through the CLI: 2 self-play iterations, export, reload with the plain diffusers pipeline class,
+generate."""
 
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ def sdxl() -> models.Components:
 @pytest.fixture(scope="module")
 def sd3() -> models.Components:
     return presets.build_preset("tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def flux() -> models.Components:
+    return presets.build_preset("tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def sd35() -> models.Components:
+    return presets.build_preset("tiny-sd35")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,6 +178,102 @@ def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
         sampling.make_scheduler("dpmsolver++", sd3.family)
 
 
+def test_flux_is_its_own_family_with_packed_latents(flux):
+    assert flux.family.name == "flux" and families.family_name("MyPipeline", flux.denoiser) == "flux"
+    assert flux.latent_channels == 4 and flux.denoiser.config.in_channels == 16  # 2x2-packed
+    x = torch.randn(2, 4, 8, 6)
+    packed = families.pack_latents(x)
+    assert packed.shape == (2, 4 * 3, 16)
+    # token (row 1, column 2) holds latent cells (2..3, 4..5), channel-major as FluxPipeline._pack_latents
+    torch.testing.assert_close(packed[0, 1 * 3 + 2].reshape(4, 2, 2), x[0, :, 2:4, 4:6])
+    assert torch.equal(families.unpack_latents(packed, 8, 6), x)
+    ids = families.latent_image_ids(8, 6, "cpu", torch.float32)
+    assert ids[1 * 3 + 2].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(Exception, match="dpmsolver"):
+        sampling.make_scheduler("dpmsolver++", flux.family)
+
+
+def test_dynamic_shift_follows_the_token_count(flux, sd35):
+    """With use_dynamic_shifting, training σ are the scheduler's σ shifted at μ of the training resolution:
+    σ' = e^μ / (e^μ + 1/σ - 1), μ linear in the image tokens ((h/2)·(w/2)) from base_shift at 256 tokens to
+    max_shift at 4096: more tokens, more noise."""
+    for c in (flux, sd35):
+        process = c.family.process
+        assert process.dynamic
+        base = process.sigmas  # unshifted: (1000 … 1) / 1000
+        torch.testing.assert_close(base[[0, 999]], torch.tensor([1.0, 0.001]))
+        for side, tokens in ((8, 16), (128, 4096)):
+            mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
+            assert process.mu((4, side, side)) == pytest.approx(mu)
+            want = math.exp(mu) / (math.exp(mu) + 1 / base.double() - 1)
+            torch.testing.assert_close(process.training_sigmas((4, side, side)).double(), want, rtol=1e-5, atol=1e-6)
+        low = process.draw_times(torch.Generator().manual_seed(0), 64, (4, 8, 8))
+        high = process.draw_times(torch.Generator().manual_seed(0), 64, (4, 128, 128))
+        assert (high > low).all()
+    with pytest.raises(ValueError, match="latent shape"):
+        flux.family.process.draw_times(torch.Generator(), 1)
+
+
+def _pipeline_latents(c, prompts, seeds, *, steps, **call):
+    """The family pipeline's final latents (unpacked) from the noise `sampling.sample` starts from."""
+    shape = (c.latent_channels, c.sample_size, c.sample_size)
+    x = sampling.initial_noise(seeds, shape)
+    flux = c.family.name == "flux"
+    out = c.family.pipeline(c)(
+        prompts,
+        latents=families.pack_latents(x) if flux else x,
+        num_inference_steps=steps,
+        height=c.resolution,
+        width=c.resolution,
+        output_type="latent",
+        **call,
+    ).images
+    return families.unpack_latents(out, *shape[1:]) if flux else out
+
+
+def test_flux_sampler_is_flux_pipeline(flux):
+    """The opponent's sampler gives FluxPipeline's latents: the guidance embedding at guidance_scale, σ =
+    linspace(1, 1/n, n) shifted at the image's μ, and true CFG with the negative prompt when true_cfg_scale > 1."""
+    prompts, seeds = ["a red circle", "a blue square on the left"], [3, 4]
+    cond, negative = encoding.encode(flux, prompts), flux.family.negative(flux, "a dog")
+    shape = (flux.latent_channels, flux.sample_size, flux.sample_size)
+    for guidance in (sampling.Guidance(), sampling.Guidance(true_cfg_scale=3.0)):
+        ours = sampling.sample(
+            flux.denoiser, flux.family, cond, negative, seeds=seeds, latent_shape=shape, num_steps=4,
+            guidance_scale=3.5, guidance=guidance,
+        ).latents  # fmt: skip
+        call = sampling.pipeline_kwargs(flux.family, 3.5, guidance, "a dog")
+        assert call["max_sequence_length"] == 512 and call["guidance_scale"] == 3.5
+        want = _pipeline_latents(flux, prompts, seeds, steps=4, **call)
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    # the embedding changes the prediction: a guidance value is conditioning
+    other = sampling.sample(
+        flux.denoiser, flux.family, cond, None, seeds=seeds, latent_shape=shape, num_steps=4, guidance_scale=1.0
+    ).latents
+    assert not torch.allclose(ours, other)
+
+
+def test_sd35_sampler_is_sd3_pipeline_with_dynamic_shift_and_skip_layer_guidance(sd35):
+    """SD3.5 (qk-norm, a dual-attention block) samples as StableDiffusion3Pipeline: μ from the token count with
+    dynamic shifting, CFG, and skip-layer guidance on block 1 for the steps in (start, stop)."""
+    assert sd35.denoiser.config.qk_norm == "rms_norm" and sd35.family.skip_layer_guidance
+    prompts, seeds = ["a red circle", "a blue square on the left"], [5, 6]
+    cond, negative = encoding.encode(sd35, prompts), sd35.family.negative(sd35, "")
+    shape = (sd35.latent_channels, sd35.sample_size, sd35.sample_size)
+    slg = sampling.Guidance(skip_layers=(1,), skip_layer_stop=0.5)
+    results = []
+    for guidance in (sampling.Guidance(), slg):
+        ours = sampling.sample(
+            sd35.denoiser, sd35.family, cond, negative, seeds=seeds, latent_shape=shape, num_steps=10,
+            guidance_scale=4.0, guidance=guidance,
+        ).latents  # fmt: skip
+        call = sampling.pipeline_kwargs(sd35.family, 4.0, guidance, "")
+        want = _pipeline_latents(sd35, prompts, seeds, steps=10, guidance_scale=4.0, **call)
+        torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+        results.append(ours)
+    assert not torch.allclose(*results)  # skip-layer guidance acted
+
+
 def test_sd3_vae_latents_are_shifted_then_scaled(sd3):
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
@@ -185,16 +292,26 @@ def _spin(run_dir: Path, *overrides: str) -> None:
     assert main(args) == 0
 
 
+# FLUX runs with 32 T5 tokens (model.max_sequence_length): the card must say so, and the pipeline is called with it
+_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32}
+
+
 @pytest.mark.parametrize(
     ("preset", "pipeline_class"),
-    [("tiny-sdxl", "StableDiffusionXLPipeline"), ("tiny-sd3", "StableDiffusion3Pipeline")],
+    [
+        ("tiny-sdxl", "StableDiffusionXLPipeline"),
+        ("tiny-sd3", "StableDiffusion3Pipeline"),
+        ("tiny-sd35", "StableDiffusion3Pipeline"),
+        ("tiny-flux", "FluxPipeline"),
+    ],
 )
 @pytest.mark.parametrize("objective", ["spin_approx", "spin_exact"])
 def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, preset, pipeline_class, objective):
     import diffusers
 
     run_dir = tmp_path / "run"
-    _spin(run_dir, f"model.preset={preset}", f"loss.objective={objective}")
+    extra = ["model.max_sequence_length=32", "sample.guidance_scale=3.5"] if preset == "tiny-flux" else []
+    _spin(run_dir, f"model.preset={preset}", f"loss.objective={objective}", *extra)
     state = json.loads((run_dir / "state.json").read_text())
     assert {"train:1", "train:2", "eval:2"} <= set(state["completed"])
     log = [json.loads(line) for line in (run_dir / "iter_02" / "train" / "train_log.jsonl").open()]
@@ -202,13 +319,16 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     model_dir = run_dir / "iter_02" / "model"
     assert json.loads((model_dir / "model_index.json").read_text())["_class_name"] == pipeline_class
     card = (model_dir / "README.md").read_text()
-    assert ("max_sequence_length=77" in card) == (preset == "tiny-sd3")
+    assert (f"max_sequence_length={_T5.get(preset)}," in card) == (preset in _T5)
+    assert ("guidance_scale=3.5," in card) == (preset == "tiny-flux")
     assert ("stable-diffusion-xl" in card) == (preset == "tiny-sdxl")
-    assert ("Only the transformer was trained" in card) == (preset == "tiny-sd3")
+    assert ("Only the transformer was trained" in card) == (preset != "tiny-sdxl")
     pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
     auto = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     assert type(auto).__name__ == pipeline_class
-    kwargs = {"max_sequence_length": families.SD3_MAX_SEQUENCE_LENGTH} if preset == "tiny-sd3" else {}
+    kwargs = {"max_sequence_length": _T5[preset]} if preset in _T5 else {}
+    if preset == "tiny-flux":  # FluxPipeline's default size is 128 latents, whatever the transformer
+        kwargs |= {"height": 16, "width": 16, "guidance_scale": 3.5}
     image = pipe(
         "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
     ).images[0]
@@ -217,11 +337,13 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     base = presets.build_preset(preset).denoiser.state_dict()
     assert any(
         not torch.equal(base[k], v)
-        for k, v in pipe.components["transformer" if preset == "tiny-sd3" else "unet"].state_dict().items()
+        for k, v in pipe.components["unet" if preset == "tiny-sdxl" else "transformer"].state_dict().items()
     )
+    # spin-diffusion reads its own export back as the same family
+    assert models.load_components(model_dir).family.name == presets.build_preset(preset).family.name
 
 
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_family_lora_sft_and_dpo(tmp_path, preset):
     import diffusers
 

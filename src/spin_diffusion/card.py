@@ -51,7 +51,10 @@ class CardInfo:
     evaluation: dict[str, float | None] = field(default_factory=dict)  # flat eval.json metrics of this model
     eval_prompts: int = 0  # how many prompts the evaluation used
     pixel_space: bool = False  # no VAE: diffusers needs vae=None and output_type="latent"
-    family: str = "sd"  # sd | sdxl | sd3 (families.py): the usage snippet and the tags follow it
+    family: str = "sd"  # sd | sdxl | sd3 | flux (families.py): the usage snippet and the tags follow it
+    # keyword arguments (as Python source) of the pipeline call that generates as the model was trained
+    # (sampling.pipeline_kwargs: SD3/FLUX's T5 length, FLUX's guidance, skip-layer guidance)
+    call_kwargs: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)  # extra tags beyond the default ones
     base_model_id: str | None = None  # the Hub id of the base (or of its own base), for the `base_model:` metadata
 
@@ -156,7 +159,9 @@ def render_card(info: CardInfo) -> str:
         metadata["license"] = info.license
     metadata["library_name"] = "diffusers"
     metadata["pipeline_tag"] = "text-to-image"
-    family_tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3"}.get(info.family)
+    family_tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}.get(
+        info.family
+    )
     tags = ["diffusers", "text-to-image", "spin-diffusion", info.objective.replace("_", "-"), family_tag, *info.tags]
     metadata["tags"] = [t for t in dict.fromkeys(tags) if t]
     env = jinja2.Environment(

@@ -50,8 +50,12 @@ class ModelConfig:
     path: str | None = None
     revision: str | None = None  # Hub ids: branch, tag or commit (None = main)
     variant: str | None = None  # weight files variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)
-    # built-in model built from configs (no download): tiny (SD-1.x family), tiny-sdxl, tiny-sd3 (tests), demo
-    preset: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3"] = "tiny"
+    # built-in model built from configs (no download): tiny (SD-1.x family), tiny-sdxl, tiny-sd3, tiny-sd35, tiny-flux
+    # (tests), demo
+    preset: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"] = "tiny"
+    # T5 tokens per prompt of SD3/SD3.5 and FLUX.1 (training and sampling; the model card says to pass it to the
+    # pipeline); None = 77 for SD3 (diffusers' SD3 training scripts) and 512 for FLUX (FluxPipeline's default)
+    max_sequence_length: int | None = None
     lora_rank: int = 0  # 0 = full fine-tuning of the UNet; > 0 = LoRA of this rank (merged at each iteration end)
     lora_alpha: float | None = None  # LoRA scaling numerator; None -> equal to lora_rank
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # module names LoRA adapts
@@ -60,6 +64,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise SpinDiffusionError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
+            raise SpinDiffusionError(f"model.max_sequence_length must be in 1..512, got {self.max_sequence_length}")
         if self.path is None and (self.revision is not None or self.variant is not None):
             raise SpinDiffusionError("model.revision and model.variant select files of model.path; set model.path")
 
@@ -110,7 +116,17 @@ class SampleConfig:
     eval.num_steps / eval.guidance_scale are set, and always batch_size and negative_prompt."""
 
     num_steps: int = 50  # DDIM steps; also the trajectory length stored for spin_exact
-    guidance_scale: float = 7.5  # classifier-free guidance; 1.0 disables it
+    # classifier-free guidance; 1.0 disables it. FLUX.1: the value of the guidance embedding (FLUX.1-dev: 3.5),
+    # in sampling and in training, as FluxPipeline and diffusers' FLUX training scripts use it
+    guidance_scale: float = 7.5
+    # FLUX.1 only: true classifier-free guidance with negative_prompt (FluxPipeline's true_cfg_scale); 1.0 = off
+    true_cfg_scale: float = 1.0
+    # SD3/SD3.5 only: skip-layer guidance (StableDiffusion3Pipeline's skip_guidance_layers; SD3.5 medium: [7, 8, 9]);
+    # empty = off. Acts only with classifier-free guidance, for steps in (start, stop) of the schedule
+    skip_guidance_layers: tuple[int, ...] = ()
+    skip_layer_guidance_scale: float = 2.8  # weight of (conditional - conditional without those blocks)
+    skip_layer_guidance_start: float = 0.01  # fraction of the steps where skip-layer guidance starts
+    skip_layer_guidance_stop: float = 0.2  # fraction of the steps where it stops
     # DDIM η: 0 = deterministic given the initial noise, 1 = DDPM's posterior variance. None = 1.0 for spin_exact on a
     # DDPM-family model (its objective is the likelihood of the opponent's stochastic chain: docs/EXACT_OBJECTIVE.md)
     # and 0 otherwise (flow-matching models sample with deterministic Euler steps).

@@ -1,6 +1,6 @@
 """Model families: the one place that knows how a model is conditioned, noised, called and sampled.
 
-Three families, told apart by the pipeline folder (``models.Components.family``):
+Four families, told apart by the pipeline folder (``models.Components.family``):
 
 ============  ==========================  ===============================  ==========================================
 family        text conditioning           forward process, target          denoiser call
@@ -10,11 +10,13 @@ family        text conditioning           forward process, target          denoi
               concatenated; pooled 2nd                                     embedding, 6 time ids per image)
 ``sd3``       CLIP-L + CLIP-G + T5,       rectified flow: (1-σ) x₀ + σ ε;  ``transformer(x, σ·1000,
               pooled CLIP-L ⊕ CLIP-G      target ε - x₀ (velocity)         encoder_hidden_states, pooled_projections)``
+``flux``      CLIP-L pooled + T5          as ``sd3``; σ shifted by image   ``transformer(pack(x), σ, guidance, …,
+                                          size (dynamic shifting)          txt_ids, img_ids)``, output unpacked
 ============  ==========================  ===============================  ==========================================
 
-SDXL and SD3 prompts are encoded by the diffusers pipeline's own ``encode_prompt``, so training sees exactly
-what ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` compute at inference. The losses never see
-any of this: they get per-sample errors (``losses.denoise_error(prediction, target)``).
+SDXL, SD3 and FLUX prompts are encoded by the diffusers pipeline's own ``encode_prompt``, so training sees exactly
+what ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` compute at inference. The
+losses never see any of this: they get per-sample errors (``losses.denoise_error(prediction, target)``).
 
 A "time" ``t`` is what the forward process is indexed by: an integer DDPM timestep, or the flow's σ ∈ (0, 1]
 (float). ``ForwardProcess.model_timestep`` turns it into what the network takes (t itself, or σ·1000).
@@ -34,14 +36,15 @@ from spin_diffusion.errors import SpinDiffusionError
 if TYPE_CHECKING:
     from spin_diffusion.models import Components
 
-FAMILIES = ("sd", "sdxl", "sd3")
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
 PIPELINE_CLASSES = {
     "sd": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
 }
-# T5 tokens of an SD3 prompt: 77 as in diffusers' SD3 training scripts (the pipeline's default is 256; pass
-# max_sequence_length=77 to it to generate exactly as trained).
+# T5 tokens of an SD3 prompt when `model.max_sequence_length` is unset: 77 as in diffusers' SD3 training scripts
+# (the pipeline's default is 256; the model card says to pass max_sequence_length=77 to generate exactly as trained).
 SD3_MAX_SEQUENCE_LENGTH = 77
 # Training σ density of SD3 (diffusers' default `weighting_scheme="logit_normal"`, mean 0, std 1): σ-index
 # u = sigmoid(N(0, 1)), the loss weight is 1.
@@ -131,8 +134,8 @@ class DDPMProcess:
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.alphas_cumprod = self.scheduler.alphas_cumprod
 
-    def draw_times(self, generator: torch.Generator, k: int) -> Tensor:
-        """k training times: uniform integer timesteps. -> [k] long"""
+    def draw_times(self, generator: torch.Generator, k: int, latent_shape: Any = None) -> Tensor:
+        """k training times: uniform integer timesteps (the same at every resolution). -> [k] long"""
         return torch.randint(0, self.num_train_timesteps, (k,), generator=generator)
 
     def noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -160,29 +163,63 @@ class DDPMProcess:
 
 
 class FlowProcess:
-    """Rectified flow (SD3): x_σ = (1-σ) x₀ + σ ε with σ from the model's shifted schedule, drawn by the
-    logit-normal density of diffusers' SD3 training; the network predicts the velocity v = ε - x₀ and takes
-    σ·1000 as its timestep. The loss is the unweighted velocity MSE (as flow_grpo's DPO and Flow-DPO)."""
+    """Rectified flow (SD3, SD3.5, FLUX.1): x_σ = (1-σ) x₀ + σ ε with σ from the model's shifted schedule, drawn by
+    the logit-normal density of diffusers' SD3 training; the network predicts the velocity v = ε - x₀ and takes
+    σ·1000 as its timestep. The loss is the unweighted velocity MSE (as flow_grpo's DPO and Flow-DPO).
+
+    The shift is the scheduler's: a fixed ``shift`` (SD3: 3), or with ``use_dynamic_shifting`` (FLUX.1, some SD3.5
+    configs) the resolution-dependent one the pipelines sample with, σ ↦ e^μ / (e^μ + 1/σ - 1) where μ grows
+    linearly with the number of image tokens from ``base_shift`` (at ``base_image_seq_len``) to ``max_shift`` (at
+    ``max_image_seq_len``). Training draws σ at the training resolution's μ, so it visits the noise levels the
+    opponent samples at (as SD3's static shift does); ``patch`` pixels of latent per token side (2 for SD3/SD3.5's
+    patch embedding and FLUX's 2×2 packing) turn a latent shape into the token count.
+    """
 
     kind = "flow"
     prediction_type = "flow"
 
-    def __init__(self, scheduler_config: dict) -> None:
+    def __init__(self, scheduler_config: dict, *, patch: int = 2) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        if sched.config.use_dynamic_shifting:
-            raise SpinDiffusionError(
-                "flow-matching schedulers with use_dynamic_shifting (resolution-dependent shift) are not supported"
-            )
-        self.num_train_timesteps = int(sched.config.num_train_timesteps)
-        self.sigmas = sched.sigmas[: self.num_train_timesteps].float()  # descending, shifted, σ_0 = 1
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.patch = patch
+        self.dynamic = bool(self.scheduler.config.use_dynamic_shifting)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        # descending, σ_0 = 1: shifted by the fixed shift, or unshifted (dynamic: shifted per resolution by `mu`)
+        self.sigmas = self.scheduler.sigmas[: self.num_train_timesteps].float()
 
-    def draw_times(self, generator: torch.Generator, k: int) -> Tensor:
+    def mu(self, latent_shape: tuple[int, ...] | torch.Size) -> float | None:
+        """The dynamic shift μ at latents of ``latent_shape`` (…, h, w), as FluxPipeline / StableDiffusion3Pipeline
+        compute it (``calculate_shift``); None without dynamic shifting."""
+        if not self.dynamic:
+            return None
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        h, w = int(latent_shape[-2]), int(latent_shape[-1])
+        config = self.scheduler.config
+        return calculate_shift(
+            (h // self.patch) * (w // self.patch),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+
+    def training_sigmas(self, latent_shape: tuple[int, ...] | torch.Size | None) -> Tensor:
+        """The T training σ (descending) at latents of ``latent_shape`` (needed with dynamic shifting). -> [T]"""
+        if not self.dynamic:
+            return self.sigmas
+        if latent_shape is None:
+            raise ValueError("a dynamically shifted flow schedule needs the latent shape")
+        return self.scheduler.time_shift(self.mu(latent_shape), 1.0, self.sigmas).float()
+
+    def draw_times(
+        self, generator: torch.Generator, k: int, latent_shape: tuple[int, ...] | torch.Size | None = None
+    ) -> Tensor:
         """k training σ: index = ⌊sigmoid(N(mean, std))·T⌋ into the shifted schedule. -> [k] float"""
         u = torch.sigmoid(torch.randn(k, generator=generator) * LOGIT_NORMAL_STD + LOGIT_NORMAL_MEAN)
         idx = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
-        return self.sigmas[idx]
+        return self.training_sigmas(latent_shape)[idx]
 
     @staticmethod
     def _col(sigma: Tensor, like: Tensor) -> Tensor:
@@ -221,11 +258,38 @@ class Family:
 
     name = "sd"
     uses_time_ids = False  # SDXL's micro-conditioning: 6 numbers per image
-    process_class: type[ForwardProcess] = DDPMProcess
+    # FLUX.1: `sample.guidance_scale` is the value fed to the guidance embedding (in sampling and in training), and
+    # classifier-free guidance with the negative prompt is `true_cfg_scale`, as in FluxPipeline
+    embedded_guidance = False
+    skip_layer_guidance = False  # SD3/SD3.5: the transformer can skip blocks (skip-layer guidance)
+    default_sample_size = 64  # latent side when the denoiser's config has no sample_size
 
-    def __init__(self, scheduler_config: dict) -> None:
+    def __init__(
+        self, scheduler_config: dict, denoiser_config: Any = None, *, max_sequence_length: int | None = None
+    ) -> None:
         self.scheduler_config = dict(scheduler_config)  # the model's own scheduler (sampling builds on it)
-        self.process: ForwardProcess = self.process_class(scheduler_config)
+        self.denoiser_config = denoiser_config
+        self.max_sequence_length = max_sequence_length  # T5 tokens per prompt (SD3, FLUX); None: the family's default
+        self.process: ForwardProcess = self._make_process(self.scheduler_config)
+
+    def _make_process(self, scheduler_config: dict) -> ForwardProcess:
+        return DDPMProcess(scheduler_config)
+
+    def latent_channels(self, denoiser_config: Any) -> int:
+        """Latent channels the denoiser takes (FLUX's packed input has 4 per latent channel)."""
+        return int(denoiser_config.in_channels)
+
+    def sample_size(self, denoiser_config: Any) -> int:
+        """The denoiser's native latent side: its config's ``sample_size``, else the pipeline's default."""
+        size = getattr(denoiser_config, "sample_size", None)
+        if size is None:
+            return self.default_sample_size
+        return int(size[0] if isinstance(size, list | tuple) else size)
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> None:
+        """The sampling schedule of ``num_steps`` steps for latents of ``latent_shape``, as the family's pipeline
+        sets it."""
+        scheduler.set_timesteps(num_steps)
 
     @property
     def pipeline_class(self) -> str:
@@ -254,7 +318,20 @@ class Family:
         pipeline makes it."""
         return self.encode(c, [text])
 
-    def predict(self, model: Any, x: Tensor, timestep: Tensor, cond: Cond, time_ids: Tensor | None = None) -> Tensor:
+    def predict(
+        self,
+        model: Any,
+        x: Tensor,
+        timestep: Tensor,
+        cond: Cond,
+        time_ids: Tensor | None = None,
+        *,
+        guidance: float | None = None,
+        skip_layers: tuple[int, ...] | None = None,
+    ) -> Tensor:
+        """The denoiser's output at latents ``x [B, C, h, w]`` (same shape). ``guidance``: the value of a
+        guidance-distilled model's guidance embedding (FLUX.1); ``skip_layers``: transformer blocks to skip (SD3's
+        skip-layer guidance). Families without them ignore both."""
         return model(x, timestep, encoder_hidden_states=cond.embeds).sample
 
     def time_ids(self, n: int, resolution: int, device: Any = None) -> Tensor | None:
@@ -310,7 +387,17 @@ class SDXLFamily(Family):
             return cond.map(torch.zeros_like)
         return cond
 
-    def predict(self, model: Any, x: Tensor, timestep: Tensor, cond: Cond, time_ids: Tensor | None = None) -> Tensor:
+    def predict(
+        self,
+        model: Any,
+        x: Tensor,
+        timestep: Tensor,
+        cond: Cond,
+        time_ids: Tensor | None = None,
+        *,
+        guidance: float | None = None,
+        skip_layers: tuple[int, ...] | None = None,
+    ) -> Tensor:
         if time_ids is None:
             raise ValueError("SDXL needs time_ids")
         added = {"text_embeds": cond.pooled, "time_ids": time_ids.to(x.device, cond.pooled.dtype)}
@@ -323,8 +410,19 @@ class SDXLFamily(Family):
 
 
 class SD3Family(Family):
+    """SD3 and SD3.5 (StableDiffusion3Pipeline): the transformer's qk-norm and SD3.5-medium's dual attention
+    layers are inside the model; dynamic shifting and skip-layer guidance are the pipeline's."""
+
     name = "sd3"
-    process_class = FlowProcess
+    skip_layer_guidance = True
+    default_sample_size = 128
+
+    def _make_process(self, scheduler_config: dict) -> ForwardProcess:
+        return FlowProcess(scheduler_config, patch=int(getattr(self.denoiser_config, "patch_size", 2) or 2))
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> None:
+        mu = self.process.mu(latent_shape)
+        scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
 
     def pipeline(self, c: Components, denoiser: Any = None) -> Any:
         import diffusers
@@ -349,19 +447,143 @@ class SD3Family(Family):
                 chunk,
                 device=device,
                 do_classifier_free_guidance=False,
-                max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+                max_sequence_length=self.max_sequence_length or SD3_MAX_SEQUENCE_LENGTH,
             )
 
         return _encode_with_pipeline(c, prompts, batch_size, call)
 
-    def predict(self, model: Any, x: Tensor, timestep: Tensor, cond: Cond, time_ids: Tensor | None = None) -> Tensor:
+    def predict(
+        self,
+        model: Any,
+        x: Tensor,
+        timestep: Tensor,
+        cond: Cond,
+        time_ids: Tensor | None = None,
+        *,
+        guidance: float | None = None,
+        skip_layers: tuple[int, ...] | None = None,
+    ) -> Tensor:
         timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
+        extra = {"skip_layers": list(skip_layers)} if skip_layers else {}
         return model(
-            hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
+            hidden_states=x,
+            timestep=timestep,
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled,
+            **extra,
         ).sample
 
 
-_BY_NAME = {"sd": Family, "sdxl": SDXLFamily, "sd3": SD3Family}
+# T5 tokens of a FLUX.1 prompt when `model.max_sequence_length` is unset: FluxPipeline's default (512), which
+# diffusers' FLUX training scripts use too (FLUX.1-schnell's pipeline card uses 256).
+FLUX_MAX_SEQUENCE_LENGTH = 512
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """FLUX's 2×2 patch packing (``FluxPipeline._pack_latents``): [B, C, h, w] -> [B, h/2 · w/2, 4C]."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: Tensor, h: int, w: int) -> Tensor:
+    """The inverse of :func:`pack_latents`: [B, h/2 · w/2, 4C] -> [B, C, h, w]."""
+    b, _, c4 = x.shape
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device: Any, dtype: torch.dtype) -> Tensor:
+    """The (0, row, column) position ids of FLUX's packed tokens (``FluxPipeline._prepare_latent_image_ids``)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxFamily(Family):
+    """FLUX.1 (FluxPipeline / FluxTransformer2DModel): CLIP-L pooled + T5 sequence conditioning, 2×2-packed latents
+    with (0, row, column) position ids, the flow-matching target, a timestep in [0, 1] (the pipeline's σ·1000 /
+    1000), and for guidance-distilled models (FLUX.1-dev) the guidance embedding. Latents are kept unpacked
+    [B, C, h, w] everywhere (cache, noising, Euler steps: all elementwise, so packing commutes with them) and
+    packed only around the transformer call."""
+
+    name = "flux"
+    embedded_guidance = True
+    default_sample_size = 128  # FluxPipeline.default_sample_size (1024 px with the 8x VAE)
+
+    def __init__(
+        self, scheduler_config: dict, denoiser_config: Any = None, *, max_sequence_length: int | None = None
+    ) -> None:
+        super().__init__(
+            scheduler_config, denoiser_config, max_sequence_length=max_sequence_length or FLUX_MAX_SEQUENCE_LENGTH
+        )
+        self.guidance_embeds = bool(getattr(denoiser_config, "guidance_embeds", False))
+
+    def _make_process(self, scheduler_config: dict) -> ForwardProcess:
+        return FlowProcess(scheduler_config, patch=2)
+
+    def latent_channels(self, denoiser_config: Any) -> int:
+        return int(denoiser_config.in_channels) // 4
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> None:
+        """FluxPipeline's schedule: σ = linspace(1, 1/n, n) shifted at μ of the image's token count."""
+        import numpy as np
+
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+        scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=self.process.mu(latent_shape))
+
+    def pipeline(self, c: Components, denoiser: Any = None) -> Any:
+        import diffusers
+
+        return diffusers.FluxPipeline(
+            scheduler=c.scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer_2=c.tokenizer_2,
+            transformer=c.denoiser if denoiser is None else denoiser,
+        )
+
+    def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
+        def call(pipe: Any, chunk: list[str], device: Any) -> Any:
+            embeds, pooled, _ = pipe.encode_prompt(
+                chunk, chunk, device=device, max_sequence_length=self.max_sequence_length
+            )
+            return embeds, None, pooled, None
+
+        return _encode_with_pipeline(c, prompts, batch_size, call)
+
+    def predict(
+        self,
+        model: Any,
+        x: Tensor,
+        timestep: Tensor,
+        cond: Cond,
+        time_ids: Tensor | None = None,
+        *,
+        guidance: float | None = None,
+        skip_layers: tuple[int, ...] | None = None,
+    ) -> Tensor:
+        b, _, h, w = x.shape
+        timestep = torch.as_tensor(timestep, device=x.device).expand(b).to(x.dtype) / 1000
+        embedded = None
+        if self.guidance_embeds:
+            if guidance is None:
+                raise ValueError("a guidance-distilled FLUX model needs the guidance value")
+            embedded = torch.full((b,), float(guidance), device=x.device, dtype=torch.float32)
+        out = model(
+            hidden_states=pack_latents(x),
+            timestep=timestep,
+            guidance=embedded,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=x.dtype),
+            img_ids=latent_image_ids(h, w, x.device, x.dtype),
+        ).sample
+        return unpack_latents(out, h, w)
+
+
+_BY_NAME = {"sd": Family, "sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
 
 
 def family_name(pipeline_class: str, denoiser: Any) -> str:
@@ -369,6 +591,8 @@ def family_name(pipeline_class: str, denoiser: Any) -> str:
     for name, cls in PIPELINE_CLASSES.items():
         if pipeline_class == cls:
             return name
+    if type(denoiser).__name__.startswith("Flux"):
+        return "flux"
     if "Transformer" in type(denoiser).__name__:
         return "sd3"
     if getattr(getattr(denoiser, "config", None), "addition_embed_type", None) == "text_time":
@@ -376,8 +600,9 @@ def family_name(pipeline_class: str, denoiser: Any) -> str:
     return "sd"
 
 
-def make(name: str, scheduler_config: dict) -> Family:
-    """The family ``name`` on the model's noise schedule."""
+def make(name: str, scheduler_config: dict, denoiser_config: Any = None, **options: Any) -> Family:
+    """The family ``name`` on the model's noise schedule; ``denoiser_config`` gives what the family reads of the
+    network (SD3's patch size, FLUX's guidance embedding); ``options``: FLUX's ``max_sequence_length``."""
     if name not in _BY_NAME:
         raise SpinDiffusionError(f"unknown model family {name!r} (one of {', '.join(FAMILIES)})")
-    return _BY_NAME[name](dict(scheduler_config))
+    return _BY_NAME[name](dict(scheduler_config), denoiser_config, **options)

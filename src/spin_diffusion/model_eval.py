@@ -37,8 +37,10 @@ def render_images(
     num_steps: int,
     guidance_scale: float,
     batch_size: int,
+    guidance: sampling.Guidance = sampling.Guidance(),
 ) -> list[Image.Image]:
-    """Sample and decode one image per prompt (`prompt_embeds`: `encoding.encode`) with the given seeds."""
+    """Sample and decode one image per prompt (`prompt_embeds`: `encoding.encode`) with the given seeds;
+    `guidance`: true CFG (FLUX.1) and skip-layer guidance (SD3), as the run's `sample` config sets them."""
     shape = (c.latent_channels, c.sample_size, c.sample_size)
     images: list[Image.Image] = []
     for start in range(0, len(prompt_embeds), batch_size):
@@ -52,6 +54,7 @@ def render_images(
             latent_shape=shape,
             num_steps=num_steps,
             guidance_scale=guidance_scale,
+            guidance=guidance,
         )
         images += tensor_to_pil(encoding.decode_latents(c, out.latents.to(next(unet.parameters()).device)))
     return images
@@ -68,6 +71,7 @@ def render_shared(
     num_steps: int,
     guidance_scale: float,
     batch_size: int,
+    guidance: sampling.Guidance = sampling.Guidance(),
 ) -> list[Image.Image] | None:
     """`render_images` with the prompts split over all ranks: each rank renders its contiguous part and writes
     it to `folder/00000.png …` (lossless, so the result equals a one-process render); after a barrier the main
@@ -82,6 +86,7 @@ def render_shared(
         num_steps=num_steps,
         guidance_scale=guidance_scale,
         batch_size=batch_size,
+        guidance=guidance,
     )
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in zip(part, images, strict=True):
@@ -111,6 +116,7 @@ class Validation:
     num_steps: int
     guidance_scale: float
     batch_size: int
+    guidance: sampling.Guidance = sampling.Guidance()
 
     @classmethod
     def of(cls, cfg: RunConfig, c: models.Components, negative_embed: Cond, folder: Path) -> Validation | None:
@@ -131,12 +137,17 @@ class Validation:
             num_steps=num_steps,
             guidance_scale=guidance_scale,
             batch_size=cfg.sample.batch_size,
+            guidance=sampling.Guidance.of(cfg.sample),
         )
 
     def __call__(self, unet: torch.nn.Module, step: int, *, every_rank_renders_all: bool) -> list[Image.Image] | None:
         folder = self.folder / f"step_{step:07d}"
         kwargs = dict(
-            seeds=self.seeds, num_steps=self.num_steps, guidance_scale=self.guidance_scale, batch_size=self.batch_size
+            seeds=self.seeds,
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            batch_size=self.batch_size,
+            guidance=self.guidance,
         )
         if not every_rank_renders_all:
             return render_shared(self.c, unet, self.embeds, self.negative_embed, folder, **kwargs)
@@ -198,6 +209,7 @@ def evaluate_unet(
         num_steps=num_steps,
         guidance_scale=guidance_scale,
         batch_size=cfg.sample.batch_size,
+        guidance=sampling.Guidance.of(cfg.sample),
     )
     if images is None:
         return None

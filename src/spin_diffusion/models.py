@@ -34,24 +34,29 @@ class Components:
     back by :func:`save_pipeline`); :meth:`noise_scheduler` gives the training forward process.
     """
 
-    denoiser: Any  # the trained network: UNet2DConditionModel (SD, SDXL) or SD3Transformer2DModel (SD3)
+    # the trained network: UNet2DConditionModel (SD, SDXL), SD3Transformer2DModel (SD3) or FluxTransformer2DModel
+    denoiser: Any
     text_encoder: torch.nn.Module  # CLIPTextModel (or any encoder whose output has last_hidden_state)
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     scheduler: Any  # diffusers SchedulerMixin
     vae: Any | None  # diffusers.AutoencoderKL; None = pixel-space model (latents are images in [-1, 1])
     pipeline_class: str = "StableDiffusionPipeline"  # `_class_name` of model_index.json
     source: Path | None = None  # folder it was loaded from; None for presets
-    # SDXL: CLIP-G (with projection); SD3: CLIP-G and T5 (text_encoder_3). None for SD-1.x/2.x.
+    # SDXL: CLIP-G (with projection); SD3: CLIP-G and T5 (text_encoder_3); FLUX: T5. None for SD-1.x/2.x.
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: Any = None
     text_encoder_3: torch.nn.Module | None = None
     tokenizer_3: Any = None
     pipeline_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra model_index.json entries
+    max_sequence_length: int | None = None  # T5 tokens per prompt (SD3, FLUX); None: the family's default
 
     @functools.cached_property
     def family(self) -> families.Family:
-        """How this model is conditioned, noised and called (``families``): sd, sdxl or sd3."""
-        return families.make(families.family_name(self.pipeline_class, self.denoiser), self.scheduler.config)
+        """How this model is conditioned, noised and called (``families``): sd, sdxl, sd3 or flux."""
+        name = families.family_name(self.pipeline_class, self.denoiser)
+        return families.make(
+            name, self.scheduler.config, self.denoiser.config, max_sequence_length=self.max_sequence_length
+        )
 
     @property
     def prediction_type(self) -> str:
@@ -59,7 +64,7 @@ class Components:
         return self.family.process.prediction_type
 
     def text_encoders(self) -> list[torch.nn.Module]:
-        """The text encoders this model has (one for SD, two for SDXL, three for SD3)."""
+        """The text encoders this model has (one for SD, two for SDXL and FLUX, three for SD3)."""
         return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
     @property
@@ -73,7 +78,7 @@ class Components:
         """Channels of the UNet's input latents (the VAE's latent channels; image channels without a VAE)."""
         if self.vae is not None:
             return int(self.vae.config.latent_channels)
-        return int(self.denoiser.config.in_channels)
+        return self.family.latent_channels(self.denoiser.config)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -92,9 +97,8 @@ class Components:
 
     @property
     def sample_size(self) -> int:
-        """Native latent side length (``denoiser.config.sample_size``)."""
-        size = self.denoiser.config.sample_size
-        return int(size[0] if isinstance(size, list | tuple) else size)
+        """Native latent side length (``denoiser.config.sample_size``; FLUX: the pipeline's default, 128)."""
+        return self.family.sample_size(self.denoiser.config)
 
     @property
     def resolution(self) -> int:
@@ -137,17 +141,18 @@ def check_compatible(c: Components) -> None:
     where = f" in {c.source}" if c.source is not None else ""
     cfg = c.denoiser.config
     family = c.family.name  # raises for unsupported prediction types
-    if cfg.in_channels != c.latent_channels:
+    takes = c.family.latent_channels(cfg)
+    if takes != c.latent_channels:
         raise SpinDiffusionError(
-            f"the denoiser{where} takes {cfg.in_channels} input channels but latents have {c.latent_channels} "
-            "(inpainting/depth models are not supported; use a text-to-image model)"
+            f"the denoiser{where} takes {takes} latent channels but latents have {c.latent_channels} "
+            "(inpainting/depth/control models are not supported; use a text-to-image model)"
         )
-    if cfg.out_channels != cfg.in_channels:
+    if (cfg.out_channels or cfg.in_channels) != cfg.in_channels:
         raise SpinDiffusionError(
             f"the denoiser{where} outputs {cfg.out_channels} channels for {cfg.in_channels} input channels "
             "(learned-variance models are not supported; use an epsilon/v-prediction or flow-matching model)"
         )
-    needs = {"sd": 1, "sdxl": 2, "sd3": 3}[family]
+    needs = {"sd": 1, "sdxl": 2, "sd3": 3, "flux": 2}[family]
     if len(c.text_encoders()) < needs or (family == "sd3" and c.text_encoder_2 is None):
         raise SpinDiffusionError(
             f"a {c.pipeline_class}{where} needs {needs} text encoder(s), found {len(c.text_encoders())}"

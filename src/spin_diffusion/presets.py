@@ -13,7 +13,7 @@ from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.models import Components, check_compatible, freeze
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"  # vocab.json + merges.txt (make_tokenizer.py)
-PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3")
+PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux")
 
 # UNet / text encoder / VAE sizes. "tiny" copies diffusers' get_dummy_components sizes (tests);
 # "demo" is the CPU demo world: 32x32 RGB images, 16x16x4 latents, ~1 M-parameter UNet.
@@ -66,12 +66,15 @@ DEMO_VAE_DIR = Path(__file__).parent / "assets" / "demo_vae"  # made by scripts/
 
 
 def build_preset(
-    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3"], *, seed: int = 0, pretrained_vae: bool = True
+    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"],
+    *,
+    seed: int = 0,
+    pretrained_vae: bool = True,
 ) -> Components:
     """Build a randomly initialised built-in model from configs (no download, no files).
 
-    - ``"tiny-sdxl"``, ``"tiny-sd3"``: for tests, the SDXL and SD3 families at the ``"tiny"`` sizes
-      (:func:`_build_family_preset`).
+    - ``"tiny-sdxl"``, ``"tiny-sd3"``, ``"tiny-sd35"``, ``"tiny-flux"``: for tests, the SDXL, SD3, SD3.5 and FLUX.1
+      families at the ``"tiny"`` sizes (:func:`_build_family_preset`).
 
     - ``"tiny"``: for tests. UNet (4, 8) channels, 8x8x4 latents, 16x16 images, 8-dim text encoder.
     - ``"demo"``: the CPU demo world. UNet (32, 64, 64) channels, ~1.7 M parameters, 16x16x4 latents,
@@ -87,7 +90,7 @@ def build_preset(
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if name in ("tiny-sdxl", "tiny-sd3"):
+    if name in ("tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"):
         return _build_family_preset(name, seed)
     if name not in _PRESET_CONFIGS:
         raise SpinDiffusionError(f"unknown model preset {name!r} (choose one of: {', '.join(PRESETS)})")
@@ -164,11 +167,19 @@ def _build_family_preset(name: str, seed: int) -> Components:
     CLIP with projection (8-dim, pooled 8), concatenated cross-attention 16, SDXL's Euler scheduler config.
     ``tiny-sd3``: SD3Transformer2DModel (2 layers, patch 2), CLIP-L + CLIP-G with projections (pooled 8 + 8),
     a T5 encoder (32-dim) with an offline tokenizer, FlowMatchEulerDiscreteScheduler (shift 3, as SD3), a VAE with
-    SD3's scaling and shift factors. Both: 8x8x4 latents, 16x16 images; same seed, same weights."""
+    SD3's scaling and shift factors.
+    ``tiny-sd35``: as ``tiny-sd3`` with SD3.5's transformer features: qk-norm (RMSNorm) and, as SD3.5 medium, a
+    dual-attention first block; its scheduler uses resolution-dependent (dynamic) shifting to exercise that path.
+    ``tiny-flux``: FluxTransformer2DModel (1 double + 1 single block, guidance embedding as FLUX.1-dev) on 2×2-packed
+    latents, CLIP (pooled 32) + T5 (32-dim), FLUX.1-dev's scheduler config (dynamic shifting 0.5..1.15), a VAE
+    without quant convs and FLUX's scaling and shift factors; its config records ``sample_size=8`` (FLUX
+    transformers have none; real ones use the pipeline's 128), so the native size is 16 px as for the others.
+    All: 8x8x4 latents, 16x16 images; same seed, same weights."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
         FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
         SD3Transformer2DModel,
         UNet2DConditionModel,
     )
@@ -213,7 +224,44 @@ def _build_family_preset(name: str, seed: int) -> Components:
                 prediction_type="epsilon",
             )
             pipeline_class = "StableDiffusionXLPipeline"
+        elif name == "tiny-flux":
+            unet = FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=16,  # 4 latent channels, 2x2-packed
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                pooled_projection_dim=32,
+                axes_dims_rope=(4, 4, 8),
+                guidance_embeds=True,
+            )
+            unet.register_to_config(sample_size=8)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**{**clip_config().to_dict(), "hidden_size": 32}))
+            tokenizer_2 = _tiny_t5_tokenizer()
+            t5 = T5EncoderModel(
+                T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+            )
+            extra = dict(text_encoder_2=freeze(t5), tokenizer_2=tokenizer_2)
+            vae_extra = {
+                "scaling_factor": 0.3611,
+                "shift_factor": 0.1159,
+                "use_quant_conv": False,
+                "use_post_quant_conv": False,
+            }
+            scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=1000,
+                shift=3.0,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=1.15,
+                base_image_seq_len=256,
+                max_image_seq_len=4096,
+            )
+            pipeline_class = "FluxPipeline"
         else:
+            sd35 = name == "tiny-sd35"
             unet = SD3Transformer2DModel(
                 sample_size=8,
                 patch_size=2,
@@ -226,6 +274,7 @@ def _build_family_preset(name: str, seed: int) -> Components:
                 caption_projection_dim=16,
                 pooled_projection_dim=16,
                 pos_embed_max_size=16,
+                **(dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}),
             )
             text_encoder = CLIPTextModelWithProjection(clip_config())
             tokenizer_3 = _tiny_t5_tokenizer()
@@ -239,7 +288,8 @@ def _build_family_preset(name: str, seed: int) -> Components:
                 tokenizer_3=tokenizer_3,
             )
             vae_extra = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
-            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+            dynamic = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15) if sd35 else {}
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, **dynamic)
             pipeline_class = "StableDiffusion3Pipeline"
         vae = AutoencoderKL(
             in_channels=3,

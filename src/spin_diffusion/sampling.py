@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from spin_diffusion import atomic, preemption
 from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, dedup, read_header, read_tensor
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.families import Cond, Family
+from spin_diffusion.families import SD3_MAX_SEQUENCE_LENGTH, Cond, Family
 
 META_FILE = "meta.json"
 SAMPLERS = ("ddim", "dpmsolver++")  # `sample.scheduler`; only DDIM has the invertible step spin_exact needs
@@ -65,6 +65,91 @@ def make_scheduler(name: str, family: Family):
     if name == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
     raise ValueError(f"unknown sampler {name!r}; use one of {SAMPLERS}")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Guidance beyond the classifier-free scale (`sample.guidance_scale`), for the families that have it.
+
+    - ``true_cfg_scale`` (FLUX.1): classifier-free guidance with the negative prompt, FluxPipeline's
+      ``true_cfg_scale``; 1 = off. A FLUX model's ``guidance_scale`` is the value of its guidance embedding instead.
+    - ``skip_layers`` (SD3/SD3.5): skip-layer guidance, StableDiffusion3Pipeline's ``skip_guidance_layers`` (SD3.5
+      medium: 7, 8, 9); empty = off. While step i is in (start·S, stop·S) the prediction gains
+      ``skip_layer_scale · (conditional - conditional without those blocks)``; it acts only with classifier-free
+      guidance, as in the pipeline.
+    """
+
+    true_cfg_scale: float = 1.0
+    skip_layers: tuple[int, ...] = ()
+    skip_layer_scale: float = 2.8
+    skip_layer_start: float = 0.01
+    skip_layer_stop: float = 0.2
+
+    @classmethod
+    def of(cls, sample_cfg: Any) -> Guidance:
+        """The guidance of a run's ``sample`` config (`config.SampleConfig`)."""
+        return cls(
+            true_cfg_scale=float(sample_cfg.true_cfg_scale),
+            skip_layers=tuple(int(i) for i in sample_cfg.skip_guidance_layers),
+            skip_layer_scale=float(sample_cfg.skip_layer_guidance_scale),
+            skip_layer_start=float(sample_cfg.skip_layer_guidance_start),
+            skip_layer_stop=float(sample_cfg.skip_layer_guidance_stop),
+        )
+
+    def check(self, family: Family, num_blocks: int | None) -> None:
+        """Refuse, in one line, guidance the family cannot do (``num_blocks``: the transformer's blocks)."""
+        if self.true_cfg_scale != 1.0 and not family.embedded_guidance:
+            raise SpinDiffusionError(
+                f"sample.true_cfg_scale={self.true_cfg_scale} is for FLUX.1 models; a {family.name} model does "
+                "classifier-free guidance with sample.guidance_scale"
+            )
+        if self.skip_layers and not family.skip_layer_guidance:
+            raise SpinDiffusionError(
+                f"sample.skip_guidance_layers is for SD3/SD3.5 transformers; a {family.name} model cannot skip layers"
+            )
+        bad = [i for i in self.skip_layers if num_blocks is not None and not 0 <= i < num_blocks]
+        if bad:
+            raise SpinDiffusionError(
+                f"sample.skip_guidance_layers {bad} out of range: the transformer has blocks 0..{num_blocks - 1}"
+            )
+        if self.skip_layers and not 0 <= self.skip_layer_start < self.skip_layer_stop <= 1:
+            raise SpinDiffusionError(
+                "sample.skip_layer_guidance_start and _stop must satisfy 0 <= start < stop <= 1, got "
+                f"{self.skip_layer_start} and {self.skip_layer_stop}"
+            )
+
+    def to_json(self) -> dict | None:
+        """The non-default settings (None when all are default: older meta.json files have none)."""
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        return None if self == Guidance() else d
+
+
+def pipeline_kwargs(family: Family, guidance_scale: float, guidance: Guidance, negative_prompt: str) -> dict[str, Any]:
+    """The keyword arguments of the family's diffusers pipeline call that sample as the opponent does, where the
+    pipeline's defaults differ (SD3's T5 length; FLUX's T5 length, guidance and true CFG; skip-layer guidance)."""
+    out: dict[str, Any] = {}
+    if family.name == "sd3":
+        out["max_sequence_length"] = family.max_sequence_length or SD3_MAX_SEQUENCE_LENGTH
+    if family.name == "flux":
+        out["max_sequence_length"] = family.max_sequence_length
+    if family.embedded_guidance:
+        out["guidance_scale"] = guidance_scale
+        if guidance.true_cfg_scale != 1.0:
+            out |= {"true_cfg_scale": guidance.true_cfg_scale, "negative_prompt": negative_prompt}
+    if guidance.skip_layers and family.skip_layer_guidance:
+        out |= {
+            "skip_guidance_layers": list(guidance.skip_layers),
+            "skip_layer_guidance_scale": guidance.skip_layer_scale,
+            "skip_layer_guidance_start": guidance.skip_layer_start,
+            "skip_layer_guidance_stop": guidance.skip_layer_stop,
+        }
+    return out
+
+
+def cfg_scale(family: Family, guidance_scale: float, guidance: Guidance) -> float:
+    """The classifier-free guidance scale the sampler applies: ``guidance_scale``, or for a family with a guidance
+    embedding (FLUX.1) ``guidance.true_cfg_scale``."""
+    return guidance.true_cfg_scale if family.embedded_guidance else guidance_scale
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> str:
@@ -109,6 +194,7 @@ def sample(
     scheduler: str = "ddim",
     dtype: str | None = None,
     image_size: int | None = None,
+    guidance: Guidance = Guidance(),
 ) -> SampleOutput:
     """DDIM (or DPM-Solver++; Euler for flow-matching models) sampling with classifier-free guidance.
 
@@ -124,6 +210,8 @@ def sample(
         dtype: None or the model's own dtype runs it as it is; "bf16" / "fp16" run its forward passes under
             autocast (the module keeps its weights; the scheduler's arithmetic stays float32).
         image_size: pixels per side of the images (SDXL's time ids); needed for the sdxl family.
+        guidance: true CFG (FLUX.1) and skip-layer guidance (SD3/SD3.5); a FLUX model's guidance embedding gets
+            ``guidance_scale``.
     """
     cond, negative = _as_cond(cond), _as_cond(negative)
     batch = len(cond)
@@ -137,8 +225,11 @@ def sample(
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != param_dtype)
     sampler_name, scheduler = scheduler, make_scheduler(scheduler, family)
     flow = family.process.kind == "flow"
-    scheduler.set_timesteps(num_steps)
-    use_cfg = guidance_scale != 1.0
+    family.set_timesteps(scheduler, num_steps, latent_shape)
+    embedded = guidance_scale if family.embedded_guidance else None
+    scale = cfg_scale(family, guidance_scale, guidance)
+    use_cfg = scale != 1.0
+    skip = guidance.skip_layers if use_cfg and family.skip_layer_guidance else ()
     context = cond.to(device, param_dtype)
     time_ids = None
     if family.uses_time_ids:
@@ -147,7 +238,7 @@ def sample(
         time_ids = family.time_ids(batch, image_size, device)
     if use_cfg:
         if negative is None:
-            raise ValueError("guidance_scale != 1 needs negative conditioning")
+            raise ValueError("classifier-free guidance needs negative conditioning")
         uncond = negative.to(device, param_dtype)
         context = Cond.cat([uncond.expand(batch) if len(uncond) == 1 else uncond, context])
         time_ids = None if time_ids is None else torch.cat([time_ids, time_ids])
@@ -156,16 +247,25 @@ def sample(
     latents = (initial_noise(seeds, latent_shape) * init_sigma).to(device, torch.float32)
     trajectory = [latents.cpu()] if return_trajectory else None
 
-    for t in scheduler.timesteps:
+    num = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
         model_in = (latents if flow else scheduler.scale_model_input(latents, t)).to(param_dtype)
+        skip_now = skip and num * guidance.skip_layer_start < i < num * guidance.skip_layer_stop
         with autocast:
             if use_cfg:
-                out = family.predict(model, torch.cat([model_in, model_in]), t, context, time_ids).float()
+                out = family.predict(
+                    model, torch.cat([model_in, model_in]), t, context, time_ids, guidance=embedded
+                ).float()
             else:
-                model_out = family.predict(model, model_in, t, context, time_ids).float()
+                model_out = family.predict(model, model_in, t, context, time_ids, guidance=embedded).float()
+            if skip_now:  # the conditional half alone, with the blocks skipped
+                cond_ids = None if time_ids is None else time_ids[batch:]
+                skipped = family.predict(model, model_in, t, context[batch:], cond_ids, skip_layers=skip).float()
         if use_cfg:
             uncond_out, cond_out = out.chunk(2)
-            model_out = uncond_out + guidance_scale * (cond_out - uncond_out)
+            model_out = uncond_out + scale * (cond_out - uncond_out)
+            if skip_now:
+                model_out = model_out + guidance.skip_layer_scale * (cond_out - skipped)
         if sampler_name == "ddim" and not flow:
             variance_noise = None
             if eta > 0:
@@ -251,11 +351,17 @@ class GenerationSpec:
     # None = all num_prompts in prompt order. Recorded in meta.json as "prompts".
     prompts: tuple[int, ...] | None = None
     per_caption: str = "every_row"  # what a prompt is: a training row, or a distinct caption (`OpponentPrompts`)
+    guidance: Guidance = Guidance()  # true CFG (FLUX.1), skip-layer guidance (SD3); recorded only when not default
 
     def to_json(self) -> dict:
         d = self.__dict__.copy()
         d["latent_shape"] = list(self.latent_shape)
         del d["prompts"]
+        guidance = self.guidance.to_json()
+        if guidance is None:
+            del d["guidance"]
+        else:
+            d["guidance"] = guidance
         return d
 
     def order(self) -> list[int]:
@@ -278,7 +384,7 @@ def _write_meta(out_dir: Path, spec: GenerationSpec, family: Family, *, check_on
     It records the sampler's schedule that spin_exact inverts: DDPM models' timesteps and ᾱ; flow-matching
     models' timesteps (σ·1000) and the S+1 σ of the Euler steps (terminal 0 included)."""
     sampler = make_scheduler(spec.scheduler, family)
-    sampler.set_timesteps(spec.num_steps)
+    family.set_timesteps(sampler, spec.num_steps, spec.latent_shape)
     meta = {
         "spec": spec.to_json(),
         # which prompts were sampled (shard order); null = all of them in prompt order
@@ -386,6 +492,7 @@ def generate_shards(
                 return_trajectory=spec.store_trajectory,
                 scheduler=spec.scheduler,
                 dtype=spec.dtype,
+                guidance=spec.guidance,
             )
             latents.append(result.latents.to(store_dtype))
             if result.trajectory is not None:

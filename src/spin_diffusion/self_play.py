@@ -168,8 +168,16 @@ def load_saved_config(run_dir: str | Path) -> RunConfig:
 
 def load_base_components(cfg: RunConfig) -> models.Components:
     if cfg.model.path is not None:
-        return models.load_components(cfg.model.path, revision=cfg.model.revision, variant=cfg.model.variant)
-    return presets.build_preset(cfg.model.preset, seed=cfg.seed)
+        c = models.load_components(cfg.model.path, revision=cfg.model.revision, variant=cfg.model.variant)
+    else:
+        c = presets.build_preset(cfg.model.preset, seed=cfg.seed)
+    if cfg.model.max_sequence_length is None:
+        return c
+    if c.family.name not in ("sd3", "flux"):
+        raise SpinDiffusionError(
+            f"model.max_sequence_length is the T5 prompt length of SD3/FLUX models; a {c.family.name} model has no T5"
+        )
+    return dataclasses.replace(c, max_sequence_length=cfg.model.max_sequence_length)
 
 
 def model_id(cfg: RunConfig, c: models.Components) -> str:
@@ -289,6 +297,7 @@ def _set_up(cfg: RunConfig, *, resume: bool) -> _Run:
     data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
     sampling.make_scheduler(cfg.sample.scheduler, c.family)  # refuses a sampler the family lacks
+    sampling.Guidance.of(cfg.sample).check(c.family, getattr(c.denoiser.config, "num_layers", None))
     if cfg.sample.eta and c.family.process.kind == "flow":
         raise SpinDiffusionError(
             f"sample.eta={cfg.sample.eta}: the {c.family.name} family samples with deterministic Euler steps (no η); "
@@ -379,7 +388,16 @@ def _card_info(r: _Run, k: int, *, steps: int) -> card.CardInfo:
     info = card.card_info(
         for_iteration(r.cfg, k - 1), iteration=k, steps=steps, data_size=len(r.cache), resolution=r.resolution
     )
-    return dataclasses.replace(info, pixel_space=r.c.vae is None, family=r.c.family.name)
+    cfg = r.cfg
+    call = sampling.pipeline_kwargs(
+        r.c.family, cfg.sample.guidance_scale, sampling.Guidance.of(cfg.sample), cfg.sample.negative_prompt
+    )
+    return dataclasses.replace(
+        info,
+        pixel_space=r.c.vae is None,
+        family=r.c.family.name,
+        call_kwargs={k: repr(v) for k, v in call.items()},
+    )
 
 
 def _train_data(r: _Run) -> trainer.TrainData:
@@ -422,6 +440,7 @@ def _generate(r: _Run, k: int, opponent: torch.nn.Module, data: trainer.TrainDat
             dtype=sampling.resolve_dtype(cfg.sample.dtype, r.dist.device),
             prompts=plan.prompts,
             per_caption=cfg.sample.per_caption,
+            guidance=sampling.Guidance.of(cfg.sample),
         )
         sampling.generate_shards(
             opponent,
@@ -484,6 +503,7 @@ def _train_and_export(
         progress=progress,
         hparams=hparams(r.as_given),
         validation=r.validation and dataclasses.replace(r.validation, folder=next_dir / "validation"),
+        guidance=cfg.sample.guidance_scale,
     )
     policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
     if cfg.model.lora_rank > 0:

@@ -211,6 +211,7 @@ def train(
     progress: bool = True,
     hparams: dict[str, Any] | None = None,
     validation: Validation | None = None,
+    guidance: float | None = None,
 ) -> TrainResult:
     """Train `policy` on `data` with `objective`; resumes from the latest checkpoint in `out_dir`.
 
@@ -229,6 +230,8 @@ def train(
             train this iteration (β, learning rate, pairs per step) are added to them.
         validation: renders its prompts with the model (the EMA weights when train_cfg.ema_decay is set) every
             `validation.every` steps; the images go to the trackers.
+        guidance: the guidance embedding's value for a guidance-distilled model (FLUX.1-dev; its sampling value,
+            as diffusers' FLUX training scripts do); other families ignore it.
 
     With train_cfg.ema_decay the returned policy holds the EMA of the trained weights.
     """
@@ -303,7 +306,9 @@ def train(
     )
 
     clock = preemption.Clock(train_cfg.checkpoint_every_minutes)
-    loss_kw = dict(objective=objective, loss_cfg=loss_cfg, family=family, sampler=data.sampler, fsdp=fsdp)
+    loss_kw = dict(
+        objective=objective, loss_cfg=loss_cfg, family=family, sampler=data.sampler, fsdp=fsdp, guidance=guidance
+    )
     policy.train()
     for step in range(start_step, total_steps):
         # 3. One optimizer step: `ga` micro-batches (accelerate accumulates their gradients), clip, step
@@ -603,7 +608,7 @@ def _draw_noise(
         if exact_steps is not None:
             ts.append(exact_steps[torch.randint(0, len(exact_steps), (k_steps,), generator=gen)])
         else:
-            ts.append(process.draw_times(gen, k_steps))
+            ts.append(process.draw_times(gen, k_steps, latent_shape))
         noises.append(torch.randn(shape, generator=gen))
         loser_noises.append(noises[-1] if share_noise else torch.randn(shape, generator=gen))
         drops.append((torch.rand(1, generator=gen) < caption_dropout).expand(k_steps))  # one draw per pair
@@ -695,6 +700,7 @@ def _micro_step_loss(
     accelerator: Accelerator,
     sampler: SamplerSchedule | None,
     fsdp: bool = False,
+    guidance: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss of one micro-batch (`_MicroBatches` item): B pairs, each at K timesteps (rows b*K + k)."""
     spec = objectives.get(objective)
@@ -719,7 +725,7 @@ def _micro_step_loss(
     winner_t = process.noised(winner, noise, t)
     if spec.loss is None:  # sft: the plain denoising loss on the real images
         target = process.target(winner, noise, t)
-        pred = family.predict(policy, winner_t, process.model_timestep(t), context, winner_ids)
+        pred = family.predict(policy, winner_t, process.model_timestep(t), context, winner_ids, guidance=guidance)
         err = losses.denoise_error(pred, target).reshape(b, k_steps)
         per_sample, metrics = losses.sft_loss(err)
         return per_sample.mean(), metrics
@@ -743,7 +749,7 @@ def _micro_step_loss(
     target = torch.cat([winner_target, loser_target])
 
     def predict(model: torch.nn.Module) -> torch.Tensor:
-        pred = family.predict(model, model_in, process.model_timestep(t2), context2, ids2)
+        pred = family.predict(model, model_in, process.model_timestep(t2), context2, ids2, guidance=guidance)
         return process.exact_space(pred.float(), model_in, t2) if spec.trajectory else pred
 
     def errors(pred: torch.Tensor) -> losses.DenoiseErrors:
