@@ -199,18 +199,29 @@ def test_every_objective_runs_on_two_processes(tmp_path: Path, command, override
     assert update > 0 and diff <= 1e-3 * update, f"|2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
 
 
-@pytest.mark.parametrize(("preset", "objective"), [("tiny-sdxl", "spin_approx"), ("tiny-sd3", "spin_exact")])
-def test_sdxl_and_sd3_on_two_processes_equal_one_process(tmp_path: Path, preset: str, objective: str):
-    """The family seam under DDP: SDXL's per-image time ids and SD3's flow draws travel through the data loader, and
+@pytest.mark.parametrize(
+    ("preset", "objective"),
+    [
+        ("tiny-sdxl", "spin_approx"),
+        ("tiny-sd3", "spin_exact"),
+        ("tiny-sd35", "spin_approx"),
+        ("tiny-flux", "spin_exact"),
+    ],
+)
+def test_families_on_two_processes_equal_one_process(tmp_path: Path, preset: str, objective: str):
+    """The family seam under DDP: SDXL's per-image time ids, SD3's and SD3.5's (dynamically shifted) flow draws and
+    FLUX's packed latents and guidance embedding travel through the data loader and the wrapped module, and
     2 processes × batch 4 give 1 process × batch 8's update (bound relative to the update, as for SD-1.x)."""
     from spin_diffusion.presets import build_preset
 
     common = ["num_iterations=1", "eval.enabled=false", f"model.preset={preset}", f"loss.objective={objective}"]
+    if preset == "tiny-flux":
+        common += ["model.max_sequence_length=32", "sample.guidance_scale=3.5"]
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*common, "train.batch_size=4"]))
     run(load_config(TINY, [*common, "train.batch_size=8", f"run_dir={one}"]), progress=False)
     assert _files(two) == _files(one)
-    sub = "transformer" if preset == "tiny-sd3" else "unet"
+    sub = "unet" if preset == "tiny-sdxl" else "transformer"
     w2, w1 = (
         load_file(str(d / "iter_01" / "model" / sub / "diffusion_pytorch_model.safetensors")) for d in (two, one)
     )

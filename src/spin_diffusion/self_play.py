@@ -182,9 +182,11 @@ def load_base_components(cfg: RunConfig) -> models.Components:
 
 def model_id(cfg: RunConfig, c: models.Components) -> str:
     """Identifies the frozen parts (VAE, text encoder) of ``c``, loaded for ``cfg``, for the latent cache key."""
+    # the T5 length changes the cached prompt embeddings (SD3, FLUX)
+    t5 = f":max_sequence_length={cfg.model.max_sequence_length}" if cfg.model.max_sequence_length else ""
     if c.source is not None:  # the folder it was loaded from: a Hub id's snapshot folder names its commit
-        return f"path:{c.source.resolve()}" + (f":variant={cfg.model.variant}" if cfg.model.variant else "")
-    return f"preset:{cfg.model.preset}:seed={cfg.seed}"
+        return f"path:{c.source.resolve()}" + (f":variant={cfg.model.variant}" if cfg.model.variant else "") + t5
+    return f"preset:{cfg.model.preset}:seed={cfg.seed}" + t5
 
 
 # ---------------------------------------------------------------------------------------------------------------
