@@ -90,23 +90,27 @@ def test_implied_velocity_inverts_an_euler_step_by_values():
     torch.testing.assert_close(sampling.implied_velocity(x, x_next, sigma, sigma_next), v)
 
 
-def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(sd3):
-    """Without guidance, (x_{i+1} - x_i)/(σ_{i+1} - σ_i) of a stored SD3 chain equals the transformer's output at x_i:
-    the target of spin_exact on the opponent's samples (docs/FAMILIES.md)."""
-    cond = encoding.encode(sd3, ["a red circle on the left", "a blue square"])
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(preset):
+    """Without classifier-free guidance, (x_{i+1} - x_i)/(σ_{i+1} - σ_i) of a stored chain equals the transformer's
+    output at x_i: the target of spin_exact on the opponent's samples (docs/FAMILIES.md). FLUX: on its own
+    dynamically shifted σ, with the guidance embedding at 3.5, through the packing."""
+    c = presets.build_preset(preset)
+    cond = encoding.encode(c, ["a red circle on the left", "a blue square"])
+    flux = preset == "tiny-flux"
     out = sampling.sample(
-        sd3.denoiser,
-        sd3.family,
+        c.denoiser,
+        c.family,
         cond,
         None,
         seeds=[1, 2],
         latent_shape=(4, 8, 8),
         num_steps=5,
-        guidance_scale=1.0,
+        guidance_scale=3.5 if flux else 1.0,
         return_trajectory=True,
     )
-    sched = sampling.make_scheduler("ddim", sd3.family)
-    sched.set_timesteps(5)
+    sched = sampling.make_scheduler("ddim", c.family)
+    c.family.set_timesteps(sched, 5, (4, 8, 8))
     assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
     schedule = sampling.SamplerSchedule(out.timesteps, None, 0.0, 0.0, sched.sigmas.double())
     assert sampling.valid_exact_steps(schedule).tolist() == [0, 1, 2, 3, 4]
@@ -114,7 +118,7 @@ def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(sd3
         x_i, x_next = out.trajectory[:, i], out.trajectory[:, i + 1]
         implied = schedule.implied_target(x_i, x_next, torch.tensor([i, i]))
         with torch.no_grad():
-            pred = sd3.family.predict(sd3.denoiser, x_i, out.timesteps[i], cond)
+            pred = c.family.predict(c.denoiser, x_i, out.timesteps[i], cond, guidance=3.5 if flux else None)
         torch.testing.assert_close(implied, pred, atol=1e-4, rtol=1e-4)
 
 
