@@ -1,7 +1,8 @@
-"""Per-GPU memory of SPIN-Diffusion training for SD-1.5, SDXL and SD3-medium, full fine-tuning and LoRA, DDP vs FSDP.
+"""Per-GPU memory of SPIN-Diffusion training for SD-1.5, SDXL, SD3-medium and FLUX.1-dev, full and LoRA, DDP vs FSDP.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/memory_estimate.py  # ~9 min on 2 busy CPU cores, 9.1 GiB RAM
     PYTHONPATH=src python benchmarks/memory_estimate.py --no-measure   # counts + the activation figures below
+    OMP_NUM_THREADS=1 python benchmarks/memory_estimate.py --only flux [--no-measure]  # FLUX.1-dev alone
 
 How each number is obtained (printed with the table):
 
@@ -36,6 +37,23 @@ How each number is obtained (printed with the table):
   P = C + s·image tokens (C ≈ the block's bf16 weight copies + its text-token part). These runs make CPU autocast
   do what CUDA autocast does with layer_norm (fp32 in, fp32 out; CPU autocast keeps it in bf16), which adds ~18% to a
   block; the bf16-norm figure is printed too. Gradient checkpointing: the same 2/4-block fit at 128²;
+* FLUX.1-dev (transformer: 19 double-stream + 38 single-stream blocks, width 3072; CLIP-L and T5-XXL; SD3's
+  16-channel VAE), trained at 1024²: 4096 packed image tokens + 512 T5 tokens, called as FluxPipeline calls it
+  (σ in [0, 1], guidance). Parameters and LoRA exact as above (LoRA: the double blocks' image-stream
+  to_q/k/v/to_out.0 and the single blocks' to_q/k/v, which have no to_out: 190 Linears). Activations are NOT
+  measured at the training size: on the machine this ran on (no AVX-512, bf16 matmuls at ~9 GFLOP/s a core) one
+  single block at 96 tokens took ~3 min, the training size would take hours per block. Instead: (1) the exact bytes
+  autograd saves for backward are counted with the full 19 + 38-block model at 4096 + 512 tokens on fake tensors
+  (FakeTensorMode: shapes, dtypes and autograd without data or compute; bf16 autocast, fp32 norms as CUDA autocast,
+  SDPA forced to the flash kernel, storages deduplicated, autocast's bf16 weight copies included); no depth or token
+  extrapolation; (2) real runs at full width with 0+1, 0+2 and 1+1 (double + single) blocks at 64 + 32 tokens
+  check that count (the saved bytes agree exactly) and give what peak RSS adds to it (backward temporaries,
+  allocator), which is added to the full-size count as measured there, at 96 tokens (it grows with the token count,
+  so at 4608 tokens it is an underestimate, by ~1 GiB or less at SD3's rate); (3) gradient checkpointing: the
+  bytes saved outside the checkpointed blocks ∪ the block inputs the checkpoints hold (counted on fake tensors,
+  full size) + one double block's saved bytes (the block being recomputed in backward) + the same transient: a
+  rule built on exact counts, not a measurement, checked against a real checkpointed 0+2-block run at 64 + 32
+  tokens (it comes out ~6 % under the measured peak growth there);
 * the reference forward and the opponent's generation run without grad: their activations are transient.
 """
 
@@ -128,6 +146,36 @@ VAE_SD3 = {**VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quan
 SD3_LATENT = 128  # 1024 px
 SD3_TEXT_TOKENS = 77 + 77  # CLIP-L ⊕ CLIP-G (77) then T5 (families.SD3_MAX_SEQUENCE_LENGTH = 77), joined
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# FLUX.1-dev (black-forest-labs/FLUX.1-dev): transformer/ (19 double-stream + 38 single-stream blocks, width 3072),
+# text_encoder (CLIP-L, pooled output), text_encoder_2 (T5-XXL encoder), vae/ (16 latent channels, as SD3's)
+FLUX = dict(
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_IMAGE_TOKENS = (128 // 2) ** 2  # 1024 px -> 128² latents, packed 2×2 -> 4096 tokens
+FLUX_TEXT_TOKENS = 512  # T5 max_sequence_length, FLUX.1-dev's default
+# The real (RSS) runs: (image tokens, text tokens), far below the training size (the machine this ran on computes
+# bf16 at ~9 GFLOP/s on a core: one single-stream block at these 96 tokens takes ~3 min forward + backward)
+FLUX_MEASURED_TOKENS = (64, 32)
+FLUX_DEPTHS = ((0, 1), (0, 2), (1, 1))  # (double, single) blocks
+# Fake-tensor cases (image tokens, text tokens, double, single, checkpointing): the measured ones (to check the
+# saved-bytes count against the real runs), the same depths at the training size, and the full model
+FLUX_FAKE_CASES = (
+    *((*FLUX_MEASURED_TOKENS, *d, 0) for d in FLUX_DEPTHS),
+    (*FLUX_MEASURED_TOKENS, 0, 2, 1),
+    *((FLUX_IMAGE_TOKENS, FLUX_TEXT_TOKENS, *d, 0) for d in FLUX_DEPTHS),
+    (FLUX_IMAGE_TOKENS, FLUX_TEXT_TOKENS, FLUX["num_layers"], FLUX["num_single_layers"], 0),
+    (FLUX_IMAGE_TOKENS, FLUX_TEXT_TOKENS, FLUX["num_layers"], FLUX["num_single_layers"], 1),
+)
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -158,6 +206,14 @@ def meta_sd3(cfg: dict = SD3) -> torch.nn.Module:
         return SD3Transformer2DModel.from_config(cfg)
 
 
+def meta_flux(cfg: dict = FLUX) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        return FluxTransformer2DModel.from_config(cfg)
+
+
 def _text_params(model: torch.nn.Module) -> int:
     # init_empty_weights leaves T5's encoder.embed_tokens untied from shared (and re-tying inside it makes a new
     # meta parameter); the checkpoint ties them, so tie outside it before counting (a no-op for CLIP)
@@ -172,7 +228,9 @@ def frozen_parts(model: str) -> dict[str, int]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     with init_empty_weights():
-        if model == "SD3":
+        if model == "FLUX":
+            text = {"CLIP-L": CLIPTextModel(CLIPTextConfig(**CLIP_L)), "T5-XXL": T5EncoderModel(T5Config(**T5_XXL))}
+        elif model == "SD3":
             text = {
                 "CLIP-L": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, projection_dim=768)),
                 "CLIP-G": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)),
@@ -182,7 +240,7 @@ def frozen_parts(model: str) -> dict[str, int]:
             text = {"CLIP-L": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
             if model == "SDXL":
                 text["CLIP-G"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
-        vae = AutoencoderKL.from_config(VAE_SD3 if model == "SD3" else VAE)
+        vae = AutoencoderKL.from_config(VAE_SD3 if model in ("SD3", "FLUX") else VAE)
     return {**{name: _text_params(m) for name, m in text.items()}, "VAE": _numel(vae)}
 
 
@@ -301,12 +359,89 @@ def measure_sd3_child(latent: int, layers: int, checkpointing: bool, fp32_norms:
     return _forward_backward(model, lambda: model(hidden_states=x, **kw).sample)
 
 
-def measure(*case: int) -> dict:
+def _flux_call(image_tokens: int, text_tokens: int, double: int, single: int, checkpointing: bool):
+    """FLUX.1-dev's transformer at full width (3072, 24 heads) with `double` of its 19 double-stream and `single` of
+    its 38 single-stream blocks and a closure running it on one pair as FluxPipeline calls it (packed latents, σ in
+    [0, 1], guidance). Built in the current mode (real tensors, or fake ones under FakeTensorMode)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel.from_config({**FLUX, "num_layers": double, "num_single_layers": single}).train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    side = int(image_tokens**0.5)  # packed grid: latents are 2·side × 2·side
+    x = torch.randn(2, image_tokens, FLUX["in_channels"])
+    kw = dict(
+        timestep=torch.tensor([0.1, 0.7]),
+        guidance=torch.full((2,), 3.5),
+        pooled_projections=torch.randn(2, FLUX["pooled_projection_dim"]),
+        encoder_hidden_states=torch.randn(2, text_tokens, FLUX["joint_attention_dim"]),
+        txt_ids=torch.zeros(text_tokens, 3),
+        img_ids=FluxPipeline._prepare_latent_image_ids(2, side, side, "cpu", torch.float32),
+    )
+    return model, lambda: model(hidden_states=x, **kw).sample
+
+
+def measure_flux_child(image_tokens: int, text_tokens: int, double: int, single: int, checkpointing: bool) -> dict:
+    """Real run: peak RSS growth and saved bytes of one pair, fp32 norms as CUDA autocast, SDPA forced to the flash
+    kernel (O(tokens) memory, as on GPUs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _fp32_norms()
+    model, call = _flux_call(image_tokens, text_tokens, double, single, checkpointing)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return _forward_backward(model, call)
+
+
+def flux_saved_child() -> dict:
+    """The same forward + backward on fake tensors (FakeTensorMode: shapes, dtypes and autograd, no data, no
+    compute): the exact bytes autograd saves for backward (storages deduplicated, autocast's bf16 weight copies
+    included), at any size. With gradient checkpointing also the bytes of the inputs the checkpointed blocks hold
+    (a forward pre-hook on every block) — non-reentrant checkpointing hides its recomputed tensors from the hook."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _fp32_norms()
+    out = {}
+    for case in FLUX_FAKE_CASES:
+        with FakeTensorMode(allow_non_fake_inputs=True), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            model, call = _flux_call(*case)
+            saved: dict[int, int] = {}
+            held: dict[int, int] = {}
+
+            def pack(tensor, saved=saved):
+                saved.setdefault(tensor.untyped_storage()._cdata, tensor.untyped_storage().nbytes())
+                return tensor
+
+            def hold(_m, args, kwargs, held=held):
+                for t in [*args, *kwargs.values()]:
+                    if isinstance(t, torch.Tensor) and torch.is_grad_enabled():
+                        held.setdefault(t.untyped_storage()._cdata, t.untyped_storage().nbytes())
+
+            hooks = [
+                b.register_forward_pre_hook(hold, with_kwargs=True)
+                for b in [*model.transformer_blocks, *model.single_transformer_blocks]
+            ]
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = call().float().pow(2).mean()
+            for h in hooks:
+                h.remove()
+            loss.backward()
+        out[",".join(map(str, case))] = {
+            "saved": sum(saved.values()),
+            "held": sum(held.values()),
+            "saved_or_held": sum({**saved, **held}.values()),  # a block input can be both
+        }
+    return out
+
+
+def measure(*case: int, flux: bool = False) -> dict:
     """Run one case in a child process: (latent, checkpointing) for SD-1.5, (latent, layers, checkpointing,
-    fp32_norms) for SD3."""
+    fp32_norms) for SD3, (image tokens, text tokens, double blocks, single blocks, checkpointing) for FLUX."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     out = subprocess.run(
-        [sys.executable, __file__, "--child", *map(str, map(int, case))],
+        [sys.executable, __file__, "--child-flux" if flux else "--child", *map(str, map(int, case))],
         capture_output=True,
         text=True,
         env=env,
@@ -337,6 +472,16 @@ MEASURED_SD3 = {
     (128, 4, True, True): {"peak_growth": 1.58 * GiB, "saved": 0.24 * GiB},
 }
 
+# FLUX real runs (image tokens, text tokens, double blocks, single blocks, gradient checkpointing): peak RSS growth
+# and saved bytes, one child process each, OMP_NUM_THREADS=1, torch 2.13 CPU, diffusers 0.42.1, on a 2-core AMD EPYC
+# without AVX-512 (bf16 matmuls ~9 GFLOP/s), shared with other jobs: 200-710 s per case.
+MEASURED_FLUX = {
+    (64, 32, 0, 1, 0): {"peak_growth": 694591488, "saved": 418109952},
+    (64, 32, 0, 2, 0): {"peak_growth": 1032900608, "saved": 736734208},
+    (64, 32, 1, 1, 0): {"peak_growth": 1433800704, "saved": 1139156480},
+    (64, 32, 0, 2, 1): {"peak_growth": 759091200, "saved": 101746688},
+}
+
 
 def sd3_depth_fit(m: dict, latent: int, ckpt: bool = False, fp32_norms: bool = True) -> tuple[float, float]:
     """growth(L) = A + L·P from the 2- and 4-layer cases: (A, P). A holds the embedders, the final norm/projection
@@ -350,14 +495,32 @@ def sd3_depth_fit(m: dict, latent: int, ckpt: bool = False, fp32_norms: bool = T
 # Table
 
 
-def rows(n_gpus: int, acts: dict[str, float], lora_rank: int) -> list[list[str]]:
+HEADER = [
+    "model",
+    "training",
+    "strategy",
+    "policy weights",
+    "grads",
+    "AdamW",
+    "reference (bf16)",
+    "activations / pair",
+    "total / GPU",
+    "text enc.+VAE (bf16, generation only)",
+    "opponent for generation",
+]
+
+
+def rows(n_gpus: int, acts: dict[str, float], lora_rank: int, models=("SD-1.5", "SDXL", "SD3")) -> list[list[str]]:
     out = []
-    for model in ("SD-1.5", "SDXL", "SD3"):
-        net = meta_sd3() if model == "SD3" else meta_unet(SD15 if model == "SD-1.5" else SDXL)
+    for model in models:
+        if model == "FLUX":
+            net = meta_flux()
+        else:
+            net = meta_sd3() if model == "SD3" else meta_unet(SD15 if model == "SD-1.5" else SDXL)
         p, lp = _numel(net), lora_params(net, lora_rank)
         parts = frozen_parts(model)
-        # SD3: the text encoders leave the GPU once the embeddings are cached; generation needs only the VAE
-        frozen = 2 * (parts["VAE"] if model == "SD3" else sum(parts.values()))  # bf16
+        # SD3, FLUX: the text encoders leave the GPU once the embeddings are cached; generation needs only the VAE
+        frozen = 2 * (parts["VAE"] if model in ("SD3", "FLUX") else sum(parts.values()))  # bf16
         act = acts[model]
         for mode in ("full", f"LoRA r={lora_rank}"):
             for strategy, shards in (("DDP", 1), (f"FSDP ×{n_gpus}", n_gpus)):
@@ -384,8 +547,21 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--no-measure", action="store_true", help="use the figures measured here before")
+    parser.add_argument("--only", choices=("flux",), help="only this model (its counts, measurement and rows)")
     parser.add_argument("--child", nargs="+", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-flux", nargs=5, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-flux-saved", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_flux_saved:
+        print(json.dumps(flux_saved_child()))
+        return
+    if args.child_flux:
+        image_tokens, text_tokens, double, single, ckpt = args.child_flux
+        print(json.dumps(measure_flux_child(image_tokens, text_tokens, double, single, bool(ckpt))))
+        return
+    if args.only == "flux":
+        flux_main(args)
+        return
     if args.child:
         if len(args.child) == 2:
             print(json.dumps(measure_child(args.child[0], bool(args.child[1]))))
@@ -486,19 +662,7 @@ def main() -> None:
         f"with gradient checkpointing @128² {act_sd3_ckpt / GiB:.2f} GiB)\n"
     )
 
-    header = [
-        "model",
-        "training",
-        "strategy",
-        "policy weights",
-        "grads",
-        "AdamW",
-        "reference (bf16)",
-        "activations / pair",
-        "total / GPU",
-        "text enc.+VAE (bf16, generation only)",
-        "opponent for generation",
-    ]
+    header = HEADER
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     acts = {"SD-1.5": act_sd15, "SDXL": act_sdxl, "SD3": act_sd3[128]}
@@ -517,7 +681,85 @@ def main() -> None:
         f"leave the GPU after the embeddings are cached. SD3 cache building (once, before training): T5-XXL "
         f"{2 * sd3_parts['T5-XXL'] / GiB:.2f} GiB in bf16, with CLIP-L, CLIP-G and the VAE "
         f"{2 * sum(sd3_parts.values()) / GiB:.2f} GiB (fp32: {4 * sum(sd3_parts.values()) / GiB:.2f} GiB), plus "
-        f"the encoders' activations. ({time.perf_counter() - started:.0f} s)"
+        f"the encoders' activations. ({time.perf_counter() - started:.0f} s)\n"
+    )
+    flux_main(args)
+
+
+def flux_main(args: argparse.Namespace) -> None:
+    """FLUX.1-dev: counts, the saved-bytes count at full size (fake tensors), the real runs, the rows."""
+    started = time.perf_counter()
+    net = meta_flux()
+    p, lp = _numel(net), lora_params(net, args.lora_rank)
+    targets = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(LORA_TARGETS)]
+    print(
+        f"FLUX transformer: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,} "
+        f"({len(targets)} Linears: the double blocks' image-stream to_q/to_k/to_v/to_out.0, the single blocks' "
+        "to_q/to_k/to_v)"
+    )
+    parts = frozen_parts("FLUX")
+    print("FLUX frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    child = subprocess.run(
+        [sys.executable, __file__, "--child-flux-saved"], capture_output=True, text=True, env=env, check=True
+    )
+    fake = {tuple(map(int, k.split(","))): v for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
+    m = MEASURED_FLUX if args.no_measure else {key: measure(*key, flux=True) for key in MEASURED_FLUX}
+    for key, r in m.items():
+        img, txt, double, single, ckpt = key
+        print(
+            f"FLUX real run, one pair @ {img} + {txt} tokens, {double} double + {single} single blocks, fp32 norms"
+            f"{', gradient checkpointing' if ckpt else ''}: "
+            f"peak RSS growth {r['peak_growth'] / GiB:.3f} GiB, saved for backward {r['saved'] / GiB:.3f} GiB "
+            f"(fake-tensor count: {fake[key]['saved'] / GiB:.3f} GiB)"
+            + (f", {r['seconds']:.0f} s" if "seconds" in r else "")
+        )
+    # what peak RSS adds to the saved bytes (backward temporaries, allocator): measured on the small real runs only
+    transient = max(r["peak_growth"] - r["saved"] for key, r in m.items() if not key[-1])
+    full = (FLUX_IMAGE_TOKENS, FLUX_TEXT_TOKENS)
+    g = {d: fake[(*full, *d, 0)]["saved"] for d in FLUX_DEPTHS}
+    p_double, p_single = g[(1, 1)] - g[(0, 1)], g[(0, 2)] - g[(0, 1)]
+    rest = g[(0, 1)] - p_single
+    n_d, n_s = FLUX["num_layers"], FLUX["num_single_layers"]
+    saved = fake[(*full, n_d, n_s, 0)]["saved"]
+    ck = fake[(*full, n_d, n_s, 1)]
+    act = saved + transient
+    # checkpointing: what autograd keeps outside the blocks + the inputs each checkpointed block holds + the one block
+    # being recomputed in backward (its saved bytes; a double block is the larger) + the same transient
+    act_ck = ck["saved_or_held"] + max(p_double, p_single) + transient
+    print(
+        f"FLUX saved for backward @ {full[0]} + {full[1]} tokens (fake tensors, exact): a double block "
+        f"{p_double / GiB:.3f} GiB, a single block {p_single / GiB:.3f} GiB, the rest {rest / GiB:.3f} GiB; "
+        f"{n_d} + {n_s} blocks: {saved / GiB:.2f} GiB (A + {n_d}·D + {n_s}·S = "
+        f"{(rest + n_d * p_double + n_s * p_single) / GiB:.2f}); peak RSS − saved on the real runs: up to "
+        f"{transient / GiB:.3f} GiB"
+    )
+    print(
+        f"FLUX gradient checkpointing @ {full[0]} + {full[1]} tokens: saved (outside the blocks; the checkpoints' "
+        f"inputs among them) {ck['saved'] / GiB:.2f} GiB, block inputs {ck['held'] / GiB:.2f} GiB, together "
+        f"{ck['saved_or_held'] / GiB:.2f} GiB; + one double block recomputed {p_double / GiB:.2f} GiB"
+    )
+    small = FLUX_MEASURED_TOKENS
+    ck_small = (*small, 0, 2, 1)
+    model_small = fake[ck_small]["saved_or_held"] + fake[(*small, 0, 2, 0)]["saved"] - fake[(*small, 0, 1, 0)]["saved"]
+    print(
+        f"check of that checkpointing rule on the real 0 + 2-block run @ {small[0]} + {small[1]} tokens: "
+        f"{(model_small + transient) / GiB:.3f} GiB by the rule, {m[ck_small]['peak_growth'] / GiB:.3f} GiB measured"
+    )
+    print(
+        f"=> FLUX activations per pair @1024² ({full[0]} + {full[1]} tokens): {act / GiB:.2f} GiB; with gradient "
+        f"checkpointing {act_ck / GiB:.2f} GiB\n"
+    )
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for label, a in (("", act), (" + grad. ckpt", act_ck)):
+        for row in rows(args.gpus, {"FLUX": a}, args.lora_rank, models=("FLUX",)):
+            row[1] += label
+            print("| " + " | ".join(row) + " |")
+    print(
+        f"\nGiB per GPU, one pair per GPU; FLUX like SD3: reference bf16 and whole, text encoders off the GPU after "
+        f"caching (cache building: T5-XXL {2 * parts['T5-XXL'] / GiB:.2f} GiB in bf16, with CLIP-L and the VAE "
+        f"{2 * sum(parts.values()) / GiB:.2f} GiB). ({time.perf_counter() - started:.0f} s)"
     )
 
 
