@@ -269,7 +269,7 @@ class Family:
     ) -> None:
         self.scheduler_config = dict(scheduler_config)  # the model's own scheduler (sampling builds on it)
         self.denoiser_config = denoiser_config
-        self.max_sequence_length = max_sequence_length  # T5 tokens per prompt (SD3, FLUX); None: the family's default
+        self.max_sequence_length = max_sequence_length  # T5 tokens per prompt (SD3: 77, FLUX: 512); None without T5
         self.process: ForwardProcess = self._make_process(self.scheduler_config)
 
     def _make_process(self, scheduler_config: dict) -> ForwardProcess:
@@ -417,6 +417,13 @@ class SD3Family(Family):
     skip_layer_guidance = True
     default_sample_size = 128
 
+    def __init__(
+        self, scheduler_config: dict, denoiser_config: Any = None, *, max_sequence_length: int | None = None
+    ) -> None:
+        super().__init__(
+            scheduler_config, denoiser_config, max_sequence_length=max_sequence_length or SD3_MAX_SEQUENCE_LENGTH
+        )
+
     def _make_process(self, scheduler_config: dict) -> ForwardProcess:
         return FlowProcess(scheduler_config, patch=int(getattr(self.denoiser_config, "patch_size", 2) or 2))
 
@@ -447,7 +454,7 @@ class SD3Family(Family):
                 chunk,
                 device=device,
                 do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length or SD3_MAX_SEQUENCE_LENGTH,
+                max_sequence_length=self.max_sequence_length,
             )
 
         return _encode_with_pipeline(c, prompts, batch_size, call)

@@ -144,7 +144,8 @@ def build_preset(
 
 
 def _tiny_t5_tokenizer() -> Any:
-    """A T5 tokenizer built offline (a Unigram model over letters and a few word pieces), for ``tiny-sd3``."""
+    """A T5 tokenizer built offline (a Unigram model over letters and a few word pieces), for ``tiny-sd3``,
+    ``tiny-sd35`` and ``tiny-flux``."""
     import string
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from spin_diffusion import atomic, preemption
 from spin_diffusion.cache import STORE_DTYPES, RowStore, StoreDtype, dedup, read_header, read_tensor
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.families import SD3_MAX_SEQUENCE_LENGTH, Cond, Family
+from spin_diffusion.families import Cond, Family
 
 META_FILE = "meta.json"
 SAMPLERS = ("ddim", "dpmsolver++")  # `sample.scheduler`; only DDIM has the invertible step spin_exact needs
@@ -128,9 +128,7 @@ def pipeline_kwargs(family: Family, guidance_scale: float, guidance: Guidance, n
     """The keyword arguments of the family's diffusers pipeline call that sample as the opponent does, where the
     pipeline's defaults differ (SD3's T5 length; FLUX's T5 length, guidance and true CFG; skip-layer guidance)."""
     out: dict[str, Any] = {}
-    if family.name == "sd3":
-        out["max_sequence_length"] = family.max_sequence_length or SD3_MAX_SEQUENCE_LENGTH
-    if family.name == "flux":
+    if family.max_sequence_length is not None:
         out["max_sequence_length"] = family.max_sequence_length
     if family.embedded_guidance:
         out["guidance_scale"] = guidance_scale
