@@ -23,7 +23,10 @@ install() {  # the same arguments for pip and uv
         pip "$@"
     fi
 }
-if ! .venv/bin/python -c "import torch, spin_diffusion" 2>/dev/null; then
+# Installs again when the lockfile, pyproject.toml or TORCH_SPEC changed since the last install (a stamp in .venv).
+stamp=.venv/.installed-from
+want="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC ${UNLOCKED:+unlocked}"
+if ! .venv/bin/python -c "import torch, spin_diffusion" 2>/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     if [ "$INSTALLER" = uv ]; then
         pip uv
         # uv does not read pip's configuration: pass on its package sources (local mirrors, wheel folders)
@@ -41,5 +44,6 @@ if ! .venv/bin/python -c "import torch, spin_diffusion" 2>/dev/null; then
         install -r requirements.lock
         install --no-deps -e .
     fi
+    echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import torch, spin_diffusion; print(f'spin-diffusion {spin_diffusion.__version__}, torch {torch.__version__}')"

@@ -6,6 +6,12 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker, and every process a test starts (the
+# variable is inherited), gets its share of the cores: torch's default of one thread per core in every worker makes
+# the threads of the workers thrash.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(autouse=True)

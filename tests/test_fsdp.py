@@ -159,7 +159,6 @@ KILL = [
 ]
 
 
-@pytest.mark.slow  # ~45 s: three 2-process runs
 def test_fsdp_kill9_then_resume_equals_uninterrupted(tmp_path: Path):
     reference, run_dir = tmp_path / "uninterrupted", tmp_path / "run"
     _run(_fsdp_args(reference, KILL))

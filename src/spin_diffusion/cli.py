@@ -14,7 +14,7 @@ from typing import Annotated
 import click
 import typer
 
-from spin_diffusion import preemption
+from spin_diffusion import console, preemption
 from spin_diffusion.distributed import is_main, launched_rank, launched_ranks, shutdown
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -31,6 +31,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show every library's warnings and progress bars, not only ours.")
+    ] = False,
+) -> None:
+    if not verbose:
+        console.quiet()
+
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 SetOpt = Annotated[
@@ -64,6 +75,7 @@ def _config(config: Path | None, overrides: list[str] | None, run_dir: Path | No
 def _run(cfg, resume: bool, source: str) -> None:
     from spin_diffusion.self_play import run
 
+    console.quiet_model_bars()
     if launched_rank() == 0:
         typer.echo(f"config: {source}")
 
@@ -74,12 +86,12 @@ def _run(cfg, resume: bool, source: str) -> None:
         preemption.uninstall()
     if not is_main():
         return  # the main process reports for the run
-    typer.echo(f"finished in {summary.wall_seconds:.0f} s: {summary.run_dir}")
     for k, metrics in sorted(summary.metrics.items()):
         shown = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
         typer.echo(f"  iter {k}: {shown or '(no scorers)'}")
     if summary.report is not None:
         typer.echo(f"report: {summary.report}")
+    typer.echo(f"finished in {summary.wall_seconds:.0f} s: {summary.run_dir}")
 
 
 @app.command()
@@ -146,6 +158,9 @@ def demo(
     pretrain: Annotated[
         bool, typer.Option("--pretrain", help="Pretrain the base from scratch (short) instead of the shipped one.")
     ] = False,
+    workers: Annotated[
+        int, typer.Option(help="Processes that run the arms and evaluations (0 = one per CPU core, at most 4).")
+    ] = 0,
 ):
     """Built-in CPU demo world: SFT vs SPIN from a shipped pretrained base on rendered shapes, several seeds,
     evaluated on held-out scenes, then a report.
@@ -157,7 +172,10 @@ def demo(
         raise SpinDiffusionError(f"--scale must be > 0, got {scale}")
     if seeds < 1:
         raise SpinDiffusionError(f"--seeds must be >= 1, got {seeds}")
-    report = run_demo(out, seed=seed, seeds=seeds, scale=scale, pretrain=pretrain)
+    if workers < 0:
+        raise SpinDiffusionError(f"--workers must be >= 0, got {workers}")
+    console.quiet_model_bars()
+    report = run_demo(out, seed=seed, seeds=seeds, scale=scale, pretrain=pretrain, workers=workers or None)
     typer.echo(f"report: {report}")
 
 
@@ -190,6 +208,7 @@ def evaluate(
     from spin_diffusion.model_eval import evaluate_models
     from spin_diffusion.scoring import parse_scorer_paths
 
+    console.quiet_model_bars()
     table = evaluate_models(
         model,
         prompts,
@@ -207,6 +226,7 @@ def evaluate(
     )
     if table:  # the main process's; the other ranks only rendered their share
         typer.echo(table)
+        typer.echo(f"results: {out}")
 
 
 prepare_app = typer.Typer(help="Turn downloaded datasets into training data the trainer reads.", no_args_is_help=True)
@@ -256,11 +276,11 @@ def prepare_pickapic(
     typer.echo(f"corrupt rows: {s.corrupt_rows:,} (see {s.skipped_file})")
     typer.echo(f"kept rows: {s.kept_rows:,} ({s.keep})")
     typer.echo(f"unique captions: {s.unique_captions:,}")
-    typer.echo(f"output: {s.out} ({s.output_shards} shard(s), prepare.json)")
     if s.kept_rows == 0:
         raise SpinDiffusionError(f"no rows were kept; see {s.skipped_file} for why")
     command = "dpo" if s.keep == "pairs" else "spin"
     typer.echo(f"train on it: spin-diffusion {command} --set data.path={s.out}")
+    typer.echo(f"output: {s.out} ({s.output_shards} shard(s), prepare.json)")
 
 
 def _peer_failed(err: BaseException) -> bool:

@@ -259,7 +259,8 @@ def train(
         trainable = list(policy.parameters())
     if ref is not None:  # the frozen reference only runs forward: keep it in the mixed-precision dtype
         ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
-        ref.to(accelerator.device, dtype=ref_dtype)
+        cast = {} if next(ref.parameters()).dtype == ref_dtype else {"dtype": ref_dtype}  # diffusers warns on any cast
+        ref.to(accelerator.device, **cast)
     device = accelerator.device
     exact_steps = valid_exact_steps(data.sampler) if spec.trajectory else None
     ema = None

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from spin_diffusion import export, presets, world
+from spin_diffusion import console, export, presets, world
 from spin_diffusion.config import (
     DataConfig,
     EvalConfig,
@@ -295,6 +295,154 @@ def evaluate_seed(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Arms and evaluations as jobs on several processes
+#
+# The demo's models are tiny: one torch thread runs them nearly as fast as two, so two single-threaded processes
+# finish about twice the work of one two-threaded process (docs/DEMO.md has the measurement). Every arm of every
+# seed is a job, and so is every model's evaluation once its arm is done; each job resumes by itself (a finished
+# run or evaluation is skipped), so a killed demo continues whatever the order the jobs ran in.
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """What one seed runs: SFT, SPIN and "SFT, then SPIN", then the evaluation of every model on `spec`."""
+
+    seed: int
+    folder: Path
+    sft: RunConfig
+    spin: RunConfig
+    spec: EvalSpec
+
+    def arms(self) -> dict[str, tuple[RunConfig, ...]]:
+        """{arm: its runs, in order}."""
+        then = sft_then_spin_configs(self.sft, self.spin, self.folder)
+        return {"sft": (self.sft,), "spin": (self.spin,), "sft_then_spin": then}
+
+    def models(self, arm: str) -> dict[str, Path]:
+        """{model name: diffusers folder} that arm `arm` exports."""
+        if arm == "sft":
+            return {"sft": iter_dir(Path(self.sft.run_dir), 1) / "model"}
+        if arm == "spin":
+            k = self.spin.num_iterations
+            return {f"spin iter {i}": iter_dir(Path(self.spin.run_dir), i) / "model" for i in range(1, k + 1)}
+        last = self.arms()["sft_then_spin"][-1]
+        return {SFT_THEN_SPIN: iter_dir(Path(last.run_dir), last.num_iterations) / "model"}
+
+
+def _start_worker(threads: int, quiet: bool) -> None:
+    torch.set_num_threads(threads)
+    if quiet:  # the parent's console settings (environment variables are inherited, logger levels are not)
+        console.quiet()
+        console.quiet_model_bars()
+
+
+def _finetune_job(configs: tuple[RunConfig, ...]) -> float:
+    t0 = time.perf_counter()
+    for cfg in configs:
+        run(cfg, resume=Path(cfg.run_dir).exists(), progress=False)
+    return time.perf_counter() - t0
+
+
+def _evaluate_job(model: Path, spec: EvalSpec, folder: Path, name: str) -> dict:
+    slug = name.replace(" ", "_")
+    return evaluate(model, spec, folder / f"{slug}.json", grid=folder / f"{slug}.png")
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def run_plans(
+    plans: list[SeedPlan], base: Path, *, workers: int | None = None, progress: bool = True
+) -> tuple[dict[int, dict[str, dict]], dict[int, dict[str, float]]]:
+    """Fine-tune and evaluate every seed of `plans` on `workers` processes (default: one per core, at most 4),
+    each with cores / workers torch threads. -> ({seed: {model name: metrics + win_rate_vs_base}},
+    {seed: {arm or "eval": seconds}}). With workers=1 the jobs run in this process, one after another."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    workers = workers or default_workers()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    timings: dict[int, dict[str, float]] = {p.seed: {} for p in plans}
+    results: dict[int, dict[str, dict]] = {p.seed: {} for p in plans}
+    by_seed = {p.seed: p for p in plans}
+    # the longest arms first, so that the last job to start is a short one
+    arm_order = ("spin", "sft_then_spin", "sft")
+    total = sum(len(p.arms()) + 1 + sum(len(p.models(a)) for a in p.arms()) for p in plans)
+    bar = tqdm(total=total, desc="demo jobs", unit="job", disable=not progress)
+
+    if workers == 1:
+        pool: cf.Executor = _InlineExecutor()
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+        pool = cf.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker, initargs=(threads, console.is_quiet())
+        )
+    with pool:
+        running: dict[cf.Future, tuple[str, int, str, float]] = {}
+
+        def submit(kind: str, seed: int, name: str, fn, *args) -> None:
+            running[pool.submit(fn, *args)] = (kind, seed, name, time.perf_counter())
+
+        for arm in arm_order:
+            for p in plans:
+                submit("arm", p.seed, arm, _finetune_job, p.arms()[arm])
+        for p in plans:
+            submit("eval", p.seed, "base", _evaluate_job, base, p.spec, p.folder / "eval", "base")
+        while running:
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                kind, seed, name, _started = running.pop(future)
+                if future.exception() is not None:  # a job's error stops the demo, with its own message
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise future.exception()
+                value = future.result()
+                bar.update(1)
+                bar.set_postfix_str(f"seed {seed} {name}")
+                if kind == "arm":
+                    timings[seed][name] = round(value, 1)
+                    plan = by_seed[seed]
+                    for model_name, model in plan.models(name).items():
+                        submit(
+                            "eval", seed, model_name, _evaluate_job, model, plan.spec, plan.folder / "eval", model_name
+                        )
+                else:
+                    results[seed][name] = value
+                    timings[seed]["eval"] = round(timings[seed].get("eval", 0.0) + value.get("seconds", 0.0), 1)
+    bar.close()
+    metrics = {
+        seed: {name: r["metrics"] | {"win_rate_vs_base": win_rate_vs(r, rs["base"])} for name, r in rs.items()}
+        for seed, rs in results.items()
+    }
+    return metrics, timings
+
+
+class _InlineExecutor:
+    """concurrent.futures' interface, running each job at submit time in this process (workers=1)."""
+
+    def submit(self, fn, *args):
+        import concurrent.futures as cf
+
+        future: cf.Future = cf.Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(err)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The whole demo
 
 MARKER = "demo.json"
@@ -325,10 +473,11 @@ def run_demo(
     pretrain: bool = False,
     hyper: Hyper | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Run every demo stage for seeds seed, seed + 1, ... and write out/report.html. Rerunning continues a
     killed demo: finished stages (and finished phases inside them) are skipped, so a complete demo only
-    rebuilds its report."""
+    rebuilds its report. The arms and evaluations run as jobs on `workers` processes (`run_plans`)."""
     out = Path(out)
     hyper = hyper or Hyper()
     if seeds < 1:
@@ -336,7 +485,6 @@ def run_demo(
     settings = {"seed": seed, "seeds": seeds, "scale": scale, "pretrain": pretrain, "hyper": dataclasses.asdict(hyper)}
     if _claim(out, settings):
         print(f"continuing the demo in {out} (finished stages are skipped)")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
     timings: dict[str, dict[str, float] | float] = {}
 
@@ -347,21 +495,17 @@ def run_demo(
     base = pretrain_base(out, seed, scale, progress) if pretrain else shipped_base()
     timings["base"] = round(time.perf_counter() - t0, 1)
 
-    per_seed: dict[int, dict[str, dict]] = {}
-    sft_cfg = spin_cfg = None
+    plans = []
     for s in range(seed, seed + seeds):
-        seed_dir = out / f"seed_{s}"
-        seed_timings: dict[str, float] = {}
-        sft_cfg, spin_cfg = finetune_configs(seed_dir, base, data_dir, seed=s, hyper=hyper, scale=scale)
-        then = sft_then_spin_configs(sft_cfg, spin_cfg, seed_dir)
-        finetuned = finetune(sft_cfg, spin_cfg, progress=progress, timings=seed_timings, then=then)
-        per_seed[s] = evaluate_seed(seed_dir, base, finetuned, heldout_spec(s), timings=seed_timings)
-        timings[f"seed_{s}"] = seed_timings
-        print(f"seed {s}: {json.dumps(seed_timings)}")
+        sft_cfg, spin_cfg = finetune_configs(out / f"seed_{s}", base, data_dir, seed=s, hyper=hyper, scale=scale)
+        plans.append(SeedPlan(s, out / f"seed_{s}", sft_cfg, spin_cfg, heldout_spec(s)))
+    per_seed, seed_timings = run_plans(plans, base, workers=workers, progress=progress)
+    for s in sorted(seed_timings):
+        timings[f"seed_{s}"] = seed_timings[s]
+        print(f"seed {s}: {json.dumps(seed_timings[s])}")
     timings["total"] = round(time.perf_counter() - started, 1)
 
-    assert sft_cfg is not None and spin_cfg is not None
-    data = _report_data(out, per_seed, timings, base, pretrain, sft_cfg, spin_cfg)
+    data = _report_data(out, per_seed, timings, base, pretrain, plans[0].sft, plans[0].spin)
     results = data.to_dict() | {"timings": timings, "per_seed": {str(s): r for s, r in per_seed.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return write_report(data, out)

@@ -1,0 +1,53 @@
+"""What a normal run prints: its own lines and one progress bar per stage, not third-party noise.
+
+Noise is fixed at its cause where the cause is ours (the reference is cast only when its dtype changes; see
+models.cast). What remains comes from libraries and is not about the run:
+
+- bitsandbytes, when installed, is imported by diffusers' quantizer registry at start-up (whatever the optimizer)
+  and warns that its optional CPU kernel package `kernels` is missing;
+- transformers warns that `CLIPImageProcessor` falls back to its PIL backend without torchvision (diffusers'
+  pipelines import it), and draws "Loading weights" / "Writing model shards" bars for every text encoder;
+- diffusers' informational logs.
+
+`quiet()` hides those (errors still show); `spin-diffusion --verbose ...` skips it and shows everything. The levels go
+through the libraries' own environment variables, so they reach every process of a multi-process launch, and a value
+the user set wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# library -> (environment variable, value) for its logging level
+_LEVELS = {
+    "transformers": ("TRANSFORMERS_VERBOSITY", "error"),
+    "diffusers": ("DIFFUSERS_VERBOSITY", "error"),
+}
+# loggers whose warnings are known noise (see the module docstring)
+_NOISY_LOGGERS = ("bitsandbytes",)
+_quiet = False
+
+
+def quiet() -> None:
+    """Hide third-party warnings that are not about the run. Call before the libraries are imported."""
+    global _quiet
+    _quiet = True
+    for variable, value in _LEVELS.values():
+        os.environ.setdefault(variable, value)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_model_bars() -> None:
+    """After quiet(): hide transformers' per-model bars (weights loaded, shards written); ours stay. Commands that
+    load models call it (importing transformers costs a second or more, which `config` should not pay)."""
+    if _quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def is_quiet() -> bool:
+    """Whether quiet() was called in this process (the demo hands it on to its worker processes)."""
+    return _quiet
