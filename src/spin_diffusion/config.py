@@ -156,7 +156,8 @@ class SampleConfig:
 class LossConfig:
     """The objective and its temperature. See spin_diffusion.losses for the formulas."""
 
-    objective: Objective = "spin_approx"  # spin_approx | spin_exact (self-play), sft, dpo (baselines)
+    # spin_approx | spin_exact | ddo (self-play), caption_contrast (rounds against θ_k, no generation), sft, dpo
+    objective: Objective = "spin_approx"
     # Same units as Diffusion-DPO's --beta_dpo: logit = -(beta/2) * Δ(mean-squared errors). A number, or one value
     # per self-play iteration, e.g. [5000, 2500]: 5000 trains θ_1, 2500 trains θ_2 and every later iteration.
     beta: Schedule = 5000.0
