@@ -162,7 +162,9 @@ class LossConfig:
     # per self-play iteration, e.g. [5000, 2500]: 5000 trains θ_1, 2500 trains θ_2 and every later iteration.
     beta: Schedule = 5000.0
     timesteps_per_pair: int = 1  # K timesteps drawn per pair per step (spin_exact averages them inside ℓ)
-    share_noise: bool = True  # winner and loser share ε (Diffusion-DPO code); False draws ε' independently
+    # winner and loser share ε (Diffusion-DPO code); False draws ε' independently. ddo always draws its generated
+    # term's (t, ε') apart from the real term's (unpaired), whatever this says
+    share_noise: bool = True
     # λ >= 0: loss = preference loss + λ · (policy's denoising error on the real / winner images), the RPO remedy
     # when the winners' likelihood falls during training. 0 = off (the paper's objective). The preference loss pulls
     # that error down with weight (β/2)·σ(-logit), β/4 at the start of an iteration, so λ ≈ β/4 weighs both equally.

@@ -1,4 +1,4 @@
-"""One explicit training loop for all four objectives: sft, dpo, spin_approx and spin_exact.
+"""One explicit training loop for every objective: sft, dpo, spin_approx, spin_exact, ddo and caption_contrast.
 
 The loop reads top to bottom: pick the pairs of this micro-step → draw (t, ε) once per pair → noise
 winner and loser with the same (t, ε) → policy errors (grad) and reference errors (no grad) → loss from
@@ -736,9 +736,8 @@ class _MicroBatches(torch.utils.data.Dataset):
             )
             rows = data.caption_first_row[other]
             batch["mismatch_context"] = data.prompt_embeds[rows].repeat_interleave(k).tensors()
-            batch[
-                "caption_kept"
-            ] = ~draws.drop_caption  # a pair trained on the empty prompt has no caption to contrast
+            # a pair trained on the empty prompt has no caption to contrast
+            batch["caption_kept"] = ~draws.drop_caption
         for name in ("winner_time_ids", "loser_time_ids"):
             ids = getattr(data, name)
             if ids is not None:
