@@ -359,8 +359,10 @@ def protocols(out: Path, seeds: list[int], sft_cell: Cell, spin_cell: Cell, work
         cfg = replace(cfg, run_dir=str(folder))
         if name.startswith("sft ->"):
             cfg = replace(cfg, **{"model.path": str(sft_model)})
-        if name.startswith("spin_exact"):
-            cfg = replace(cfg, **{"loss.objective": "spin_exact", "sample.eta": 1.0 if name.endswith("1") else 0.0})
+        if name.startswith("spin_exact"):  # plain SPIN's pick, stated here rather than inherited (issue 28)
+            cfg = replace(cfg, **{"loss.objective": "spin_exact", "sample.eta": 1.0 if name.endswith("1") else 0.0,
+                                  "train.learning_rate": PLAIN_SPIN_LR, "loss.beta": 2000.0, "loss.loser_guard": None,
+                                  "loss.dpop_lambda": 0.0})  # fmt: skip
         runner.run(cfg, resume=folder.exists(), progress=False)
         return folder / f"iter_{cfg.num_iterations:02d}" / "model"
 

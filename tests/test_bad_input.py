@@ -49,6 +49,7 @@ def world_dir(tmp_path_factory) -> dict[str, Path]:
         "empty_caption": folder("empty_caption", [*good_rows[:3], {"file_name": "3.png", "text": " "}], good_images),
         "tiny_image": folder("tiny_image", good_rows, {**good_images, "1.png": Image.new("RGB", (2, 2))}),
         "no_pairs": folder("no_pairs", good_rows, good_images),
+        "one_caption": folder("one_caption", [{**r, "text": good_rows[0]["text"]} for r in good_rows], good_images),
     }
     paths["bad_prompts"] = root / "bad_prompts.txt"
     paths["bad_prompts"].write_text("a red circle on the left\na green triangle in the center\n")
@@ -88,7 +89,8 @@ CASES = [
     (
         "spin-wrong-objective",
         ["spin", "--config", "{tiny}", "--set", "loss.objective=sft"],
-        "`spin` runs loss.objective spin_approx or spin_exact, not sft; use `spin-diffusion sft`",
+        r"`spin` runs the objectives trained in rounds against θ_k \(spin_approx, spin_exact, ddo, "
+        r"caption_contrast\), not sft; use `spin-diffusion sft`",
     ),
     # the model
     (
@@ -264,6 +266,65 @@ CASES = [
         "spin-unknown-per-caption",
         ["spin", "--config", "{tiny}", "--set", "sample.per_caption=some"],
         "sample.per_caption must be one of 'every_row', 'one'; got 'some'",
+    ),
+    # issue 28: the caption contrast, DDO, the opponent pool
+    (
+        "spin-negative-caption-contrast",
+        ["spin", "--config", "{tiny}", "--set", "loss.caption_contrast_weight=-1"],
+        "loss.caption_contrast_weight must be >= 0, got -1.0",
+    ),
+    (
+        "sft-with-caption-contrast",
+        ["sft", "--config", "{tiny}", "--set", "loss.caption_contrast_weight=1"],
+        "loss.caption_contrast_weight adds the caption contrast to a self-play loss .*not to sft; use "
+        "loss.objective=caption_contrast for the term alone",
+    ),
+    (
+        "spin-caption-contrast-one-caption",
+        [
+            "spin",
+            "--config",
+            "{tiny}",
+            "--set",
+            "data.builtin=null",
+            "--set",
+            "data.path={one_caption}",
+            "--set",
+            "loss.objective=caption_contrast",
+        ],
+        r"the caption contrast draws a mismatched caption c′ from the data, but it has 1 distinct caption\(s\); it "
+        "needs at least 2 .*",
+    ),  # fmt: skip
+    (
+        "spin-unknown-objective",
+        ["spin", "--config", "{tiny}", "--set", "loss.objective=gan"],
+        "loss.objective must be one of .*'ddo', 'caption_contrast'; got 'gan'",
+    ),
+    (
+        "spin-ddo-negative-fake-weight",
+        ["spin", "--config", "{tiny}", "--set", "loss.objective=ddo", "--set", "loss.ddo_fake_weight=-0.5"],
+        "loss.ddo_fake_weight must be >= 0, got -0.5",
+    ),
+    (
+        "spin-ddo-with-guard",
+        ["spin", "--config", "{tiny}", "--set", "loss.objective=ddo", "--set", "loss.loser_guard=0.9"],
+        r"loss.loser_guard needs the winner and loser at the same \(t, ε\); ddo draws them apart .*",
+    ),
+    (
+        "spin-pool-zero",
+        ["spin", "--config", "{tiny}", "--set", "sample.opponent_pool=0"],
+        "sample.opponent_pool must be latest, all or an integer K >= 1; got 0",
+    ),
+    (
+        "spin-pool-unknown",
+        ["spin", "--config", "{tiny}", "--set", "sample.opponent_pool=every"],
+        "sample.opponent_pool must be one of 'latest', 'all'; got 'every'",
+    ),
+    (
+        "spin-pool-with-exact",
+        ["spin", "--config", "{tiny}", "--set", "loss.objective=spin_exact", "--set", "sample.opponent_pool=all"],
+        r"sample.opponent_pool=all draws losers from earlier iterations' final samples \(spin_approx or ddo\), not "
+        "for spin_exact; set sample.opponent_pool=latest",
     ),
     # demo and config
     ("demo-bad-scale", ["demo", "--scale", "0"], "--scale must be > 0, got 0.0"),

@@ -454,3 +454,74 @@ def test_loser_guard_never_raises_the_winner_error_to_first_order(loss_fn: LossF
     for mu, guarded in by_mu.items():
         assert guarded.max() <= 1e-12, (mu, guarded.max())
     assert (by_mu[0.5] <= by_mu[0.0] + 1e-12).all() and (by_mu[0.9] <= by_mu[0.5] + 1e-12).all()
+
+
+# --- caption contrast (issue 28) ----------------------------------------------------------------------------
+
+
+def test_caption_contrast_is_the_dpo_form_on_the_two_captions() -> None:
+    """Winner = e(x|c), loser = e(x|c′) at the same x_t: the hand pair gives dpo's values (mean_k ℓ(z_k)), and a
+    policy that denoises the true caption better than the reference does (relative to c′) has margin > 0."""
+    policy, ref = _hand_pair()
+    loss, m = losses.caption_contrast_loss(policy, ref, 2.0)
+    torch.testing.assert_close(loss, torch.tensor([(L_PLUS1 + L_MINUS1) / 2, L_PLUS1]))
+    torch.testing.assert_close(loss, dpo_loss(policy, ref, 2.0)[0])
+    assert m["margin"][1] > 0  # row 1: the mismatched caption's error rose, the true caption's did not
+    loss0, _ = losses.caption_contrast_loss(ref, ref, 7.0)
+    torch.testing.assert_close(loss0, torch.full((2,), LOG2))
+
+
+def test_caption_contrast_gradient_signs() -> None:
+    """Lowering the error under the true caption lowers the loss; lowering it under c′ raises it."""
+    policy, ref = _random_errors(8, 2, requires_grad=True), _random_errors(8, 2)
+    loss, _ = losses.caption_contrast_loss(policy, ref, 3.0)
+    loss.sum().backward()
+    assert torch.all(policy.winner.grad > 0) and torch.all(policy.loser.grad < 0)
+
+
+# --- DDO (issue 28) -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_ddo_hand_values(alpha: float) -> None:
+    """β = 2: r = −(e^θ − e^ref). Row 0: r_w = [+1, −1], r_l = 0 -> ℓ(r_w) averaged, fake term ℓ(−0) = log 2.
+    Row 1: r_w = 0 (log 2), r_l = −1 -> fake term −log(1 − σ(−1)) = −log σ(1) = ℓ(+1)."""
+    policy, ref = _hand_pair()
+    loss, m = losses.ddo_loss(policy, ref, 2.0, fake_weight=alpha)
+    real = torch.tensor([(L_PLUS1 + L_MINUS1) / 2, LOG2])
+    fake = torch.tensor([LOG2, L_PLUS1])
+    torch.testing.assert_close(loss, real + alpha * fake)
+    torch.testing.assert_close(m["real_term"], real)
+    torch.testing.assert_close(m["fake_term"], fake)
+    torch.testing.assert_close(m["accuracy"], torch.tensor([0.25, 0.5]))  # row 0: 1 of 2 real right, r_l = 0 wrong
+
+
+def test_ddo_at_the_reference_is_one_plus_alpha_log2_and_its_terms_are_unpaired() -> None:
+    """At θ = ref both GAN terms are log 2. The loss is a sum of a real term and a generated term with no
+    cross term, so which generated image sits beside which real one does not change the batch's total (in the DPO
+    form it does: the logistic couples the pair)."""
+    ref = _random_errors(6, 3)
+    loss0, _ = losses.ddo_loss(ref, ref, 500.0, fake_weight=0.5)
+    torch.testing.assert_close(loss0, torch.full((6,), 1.5 * LOG2, dtype=torch.float64))
+    policy = DenoiseErrors(
+        ref.winner + 0.01 * torch.randn_like(ref.winner), ref.loser + 0.01 * torch.randn_like(ref.loser)
+    )
+    perm = torch.randperm(6)
+    shuffled_policy, shuffled_ref = policy._replace(loser=policy.loser[perm]), ref._replace(loser=ref.loser[perm])
+    total = losses.ddo_loss(policy, ref, 500.0)[0].sum()
+    torch.testing.assert_close(losses.ddo_loss(shuffled_policy, shuffled_ref, 500.0)[0].sum(), total)
+    assert not torch.allclose(
+        dpo_loss(shuffled_policy, shuffled_ref, 500.0)[0].sum(), dpo_loss(policy, ref, 500.0)[0].sum()
+    )
+
+
+def test_ddo_gradient_signs_and_options() -> None:
+    policy, ref = _random_errors(8, 2, requires_grad=True), _random_errors(8, 2)
+    loss, m = losses.ddo_loss(policy, ref, 3.0, sft_weight=0.5, dpop_lambda=2.0)
+    loss.sum().backward()
+    assert torch.all(policy.winner.grad > 0) and torch.all(policy.loser.grad < 0)
+    assert {"sft_term", "dpop_term"} <= set(m) and all(not v.requires_grad for v in m.values())
+    with pytest.raises(ValueError, match="fake_weight must be >= 0"):
+        losses.ddo_loss(policy, ref, 3.0, fake_weight=-1.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        losses.ddo_loss(policy, _random_errors(8, 3), 3.0)

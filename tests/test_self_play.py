@@ -564,3 +564,65 @@ def test_evaluation_sampler_defaults_to_the_opponents(finished_run: Path):
     for k in (0, 1, 2):
         sampler = rundir.read_eval(finished_run / f"iter_{k:02d}" / "eval.json").sampler
         assert sampler == {"seed": 1234, "num_steps": 4, "guidance_scale": 2.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 28: the caption contrast, DDO and the opponent pool, end to end
+
+
+def test_pool_iterations():
+    from spin_diffusion.self_play import pool_iterations
+
+    assert pool_iterations("latest", 3) == [] and pool_iterations(1, 3) == []
+    assert pool_iterations("all", 0) == [] and pool_iterations("all", 2) == [0, 1]
+    assert pool_iterations(2, 2) == [1] and pool_iterations(3, 1) == [0] and pool_iterations(3, 4) == [2, 3]
+
+
+def test_opponent_pool_all_trains_on_every_earlier_iterations_samples(tmp_path: Path, monkeypatch):
+    """sample.opponent_pool=all: train:k+1 gets θ_0..θ_{k-1}'s samples beside θ_k's, read back from their generated/
+    folders, with the rows each of them sampled (max_steps=2 visits half of the 16 rows per iteration, a different
+    half each time); the reference stays θ_k (first loss log 2)."""
+    from spin_diffusion import sampling, trainer
+
+    seen, real = [], trainer.train
+
+    def record(policy, ref, data, **kw):
+        seen.append((data.loser_pool, data.loser_pool_has))
+        return real(policy, ref, data, **kw)
+
+    monkeypatch.setattr(trainer, "train", record)
+    run_dir = tmp_path / "run"
+    cfg = load_config(TINY, [f"run_dir={run_dir}", "sample.opponent_pool=all", "num_iterations=3", "train.max_steps=2",
+                             "eval.enabled=false", "sample.per_caption=every_row"])  # fmt: skip
+    run(cfg, progress=False)
+    assert seen[0] == (None, None)
+    for k in (1, 2):
+        pool, has = seen[k]
+        assert len(pool) == k and has.shape == (k, 16)
+        for j in range(k):
+            gen = sampling.load_generated(run_dir / f"iter_{j:02d}" / "generated")
+            assert has[j].nonzero()[:, 0].tolist() == sorted(gen.prompts.tolist())  # the rows θ_j sampled
+            rows = gen.prompts
+            torch.testing.assert_close(pool[j][rows], gen.latents[rows])
+    for k in (1, 2, 3):
+        log = [json.loads(line) for line in (run_dir / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
+        assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "phases", "first_loss"),
+    [
+        (["loss.objective=caption_contrast"], ["train:1", "train:2"], math.log(2)),  # rounds, no generation
+        (["loss.caption_contrast_weight=0.5", "num_iterations=1"], ["generate:0", "train:1"], 1.5 * math.log(2)),
+        (["loss.objective=ddo"], ["generate:0", "train:1", "generate:1", "train:2"], 2 * math.log(2)),
+    ],
+    ids=["caption_contrast", "spin+caption_contrast", "ddo"],
+)
+def test_caption_contrast_and_ddo_run_in_rounds_against_theta_k(tmp_path: Path, extra, phases, first_loss):
+    run_dir = tmp_path / "run"
+    run(load_config(TINY, [f"run_dir={run_dir}", "eval.enabled=false", *extra]), progress=False)
+    assert json.loads((run_dir / "state.json").read_text())["completed"] == phases
+    for k in range(1, len([p for p in phases if p.startswith("train")]) + 1):
+        log = [json.loads(line) for line in (run_dir / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
+        assert log[0]["loss"] == pytest.approx(first_loss, abs=1e-6)  # policy == θ_k at the start of every round
+    assert (run_dir / f"iter_{k:02d}" / "model" / "model_index.json").exists()

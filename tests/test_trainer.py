@@ -929,3 +929,191 @@ def test_wandb_offline_writes_a_local_run_with_the_config(tiny, tmp_path, monkey
     data = records.read_bytes()
     assert b"data.random_crop" in data and b"loss.beta" in data  # the config, as hyper-parameters
     assert b"loss" in data and not (out / "tensorboard").exists()
+
+
+# ------------------------------------------------------------------ caption contrast, DDO, opponent pool (issue 28)
+
+
+def test_caption_table_and_mismatched_captions_never_pick_the_own_caption():
+    captions = ["a red circle", "a blue circle", "a red square", "a red circle", "two green dots"]
+    ids, first_row, near = trainer.caption_table(captions, one_word=True)
+    assert ids.tolist() == [0, 1, 2, 0, 3] and first_row.tolist() == [0, 1, 2, 4]
+    # one-word neighbours: red circle <-> blue circle, red circle <-> red square; "two green dots" has none
+    assert [n.tolist() for n in near] == [[1, 2], [0], [0], []]
+    assert trainer.caption_table(captions, one_word=False)[2] is None
+    uniform = torch.linspace(0, 0.999, 50)
+    for u in range(4):
+        rows = torch.full((50,), u)
+        for neighbours in (near, None):
+            other = trainer.mismatched_captions(rows, uniform, 4, neighbours)
+            assert not (other == u).any()
+            expected = set(near[u].tolist()) if neighbours is not None and len(near[u]) else set(range(4)) - {u}
+            assert set(other.tolist()) == expected  # every allowed caption is drawn, and only those
+    with pytest.raises(ValueError, match="at least 2 distinct captions"):
+        trainer.caption_table(["same", "same"], one_word=True)
+
+
+def _with_captions(data: trainer.TrainData) -> trainer.TrainData:
+    """Every row its own caption (the random embeddings of `_pairs` are distinct), drawn at random for c′."""
+    data.caption_ids, data.caption_first_row = torch.arange(len(data)), torch.arange(len(data))
+    return data
+
+
+def test_micro_batches_pool_contrast_and_unpaired_draws_depend_only_on_the_stream_position(tiny):
+    """W ranks × B pairs and 1 rank × W·B pairs get the same losers from the pool, the same c′ and the same DDO
+    draws (they are keyed by the pair's place in the stream), and a resume at micro-step m gets micro-step m again.
+    The pool's loser for a row comes from an iteration that holds that row; rows the earlier iteration did not
+    sample always get the latest's."""
+    n = 8
+    data = _with_captions(_pairs(n))
+    old = torch.randn(n, *LATENT_SHAPE)
+    data.loser_pool = (old,)
+    data.loser_pool_has = torch.tensor([[True] * 6 + [False] * 2])
+    kw = dict(objective="ddo", k_steps=1, share_noise=True, process=tiny.family.process,
+              exact_steps=None, caption_dropout=0.0, contrast=True)  # fmt: skip
+
+    def items(world, rank, bsz, first, count):
+        mb = trainer._MicroBatches(data, 7, batch_size=bsz, world_size=world, rank=rank, first_micro_step=first,
+                                   num_micro_steps=count, **kw)  # fmt: skip
+        return [mb[i] for i in range(count)]
+
+    one = items(1, 0, 4, 0, 4)
+    two = [items(2, r, 2, 0, 4) for r in (0, 1)]
+    for m in range(4):
+        for key in ("idx", "loser", "loser_t_or_step", "loser_noise", "t_or_step", "noise"):
+            torch.testing.assert_close(torch.cat([two[0][m][key], two[1][m][key]]), one[m][key], msg=key)
+        torch.testing.assert_close(
+            torch.cat(
+                [two[0][m]["mismatch_context"]["prompt_embeds"], two[1][m]["mismatch_context"]["prompt_embeds"]]
+            ),
+            one[m]["mismatch_context"]["prompt_embeds"],
+        )
+    resumed = items(1, 0, 4, 2, 2)
+    torch.testing.assert_close(resumed[0]["loser"], one[2]["loser"])
+    sources = []
+    for item in one:
+        assert not torch.equal(item["loser_t_or_step"], item["t_or_step"])  # DDO: the generated term at its own t
+        for i, loser in zip(item["idx"].tolist(), item["loser"], strict=True):
+            from_old, from_latest = torch.equal(loser, old[i]), torch.equal(loser, data.loser[i])
+            assert from_old or from_latest
+            assert from_latest or i < 6
+            sources.append(from_old)
+        for i, ctx in zip(item["idx"].tolist(), item["mismatch_context"]["prompt_embeds"], strict=True):
+            assert not torch.equal(ctx, data.prompt_embeds.embeds[i])  # c′ is never the pair's own caption
+    assert 0 < sum(sources) < len(sources)  # both iterations of the pool supply losers
+
+
+def test_caption_contrast_promise_the_true_caption_gains_over_the_mismatched_one(tiny, tmp_path):
+    """A few steps of objective caption_contrast on two images with two captions (each one's c′ is the other): on
+    fixed (t, ε) draws the policy's error under the true caption falls relative to the mismatched caption's, from
+    the reference's slight preference for the wrong caption to a preference for the right one."""
+    data = _with_captions(_pairs(2))
+    ref = models.frozen_copy(tiny.denoiser)
+    policy = copy.deepcopy(tiny.denoiser)
+
+    @torch.no_grad()
+    def gap(unet):  # mean over rows and draws of e(x | c′) − e(x | c)
+        g = torch.Generator().manual_seed(99)
+        rows = torch.arange(2).repeat_interleave(32)
+        eps = torch.randn(len(rows), *LATENT_SHAPE, generator=g)
+        t = torch.randint(0, 1000, (len(rows),), generator=g)
+        x_t = tiny.noise_scheduler().add_noise(data.winner[rows], eps, t)
+        emb = data.prompt_embeds.embeds
+        err = {c: losses.denoise_error(unet(x_t, t, encoder_hidden_states=emb[r]).sample, eps) for c, r in
+               (("true", rows), ("other", 1 - rows))}  # fmt: skip
+        return (err["other"] - err["true"]).mean().item()
+
+    _, log = _train(tiny, policy, ref, data, tmp_path, "caption_contrast", max_steps=12, batch_size=2, beta=500.0)
+    assert log[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert gap(ref) < 0 < gap(policy)
+    assert gap(policy) - gap(ref) > 5e-4
+
+
+def test_caption_contrast_beside_spin_adds_its_term(tiny, tmp_path):
+    """loss = SPIN's + w · contrast: both are log 2 at the first step; the term is logged."""
+    data = _with_captions(_pairs(8))
+    result = trainer.train(
+        copy.deepcopy(tiny.denoiser), models.frozen_copy(tiny.denoiser), data, objective="spin_approx",
+        loss_cfg=LossConfig(objective="spin_approx", beta=2000.0, caption_contrast_weight=0.5),
+        train_cfg=_cfg(max_steps=2), family=tiny.family, out_dir=tmp_path, seed=0, progress=False,
+    )  # fmt: skip
+    log = _log(result.log_path)
+    assert log[0]["loss"] == pytest.approx(1.5 * LOG2, abs=1e-6)
+    assert log[0]["caption_contrast_term"] == pytest.approx(0.5 * LOG2, abs=1e-6)
+    assert "caption_margin" in log[1]
+
+
+def test_ddo_promise_the_discriminator_separates_real_from_generated(tiny, tmp_path):
+    """A few DDO steps: on fixed draws the implicit discriminator r = −(β/2)(e^θ − e^ref) is positive on the real
+    images and negative on the generated ones (both terms unpaired); the loss starts at 2·log 2. The "generated"
+    latents come from another distribution than the real ones (0.5·N(0, 1) + 1.5), as θ_k's samples do."""
+    data = _pairs(8)
+    data.loser = 0.5 * data.loser + 1.5
+    ref = models.frozen_copy(tiny.denoiser)
+    policy = copy.deepcopy(tiny.denoiser)
+    _, log = _train(tiny, policy, ref, data, tmp_path, "ddo", max_steps=8, batch_size=4, beta=2000.0)
+    assert log[0]["loss"] == pytest.approx(2 * LOG2, abs=1e-6)
+    after, before = _eval_errors(tiny, policy, data, draws=16), _eval_errors(tiny, ref, data, draws=16)
+    assert (after.winner - before.winner).mean() < 0  # r on real > 0
+    assert (after.loser - before.loser).mean() > 0  # r on generated < 0
+
+
+def test_exact_guard_uses_the_noise_free_loser_target(tiny, tmp_path):
+    """spin_exact at η = 1 with guidance: the stored step x'_{t-1} = A x'_t + B ε_guided + σ z gives the noisy target
+    ε̃' = ε_guided + (σ/B) z. The guard must use ε_guided (θ_k's guided prediction, the mean of ε̃' given x'_t): its λ
+    is the same for any step noise z and equals Diffusion-SDPO's formula on (pred_w − ε_w, pred_l − ε_guided), where
+    the noisy target would give another λ. The winner is set so that x_t = x'_t and g_w ≈ g_l / 2, which makes
+    g_w·g_l > 0 and λ ≈ ¼ < 1, so that the two targets can be told apart."""
+    from accelerate import Accelerator
+
+    from spin_diffusion.families import Cond
+
+    scale, mu, b = 2.0, 0.5, 4
+    data = _pairs(b)
+    negative = torch.zeros(1, SEQ_LEN, EMBED_DIM)
+    spec = sampling.GenerationSpec(
+        run_seed=0, iteration=0, num_prompts=b, num_steps=4, guidance_scale=scale, eta=1.0,
+        latent_shape=LATENT_SHAPE, store_trajectory=True, shard_size=4,
+    )  # fmt: skip
+    sampling.generate_shards(tiny.denoiser, tiny.family, data.prompt_embeds, negative, tmp_path / "gen", spec,
+                             batch_size=4, progress=False)  # fmt: skip
+    gen = sampling.load_generated(tmp_path / "gen")
+    sampler = sampling.SamplerSchedule.of(gen)
+    process, unet = tiny.family.process, tiny.denoiser
+    step = torch.full((b,), 1)
+    t = process.exact_time(sampler, step)
+    x_t = gen.trajectory[torch.arange(b)][:, 1]
+    ctx = data.prompt_embeds.embeds
+    with torch.no_grad():
+        cond = process.exact_space(unet(x_t, t, encoder_hidden_states=ctx).sample, x_t, t)
+        uncond = process.exact_space(unet(x_t, t, encoder_hidden_states=negative.expand(b, -1, -1)).sample, x_t, t)
+    guided = uncond + scale * (cond - uncond)
+    coef_a, coef_b = sampling.ddim_coefficients(
+        sampler.timesteps, step, sampler.alphas_cumprod, sampler.final_alpha_cumprod, sampler.eta
+    )
+    shape = (-1, 1, 1, 1)
+    a_bar = process.alphas_cumprod[t].reshape(shape).float()
+    gap = cond - guided  # the guidance gap, what g_l is at θ = θ_k
+    delta = torch.randn(b, *LATENT_SHAPE, generator=torch.Generator().manual_seed(3))
+    eps_w = cond - 0.5 * gap + 0.05 * gap.std() * delta  # g_w ≈ g_l / 2: λ ≈ (1 − μ)·¼/½ = ¼
+    winner = (x_t - (1 - a_bar).sqrt() * eps_w) / a_bar.sqrt()  # so that noised(winner, eps_w, t) = x_t
+    accelerator = Accelerator(cpu=True)
+    lambdas, noisy = [], []
+    for seed in (1, 2):
+        z = torch.randn(b, *LATENT_SHAPE, generator=torch.Generator().manual_seed(seed))
+        x_prev = (coef_a.reshape(shape) * x_t + coef_b.reshape(shape) * guided).float() + 0.5 * z
+        batch = {"winner": winner, "context": {"prompt_embeds": ctx}, "t_or_step": step, "noise": eps_w,
+                 "loser_noise": eps_w, "loser_t": x_t, "loser_prev": x_prev}  # fmt: skip
+        _, metrics = trainer._micro_step_loss(
+            unet, models.frozen_copy(unet), batch, objective="spin_exact",
+            loss_cfg=LossConfig(objective="spin_exact", beta=2000.0, loser_guard=mu), family=tiny.family,
+            accelerator=accelerator, sampler=sampler, opponent_guidance=(scale, Cond(negative)),
+        )  # fmt: skip
+        lambdas.append(metrics["loser_guard_lambda"])
+        implied = sampler.implied_target(x_t, x_prev, step)
+        noisy.append(losses.loser_guard_scale(cond - eps_w, cond - implied, mu))
+    expected = losses.loser_guard_scale(cond - eps_w, cond - guided, mu)
+    torch.testing.assert_close(lambdas[0], lambdas[1])
+    torch.testing.assert_close(lambdas[0], expected, atol=1e-4, rtol=1e-4)
+    assert (expected < 0.99).all()
+    assert not torch.allclose(noisy[0], expected, atol=1e-3)

@@ -110,10 +110,10 @@ def spin(
         cfg = replace(cfg, **{"loss.objective": "spin_exact"})
     from spin_diffusion import objectives
 
-    if not objectives.get(cfg.loss.objective).self_play:
+    if not objectives.get(cfg.loss.objective).iterates:
         raise SpinDiffusionError(
-            f"`spin` runs loss.objective spin_approx or spin_exact, not {cfg.loss.objective}; use `spin-diffusion "
-            f"{cfg.loss.objective}`"
+            f"`spin` runs the objectives trained in rounds against θ_k (spin_approx, spin_exact, ddo, "
+            f"caption_contrast), not {cfg.loss.objective}; use `spin-diffusion {cfg.loss.objective}`"
         )
     _run(cfg, resume, source)
 

@@ -20,7 +20,7 @@ import yaml
 from spin_diffusion import atomic
 from spin_diffusion.errors import SpinDiffusionError
 
-Objective = Literal["spin_approx", "spin_exact", "sft", "dpo"]
+Objective = Literal["spin_approx", "spin_exact", "sft", "dpo", "ddo", "caption_contrast"]
 # A number, or one number per self-play iteration: value i trains θ_{i+1}; the last value repeats for later ones.
 Schedule = float | tuple[float, ...]
 
@@ -146,18 +146,25 @@ class SampleConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = (
         "auto"  # UNet compute dtype (autocast); auto: bf16 on CUDA, else fp32
     )
+    # Whose samples are the losers at iteration k (spin_approx, ddo): latest = θ_k's only (the paper); all =
+    # θ_0..θ_k's; an integer K >= 1 = the last K iterations' (θ_{k-K+1}..θ_k; 1 = latest). Each pair's loser is drawn
+    # from the pool by its place in the pair stream; the reference stays θ_k. Earlier samples: iter_j/generated/.
+    opponent_pool: Literal["latest", "all"] | int = "latest"
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """The objective and its temperature. See spin_diffusion.losses for the formulas."""
 
-    objective: Objective = "spin_approx"  # spin_approx | spin_exact (self-play), sft, dpo (baselines)
+    # spin_approx | spin_exact | ddo (self-play), caption_contrast (rounds against θ_k, no generation), sft, dpo
+    objective: Objective = "spin_approx"
     # Same units as Diffusion-DPO's --beta_dpo: logit = -(beta/2) * Δ(mean-squared errors). A number, or one value
     # per self-play iteration, e.g. [5000, 2500]: 5000 trains θ_1, 2500 trains θ_2 and every later iteration.
     beta: Schedule = 5000.0
     timesteps_per_pair: int = 1  # K timesteps drawn per pair per step (spin_exact averages them inside ℓ)
-    share_noise: bool = True  # winner and loser share ε (Diffusion-DPO code); False draws ε' independently
+    # winner and loser share ε (Diffusion-DPO code); False draws ε' independently. ddo always draws its generated
+    # term's (t, ε') apart from the real term's (unpaired), whatever this says
+    share_noise: bool = True
     # λ >= 0: loss = preference loss + λ · (policy's denoising error on the real / winner images), the RPO remedy
     # when the winners' likelihood falls during training. 0 = off (the paper's objective). The preference loss pulls
     # that error down with weight (β/2)·σ(-logit), β/4 at the start of an iteration, so λ ≈ β/4 weighs both equally.
@@ -169,6 +176,16 @@ class LossConfig:
     # DPO-Positive hinge λ_P >= 0 (0 = off): adds λ_P·min(0, reward_winner) to the logit, so the margin cannot be
     # widened by making the real image's error worse than the reference's. Pal et al. use 50 (and 5 for some tasks).
     dpop_lambda: float = 0.0
+    # Caption contrast weight w >= 0 (0 = off): adds w · (DPO-form loss preferring each real image under its own
+    # caption c over the same image under a mismatched caption c′, relative to θ_k; same x_t, t, ε; no generation)
+    # to the spin_approx / spin_exact / ddo loss; objective caption_contrast trains the term alone (same β).
+    caption_contrast_weight: float = 0.0
+    # How c′ is drawn: random = uniformly among the other distinct captions of the data; one_word = among the captions
+    # that differ from c in exactly one word (an attribute swap, the harder negative), random when c has none.
+    caption_contrast_negatives: Literal["random", "one_word"] = "one_word"
+    # DDO's weight α >= 0 of the generated (fake) term (objective ddo): −log σ(r(real)) − α·log(1 − σ(r(generated))).
+    # 1 = the plain GAN loss; the paper tunes α (its value not re-checked here: docs/OBJECTIVES.md).
+    ddo_fake_weight: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", _as_schedule(self.beta))
@@ -179,6 +196,20 @@ class LossConfig:
             raise SpinDiffusionError(f"loss.dpop_lambda must be >= 0, got {self.dpop_lambda}")
         if self.loser_guard is not None and not 0.0 <= self.loser_guard <= 1.0:
             raise SpinDiffusionError(f"loss.loser_guard must be in [0, 1] (or null = off), got {self.loser_guard}")
+        if not self.caption_contrast_weight >= 0:
+            raise SpinDiffusionError(f"loss.caption_contrast_weight must be >= 0, got {self.caption_contrast_weight}")
+        if not self.ddo_fake_weight >= 0:
+            raise SpinDiffusionError(f"loss.ddo_fake_weight must be >= 0, got {self.ddo_fake_weight}")
+        if self.caption_contrast_weight > 0 and self.objective not in ("spin_approx", "spin_exact", "ddo"):
+            raise SpinDiffusionError(
+                "loss.caption_contrast_weight adds the caption contrast to a self-play loss (spin_approx, spin_exact, "
+                f"ddo), not to {self.objective}; use loss.objective=caption_contrast for the term alone"
+            )
+        if self.objective == "ddo" and self.loser_guard is not None:
+            raise SpinDiffusionError(
+                "loss.loser_guard needs the winner and loser at the same (t, ε); ddo draws them apart (unpaired); "
+                "set loss.loser_guard=null"
+            )
         for key, value, off in (
             ("sft_weight", self.sft_weight, 0),
             ("dpop_lambda", self.dpop_lambda, 0),
@@ -342,6 +373,14 @@ class RunConfig:
             raise SpinDiffusionError(
                 f"spin_exact needs sample.scheduler=ddim (it inverts the DDIM step), "
                 f"not {self.sample.scheduler}; or use loss.objective=spin_approx"
+            )
+        pool = self.sample.opponent_pool
+        if isinstance(pool, int) and pool < 1:
+            raise SpinDiffusionError(f"sample.opponent_pool must be latest, all or an integer K >= 1; got {pool}")
+        if pool not in ("latest", 1) and objective not in ("spin_approx", "ddo"):
+            raise SpinDiffusionError(
+                f"sample.opponent_pool={pool} draws losers from earlier iterations' final samples (spin_approx or "
+                f"ddo), not for {objective}; set sample.opponent_pool=latest"
             )
         if self.sample.eta is not None and not self.sample.eta >= 0:
             raise SpinDiffusionError(f"sample.eta must be >= 0 (or null = automatic), got {self.sample.eta}")

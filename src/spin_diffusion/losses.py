@@ -350,3 +350,113 @@ def scale_gradient(x: Tensor, scale: Tensor) -> Tensor:
     """``x`` in value, ``scale·∂x`` in gradient: ``x.detach() + scale·(x − x.detach())`` (``scale`` broadcasts)."""
     detached = x.detach()
     return detached + scale.detach().to(x.dtype) * (x - detached)
+
+
+def caption_contrast_loss(
+    policy: DenoiseErrors, ref: DenoiseErrors, beta: float, *, sft_weight: float = 0.0, dpop_lambda: float = 0.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The caption contrast: prefer the real image under its own caption c to the SAME image under a mismatched
+    caption c′, relative to the reference (θ_k), in the Diffusion-DPO form.
+
+    ``L = mean_k −log σ(−(β/2)·[(e^θ(x|c) − e^ref(x|c)) − (e^θ(x|c′) − e^ref(x|c′))]_k)``. Here ``winner`` holds the
+    errors under c and ``loser`` those under c′, at the same x_t (same image, same t, same ε): only the conditioning
+    differs, so the margin is a difference of ELBO surrogates of log p(x|c) − log p(x|c′), the quantity a diffusion
+    model used as a zero-shot classifier compares across captions (Li et al. 2023, "Your diffusion model is secretly
+    a zero-shot classifier", https://huggingface.co/papers/2303.16203; Clark & Jaini 2023), and the logistic on it is
+    the binary (c vs c′) case of the discriminative objective of Qu et al. 2024 (discriminative tuning of
+    text-to-image models), written relative to θ_k as SPIN and DPO are. Label-free: c′ is another caption of the data.
+
+    Args:
+        policy: errors of θ, ``[B, K]`` each (``[B]`` = K = 1): ``winner`` under c, ``loser`` under c′.
+        ref: errors of the reference at the same x_t, t and ε, same shape.
+        beta: inverse temperature β > 0 (``--beta_dpo`` units, module docstring).
+        sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ(x|c)`` per row (module docstring). 0 = off.
+        dpop_lambda: λ_P ≥ 0; the DPO-Positive hinge on the true caption's reward. 0 = off.
+
+    Returns:
+        Per-sample loss ``[B]`` and the metrics of :func:`dpo_loss` (``margin`` > 0: the policy prefers the true
+        caption more than the reference does).
+
+    Raises:
+        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight`` or ``dpop_lambda`` < 0.
+    """
+    return _logistic_outside(policy, ref, beta, sft_weight, dpop_lambda)
+
+
+def ddo_loss(
+    policy: DenoiseErrors,
+    ref: DenoiseErrors,
+    beta: float,
+    *,
+    sft_weight: float = 0.0,
+    dpop_lambda: float = 0.0,
+    fake_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Direct Discriminative Optimization (Zheng et al. 2025, ICML, https://huggingface.co/papers/2503.01103).
+
+    From the paper: the GAN discriminator is parameterized implicitly by the likelihood ratio of the model being
+    trained to a frozen reference, ``d_θ(x) = σ(r_θ(x))`` with ``r_θ(x) ∝ log p_θ(x) − log p_ref(x)``, and trained
+    with the GAN classification loss on real data (positives) and the reference's own samples (negatives), which are
+    NOT paired with each other:
+
+        ``L = −E_{x∼data} log σ(r_θ(x)) − α·E_{x∼p_ref} log(1 − σ(r_θ(x)))``,
+
+    run in rounds, each round's reference being the previous round's model (SPIN's iterations here). α weighs the
+    generated (fake) term; the paper treats it as a hyper-parameter. We could not re-read the paper offline to check
+    its recommended value, so the default α = 1 is the plain (unweighted) GAN loss; set ``loss.ddo_fake_weight``.
+
+    Our diffusion translation (as Diffusion-DPO translates DPO): ``r_θ(x) = −(β/2)·(e^θ − e^ref)``, the ELBO
+    surrogate of the log-ratio at one (t, ε), in ``--beta_dpo`` units; with K timesteps the logistic is taken per
+    timestep and averaged (the expectation over t outside, as :func:`spin_approx_loss`). The real and generated
+    terms of a row are drawn at independent (t, ε) by the caller (unpaired); this function only sums the two
+    per-row terms, ``−log σ(r_w) − α·log σ(−r_l)`` (since 1 − σ(z) = σ(−z)). At θ = ref both are log 2, so the
+    loss starts at (1 + α)·log 2.
+
+    Args:
+        policy: errors of θ, ``[B, K]`` each (``[B]`` = K = 1): ``winner`` on real images, ``loser`` on the
+            reference's samples, each at its own (t, ε).
+        ref: errors of the reference at the same (t, ε) as the policy's, row for row.
+        beta: inverse temperature β > 0 (``--beta_dpo`` units, module docstring).
+        sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ_w`` per row (module docstring). 0 = off.
+        dpop_lambda: λ_P ≥ 0; the DPO-Positive hinge ``λ_P·min(0, r_w)`` inside the real term's logit. 0 = off.
+        fake_weight: α ≥ 0, the weight of the generated term.
+
+    Returns:
+        Per-sample loss ``[B]`` and metrics ``reward_winner`` (mean_k r_w), ``reward_loser`` (mean_k r_l),
+        ``margin`` (their difference), ``accuracy`` (the discriminator's: the fraction of the row's real and
+        generated images it classifies correctly, (1[r_w > 0] + 1[r_l < 0]) / 2), ``real_term``, ``fake_term``
+        (the two losses before α), ``policy_error_winner``, ``policy_error_loser`` and, when on, ``sft_term`` and
+        ``dpop_term`` (each ``[B]``, detached).
+
+    Raises:
+        ValueError: if shapes disagree or are not 1-D/2-D, or ``sft_weight``, ``dpop_lambda`` or ``fake_weight`` < 0.
+    """
+    if not fake_weight >= 0:
+        raise ValueError(f"fake_weight must be >= 0, got {fake_weight}")
+    if not dpop_lambda >= 0:
+        raise ValueError(f"dpop_lambda must be >= 0, got {dpop_lambda}")
+    policy, ref = _check_errors(policy, "policy"), _check_errors(ref, "ref")
+    if policy.winner.shape != ref.winner.shape:
+        raise ValueError(
+            f"policy errors {tuple(policy.winner.shape)} and ref errors {tuple(ref.winner.shape)} differ in shape"
+        )
+    scale = -0.5 * beta
+    reward_w = scale * (policy.winner - ref.winner)  # [B, K]
+    reward_l = scale * (policy.loser - ref.loser)  # [B, K]
+    hinge = dpop_lambda * reward_w.clamp(max=0) if dpop_lambda > 0 else torch.zeros_like(reward_w)
+    real_term = -F.logsigmoid(reward_w + hinge).mean(dim=1)  # [B]
+    fake_term = -F.logsigmoid(-reward_l).mean(dim=1)  # [B]
+    with torch.no_grad():
+        metrics = {
+            "margin": (reward_w - reward_l).mean(dim=1),
+            "reward_winner": reward_w.mean(dim=1),
+            "reward_loser": reward_l.mean(dim=1),
+            "accuracy": ((reward_w > 0).to(reward_w.dtype) + (reward_l < 0).to(reward_l.dtype)).mean(dim=1) / 2,
+            "real_term": real_term.detach(),
+            "fake_term": fake_term.detach(),
+            "policy_error_winner": policy.winner.mean(dim=1),
+            "policy_error_loser": policy.loser.mean(dim=1),
+        }
+        if dpop_lambda > 0:
+            metrics["dpop_term"] = hinge.mean(dim=1)
+    return _plus_sft(real_term + fake_weight * fake_term, policy, sft_weight, metrics)

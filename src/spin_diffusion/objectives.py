@@ -25,22 +25,32 @@ class Objective:
     Attributes:
         name: the value of ``loss.objective``.
         loser: where the loser image of a pair comes from: None (sft trains on the real images alone),
-            "generated" (θ_k's own sample, regenerated every self-play iteration) or "pairs" (the rejected image of
-            a preference pair, dpo).
+            "generated" (θ_k's own sample, regenerated every self-play iteration), "pairs" (the rejected image of
+            a preference pair, dpo) or "caption" (the real image itself under a mismatched caption c′: no loser
+            image at all, the caption contrast alone).
         trajectory: trains on the opponent's stored sampling chain (the exact SPIN objective), not on forward-noised
             final latents.
         loss: the preference loss on denoising errors (spin_diffusion.losses); None for sft (plain denoising loss).
+        paired: winner and loser of a row share (t, ε) (DPO, SPIN); False: drawn apart (DDO's unpaired terms).
+        options: extra keyword arguments of ``loss``, each taken from a LossConfig field: (argument, field).
     """
 
     name: str
-    loser: Literal["generated", "pairs"] | None
+    loser: Literal["generated", "pairs", "caption"] | None
     trajectory: bool
     loss: PreferenceLoss | None
+    paired: bool = True
+    options: tuple[tuple[str, str], ...] = ()
 
     @property
     def self_play(self) -> bool:
         """Iterates: θ_{k+1} is trained against θ_k's own samples, K times."""
         return self.loser == "generated"
+
+    @property
+    def iterates(self) -> bool:
+        """Trains in rounds against θ_k, K times: self-play, and the caption contrast alone (no generation)."""
+        return self.loser in ("generated", "caption")
 
     @property
     def needs_ref(self) -> bool:
@@ -53,6 +63,17 @@ OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective("dpo", loser="pairs", trajectory=False, loss=losses.dpo_loss),
     "spin_approx": Objective("spin_approx", loser="generated", trajectory=False, loss=losses.spin_approx_loss),
     "spin_exact": Objective("spin_exact", loser="generated", trajectory=True, loss=losses.spin_exact_loss),
+    "ddo": Objective(
+        "ddo",
+        loser="generated",
+        trajectory=False,
+        loss=losses.ddo_loss,
+        paired=False,
+        options=(("fake_weight", "ddo_fake_weight"),),
+    ),
+    "caption_contrast": Objective(
+        "caption_contrast", loser="caption", trajectory=False, loss=losses.caption_contrast_loss
+    ),
 }
 
 

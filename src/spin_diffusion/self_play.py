@@ -297,6 +297,12 @@ def _set_up(cfg: RunConfig, *, resume: bool) -> _Run:
         max_fraction=cfg.data.max_bad_fraction,
     )
     data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
+    if _contrast(cfg) and len(set(images.captions)) < 2:
+        raise SpinDiffusionError(
+            f"the caption contrast draws a mismatched caption c′ from the data, but it has "
+            f"{len(set(images.captions))} distinct caption(s); it needs at least 2 (or set "
+            "loss.caption_contrast_weight=0 and another loss.objective)"
+        )
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
     sampling.make_scheduler(cfg.sample.scheduler, c.family)  # refuses a sampler the family lacks
     sampling.Guidance.of(cfg.sample).check(c.family, getattr(c.denoiser.config, "num_layers", None))
@@ -344,7 +350,7 @@ def _set_up(cfg: RunConfig, *, resume: bool) -> _Run:
         state=state,
         c=c,
         objective=objective,
-        num_iterations=cfg.num_iterations if objective.self_play else 1,
+        num_iterations=cfg.num_iterations if objective.iterates else 1,
         resolution=resolution,
         cache=cache,
         negative_embed=negative_embed,
@@ -402,9 +408,18 @@ def _card_info(r: _Run, k: int, *, steps: int) -> card.CardInfo:
     )
 
 
+def _contrast(cfg: RunConfig) -> bool:
+    """Does the run train the caption contrast (alone, or beside the self-play loss)?"""
+    return cfg.loss.objective == "caption_contrast" or cfg.loss.caption_contrast_weight > 0
+
+
 def _train_data(r: _Run) -> trainer.TrainData:
     """The cached tensors every iteration trains on; the loser of self-play is added by `_generate`."""
     cache, pairs = r.cache, r.objective.loser == "pairs"  # dpo: the cache holds (winner, loser) images
+    caption_ids = caption_first_row = neighbours = None
+    if _contrast(r.cfg):
+        one_word = r.cfg.loss.caption_contrast_negatives == "one_word"
+        caption_ids, caption_first_row, neighbours = trainer.caption_table(list(cache.captions), one_word)
     return trainer.TrainData(
         winner=cache.winner_latents if pairs else cache.latents,
         prompt_embeds=cache.prompt_embeds,
@@ -412,6 +427,9 @@ def _train_data(r: _Run) -> trainer.TrainData:
         winner_time_ids=cache.winner_time_ids if pairs else cache.time_ids,
         loser_time_ids=cache.loser_time_ids if pairs else r.c.family.time_ids(1, r.resolution),
         loser=cache.loser_latents if pairs else None,
+        caption_ids=caption_ids,
+        caption_first_row=caption_first_row,
+        caption_neighbours=neighbours,
     )
 
 
@@ -481,6 +499,39 @@ def _generate(r: _Run, k: int, opponent: torch.nn.Module, data: trainer.TrainDat
     if r.objective.trajectory:
         data.loser_trajectory = plan.per_row(generated.trajectory)
         data.sampler = sampling.SamplerSchedule.of(generated)
+        # the guard's noise-free loser target rebuilds θ_k's guided step (trainer._micro_step_loss)
+        data.guidance_scale = sampling.cfg_scale(
+            r.c.family, cfg.sample.guidance_scale, sampling.Guidance.of(cfg.sample)
+        )
+        data.negative_embed = r.negative_embed
+    earlier = pool_iterations(cfg.sample.opponent_pool, k)
+    if earlier:
+        pool, has = [], []
+        for j in earlier:  # their samples are on disk (generate:j finished before train:j+1)
+            old = sampling.load_generated(iter_dir(r.run_dir, j) / "generated")
+            pool.append(plan.per_row(old.latents))
+            has.append(_rows_held(old, plan, len(data)))
+        data.loser_pool, data.loser_pool_has = tuple(pool), torch.stack(has)
+
+
+def pool_iterations(pool: str | int, k: int) -> list[int]:
+    """The earlier iterations whose samples join θ_k's as losers at iteration k (sample.opponent_pool), oldest first:
+    latest -> none; all -> 0..k-1; K -> the last K-1 before k (K iterations with k itself)."""
+    if pool == "latest":
+        return []
+    first = 0 if pool == "all" else max(0, k - int(pool) + 1)
+    return list(range(first, k))
+
+
+def _rows_held(generated: sampling.GeneratedSet, plan: sampling.OpponentPrompts, num_rows: int) -> torch.Tensor:
+    """[N] bool: the training rows whose prompt `generated` sampled (an earlier iteration visited other rows when
+    it trained on part of the data)."""
+    if generated.prompts is None:
+        return torch.ones(num_rows, dtype=torch.bool)
+    held = torch.zeros(max(plan.num_prompts, int(generated.prompts.max()) + 1), dtype=torch.bool)
+    held[generated.prompts] = True
+    row_prompt = torch.arange(num_rows) if plan.row_prompt is None else plan.row_prompt
+    return held[row_prompt]
 
 
 def _train_and_export(
@@ -582,7 +633,7 @@ def disk_estimate(
         embed_shape=embed_shape,
         cache_dtype=cfg.data.cache_dtype,
         images_per_row=2 if spec.loser == "pairs" else 1,
-        iterations=cfg.num_iterations if spec.self_play else 1,
+        iterations=cfg.num_iterations if spec.iterates else 1,
         self_play=spec.self_play,
         store_dtype=cfg.sample.store_dtype,
         trajectory_steps=cfg.sample.num_steps if spec.trajectory else None,

@@ -1,4 +1,4 @@
-"""One explicit training loop for all four objectives: sft, dpo, spin_approx and spin_exact.
+"""One explicit training loop for every objective: sft, dpo, spin_approx, spin_exact, ddo and caption_contrast.
 
 The loop reads top to bottom: pick the pairs of this micro-step → draw (t, ε) once per pair → noise
 winner and loser with the same (t, ε) → policy errors (grad) and reference errors (no grad) → loss from
@@ -60,12 +60,28 @@ class TrainData:
     # SDXL's micro-conditioning, 6 numbers per image: [N, 6], or [1, 6] shared by every row (generated images)
     winner_time_ids: torch.Tensor | RowStore | None = None
     loser_time_ids: torch.Tensor | RowStore | None = None
+    # The caption contrast (loss.caption_contrast_weight > 0, objective caption_contrast): the distinct-caption id of
+    # every row [N] long, the first row of every distinct caption [U] long (its conditioning), and per caption id its
+    # one-word neighbours' ids (loss.caption_contrast_negatives=one_word; None = random). `caption_table` builds them.
+    caption_ids: torch.Tensor | None = None
+    caption_first_row: torch.Tensor | None = None
+    caption_neighbours: list[torch.Tensor] | None = None
+    # sample.opponent_pool: the losers of earlier iterations, oldest first ([N, C, h, w] each, indexed by row), and
+    # which rows each holds ([P, N] bool); `loser` is the latest, holding every visited row. None = latest only.
+    loser_pool: tuple[torch.Tensor | RowStore, ...] | None = None
+    loser_pool_has: torch.Tensor | None = None
+    # spin_exact's guard: the opponent's classifier-free guidance (scale and unconditional input), to rebuild its
+    # noise-free step target ε_guided(x'_t) when it sampled with η > 0 (losses.loser_guard_scale)
+    guidance_scale: float = 1.0
+    negative_embed: Cond | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_embeds, Cond):
             self.prompt_embeds = Cond(self.prompt_embeds)
         if self.empty_embed is not None and not isinstance(self.empty_embed, Cond):
             self.empty_embed = Cond(self.empty_embed)
+        if self.negative_embed is not None and not isinstance(self.negative_embed, Cond):
+            self.negative_embed = Cond(self.negative_embed)
 
     def __len__(self) -> int:
         return self.winner.shape[0]
@@ -75,8 +91,18 @@ class TrainData:
         spec = objectives.get(objective)
         if self.prompt_embeds.shape[0] != n:
             raise ValueError("winner and prompt_embeds differ in length")
-        if spec.loser and not spec.trajectory and (self.loser is None or self.loser.shape != self.winner.shape):
+        if (
+            spec.loser in ("generated", "pairs")
+            and not spec.trajectory
+            and (self.loser is None or self.loser.shape != self.winner.shape)
+        ):
             raise ValueError(f"{objective} needs loser latents shaped like the winners")
+        if self.caption_ids is not None and (self.caption_ids.shape != (n,) or self.caption_first_row is None):
+            raise ValueError("caption_ids must be [N] long, with caption_first_row")
+        if self.loser_pool is not None and (
+            self.loser_pool_has is None or self.loser_pool_has.shape != (len(self.loser_pool), n)
+        ):
+            raise ValueError("loser_pool needs loser_pool_has shaped [len(loser_pool), N]")
         if spec.trajectory:
             if self.loser_trajectory is None or self.sampler is None:
                 raise ValueError("spin_exact needs the opponent's trajectories and sampler schedule")
@@ -288,6 +314,7 @@ def train(
         process=family.process,
         exact_steps=exact_steps,
         caption_dropout=train_cfg.caption_dropout,
+        contrast=loss_cfg.caption_contrast_weight > 0 or spec.loser == "caption",
         first_micro_step=start_step * train_cfg.gradient_accumulation_steps,
         num_micro_steps=(total_steps - start_step) * train_cfg.gradient_accumulation_steps,
     )
@@ -308,7 +335,13 @@ def train(
 
     clock = preemption.Clock(train_cfg.checkpoint_every_minutes)
     loss_kw = dict(
-        objective=objective, loss_cfg=loss_cfg, family=family, sampler=data.sampler, fsdp=fsdp, guidance=guidance
+        objective=objective,
+        loss_cfg=loss_cfg,
+        family=family,
+        sampler=data.sampler,
+        fsdp=fsdp,
+        guidance=guidance,
+        opponent_guidance=(data.guidance_scale, data.negative_embed),
     )
     policy.train()
     for step in range(start_step, total_steps):
@@ -641,8 +674,12 @@ class _MicroBatches(torch.utils.data.Dataset):
         caption_dropout: float,
         first_micro_step: int,
         num_micro_steps: int,
+        contrast: bool = False,
     ) -> None:
         self.data, self.seed, self.objective = data, seed, objectives.get(objective)
+        self.contrast, self.process = contrast, process
+        if contrast and data.caption_ids is None:
+            raise ValueError("the caption contrast needs TrainData.caption_ids (trainer.caption_table)")
         self.bsz, self.world, self.rank, self.k_steps = batch_size, world_size, rank, k_steps
         self.draw_kwargs = dict(
             k_steps=k_steps,
@@ -680,14 +717,97 @@ class _MicroBatches(torch.utils.data.Dataset):
             rows = torch.arange(traj.shape[0])
             batch["loser_t"] = traj[rows, draws.t_or_step]  # x'_t and x'_{t-1} of the opponent's chain
             batch["loser_prev"] = traj[rows, draws.t_or_step + 1]
-        elif self.objective.loser:
-            batch["loser"] = data.loser[idx].repeat_interleave(k, dim=0)
+        elif self.objective.loser in ("generated", "pairs"):
+            loser = data.loser[idx] if data.loser_pool is None else self._pool_losers(idx, first)
+            batch["loser"] = loser.repeat_interleave(k, dim=0)
+        if not self.objective.paired:  # DDO: the generated term at its own (t, ε'), apart from the real term's
+            times, noises = [], []
+            for pos in range(first, first + self.bsz):
+                gen = torch.Generator().manual_seed(_seed(self.seed, 4, pos))
+                times.append(self.process.draw_times(gen, k, data.winner.shape[1:]))
+                noises.append(torch.randn((k, *data.winner.shape[1:]), generator=gen))
+            batch["loser_t_or_step"], batch["loser_noise"] = torch.cat(times), torch.cat(noises)
+        if self.contrast:  # c′: another distinct caption per pair, drawn by the pair's place in the stream
+            uniform = torch.cat(
+                [torch.rand(1, generator=torch.Generator().manual_seed(_seed(self.seed, 2, pos))) for pos in
+                 range(first, first + self.bsz)]
+            )  # fmt: skip
+            other = mismatched_captions(
+                data.caption_ids[idx], uniform, len(data.caption_first_row), data.caption_neighbours
+            )
+            rows = data.caption_first_row[other]
+            batch["mismatch_context"] = data.prompt_embeds[rows].repeat_interleave(k).tensors()
+            # a pair trained on the empty prompt has no caption to contrast
+            batch["caption_kept"] = ~draws.drop_caption
         for name in ("winner_time_ids", "loser_time_ids"):
             ids = getattr(data, name)
             if ids is not None:
                 rows = ids[idx] if ids.shape[0] > 1 else ids.expand(len(idx), -1)
                 batch[name] = rows.repeat_interleave(k, dim=0)
         return batch
+
+    def _pool_losers(self, idx: torch.Tensor, first: int) -> torch.Tensor:
+        """sample.opponent_pool: each pair's loser from one iteration of the pool that holds its row (the latest
+        always does), drawn uniformly by the pair's place in the stream. -> [B, C, h, w]"""
+        data = self.data
+        pool = (*data.loser_pool, data.loser)
+        rows = []
+        for b, pos in enumerate(range(first, first + self.bsz)):
+            i = idx[b : b + 1]
+            held = [p for p in range(len(pool) - 1) if data.loser_pool_has[p, i].item()] + [len(pool) - 1]
+            gen = torch.Generator().manual_seed(_seed(self.seed, 3, pos))
+            rows.append(pool[held[torch.randint(0, len(held), (1,), generator=gen).item()]][i])
+        return torch.cat(rows)
+
+
+def caption_table(captions: list[str], one_word: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+    """TrainData's caption contrast fields from the rows' captions: (caption id per row [N], first row of each
+    distinct caption [U], and with `one_word` each caption's one-word neighbours' ids, else None).
+
+    Two captions are one-word neighbours when they have the same number of words and differ in exactly one of them
+    ("a red circle" / "a blue circle"): found in O(U·L) by hashing every caption with each word masked in turn.
+    Raises ValueError with fewer than 2 distinct captions (no c′ exists)."""
+    ids: dict[str, int] = {}
+    row_ids, first_row = [], []
+    for i, caption in enumerate(captions):
+        if caption not in ids:
+            ids[caption] = len(ids)
+            first_row.append(i)
+        row_ids.append(ids[caption])
+    if len(ids) < 2:
+        raise ValueError(f"the caption contrast needs at least 2 distinct captions, got {len(ids)}")
+    neighbours = None
+    if one_word:
+        masked: dict[tuple, list[int]] = defaultdict(list)
+        for caption, u in ids.items():
+            words = caption.split()
+            for j in range(len(words)):
+                masked[(len(words), j, *words[:j], *words[j + 1 :])].append(u)
+        found: list[set[int]] = [set() for _ in ids]
+        for group in masked.values():
+            for u in group:
+                found[u].update(v for v in group if v != u)
+        neighbours = [torch.tensor(sorted(f), dtype=torch.long) for f in found]
+    return torch.tensor(row_ids, dtype=torch.long), torch.tensor(first_row, dtype=torch.long), neighbours
+
+
+def mismatched_captions(
+    caption_ids: torch.Tensor, uniform: torch.Tensor, num_captions: int, neighbours: list[torch.Tensor] | None
+) -> torch.Tensor:
+    """The mismatched caption c′ of each pair: never its own caption.
+
+    Pair b with caption u = ``caption_ids[b]`` and draw d = ``uniform[b]`` ∈ [0, 1) gets ``neighbours[u][⌊d·n⌋]``
+    when u has n > 0 one-word neighbours, else the ⌊d·(U−1)⌋-th of the U − 1 other distinct captions (u skipped).
+    -> ``[B]`` long caption ids"""
+    out = []
+    for u, d in zip(caption_ids.tolist(), uniform.tolist(), strict=True):
+        near = neighbours[u] if neighbours is not None else None
+        if near is not None and len(near):
+            out.append(int(near[min(int(d * len(near)), len(near) - 1)]))
+        else:
+            j = min(int(d * (num_captions - 1)), num_captions - 2)
+            out.append(j if j < u else j + 1)
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _micro_step_loss(
@@ -702,6 +822,7 @@ def _micro_step_loss(
     sampler: SamplerSchedule | None,
     fsdp: bool = False,
     guidance: float | None = None,
+    opponent_guidance: tuple[float, Cond | None] = (1.0, None),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss of one micro-batch (`_MicroBatches` item): B pairs, each at K timesteps (rows b*K + k)."""
     spec = objectives.get(objective)
@@ -731,50 +852,120 @@ def _micro_step_loss(
         per_sample, metrics = losses.sft_loss(err)
         return per_sample.mean(), metrics
 
-    # Loser branch: forward-noised final latent (dpo, spin_approx) or the stored chain (spin_exact).
+    # Loser branch: forward-noised final latent (dpo, spin_approx, ddo at its own t), the stored chain (spin_exact),
+    # or the real image itself under the mismatched caption c′ (caption_contrast).
+    t_loser = t
+    loser_context = context
     if spec.trajectory:
         loser_t = batch["loser_t"].to(device)
         loser_target = sampler.implied_target(loser_t, batch["loser_prev"].to(device), step_index)
         winner_target = process.exact_winner_target(winner, noise, t)  # ε-space (DDPM) or velocity (flow)
+    elif spec.loser == "caption":
+        loser_t, winner_target = winner_t, process.target(winner, noise, t)
+        loser_target = winner_target
+        loser_context = Cond(
+            batch["mismatch_context"]["prompt_embeds"], batch["mismatch_context"].get("pooled_embeds")
+        )
+        loser_context = loser_context.to(device)
     else:
         loser = batch["loser"].to(device)
         loser_noise = batch["loser_noise"].to(device)
-        loser_t = process.noised(loser, loser_noise, t)
-        winner_target, loser_target = process.target(winner, noise, t), process.target(loser, loser_noise, t)
+        if not spec.paired:
+            t_loser = batch["loser_t_or_step"].to(device)
+        loser_t = process.noised(loser, loser_noise, t_loser)
+        winner_target, loser_target = process.target(winner, noise, t), process.target(loser, loser_noise, t_loser)
 
-    model_in = torch.cat([winner_t, loser_t])
-    t2, context2 = torch.cat([t, t]), Cond.cat([context, context])
+    # One forward per model over [winner | loser] (and, with the caption contrast beside it, [winner under c′]).
+    contrast_weight = loss_cfg.caption_contrast_weight if spec.loser != "caption" else 0.0
+    inputs, times, contexts, targets = (
+        [winner_t, loser_t],
+        [t, t_loser],
+        [context, loser_context],
+        [winner_target, loser_target],
+    )
     ids2 = None
     if winner_ids is not None:
-        ids2 = torch.cat([winner_ids, batch.get("loser_time_ids", batch["winner_time_ids"]).to(device)])
-    target = torch.cat([winner_target, loser_target])
+        loser_ids = winner_ids if spec.loser == "caption" else batch.get("loser_time_ids", batch["winner_time_ids"])
+        ids2 = [winner_ids, loser_ids.to(device)]
+    if contrast_weight > 0:
+        mismatch = Cond(batch["mismatch_context"]["prompt_embeds"], batch["mismatch_context"].get("pooled_embeds"))
+        inputs, times, targets = inputs + [winner_t], times + [t], targets + [winner_target]
+        contexts = contexts + [mismatch.to(device)]
+        ids2 = None if ids2 is None else ids2 + [winner_ids]
+    model_in, t2, context2 = torch.cat(inputs), torch.cat(times), Cond.cat(contexts)
+    target = torch.cat(targets)
+    ids2 = None if ids2 is None else torch.cat(ids2)
+    chunks = len(inputs)
 
     def predict(model: torch.nn.Module) -> torch.Tensor:
         pred = family.predict(model, model_in, process.model_timestep(t2), context2, ids2, guidance=guidance)
         return process.exact_space(pred.float(), model_in, t2) if spec.trajectory else pred
 
-    def errors(pred: torch.Tensor) -> losses.DenoiseErrors:
-        err_winner, err_loser = losses.denoise_error(pred, target).chunk(2)  # [B*K] each
-        return losses.DenoiseErrors(winner=err_winner.reshape(b, k_steps), loser=err_loser.reshape(b, k_steps))
+    def errors(pred: torch.Tensor) -> list[torch.Tensor]:
+        return [e.reshape(b, k_steps) for e in losses.denoise_error(pred, target).chunk(chunks)]  # [B, K] each
 
-    policy_pred = predict(policy)
-    policy_err = errors(policy_pred)
-    with torch.no_grad(), accelerator.autocast():
-        if ref is not None:
-            ref_err = errors(predict(ref))
-        else:
+    def ref_forward(fn):  # runs fn(ref module) without grad: the frozen copy, or the policy with adapters disabled
+        with torch.no_grad(), accelerator.autocast():
+            if ref is not None:
+                return fn(ref)
             # under FSDP only the prepared module can run (it gathers its shards); DDP's wrapper is skipped
             with adapters_disabled(accelerator.unwrap_model(policy)):
-                ref_err = errors(predict(policy if fsdp else accelerator.unwrap_model(policy)))
+                return fn(policy if fsdp else accelerator.unwrap_model(policy))
+
+    policy_pred = predict(policy)
+    policy_errs = errors(policy_pred)
+    ref_pred = ref_forward(predict)
+    ref_errs = errors(ref_pred)
+    policy_err = losses.DenoiseErrors(winner=policy_errs[0], loser=policy_errs[1])
+    ref_err = losses.DenoiseErrors(winner=ref_errs[0], loser=ref_errs[1])
 
     guard = None
     if loss_cfg.loser_guard is not None:  # per row (pair × timestep): see losses.loser_guard_scale
-        residual_winner, residual_loser = (policy_pred.detach().float() - target.float()).chunk(2)
+        residual_winner, residual_loser = (policy_pred.detach().float() - target.float()).chunk(chunks)[:2]
+        if spec.trajectory and sampler.eta > 0:
+            # The stored step x'_{t-1} = A x'_t + B ε_guided + σ z carries the sampler's noise z in its implied
+            # target ε̃' = ε_guided + (σ/B) z; the guard uses the noise-free target ε_guided(x'_t), θ_k's guided
+            # prediction (the mean of ε̃' given x'_t), so g_l is the loser term's expected output gradient.
+            n = residual_loser.shape[0]
+            ref_loser = ref_pred.detach().float().chunk(chunks)[1]
+            scale, negative = opponent_guidance
+            guided = ref_loser
+            if scale != 1.0:
+                loser_ids = None if ids2 is None else ids2.chunk(chunks)[1]
+                uncond_context = negative.to(device).expand(n)
+
+                def uncond(model: torch.nn.Module) -> torch.Tensor:
+                    out = family.predict(
+                        model, loser_t, process.model_timestep(t), uncond_context, loser_ids, guidance=guidance
+                    )
+                    return process.exact_space(out.float(), loser_t, t)
+
+                unconditional = ref_forward(uncond).float()
+                guided = unconditional + scale * (ref_loser - unconditional)  # the sampler's CFG combination
+            residual_loser = policy_pred.detach().float()[n : 2 * n] - guided
         guard = losses.loser_guard_scale(residual_winner, residual_loser, loss_cfg.loser_guard).reshape(b, k_steps)
         policy_err = policy_err._replace(loser=losses.scale_gradient(policy_err.loser, guard))
+    options = {arg: getattr(loss_cfg, key) for arg, key in spec.options}
     per_sample, metrics = spec.loss(
-        policy_err, ref_err, loss_cfg.beta, sft_weight=loss_cfg.sft_weight, dpop_lambda=loss_cfg.dpop_lambda
+        policy_err,
+        ref_err,
+        loss_cfg.beta,
+        sft_weight=loss_cfg.sft_weight,
+        dpop_lambda=loss_cfg.dpop_lambda,
+        **options,
     )
+    if spec.loser == "caption":  # a pair trained on the empty prompt has no caption to contrast
+        per_sample = per_sample * batch["caption_kept"].reshape(b, k_steps)[:, 0].to(per_sample)
     if guard is not None:
         metrics["loser_guard_lambda"] = guard.mean(dim=1)
+    if contrast_weight > 0:
+        contrast, contrast_metrics = losses.caption_contrast_loss(
+            losses.DenoiseErrors(winner=policy_errs[0], loser=policy_errs[2]),
+            losses.DenoiseErrors(winner=ref_errs[0], loser=ref_errs[2]),
+            loss_cfg.beta,
+        )
+        kept = batch["caption_kept"].reshape(b, k_steps)[:, 0].to(contrast)
+        per_sample = per_sample + contrast_weight * kept * contrast
+        metrics["caption_contrast_term"] = (contrast_weight * kept * contrast).detach()
+        metrics["caption_margin"] = contrast_metrics["margin"]
     return per_sample.mean(), metrics
