@@ -23,7 +23,7 @@ install() {  # the same arguments for pip and uv
         pip "$@"
     fi
 }
-if ! .venv/bin/python -c "import torch, spin_diffusion" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, spin_diffusion, pdoc" 2>/dev/null; then  # pdoc: a .venv made before it was locked
     if [ "$INSTALLER" = uv ]; then
         pip uv
         # uv does not read pip's configuration: pass on its package sources (local mirrors, wheel folders)

@@ -8,8 +8,6 @@ from the table (`spin_diffusion.objectives`), turns predictions into errors, and
 guard the way the trainer does. It imports torch, never diffusers.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import torch
