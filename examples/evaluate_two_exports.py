@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import spin_diffusion as sd
@@ -51,4 +52,8 @@ def main(argv: list[str] | None = None) -> sd.EvalResult:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except sd.SpinDiffusionError as err:  # bad input: one line, exit status 2
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loser-guard", type=float, default=None, help="Diffusion-SDPO's μ (e.g. 0.9); off if unset")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    sizes, counts = (args.images, args.batch_size, args.sample_steps), (args.sft_steps, args.iterations, args.steps)
+    if min(sizes) < 1 or min(counts) < 0:
+        parser.error("--images, --batch-size and --sample-steps must be >= 1; step and iteration counts >= 0")
+    if not args.beta > 0 or not args.lr > 0:
+        parser.error("--beta and --lr must be > 0")
 
     accelerator = Accelerator()
     torch.manual_seed(args.seed)

@@ -78,3 +78,13 @@ def test_the_demo_spin_arm_from_python_resumes_and_its_exports_are_evaluated(cap
     assert evaluated[0].startswith("| model | scorer |") and "| demo_base | shapes_judge |" in evaluated[2]
     saved = rundir.read_eval(tmp_path / "eval" / "eval.json")
     assert len(saved.prompts) == 3 and [m.name for m in saved.models] == ["demo_base", "model"]
+
+
+def test_bad_input_to_an_example_is_one_line_and_status_2(capsys, monkeypatch, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        _run(capsys, monkeypatch, "demo_spin_arm.py", "--out", str(tmp_path / "demo"), "--scale", "0")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: scale must be > 0, got 0.0\n" and not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as stop:
+        _run(capsys, monkeypatch, "spin_loss_in_your_loop.py", "--batch-size", "0")
+    assert stop.value.code == 2 and "--batch-size" in capsys.readouterr().err.splitlines()[-1]
