@@ -196,3 +196,40 @@ def test_the_api_reference_builds_without_warnings(tmp_path):
     for name in sd.__all__:
         assert f'id="{name}"' in page, name
     assert "trainer" not in {p.stem for p in pages}  # internal modules stay out
+
+
+def test_the_cli_is_a_thin_layer_over_the_api(monkeypatch, capsys, tmp_path):
+    from spin_diffusion.cli import main
+
+    calls = []
+    ran = api.RunResult(
+        run_dir=tmp_path,
+        objective="sft",
+        config=config_lib.RunConfig(),
+        iterations=1,
+        exports={1: tmp_path / "iter_01" / "model"},
+        metrics={1: {"shapes_judge": 0.25}},
+        report=None,
+        wall_seconds=3.0,
+    )
+
+    def record(name, result):
+        return lambda *args, **kwargs: calls.append((name, args, kwargs)) or result
+
+    for name in ("spin", "sft", "dpo"):
+        monkeypatch.setattr(api, name, record(name, ran))
+    monkeypatch.setattr(api, "evaluate", record("evaluate", api.EvalResult(out_dir=tmp_path, table="| the table |")))
+
+    assert main(["sft", "-c", str(TINY), "--set", "train.max_steps=2", "-o", str(tmp_path), "--resume"]) == 0
+    options = {"run_dir": tmp_path, "resume": True, "handle_signals": True}
+    assert calls.pop() == ("sft", (TINY, ["train.max_steps=2"]), options)
+    assert capsys.readouterr().out == ran.summary() + "\n"
+    assert ran.summary().splitlines() == [f"finished in 3 s: {tmp_path}", "  iter 1: shapes_judge=0.25"]
+    assert main(["spin", "--exact"]) == 0
+    options = {"run_dir": None, "resume": False, "exact": True, "handle_signals": True}
+    assert calls.pop() == ("spin", (None, []), options)
+    assert main(["evaluate", "-m", "a", "-m", "b", "-p", "p.txt", "--scorer", "clip", "--num-prompts", "3"]) == 0
+    name, args, kwargs = calls.pop()
+    assert (name, args) == ("evaluate", (["a", "b"], Path("p.txt")))
+    assert (kwargs["scorers"], kwargs["num_prompts"], kwargs["baseline"]) == (["clip"], 3, 0)
+    assert capsys.readouterr().out.endswith("| the table |\n") and not calls
