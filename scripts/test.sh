@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check src tests scripts benchmarks
-.venv/bin/ruff format --check src tests scripts benchmarks
+.venv/bin/ruff check src tests scripts benchmarks examples
+.venv/bin/ruff format --check src tests scripts benchmarks examples
 export HF_HUB_OFFLINE=1
 args=()
 for arg in "$@"; do

@@ -31,6 +31,8 @@ FORBIDDEN = {
     "distributed": {"diffusers", "spin_diffusion.models", "spin_diffusion.self_play", "spin_diffusion.trainer"},
     "preemption": {"diffusers", "accelerate", "spin_diffusion"},
     "preflight": {"torch", "diffusers", "spin_diffusion.models", "spin_diffusion.self_play"},
+    # the loss for other loops: torch and the objective table only
+    "training_loss": {"diffusers", "transformers", "accelerate", "spin_diffusion.trainer", "spin_diffusion.models"},
     # the table of objectives sits just above the pure losses: it names them, it runs nothing
     "objectives": {
         "diffusers",
@@ -62,8 +64,8 @@ HOUSE = [
     },
     # 1. configuration, process roles, the objective table, the Hub, files of a run, the shapes world, families, LoRA
     {"config", "distributed", "objectives", "hub", "images", "rundir", "world", "families", "lora", "prepare"},
-    # 2. models and data
-    {"models", "card", "data", "preflight", "report", "scorers._common"},
+    # 2. models and data; the loss of an objective for other training loops
+    {"models", "card", "data", "preflight", "report", "scorers._common", "training_loss"},
     # 3. built models, writing models, the latent cache, the scorers
     {
         "presets",
@@ -83,7 +85,9 @@ HOUSE = [
     {"self_play", "demo.evaluate"},
     # 7. the demo
     {"demo.runner"},
-    # 8. the command line
+    # 8. the public Python API (the package's __init__ re-exports it lazily, by name, so it stays on floor 0)
+    {"api"},
+    # 9. the command line, a thin layer over the API
     {"cli"},
 ]
 

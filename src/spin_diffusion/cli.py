@@ -1,5 +1,5 @@
-"""`spin-diffusion` command line. Each command parses its arguments, builds the config and calls one library
-function; all logic lives in the library so that notebooks and tests call the same code.
+"""`spin-diffusion` command line. Each command parses its arguments and calls one function of the public API
+(`spin_diffusion.api`, exported by the package), then prints its result: Python users and the CLI share one path.
 
 Errors a user can fix are printed as one line (``error: …``) with exit status 2 and no traceback.
 """
@@ -14,15 +14,13 @@ from typing import Annotated
 import click
 import typer
 
-from spin_diffusion import console, preemption
+from spin_diffusion import api, console, preemption
 from spin_diffusion.distributed import is_main, launched_rank, launched_ranks, shutdown
 from spin_diffusion.errors import SpinDiffusionError
 
 # > the launcher's worker-monitor interval (torchrun: 0.1 s), and > how far apart ranks reach an error that they all
 # hit (on shared, loaded cores their imports alone can differ by seconds: with 3 s a full test run printed it twice)
 RANK_ERROR_DELAY_S = 10.0
-# What a run without --config starts from: every key's default (fp32, no warm-up, accumulation 1, the tiny preset)
-NO_CONFIG = "no --config: every key's default (`spin-diffusion config --explain`); recipes: configs/*.yaml"
 
 app = typer.Typer(
     name="spin-diffusion",
@@ -52,46 +50,9 @@ RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-o", help="Run dir
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir, skipping finished work.")]
 
 
-def _config(config: Path | None, overrides: list[str] | None, run_dir: Path | None, resume: bool, **forced: str):
-    """The run's config and where it came from (a line the run prints first)."""
-    from spin_diffusion.config import load_config, replace
-    from spin_diffusion.self_play import load_saved_config
-
-    overrides = list(overrides or [])
-    if resume and config is None and not overrides and run_dir is not None:
-        cfg = load_saved_config(run_dir)  # `--resume --run-dir D` alone continues with the saved config
-        source = f"the saved config of {run_dir}"
-    else:
-        cfg = load_config(config, overrides)
-        if run_dir is not None:
-            cfg = replace(cfg, run_dir=str(run_dir))
-        source = str(config) if config is not None else NO_CONFIG
-        source += f" + {len(overrides)} --set" if overrides else ""
-    if forced:
-        cfg = replace(cfg, **forced)
-    return cfg, source
-
-
-def _run(cfg, resume: bool, source: str) -> None:
-    from spin_diffusion.self_play import run
-
-    console.quiet_model_bars()
-    if launched_rank() == 0:
-        typer.echo(f"config: {source}")
-
-    preemption.install()  # SIGTERM/SIGINT: finish the step or shard, checkpoint, exit EXIT_PREEMPTED
-    try:
-        summary = run(cfg, resume=resume)
-    finally:
-        preemption.uninstall()
-    if not is_main():
-        return  # the main process reports for the run
-    for k, metrics in sorted(summary.metrics.items()):
-        shown = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
-        typer.echo(f"  iter {k}: {shown or '(no scorers)'}")
-    if summary.report is not None:
-        typer.echo(f"report: {summary.report}")
-    typer.echo(f"finished in {summary.wall_seconds:.0f} s: {summary.run_dir}")
+def _finished(result: api.RunResult) -> None:
+    if is_main():  # the main process reports for the run
+        typer.echo(result.summary())
 
 
 @app.command()
@@ -103,33 +64,22 @@ def spin(
     exact: Annotated[bool, typer.Option("--exact", help="Use the exact objective (stores trajectories).")] = False,
 ):
     """Self-play fine-tuning: K iterations of generate with θ_k → train θ_{k+1} against θ_k → evaluate."""
-    cfg, source = _config(config, set_, run_dir, resume)
-    if exact:
-        from spin_diffusion.config import replace
-
-        cfg = replace(cfg, **{"loss.objective": "spin_exact"})
-    from spin_diffusion import objectives
-
-    if not objectives.get(cfg.loss.objective).iterates:
-        raise SpinDiffusionError(
-            f"`spin` runs the objectives trained in rounds against θ_k (spin_approx, spin_exact, ddo, "
-            f"caption_contrast), not {cfg.loss.objective}; use `spin-diffusion {cfg.loss.objective}`"
-        )
-    _run(cfg, resume, source)
+    console.quiet_model_bars()
+    _finished(api.spin(config, set_ or [], run_dir=run_dir, resume=resume, exact=exact, handle_signals=True))
 
 
 @app.command()
 def sft(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False):
     """Supervised fine-tuning baseline: the plain denoising loss on the real images."""
-    cfg, source = _config(config, set_, run_dir, resume, **{"loss.objective": "sft"})
-    _run(cfg, resume, source)
+    console.quiet_model_bars()
+    _finished(api.sft(config, set_ or [], run_dir=run_dir, resume=resume, handle_signals=True))
 
 
 @app.command()
 def dpo(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False):
     """Diffusion-DPO baseline on given preference pairs (data.winner_column / data.loser_column)."""
-    cfg, source = _config(config, set_, run_dir, resume, **{"loss.objective": "dpo"})
-    _run(cfg, resume, source)
+    console.quiet_model_bars()
+    _finished(api.dpo(config, set_ or [], run_dir=run_dir, resume=resume, handle_signals=True))
 
 
 @app.command("config")
@@ -141,9 +91,9 @@ def show_config(
     ] = False,
 ):
     """Print the resolved config (defaults + file + overrides) as YAML, after validating it."""
-    from spin_diffusion.config import dump_config, explain_keys, format_explain, load_config
+    from spin_diffusion.config import dump_config, explain_keys, format_explain
 
-    cfg = load_config(config, list(set_ or []))
+    cfg = api.load_config(config, set_ or [])
     typer.echo(format_explain(explain_keys(cfg)) if explain else dump_config(cfg), nl=False)
 
 
@@ -166,17 +116,11 @@ def demo(
     evaluated on held-out scenes, then a report.
 
     Running it again on the same --out continues a killed demo (finished stages are skipped)."""
-    from spin_diffusion.demo.runner import run_demo
-
-    if scale <= 0:
-        raise SpinDiffusionError(f"--scale must be > 0, got {scale}")
-    if seeds < 1:
-        raise SpinDiffusionError(f"--seeds must be >= 1, got {seeds}")
     if workers < 0:
         raise SpinDiffusionError(f"--workers must be >= 0, got {workers}")
     console.quiet_model_bars()
-    report = run_demo(out, seed=seed, seeds=seeds, scale=scale, pretrain=pretrain, workers=workers or None)
-    typer.echo(f"report: {report}")
+    result = api.run_demo(out, seed=seed, seeds=seeds, scale=scale, pretrain=pretrain, workers=workers or None)
+    typer.echo(f"report: {result.report}")
 
 
 @app.command()
@@ -205,15 +149,12 @@ def evaluate(
     fid_features: Annotated[str | None, typer.Option(help="CLIP folder or Hub id: FID's feature network.")] = None,
 ):
     """Generate images for a prompt set with each model and score them (mean, median, win rate vs baseline)."""
-    from spin_diffusion.model_eval import evaluate_models
-    from spin_diffusion.scoring import parse_scorer_paths
-
     console.quiet_model_bars()
-    table = evaluate_models(
+    result = api.evaluate(
         model,
         prompts,
         scorers=list(scorer or []),
-        scorer_paths=parse_scorer_paths(scorer_path or []),
+        scorer_paths=list(scorer_path or []),
         baseline=baseline,
         out_dir=out,
         num_prompts=num_prompts or None,
@@ -224,8 +165,8 @@ def evaluate(
         fid_reference=fid_reference,
         fid_features=fid_features,
     )
-    if table:  # the main process's; the other ranks only rendered their share
-        typer.echo(table)
+    if result.table:  # the main process's; the other ranks only rendered their share
+        typer.echo(result.table)
         typer.echo(f"results: {out}")
 
 
@@ -259,14 +200,14 @@ def prepare_pickapic(
     Ties are dropped; JPEG bytes are copied unchanged (each checked to decode); bad rows go to out/skipped.jsonl.
 
     Train on the result with --set data.path=OUT."""
-    from spin_diffusion.prepare import expand_inputs
-    from spin_diffusion.prepare import prepare_pickapic as prepare
-
-    patterns = [*(shards or []), *(input_ or [])]
-    if not patterns:
-        raise SpinDiffusionError("no input shards; pass them as arguments or with --input (globs are expanded)")
-    extra = {} if rows_per_shard is None else {"rows_per_shard": rows_per_shard}
-    s = prepare(expand_inputs(patterns), out, keep=keep, drop_ties=drop_ties, on_bad_example=on_bad_example, **extra)
+    s = api.prepare_pickapic(
+        [*(shards or []), *(input_ or [])],
+        out,
+        keep=keep,
+        drop_ties=drop_ties,
+        on_bad_example=on_bad_example,
+        rows_per_shard=rows_per_shard,
+    )
     unreadable = f" (see {s.skipped_file})" if s.shards_unreadable else ""
     typer.echo(f"shards read: {s.shards_read:,}, unreadable: {s.shards_unreadable:,}{unreadable}")
     typer.echo(f"pairs read: {s.pairs_read:,}")
