@@ -67,7 +67,7 @@ def test_load_config_follows_the_rules_of_set(tmp_path):
 
 def test_bad_input_raises_one_line_before_any_work(tmp_path):
     run_dir = tmp_path / "run"
-    with pytest.raises(sd.SpinDiffusionError, match="`spin` runs loss.objective spin_approx or spin_exact, not dpo"):
+    with pytest.raises(sd.SpinDiffusionError, match="`spin` runs the objectives trained in rounds .*, not dpo"):
         sd.spin(TINY, {"loss.objective": "dpo"}, run_dir=run_dir)
     with pytest.raises(sd.SpinDiffusionError, match="no run to resume"):
         sd.sft(run_dir=run_dir, resume=True)
@@ -224,7 +224,7 @@ def test_the_cli_is_a_thin_layer_over_the_api(monkeypatch, capsys, tmp_path):
     options = {"run_dir": tmp_path, "resume": True, "handle_signals": True}
     assert calls.pop() == ("sft", (TINY, ["train.max_steps=2"]), options)
     assert capsys.readouterr().out == ran.summary() + "\n"
-    assert ran.summary().splitlines() == [f"finished in 3 s: {tmp_path}", "  iter 1: shapes_judge=0.25"]
+    assert ran.summary().splitlines() == ["  iter 1: shapes_judge=0.25", f"finished in 3 s: {tmp_path}"]  # where, last
     assert main(["spin", "--exact"]) == 0
     options = {"run_dir": None, "resume": False, "exact": True, "handle_signals": True}
     assert calls.pop() == ("spin", (None, []), options)
@@ -232,4 +232,4 @@ def test_the_cli_is_a_thin_layer_over_the_api(monkeypatch, capsys, tmp_path):
     name, args, kwargs = calls.pop()
     assert (name, args) == ("evaluate", (["a", "b"], Path("p.txt")))
     assert (kwargs["scorers"], kwargs["num_prompts"], kwargs["baseline"]) == (["clip"], 3, 0)
-    assert capsys.readouterr().out.endswith("| the table |\n") and not calls
+    assert capsys.readouterr().out.endswith(f"| the table |\nresults: {Path('eval_out')}\n") and not calls
