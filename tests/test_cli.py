@@ -95,6 +95,7 @@ def _bad_data(tmp_path: Path, kind: str) -> Path:
     raise ValueError(kind)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     ("kind", "message"),
     [("empty", "empty"), ("missing_caption", "line 2"), ("corrupt_image", "a.png")],
@@ -118,6 +119,7 @@ def test_bad_dataset_exits_2_with_one_line(tmp_path, kind, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.heavy
 def test_missing_model_folder(tmp_path):
     out = _cli(
         "spin", "--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", f"model.path={tmp_path / 'nope'}"
@@ -127,6 +129,7 @@ def test_missing_model_folder(tmp_path):
     assert "nope" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.heavy
 def test_rerun_without_resume_refuses_and_keeps_work(tmp_path):
     run_dir = tmp_path / "run"
     first = _cli("sft", "--config", str(TINY), "--run-dir", str(run_dir), "--set", "eval.enabled=false")

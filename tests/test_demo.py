@@ -24,6 +24,7 @@ def small_demo(monkeypatch):
     monkeypatch.setattr(runner, "SAMPLE", SampleConfig(num_steps=3, guidance_scale=3.0, batch_size=16, shard_size=8))
 
 
+@pytest.mark.heavy
 def test_demo_end_to_end_two_seeds_and_rerun_continues(tmp_path, small_demo, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out, as with the default "demo_run"
     out = Path("demo_run")
@@ -82,6 +83,7 @@ def test_demo_end_to_end_two_seeds_and_rerun_continues(tmp_path, small_demo, cap
         runner.run_demo(out, seeds=3, scale=0.05, progress=False)
 
 
+@pytest.mark.heavy
 def test_demo_pretrain_keeps_the_from_scratch_path(tmp_path, small_demo, monkeypatch):
     out = tmp_path / "demo"
     runner.run_demo(out, seeds=1, scale=0.02, pretrain=True, hyper=runner.Hyper(iterations=1), progress=False)

@@ -300,6 +300,7 @@ def _spin(run_dir: Path, *overrides: str) -> None:
 _T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     ("preset", "pipeline_class"),
     [
@@ -347,6 +348,7 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     assert models.load_components(model_dir).family.name == presets.build_preset(preset).family.name
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_family_lora_sft_and_dpo(tmp_path, preset):
     import diffusers
@@ -389,6 +391,7 @@ def test_family_lora_sft_and_dpo(tmp_path, preset):
         assert loser_ids[0].tolist() == [32.0, 32.0, 0.0, 0.0, 16.0, 16.0]
 
 
+@pytest.mark.heavy
 def test_sd2_v_prediction_model_runs_end_to_end(tmp_path):
     """An SD-2.x-style model (v-prediction, as stabilityai/stable-diffusion-2-1) from a local folder: 2 iterations,
     export, plain StableDiffusionPipeline reload and generation."""

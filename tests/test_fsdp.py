@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from _launch import interrupt_when, set_args, torchrun_args
 
+pytestmark = pytest.mark.heavy  # real processes: left out of `scripts/test.sh --quick`
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"

@@ -108,6 +108,7 @@ def test_the_card_names_the_hub_id_and_no_local_path(hub_cache, exports, tmp_pat
     assert card.read_metadata_text(text)["base_model"] == "org/tiny"
 
 
+@pytest.mark.heavy
 def test_the_cli_trains_from_a_hub_id(hub_cache, exports, tmp_path):
     """A real CLI process: the Hub id and variant resolve from HF_HUB_CACHE, and the export's card names the id."""
     add_to_cache(hub_cache, "org/tiny", exports["variant"])

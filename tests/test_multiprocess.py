@@ -22,6 +22,8 @@ from _launch import interrupt_when, kill_tree, node_args, set_args, torchrun_arg
 from spin_diffusion.config import load_config
 from spin_diffusion.self_play import run
 
+pytestmark = pytest.mark.heavy  # real processes: left out of `scripts/test.sh --quick`
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

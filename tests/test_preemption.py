@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from _launch import interrupt_when, set_args, torchrun_args
 from spin_diffusion.preemption import EXIT_PREEMPTED
 
+pytestmark = pytest.mark.heavy  # real processes: left out of `scripts/test.sh --quick`
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

@@ -144,6 +144,7 @@ def _kill_when(run_dir: Path, ready, *extra: str) -> None:
     interrupt_when(_cli(run_dir, *extra), ready, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("phase", ["generate", "train"])
 def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: Path, phase: str):
     run_dir = tmp_path / "run"
@@ -186,6 +187,7 @@ def partial_reference_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.heavy
 def test_kill9_during_partial_generation_then_resume_completes_identically(tmp_path: Path, partial_reference_run):
     run_dir = tmp_path / "run"
     gen = run_dir / "iter_00" / "generated"
@@ -315,6 +317,7 @@ def test_per_caption_one_with_spin_exact_shares_the_trajectory(tmp_path: Path):
     assert len(log) == 4 and all(math.isfinite(entry["loss"]) for entry in log)
 
 
+@pytest.mark.heavy
 def test_kill9_during_per_caption_generation_then_resume_completes_identically(tmp_path: Path):
     data = _repeated_captions(tmp_path, n=48, scenes=12)
     overrides = ["data.builtin=null", f"data.path={data}", "sample.per_caption=one", "sample.shard_size=1"]
