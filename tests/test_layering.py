@@ -52,8 +52,8 @@ HOUSE = [
     {"errors", "atomic", "losses", "preemption", "encoding", "__init__", "demo.__init__", "scorers.__init__"},
     # 1. configuration, process roles, the objective table, the Hub, files of a run, the shapes world, families, LoRA
     {"config", "distributed", "objectives", "hub", "images", "rundir", "world", "families", "lora", "prepare"},
-    # 2. models and data
-    {"models", "card", "data", "preflight", "report", "scorers._common"},
+    # 2. models and data, the relation world (built on the shapes world's palette and drawing)
+    {"models", "card", "data", "preflight", "report", "scorers._common", "relation_world"},
     # 3. built models, writing models, the latent cache, the scorers
     {
         "presets",
