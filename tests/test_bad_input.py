@@ -308,7 +308,7 @@ CASES = [
     (
         "spin-ddo-with-guard",
         ["spin", "--config", "{tiny}", "--set", "loss.objective=ddo", "--set", "loss.loser_guard=0.9"],
-        r"loss.loser_guard needs the winner and loser at the same \(t, ε\); ddo draws them apart .*",
+        r"loss.loser_guard is derived for one logit per pair \(SPIN, DPO\); ddo's real and generated .*",
     ),
     (
         "spin-pool-zero",

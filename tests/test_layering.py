@@ -64,8 +64,9 @@ HOUSE = [
     },
     # 1. configuration, process roles, the objective table, the Hub, files of a run, the shapes world, families, LoRA
     {"config", "distributed", "objectives", "hub", "images", "rundir", "world", "families", "lora", "prepare"},
-    # 2. models and data; the loss of an objective for other training loops
-    {"models", "card", "data", "preflight", "report", "scorers._common", "training_loss"},
+    # 2. models and data; the loss of an objective for other training loops; the relation world (built on the shapes
+    # world's palette and drawing)
+    {"models", "card", "data", "preflight", "report", "scorers._common", "training_loss", "relation_world"},
     # 3. built models, writing models, the latent cache, the scorers
     {
         "presets",

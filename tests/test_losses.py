@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spin_diffusion import losses
 from spin_diffusion.losses import (
@@ -496,7 +497,7 @@ def test_ddo_hand_values(alpha: float) -> None:
     torch.testing.assert_close(m["accuracy"], torch.tensor([0.25, 0.5]))  # row 0: 1 of 2 real right, r_l = 0 wrong
 
 
-def test_ddo_at_the_reference_is_one_plus_alpha_log2_and_its_terms_are_unpaired() -> None:
+def test_ddo_at_the_reference_is_one_plus_alpha_log2_and_has_no_cross_term() -> None:
     """At θ = ref both GAN terms are log 2. The loss is a sum of a real term and a generated term with no
     cross term, so which generated image sits beside which real one does not change the batch's total (in the DPO
     form it does: the logistic couples the pair)."""
@@ -513,6 +514,24 @@ def test_ddo_at_the_reference_is_one_plus_alpha_log2_and_its_terms_are_unpaired(
     assert not torch.allclose(
         dpo_loss(shuffled_policy, shuffled_ref, 500.0)[0].sum(), dpo_loss(policy, ref, 500.0)[0].sum()
     )
+
+
+def test_ddo_is_the_papers_appendix_d_loss_at_beta_2_d_times_its_beta() -> None:
+    """The paper's code (Zheng et al. 2025, App. D, with w(t) = 1): log p ≈ −Σ_d (ε_θ − ε)², one ε per row for the real
+    and the generated image, loss = −log σ(β_p·(logp − logp_ref)) − α·log σ(−β_p·(logp_fake − logp_ref_fake)).
+    Ours on mean errors over D elements equals it at β = 2·D·β_p."""
+    g = torch.Generator().manual_seed(3)
+    b, shape, beta_p, alpha = 5, (4, 2, 2), 0.02, 1.5
+    d = 4 * 2 * 2
+    eps = torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    pred = {k: eps + 0.3 * torch.randn(b, *shape, generator=g, dtype=torch.float64) for k in ("w", "l", "rw", "rl")}
+    logp = {k: -((v - eps) ** 2).sum(dim=(1, 2, 3)) for k, v in pred.items()}
+    paper = -F.logsigmoid(beta_p * (logp["w"] - logp["rw"])) - alpha * F.logsigmoid(-beta_p * (logp["l"] - logp["rl"]))
+    err = {k: losses.denoise_error(v, eps) for k, v in pred.items()}
+    ours, _ = losses.ddo_loss(
+        DenoiseErrors(err["w"], err["l"]), DenoiseErrors(err["rw"], err["rl"]), 2 * d * beta_p, fake_weight=alpha
+    )
+    torch.testing.assert_close(ours, paper)
 
 
 def test_ddo_gradient_signs_and_options() -> None:

@@ -28,10 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 # The tiny run with eval and validation images on; each rank trains batch 4, so one process needs batch 8 for the
-# same effective batch.
+# same effective batch. Issue 28's options ride along: the caption contrast beside SPIN (c′ drawn by stream
+# position) and the opponent pool (iteration 2 trains against θ_0's and θ_1's samples).
 BASE = ["num_iterations=2", "train.batch_size=4", "eval.num_prompts=8", "data.cache_shard_size=8",
         "eval.validation_prompts=[a red circle on the left, a blue square on the right, a green triangle]",
-        "eval.validation_every=2"]  # fmt: skip
+        "eval.validation_every=2", "loss.caption_contrast_weight=0.5", "sample.opponent_pool=all"]  # fmt: skip
 
 
 def _torchrun(command: str, *args: str, nproc: int = 2, check: bool = True, timeout: float = 900):
@@ -59,7 +60,8 @@ def _completed(run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def spin_runs(tmp_path_factory) -> tuple[Path, Path]:
-    """The same spin_approx run on 2 processes × batch 4 and on 1 process × batch 8."""
+    """The same spin_approx run (+ caption contrast, opponent pool all) on 2 processes × batch 4 and on 1 process ×
+    batch 8."""
     root = tmp_path_factory.mktemp("mp")
     two, one = root / "two", root / "one"
     _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args(BASE))
@@ -93,6 +95,7 @@ def test_two_processes_write_what_one_process_writes(spin_runs):
     for k in (1, 2):
         log = [json.loads(line) for line in (two / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
         assert [r["step"] for r in log] == [1, 2, 3, 4]  # written once (by the main process), not once per rank
+        assert "caption_contrast_term" in log[0]  # the contrast was on, in both iterations
         # validation images while training: the ranks shared the 3 prompts, at steps 2 and 4 (no rank waits alone)
         rendered = sorted(p.relative_to(two).as_posix() for p in (two / f"iter_{k:02d}" / "validation").rglob("*"))
         assert rendered == [
@@ -113,7 +116,9 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(spin_runs):
     (a wrong batch split or noise draw changes the update by O(1))."""
     two, one = spin_runs
     from spin_diffusion.presets import build_preset
+    from spin_diffusion.self_play import pool_iterations
 
+    assert load_config(two / "config.yaml").sample.opponent_pool == "all" and pool_iterations("all", 1) == [0]
     base = {n: t.detach().clone() for n, t in build_preset("tiny", seed=0).denoiser.state_dict().items()}
     for k in (1, 2):
         w2, w1 = _unet(two / f"iter_{k:02d}" / "model"), _unet(one / f"iter_{k:02d}" / "model")

@@ -209,6 +209,29 @@ def test_kill9_during_partial_generation_then_resume_completes_identically(tmp_p
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_kill9_in_iteration_2_training_with_the_opponent_pool_then_resume_completes_identically(tmp_path: Path):
+    """sample.opponent_pool=all: iteration 2 trains against θ_0's and θ_1's samples. kill -9 once iteration 2 has a
+    checkpoint, then --resume: the pool is rebuilt from iter_00's samples on disk and the run ends with the weights
+    and the step log of the same run uninterrupted (run in this process)."""
+    overrides = ["num_iterations=2", "sample.opponent_pool=all", "data.num_builtin=16", "sample.num_steps=2",
+                 "train.max_steps=6"]  # fmt: skip
+    sets = [a for kv in overrides for a in ("--set", kv)]
+    reference = tmp_path / "reference"
+    run(load_config(TINY, [*KILL_CONFIG, *overrides, f"run_dir={reference}"]), progress=False)
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "iter_02" / "train" / "checkpoints"
+    _kill_when(run_dir, lambda: ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir()), *sets)
+    assert not (run_dir / "iter_02" / "model").exists()
+    assert json.loads((run_dir / "state.json").read_text())["completed"] == ["generate:0", "train:1", "generate:1"]
+    done = subprocess.run(
+        _cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_same_weights(reference / "iter_02" / "model", run_dir / "iter_02" / "model")
+    steps = [json.loads(line)["step"] for line in (run_dir / "iter_02" / "train" / "train_log.jsonl").open()]
+    assert steps == list(range(1, 7))
+
+
 def test_partial_generation_generates_what_training_visits_and_trains_the_same(tmp_path: Path, monkeypatch):
     """max_steps x batch covering half the prompts generates half of them (in the order training visits them), and
     trains the same weights as generating every prompt."""

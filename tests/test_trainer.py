@@ -959,9 +959,10 @@ def _with_captions(data: trainer.TrainData) -> trainer.TrainData:
     return data
 
 
-def test_micro_batches_pool_contrast_and_unpaired_draws_depend_only_on_the_stream_position(tiny):
+def test_micro_batches_pool_contrast_and_ddo_draws_depend_only_on_the_stream_position(tiny):
     """W ranks × B pairs and 1 rank × W·B pairs get the same losers from the pool, the same c′ and the same DDO
     draws (they are keyed by the pair's place in the stream), and a resume at micro-step m gets micro-step m again.
+    DDO's generated image is noised with its row's real image's ε (the paper's Appendix D code shares (σ, ε)).
     The pool's loser for a row comes from an iteration that holds that row; rows the earlier iteration did not
     sample always get the latest's."""
     n = 8
@@ -980,7 +981,7 @@ def test_micro_batches_pool_contrast_and_unpaired_draws_depend_only_on_the_strea
     one = items(1, 0, 4, 0, 4)
     two = [items(2, r, 2, 0, 4) for r in (0, 1)]
     for m in range(4):
-        for key in ("idx", "loser", "loser_t_or_step", "loser_noise", "t_or_step", "noise"):
+        for key in ("idx", "loser", "loser_noise", "t_or_step", "noise"):
             torch.testing.assert_close(torch.cat([two[0][m][key], two[1][m][key]]), one[m][key], msg=key)
         torch.testing.assert_close(
             torch.cat(
@@ -992,7 +993,8 @@ def test_micro_batches_pool_contrast_and_unpaired_draws_depend_only_on_the_strea
     torch.testing.assert_close(resumed[0]["loser"], one[2]["loser"])
     sources = []
     for item in one:
-        assert not torch.equal(item["loser_t_or_step"], item["t_or_step"])  # DDO: the generated term at its own t
+        torch.testing.assert_close(item["loser_noise"], item["noise"])  # DDO: one ε per row, real and generated
+        assert "loser_t_or_step" not in item  # and one t
         for i, loser in zip(item["idx"].tolist(), item["loser"], strict=True):
             from_old, from_latest = torch.equal(loser, old[i]), torch.equal(loser, data.loser[i])
             assert from_old or from_latest
@@ -1045,7 +1047,7 @@ def test_caption_contrast_beside_spin_adds_its_term(tiny, tmp_path):
 
 def test_ddo_promise_the_discriminator_separates_real_from_generated(tiny, tmp_path):
     """A few DDO steps: on fixed draws the implicit discriminator r = −(β/2)(e^θ − e^ref) is positive on the real
-    images and negative on the generated ones (both terms unpaired); the loss starts at 2·log 2. The "generated"
+    images and negative on the generated ones (two separate terms); the loss starts at 2·log 2. The "generated"
     latents come from another distribution than the real ones (0.5·N(0, 1) + 1.5), as θ_k's samples do."""
     data = _pairs(8)
     data.loser = 0.5 * data.loser + 1.5

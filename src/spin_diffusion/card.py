@@ -28,7 +28,7 @@ OBJECTIVES = {
     "spin_exact": "SPIN-Diffusion (exact objective: timestep-averaged margin inside the logistic, on the opponent's "
     "own sampling trajectories) against the previous iteration's model as opponent",
     "ddo": "Direct Discriminative Optimization: the likelihood ratio to the previous iteration's model as a GAN "
-    "discriminator, real images against that model's own samples (unpaired), in rounds",
+    "discriminator, real images against that model's own samples (two separate terms), in rounds",
     "caption_contrast": "caption contrast: each real image preferred under its own caption over a mismatched caption, "
     "relative to the previous iteration's model, in rounds",
 }

@@ -162,8 +162,7 @@ class LossConfig:
     # per self-play iteration, e.g. [5000, 2500]: 5000 trains θ_1, 2500 trains θ_2 and every later iteration.
     beta: Schedule = 5000.0
     timesteps_per_pair: int = 1  # K timesteps drawn per pair per step (spin_exact averages them inside ℓ)
-    # winner and loser share ε (Diffusion-DPO code); False draws ε' independently. ddo always draws its generated
-    # term's (t, ε') apart from the real term's (unpaired), whatever this says
+    # winner and loser share ε (Diffusion-DPO code; DDO's Appendix D code too); False draws ε' independently
     share_noise: bool = True
     # λ >= 0: loss = preference loss + λ · (policy's denoising error on the real / winner images), the RPO remedy
     # when the winners' likelihood falls during training. 0 = off (the paper's objective). The preference loss pulls
@@ -184,7 +183,7 @@ class LossConfig:
     # that differ from c in exactly one word (an attribute swap, the harder negative), random when c has none.
     caption_contrast_negatives: Literal["random", "one_word"] = "one_word"
     # DDO's weight α >= 0 of the generated (fake) term (objective ddo): −log σ(r(real)) − α·log(1 − σ(r(generated))).
-    # 1 = the plain GAN loss; the paper tunes α (its value not re-checked here: docs/OBJECTIVES.md).
+    # 1 = the paper's code default (Zheng et al. 2025, App. D); the paper tunes α in [0.5, 50]. docs/OBJECTIVES.md
     ddo_fake_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -207,8 +206,8 @@ class LossConfig:
             )
         if self.objective == "ddo" and self.loser_guard is not None:
             raise SpinDiffusionError(
-                "loss.loser_guard needs the winner and loser at the same (t, ε); ddo draws them apart (unpaired); "
-                "set loss.loser_guard=null"
+                "loss.loser_guard is derived for one logit per pair (SPIN, DPO); ddo's real and generated terms are "
+                "separate logistics; set loss.loser_guard=null"
             )
         for key, value, off in (
             ("sft_weight", self.sft_weight, 0),

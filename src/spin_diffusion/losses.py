@@ -394,27 +394,28 @@ def ddo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Direct Discriminative Optimization (Zheng et al. 2025, ICML, https://huggingface.co/papers/2503.01103).
 
-    From the paper: the GAN discriminator is parameterized implicitly by the likelihood ratio of the model being
-    trained to a frozen reference, ``d_θ(x) = σ(r_θ(x))`` with ``r_θ(x) ∝ log p_θ(x) − log p_ref(x)``, and trained
-    with the GAN classification loss on real data (positives) and the reference's own samples (negatives), which are
-    NOT paired with each other:
+    The paper's loss (its Eq. 13): the GAN discriminator is parameterized implicitly by the likelihood ratio of the
+    model being trained to a frozen reference, ``r_θ(x) = log p_θ(x) − log p_ref(x)``, and trained on real data
+    (positives) and the reference's own samples (negatives):
 
-        ``L = −E_{x∼data} log σ(r_θ(x)) − α·E_{x∼p_ref} log(1 − σ(r_θ(x)))``,
+        ``L_{α,β} = −E_{x∼data} log σ(β·r_θ(x)) − α·E_{x∼p_ref} log(1 − σ(β·r_θ(x)))``,
 
-    run in rounds, each round's reference being the previous round's model (SPIN's iterations here). α weighs the
-    generated (fake) term; the paper treats it as a hyper-parameter. We could not re-read the paper offline to check
-    its recommended value, so the default α = 1 is the plain (unweighted) GAN loss; set ``loss.ddo_fake_weight``.
+    with α in [0.5, 50] and β in [0.01, 0.1] in the paper; its Appendix D code defaults to α = 1, β = 0.02. For
+    diffusion the log-ratio is replaced by the ELBO difference at one (t, ε),
+    ``Δ = −w(t)·(‖ε_θ(x_t) − ε‖² − ‖ε_ref(x_t) − ε‖²)`` summed over the dimensions, and Jensen's inequality moves
+    E_{t,ε} outside the logistic (an upper bound). The same (t, ε) serves the real and the generated image of a row
+    and both models. Run in rounds: each round's reference is the previous round's model.
 
-    Our diffusion translation (as Diffusion-DPO translates DPO): ``r_θ(x) = −(β/2)·(e^θ − e^ref)``, the ELBO
-    surrogate of the log-ratio at one (t, ε), in ``--beta_dpo`` units; with K timesteps the logistic is taken per
-    timestep and averaged (the expectation over t outside, as :func:`spin_approx_loss`). The real and generated
-    terms of a row are drawn at independent (t, ε) by the caller (unpaired); this function only sums the two
-    per-row terms, ``−log σ(r_w) − α·log σ(−r_l)`` (since 1 − σ(z) = σ(−z)). At θ = ref both are log 2, so the
-    loss starts at (1 + α)·log 2.
+    Our translation: ``β·Δ = −(β/2)·(e^θ − e^ref)`` with e the *mean* squared ε- or v-error over the D latent
+    elements (``--beta_dpo`` units, as Diffusion-DPO writes DPO), so our β ≈ 2·D·β_paper up to the weighting w(t)
+    (EDM's in the paper, uniform here); with K timesteps the logistic is taken per timestep and averaged. The caller
+    draws the real and generated rows at the same (t, ε) (the generated image is θ_k's sample for the row's
+    caption); this function sums the two per-row terms ``−log σ(r_w) − α·log σ(−r_l)`` (1 − σ(z) = σ(−z)), which
+    share no logit. At θ = ref both are log 2, so the loss starts at (1 + α)·log 2.
 
     Args:
         policy: errors of θ, ``[B, K]`` each (``[B]`` = K = 1): ``winner`` on real images, ``loser`` on the
-            reference's samples, each at its own (t, ε).
+            reference's samples, at the same (t, ε) as the row's real image.
         ref: errors of the reference at the same (t, ε) as the policy's, row for row.
         beta: inverse temperature β > 0 (``--beta_dpo`` units, module docstring).
         sft_weight: λ ≥ 0; adds ``λ·mean_k e^θ_w`` per row (module docstring). 0 = off.

@@ -31,7 +31,6 @@ class Objective:
         trajectory: trains on the opponent's stored sampling chain (the exact SPIN objective), not on forward-noised
             final latents.
         loss: the preference loss on denoising errors (spin_diffusion.losses); None for sft (plain denoising loss).
-        paired: winner and loser of a row share (t, ε) (DPO, SPIN); False: drawn apart (DDO's unpaired terms).
         options: extra keyword arguments of ``loss``, each taken from a LossConfig field: (argument, field).
     """
 
@@ -39,7 +38,6 @@ class Objective:
     loser: Literal["generated", "pairs", "caption"] | None
     trajectory: bool
     loss: PreferenceLoss | None
-    paired: bool = True
     options: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -68,7 +66,6 @@ OBJECTIVES: dict[str, Objective] = {
         loser="generated",
         trajectory=False,
         loss=losses.ddo_loss,
-        paired=False,
         options=(("fake_weight", "ddo_fake_weight"),),
     ),
     "caption_contrast": Objective(

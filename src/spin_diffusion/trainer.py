@@ -720,13 +720,6 @@ class _MicroBatches(torch.utils.data.Dataset):
         elif self.objective.loser in ("generated", "pairs"):
             loser = data.loser[idx] if data.loser_pool is None else self._pool_losers(idx, first)
             batch["loser"] = loser.repeat_interleave(k, dim=0)
-        if not self.objective.paired:  # DDO: the generated term at its own (t, ε'), apart from the real term's
-            times, noises = [], []
-            for pos in range(first, first + self.bsz):
-                gen = torch.Generator().manual_seed(_seed(self.seed, 4, pos))
-                times.append(self.process.draw_times(gen, k, data.winner.shape[1:]))
-                noises.append(torch.randn((k, *data.winner.shape[1:]), generator=gen))
-            batch["loser_t_or_step"], batch["loser_noise"] = torch.cat(times), torch.cat(noises)
         if self.contrast:  # c′: another distinct caption per pair, drawn by the pair's place in the stream
             uniform = torch.cat(
                 [torch.rand(1, generator=torch.Generator().manual_seed(_seed(self.seed, 2, pos))) for pos in
@@ -852,9 +845,8 @@ def _micro_step_loss(
         per_sample, metrics = losses.sft_loss(err)
         return per_sample.mean(), metrics
 
-    # Loser branch: forward-noised final latent (dpo, spin_approx, ddo at its own t), the stored chain (spin_exact),
-    # or the real image itself under the mismatched caption c′ (caption_contrast).
-    t_loser = t
+    # Loser branch: forward-noised final latent at the winner's t (dpo, spin_approx, ddo), the stored chain
+    # (spin_exact), or the real image itself under the mismatched caption c′ (caption_contrast).
     loser_context = context
     if spec.trajectory:
         loser_t = batch["loser_t"].to(device)
@@ -870,16 +862,14 @@ def _micro_step_loss(
     else:
         loser = batch["loser"].to(device)
         loser_noise = batch["loser_noise"].to(device)
-        if not spec.paired:
-            t_loser = batch["loser_t_or_step"].to(device)
-        loser_t = process.noised(loser, loser_noise, t_loser)
-        winner_target, loser_target = process.target(winner, noise, t), process.target(loser, loser_noise, t_loser)
+        loser_t = process.noised(loser, loser_noise, t)
+        winner_target, loser_target = process.target(winner, noise, t), process.target(loser, loser_noise, t)
 
     # One forward per model over [winner | loser] (and, with the caption contrast beside it, [winner under c′]).
     contrast_weight = loss_cfg.caption_contrast_weight if spec.loser != "caption" else 0.0
     inputs, times, contexts, targets = (
         [winner_t, loser_t],
-        [t, t_loser],
+        [t, t],
         [context, loser_context],
         [winner_target, loser_target],
     )
