@@ -209,6 +209,7 @@ def test_kill9_during_partial_generation_then_resume_completes_identically(tmp_p
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.heavy
 def test_kill9_in_iteration_2_training_with_the_opponent_pool_then_resume_completes_identically(tmp_path: Path):
     """sample.opponent_pool=all: iteration 2 trains against θ_0's and θ_1's samples. kill -9 once iteration 2 has a
     checkpoint, then --resume: the pool is rebuilt from iter_00's samples on disk and the run ends with the weights
