@@ -173,6 +173,56 @@ def check_compatible(c: Components) -> None:
             )
 
 
+def _check_pipeline_folder(root: Path, named: str | Path) -> None:
+    if not (root / "model_index.json").is_file() or not ((root / "unet").is_dir() or (root / "transformer").is_dir()):
+        raise SpinDiffusionError(
+            f"{named} is not a diffusers pipeline (it needs model_index.json and unet/ or transformer/; "
+            "save one with DiffusionPipeline.save_pretrained)"
+        )
+
+
+def _entry_class(index: dict[str, Any], name: str) -> str | None:
+    """The class name model_index.json gives component ``name`` (``"unet": ["diffusers", "UNet2DConditionModel"]``)."""
+    value = index.get(name)
+    if isinstance(value, list | tuple) and len(value) == 2 and value[1]:
+        return str(value[1])
+    return None
+
+
+def load_denoiser(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
+    index: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """The denoiser of the diffusers pipeline in ``folder``: ``unet/`` or ``transformer/``, of the class that
+    ``model_index.json`` names for it (as ``DiffusionPipeline.from_pretrained`` picks it), in ``eval()`` mode with
+    ``requires_grad`` on. The one way spin_diffusion loads a denoiser (a base model, a resumed run's θ_k, an
+    evaluated export). ``index``: the already-read model_index.json. Raises SpinDiffusionError (one line)."""
+    import diffusers
+
+    root = Path(folder)
+    if index is None:
+        _check_pipeline_folder(root, folder)
+        index = _read_json(root / "model_index.json")
+    name = "transformer" if (root / "transformer").is_dir() and not (root / "unet").is_dir() else "unet"
+    class_name = _entry_class(index, name)
+    cls = getattr(diffusers, class_name or "", None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        if name == "transformer":  # diffusers names every transformer's class; there is nothing to fall back on
+            raise SpinDiffusionError(
+                f"cannot load transformer from {root / name}: model_index.json names the class {class_name!r}, "
+                f"which diffusers {diffusers.__version__} does not have"
+            )
+        cls = diffusers.UNet2DConditionModel  # a folder written without the class name: a text-to-image UNet
+    try:
+        denoiser = cls.from_pretrained(root / name, local_files_only=True, torch_dtype=dtype, variant=variant)
+    except Exception as e:  # any loader failure becomes one user-facing line
+        raise SpinDiffusionError(f"cannot load {name} from {root / name}: {first_line(e)}") from e
+    return denoiser.eval()
+
+
 def load_components(
     path: str | Path, *, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None
 ) -> Components:
@@ -185,22 +235,15 @@ def load_components(
     """
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     root = hub.resolve_pipeline(path, revision=revision, variant=variant)
-    if not (root / "model_index.json").is_file() or not ((root / "unet").is_dir() or (root / "transformer").is_dir()):
-        raise SpinDiffusionError(
-            f"{path} is not a diffusers pipeline (it needs model_index.json and unet/ or transformer/; "
-            "save one with DiffusionPipeline.save_pretrained)"
-        )
+    _check_pipeline_folder(root, path)
     index = _read_json(root / "model_index.json")
     pipeline_class = str(index.get("_class_name") or "StableDiffusionPipeline")
 
     def entry_class(name: str) -> str | None:
-        value = index.get(name)
-        if isinstance(value, list | tuple) and len(value) == 2 and value[1]:
-            return str(value[1])
-        return None
+        return _entry_class(index, name)
 
     def load(name: str, fn):
         folder = root / name
@@ -213,15 +256,7 @@ def load_components(
         except Exception as e:  # any loader failure becomes one user-facing line
             raise SpinDiffusionError(f"cannot load {name} from {folder}: {first_line(e)}") from e
 
-    denoiser_name = "transformer" if (root / "transformer").is_dir() and not (root / "unet").is_dir() else "unet"
-
-    def load_denoiser(folder: Path) -> Any:
-        cls = getattr(diffusers, entry_class(denoiser_name) or "", None)
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            cls = UNet2DConditionModel
-        return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, variant=variant)
-
-    denoiser = load(denoiser_name, load_denoiser)
+    denoiser = load_denoiser(root, dtype=dtype, variant=variant, index=index)
 
     def load_text_encoder(name: str):
         def fn(folder: Path) -> torch.nn.Module:

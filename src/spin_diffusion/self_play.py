@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from spin_diffusion import (
@@ -230,7 +229,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     started = time.perf_counter()
     r = _set_up(cfg, resume=resume)
     start = _finished_iterations(r)
-    opponent = r.c.denoiser if start == 0 else _load_unet(iter_dir(r.run_dir, start) / "model")
+    opponent = r.c.denoiser if start == 0 else models.load_denoiser(iter_dir(r.run_dir, start) / "model")
     opponent.to(r.dist.device)
     if r.cfg.eval.include_base and not r.state.done("eval:0"):
         _evaluate(r, 0, r.c.denoiser if start == 0 else load_base_components(r.cfg).denoiser.to(r.dist.device))
@@ -607,15 +606,6 @@ def opponent_eta(cfg: RunConfig, family) -> float:
 def train_seed(cfg: RunConfig, k: int) -> int:
     """Seed of the training of θ_{k+1} (pair order and (t, ε) draws); distinct from every sampling seed."""
     return int(np.random.SeedSequence([cfg.seed, k, 0, 1]).generate_state(1)[0])
-
-
-def _load_unet(model_dir: Path) -> torch.nn.Module:
-    """The denoiser of an exported iteration: unet/ (SD, SDXL) or transformer/ (SD3)."""
-    if (model_dir / "transformer").is_dir():
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer", local_files_only=True)
-    return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", local_files_only=True)
 
 
 def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: bool, seed: int):
