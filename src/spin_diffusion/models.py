@@ -220,7 +220,19 @@ def load_denoiser(
         denoiser = cls.from_pretrained(root / name, local_files_only=True, torch_dtype=dtype, variant=variant)
     except Exception as e:  # any loader failure becomes one user-facing line
         raise SpinDiffusionError(f"cannot load {name} from {root / name}: {first_line(e)}") from e
-    return denoiser.eval()
+    return _own_memory(denoiser).eval()
+
+
+def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter and buffer moved into its own fresh allocation. Weights read from a safetensors file start at
+    the file's header offset (e.g. 24 bytes past a 64-byte boundary), and CPU kernels round differently on such
+    memory: a FLUX transformer read back from iter_k/model sampled ~1 ulp away from the same weights trained in
+    memory, so a resumed run drifted from the uninterrupted one. Fresh tensors are aligned like those of a model
+    built or trained in memory."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return module
 
 
 def load_components(
