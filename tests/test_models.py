@@ -332,7 +332,7 @@ def test_lora_add_disable_merge(tiny):
 
 def test_add_lora_bad_target_raises_and_leaves_unet_clean(tiny):
     unet = models.frozen_copy(tiny.denoiser).requires_grad_(True)
-    with pytest.raises(SpinDiffusionError, match="match no UNet module"):
+    with pytest.raises(SpinDiffusionError, match="match no denoiser module"):
         lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["nope"])
     with pytest.raises(SpinDiffusionError, match="cannot add LoRA"):
         lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["down_blocks"])

@@ -75,7 +75,7 @@ class Components:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the UNet's input latents (the VAE's latent channels; image channels without a VAE)."""
+        """Channels of the denoiser's input latents (the VAE's latent channels; image channels without a VAE)."""
         if self.vae is not None:
             return int(self.vae.config.latent_channels)
         return self.family.latent_channels(self.denoiser.config)
@@ -89,7 +89,7 @@ class Components:
 
     @property
     def scaling_factor(self) -> float:
-        """Multiplier from VAE posterior mean to UNet latents (``vae.config.scaling_factor``); 1.0 without a VAE."""
+        """Multiplier from VAE posterior mean to latents (``vae.config.scaling_factor``); 1.0 without a VAE."""
         if self.vae is None:
             return 1.0
         value = getattr(self.vae.config, "scaling_factor", None)
@@ -340,6 +340,6 @@ def load_components(
     return c
 
 
-def frozen_copy(unet: Any) -> Any:
+def frozen_copy(denoiser: Any) -> Any:
     """A deep copy in ``eval()`` mode with every parameter ``requires_grad=False`` (the opponent/reference)."""
-    return copy.deepcopy(unet).eval().requires_grad_(False)
+    return copy.deepcopy(denoiser).eval().requires_grad_(False)
