@@ -382,16 +382,16 @@ def section_iteration(c, device, num_prompts: int, steps: int, batch: int) -> No
             ]
             + (["train.mixed_precision=bf16"] if device.type == "cuda" else []),
         )
-        saved = sampling.generate_shards, trainer.train, self_play.evaluate_unet
+        saved = sampling.generate_shards, trainer.train, self_play.evaluate_denoiser
         sampling.generate_shards = timed("generate", saved[0])
         trainer.train = timed("train", saved[1])
-        self_play.evaluate_unet = timed("eval", saved[2])
+        self_play.evaluate_denoiser = timed("eval", saved[2])
         try:
             t0 = time.perf_counter()
             self_play.run(cfg, progress=False)
             total = time.perf_counter() - t0
         finally:
-            sampling.generate_shards, trainer.train, self_play.evaluate_unet = saved
+            sampling.generate_shards, trainer.train, self_play.evaluate_denoiser = saved
     other = total - sum(phases.values())
     print(
         f"iteration {num_prompts} prompts, DDIM{steps}+CFG, 1 epoch batch {batch}, eval {cfg.eval.num_prompts} "

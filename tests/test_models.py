@@ -236,6 +236,31 @@ def test_load_errors_are_one_line(tmp_path, saved):
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"])
+def test_load_denoiser_reads_the_class_from_model_index(tmp_path, preset):
+    """One loader for every denoiser (a resumed run's θ_k, the base, an evaluated export): the class comes from
+    model_index.json, so a FLUX transformer loads as FluxTransformer2DModel (it once loaded as SD3's and failed)."""
+    c = presets.build_preset(preset)
+    out = export.save_pipeline(c, tmp_path / "m")
+    loaded = models.load_denoiser(out)
+    assert type(loaded) is type(c.denoiser) and not loaded.training
+    assert _same_weights(loaded, c.denoiser)
+    # in memory of its own, aligned as a model built in memory is (safetensors data sits at the header's offset)
+    assert {p.data_ptr() % 64 for p in loaded.parameters()} == {0}
+
+
+def test_load_denoiser_errors_are_one_line(tmp_path, saved):
+    folder = tmp_path / "m"
+    shutil.copytree(saved, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["diffusers", "FluxTransformer2DModel"]}))
+    with pytest.raises(SpinDiffusionError, match="cannot load unet") as info:
+        models.load_denoiser(folder)  # a UNet's weights read as the class model_index.json names
+    assert "\n" not in str(info.value)
+    with pytest.raises(SpinDiffusionError, match="not a diffusers pipeline"):
+        models.load_denoiser(tmp_path)
+
+
 def test_prediction_type_from_scheduler_config(tmp_path, saved):
     folder = tmp_path / "v"
     shutil.copytree(saved, folder)
@@ -307,7 +332,7 @@ def test_lora_add_disable_merge(tiny):
 
 def test_add_lora_bad_target_raises_and_leaves_unet_clean(tiny):
     unet = models.frozen_copy(tiny.denoiser).requires_grad_(True)
-    with pytest.raises(SpinDiffusionError, match="match no UNet module"):
+    with pytest.raises(SpinDiffusionError, match="match no denoiser module"):
         lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["nope"])
     with pytest.raises(SpinDiffusionError, match="cannot add LoRA"):
         lora.add_lora(unet, rank=2, alpha=2.0, target_modules=["down_blocks"])

@@ -30,7 +30,7 @@ def test_estimate_adds_up_what_a_run_writes():
         store_dtype="bf16",
         trajectory_steps=50,
         pipeline_params=1_000_000,
-        unet_params=800_000,
+        denoiser_params=800_000,
         trainable_params=800_000,
         eval_images=10,
         image_pixels=512 * 512,

@@ -309,7 +309,7 @@ def dedup(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
 
 @dataclass
 class LatentCache:
-    """Encoded (image, caption) data, ready for the UNet; rows are read from disk on demand."""
+    """Encoded (image, caption) data, ready for the denoiser; rows are read from disk on demand."""
 
     latents: RowStore  # [N, C, h, w], VAE latents * scaling_factor (pixels in [-1, 1] without VAE)
     prompt_embeds: Cond  # of RowStores: embeds [N, L, D] (+ pooled [N, P]), row i = captions[i]'s (stored once per

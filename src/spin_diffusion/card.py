@@ -49,7 +49,7 @@ class CardInfo:
     learning_rate: float | None = None
     batch_size: int | None = None
     resolution: int | None = None
-    lora_rank: int = 0  # 0: full fine-tuning; else LoRA of this rank, merged into the saved UNet
+    lora_rank: int = 0  # 0: full fine-tuning; else LoRA of this rank, merged into the saved denoiser
     ema_decay: float | None = None  # the saved weights are this EMA of the trained ones (train.ema_decay)
     license: str | None = None  # the base model's license, if known
     evaluation: dict[str, float | None] = field(default_factory=dict)  # flat eval.json metrics of this model

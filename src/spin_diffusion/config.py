@@ -43,7 +43,7 @@ def _as_schedule(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model to start from and which of its parameters train (only the UNet ever trains)."""
+    """Which model to start from and which of its parameters train (only the denoiser ever trains)."""
 
     # diffusers pipeline: a Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5) or a local folder (model_index.json),
     # resolved as DiffusionPipeline.from_pretrained does (HF_HUB_OFFLINE=1: the cache only); None -> built-in `preset`
@@ -56,10 +56,10 @@ class ModelConfig:
     # T5 tokens per prompt of SD3/SD3.5 and FLUX.1 (training and sampling; the model card says to pass it to the
     # pipeline); None = 77 for SD3 (diffusers' SD3 training scripts) and 512 for FLUX (FluxPipeline's default)
     max_sequence_length: int | None = None
-    lora_rank: int = 0  # 0 = full fine-tuning of the UNet; > 0 = LoRA of this rank (merged at each iteration end)
+    lora_rank: int = 0  # 0 = full fine-tuning of the denoiser; > 0 = LoRA of this rank (merged at each iteration end)
     lora_alpha: float | None = None  # LoRA scaling numerator; None -> equal to lora_rank
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # module names LoRA adapts
-    gradient_checkpointing: bool = False  # trade compute for memory in the UNet backward pass
+    gradient_checkpointing: bool = False  # trade compute for memory in the denoiser's backward pass
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
@@ -144,7 +144,7 @@ class SampleConfig:
     per_caption: Literal["every_row", "one"] = "one"
     scheduler: Literal["ddim", "dpmsolver++"] = "ddim"  # dpmsolver++: as good at ~20 steps as DDIM at 50; spin_approx
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = (
-        "auto"  # UNet compute dtype (autocast); auto: bf16 on CUDA, else fp32
+        "auto"  # denoiser compute dtype (autocast); auto: bf16 on CUDA, else fp32
     )
     # Whose samples are the losers at iteration k (spin_approx, ddo): latest = θ_k's only (the paper); all =
     # θ_0..θ_k's; an integer K >= 1 = the last K iterations' (θ_{k-K+1}..θ_k; 1 = latest). Each pair's loser is drawn

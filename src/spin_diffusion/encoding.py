@@ -62,7 +62,7 @@ def encode_prompts(c: Components, prompts: list[str], *, batch_size: int = 64) -
 
 @torch.no_grad()
 def encode_images(c: Components, images: Tensor, *, batch_size: int = 32) -> Tensor:
-    """Images ``[N, 3, H, W]`` in [-1, 1] -> UNet latents ``[N, C, H/f, W/f]``.
+    """Images ``[N, 3, H, W]`` in [-1, 1] -> latents ``[N, C, H/f, W/f]`` (as the denoiser sees them).
 
     ``latents = (vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor``: the posterior mean, so caching is
     deterministic. Without a VAE the images are returned unchanged (a copy). Batched by ``batch_size``;
@@ -86,7 +86,7 @@ def encode_images(c: Components, images: Tensor, *, batch_size: int = 32) -> Ten
 
 @torch.no_grad()
 def decode_latents(c: Components, latents: Tensor, *, batch_size: int = 32) -> Tensor:
-    """UNet latents ``[N, C, h, w]`` -> images ``[N, 3, h*f, w*f]`` in [0, 1] (clamped). Batched by ``batch_size``."""
+    """Latents ``[N, C, h, w]`` -> images ``[N, 3, h*f, w*f]`` in [0, 1] (clamped). Batched by ``batch_size``."""
     if c.vae is None:
         return (latents / 2 + 0.5).clamp(0, 1)
     device, dtype = _device_dtype(c.vae)

@@ -22,7 +22,7 @@ def save_pipeline(c: Components, out_dir: str | Path, *, denoiser: Any = None, c
 
     With a VAE it is the family's pipeline (:func:`pipeline`: ``StableDiffusionPipeline`` without safety checker,
     ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline``) that loads offline with plain
-    ``DiffusionPipeline.from_pretrained(out_dir)``. A UNet carrying LoRA adapters is saved merged
+    ``DiffusionPipeline.from_pretrained(out_dir)``. A denoiser carrying LoRA adapters is saved merged
     (a merged copy; the argument is not modified).
 
     Without a VAE (pixel space) no diffusers text-to-image class fits cleanly, so the folder is a

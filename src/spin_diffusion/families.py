@@ -46,6 +46,9 @@ PIPELINE_CLASSES = {
 # T5 tokens of an SD3 prompt when `model.max_sequence_length` is unset: 77 as in diffusers' SD3 training scripts
 # (the pipeline's default is 256; the model card says to pass max_sequence_length=77 to generate exactly as trained).
 SD3_MAX_SEQUENCE_LENGTH = 77
+# T5 tokens of a FLUX.1 prompt when `model.max_sequence_length` is unset: FluxPipeline's default (512), which
+# diffusers' FLUX training scripts use too (FLUX.1-schnell's pipeline card uses 256).
+FLUX_MAX_SEQUENCE_LENGTH = 512
 # Training σ density of SD3 (diffusers' default `weighting_scheme="logit_normal"`, mean 0, std 1): σ-index
 # u = sigmoid(N(0, 1)), the loss weight is 1.
 LOGIT_NORMAL_MEAN, LOGIT_NORMAL_STD = 0.0, 1.0
@@ -254,7 +257,10 @@ ForwardProcess = DDPMProcess | FlowProcess
 
 
 class Family:
-    """How one family encodes prompts and calls its denoiser; ``process`` is its training forward process."""
+    """How one family encodes prompts and calls its denoiser; ``process`` is its training forward process.
+
+    The denoiser call is :meth:`predict` (one signature for every family): it builds the network's keyword
+    inputs with :meth:`_inputs` and reads its output with :meth:`_output`, which each family overrides."""
 
     name = "sd"
     uses_time_ids = False  # SDXL's micro-conditioning: 6 numbers per image
@@ -263,13 +269,15 @@ class Family:
     embedded_guidance = False
     skip_layer_guidance = False  # SD3/SD3.5: the transformer can skip blocks (skip-layer guidance)
     default_sample_size = 64  # latent side when the denoiser's config has no sample_size
+    default_max_sequence_length: int | None = None  # T5 tokens per prompt when unset (None: the family has no T5)
 
     def __init__(
         self, scheduler_config: dict, denoiser_config: Any = None, *, max_sequence_length: int | None = None
     ) -> None:
         self.scheduler_config = dict(scheduler_config)  # the model's own scheduler (sampling builds on it)
         self.denoiser_config = denoiser_config
-        self.max_sequence_length = max_sequence_length  # T5 tokens per prompt (SD3: 77, FLUX: 512); None without T5
+        # T5 tokens per prompt (SD3: 77, FLUX: 512 unless set); None without T5
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.process: ForwardProcess = self._make_process(self.scheduler_config)
 
     def _make_process(self, scheduler_config: dict) -> ForwardProcess:
@@ -329,25 +337,43 @@ class Family:
         guidance: float | None = None,
         skip_layers: tuple[int, ...] | None = None,
     ) -> Tensor:
-        """The denoiser's output at latents ``x [B, C, h, w]`` (same shape). ``guidance``: the value of a
-        guidance-distilled model's guidance embedding (FLUX.1); ``skip_layers``: transformer blocks to skip (SD3's
-        skip-layer guidance). Families without them ignore both."""
-        return model(x, timestep, encoder_hidden_states=cond.embeds).sample
+        """The denoiser's output at latents ``x [B, C, h, w]`` (same shape). ``time_ids``: SDXL's micro-conditioning
+        ``[B, 6]``; ``guidance``: the value of a guidance-distilled model's guidance embedding (FLUX.1);
+        ``skip_layers``: transformer blocks to skip (SD3's skip-layer guidance). Families without them ignore them."""
+        inputs = self._inputs(x, timestep, cond, CallExtras(time_ids, guidance, skip_layers))
+        return self._output(model(**inputs).sample, x)
+
+    def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
+        """The denoiser's keyword inputs (UNet2DConditionModel's)."""
+        return {"sample": x, "timestep": timestep, "encoder_hidden_states": cond.embeds}
+
+    def _output(self, out: Tensor, x: Tensor) -> Tensor:
+        """The network's output as latents shaped like ``x``."""
+        return out
 
     def time_ids(self, n: int, resolution: int, device: Any = None) -> Tensor | None:
         """Micro-conditioning of ``n`` generated images at ``resolution`` (None for families without it)."""
         return None
 
 
+@dataclass(frozen=True)
+class CallExtras:
+    """What some families' denoisers take besides latents, time and text (see :meth:`Family.predict`)."""
+
+    time_ids: Tensor | None = None  # SDXL [B, 6]
+    guidance: float | None = None  # FLUX.1's guidance embedding
+    skip_layers: tuple[int, ...] | None = None  # SD3's skip-layer guidance
+
+
 def _encode_with_pipeline(c: Components, prompts: list[str], batch_size: int, call) -> Cond:
     """Conditioning of ``prompts`` from the family pipeline's own ``encode_prompt`` (``call(pipe, chunk, device)`` ->
-    its (embeds, _, pooled, _)), ``batch_size`` prompts at a time."""
+    its (embeds, pooled)), ``batch_size`` prompts at a time."""
     pipe = c.family.pipeline(c)
     device = next(c.text_encoder.parameters()).device
     parts = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            embeds, _, pooled, _ = call(pipe, list(prompts[i : i + batch_size]), device)
+            embeds, pooled = call(pipe, list(prompts[i : i + batch_size]), device)
             parts.append(Cond(embeds, pooled))
     if not parts:
         return Cond(torch.zeros(0, 0, 0), torch.zeros(0, 0))
@@ -373,12 +399,11 @@ class SDXLFamily(Family):
         )
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
-        return _encode_with_pipeline(
-            c,
-            prompts,
-            batch_size,
-            lambda pipe, chunk, device: pipe.encode_prompt(chunk, device=device, do_classifier_free_guidance=False),
-        )
+        def call(pipe: Any, chunk: list[str], device: Any) -> tuple[Tensor, Tensor]:
+            embeds, _, pooled, _ = pipe.encode_prompt(chunk, device=device, do_classifier_free_guidance=False)
+            return embeds, pooled
+
+        return _encode_with_pipeline(c, prompts, batch_size, call)
 
     def negative(self, c: Components, text: str) -> Cond:
         cond = self.encode(c, [text])
@@ -387,21 +412,11 @@ class SDXLFamily(Family):
             return cond.map(torch.zeros_like)
         return cond
 
-    def predict(
-        self,
-        model: Any,
-        x: Tensor,
-        timestep: Tensor,
-        cond: Cond,
-        time_ids: Tensor | None = None,
-        *,
-        guidance: float | None = None,
-        skip_layers: tuple[int, ...] | None = None,
-    ) -> Tensor:
-        if time_ids is None:
+    def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
+        if extras.time_ids is None:
             raise ValueError("SDXL needs time_ids")
-        added = {"text_embeds": cond.pooled, "time_ids": time_ids.to(x.device, cond.pooled.dtype)}
-        return model(x, timestep, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+        added = {"text_embeds": cond.pooled, "time_ids": extras.time_ids.to(x.device, cond.pooled.dtype)}
+        return {**super()._inputs(x, timestep, cond, extras), "added_cond_kwargs": added}
 
     def time_ids(self, n: int, resolution: int, device: Any = None) -> Tensor:
         """original size (h, w) + crop top-left (0, 0) + target size (h, w), as the pipeline's default."""
@@ -409,23 +424,23 @@ class SDXLFamily(Family):
         return row.expand(n, 6).to(device)
 
 
-class SD3Family(Family):
-    """SD3 and SD3.5 (StableDiffusion3Pipeline): the transformer's qk-norm and SD3.5-medium's dual attention
-    layers are inside the model; dynamic shifting and skip-layer guidance are the pipeline's."""
+class FlowFamily(Family):
+    """What SD3, SD3.5 and FLUX.1 share: a rectified-flow forward process on the model's (shifted) schedule, a
+    transformer called with ``hidden_states`` / ``encoder_hidden_states`` / ``pooled_projections``, prompts
+    encoded by the pipeline's ``encode_prompt`` (CLIP pooled + T5 sequence), and a pipeline of ``transformer``,
+    ``scheduler``, ``vae`` and ``num_text_encoders`` text encoders with their tokenizers. What differs stays in each
+    family: the latent patch of a token, packing and position ids, the guidance embedding, the T5 length, the
+    sampling schedule and the ``encode_prompt`` call."""
 
-    name = "sd3"
-    skip_layer_guidance = True
-    default_sample_size = 128
-
-    def __init__(
-        self, scheduler_config: dict, denoiser_config: Any = None, *, max_sequence_length: int | None = None
-    ) -> None:
-        super().__init__(
-            scheduler_config, denoiser_config, max_sequence_length=max_sequence_length or SD3_MAX_SEQUENCE_LENGTH
-        )
+    default_sample_size = 128  # the pipelines' default (1024 px with the 8x VAE)
+    num_text_encoders = 2
 
     def _make_process(self, scheduler_config: dict) -> ForwardProcess:
-        return FlowProcess(scheduler_config, patch=int(getattr(self.denoiser_config, "patch_size", 2) or 2))
+        return FlowProcess(scheduler_config, patch=self.token_patch())
+
+    def token_patch(self) -> int:
+        """Latent cells per token side (the transformer's patch embedding)."""
+        return int(getattr(self.denoiser_config, "patch_size", 2) or 2)
 
     def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> None:
         mu = self.process.mu(latent_shape)
@@ -434,56 +449,59 @@ class SD3Family(Family):
     def pipeline(self, c: Components, denoiser: Any = None) -> Any:
         import diffusers
 
-        return diffusers.StableDiffusion3Pipeline(
-            transformer=c.denoiser if denoiser is None else denoiser,
-            scheduler=c.scheduler,
-            vae=c.vae,
-            text_encoder=c.text_encoder,
-            tokenizer=c.tokenizer,
-            text_encoder_2=c.text_encoder_2,
-            tokenizer_2=c.tokenizer_2,
-            text_encoder_3=c.text_encoder_3,
-            tokenizer_3=c.tokenizer_3,
-        )
+        parts = {
+            "transformer": c.denoiser if denoiser is None else denoiser,
+            "scheduler": c.scheduler,
+            "vae": c.vae,
+            "text_encoder": c.text_encoder,
+            "tokenizer": c.tokenizer,
+        }
+        for n in range(2, self.num_text_encoders + 1):
+            parts |= {
+                f"text_encoder_{n}": getattr(c, f"text_encoder_{n}"),
+                f"tokenizer_{n}": getattr(c, f"tokenizer_{n}"),
+            }
+        return getattr(diffusers, self.pipeline_class)(**parts)
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
-        def call(pipe: Any, chunk: list[str], device: Any) -> Any:
-            return pipe.encode_prompt(
-                chunk,
-                chunk,
-                chunk,
-                device=device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
+        return _encode_with_pipeline(c, prompts, batch_size, self._encode_prompt)
 
-        return _encode_with_pipeline(c, prompts, batch_size, call)
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> tuple[Tensor, Tensor]:
+        """(embeds [N, L, D], pooled [N, P]) of ``chunk`` from the pipeline's ``encode_prompt``."""
+        raise NotImplementedError
 
-    def predict(
-        self,
-        model: Any,
-        x: Tensor,
-        timestep: Tensor,
-        cond: Cond,
-        time_ids: Tensor | None = None,
-        *,
-        guidance: float | None = None,
-        skip_layers: tuple[int, ...] | None = None,
-    ) -> Tensor:
-        timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
-        extra = {"skip_layers": list(skip_layers)} if skip_layers else {}
-        return model(
-            hidden_states=x,
-            timestep=timestep,
-            encoder_hidden_states=cond.embeds,
-            pooled_projections=cond.pooled,
-            **extra,
-        ).sample
+    def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
+        return {
+            "hidden_states": x,
+            "timestep": torch.as_tensor(timestep, device=x.device).expand(x.shape[0]),
+            "encoder_hidden_states": cond.embeds,
+            "pooled_projections": cond.pooled,
+        }
 
 
-# T5 tokens of a FLUX.1 prompt when `model.max_sequence_length` is unset: FluxPipeline's default (512), which
-# diffusers' FLUX training scripts use too (FLUX.1-schnell's pipeline card uses 256).
-FLUX_MAX_SEQUENCE_LENGTH = 512
+class SD3Family(FlowFamily):
+    """SD3 and SD3.5 (StableDiffusion3Pipeline): the transformer's qk-norm and SD3.5-medium's dual attention
+    layers are inside the model; dynamic shifting and skip-layer guidance are the pipeline's."""
+
+    name = "sd3"
+    skip_layer_guidance = True
+    default_max_sequence_length = SD3_MAX_SEQUENCE_LENGTH
+    num_text_encoders = 3  # CLIP-L, CLIP-G, T5
+
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> tuple[Tensor, Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            chunk,
+            chunk,
+            chunk,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return embeds, pooled
+
+    def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
+        extra = {"skip_layers": list(extras.skip_layers)} if extras.skip_layers else {}
+        return {**super()._inputs(x, timestep, cond, extras), **extra}
 
 
 def pack_latents(x: Tensor) -> Tensor:
@@ -506,7 +524,7 @@ def latent_image_ids(h: int, w: int, device: Any, dtype: torch.dtype) -> Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxFamily(Family):
+class FluxFamily(FlowFamily):
     """FLUX.1 (FluxPipeline / FluxTransformer2DModel): CLIP-L pooled + T5 sequence conditioning, 2×2-packed latents
     with (0, row, column) position ids, the flow-matching target, a timestep in [0, 1] (the pipeline's σ·1000 /
     1000), and for guidance-distilled models (FLUX.1-dev) the guidance embedding. Latents are kept unpacked
@@ -515,18 +533,15 @@ class FluxFamily(Family):
 
     name = "flux"
     embedded_guidance = True
-    default_sample_size = 128  # FluxPipeline.default_sample_size (1024 px with the 8x VAE)
+    default_max_sequence_length = FLUX_MAX_SEQUENCE_LENGTH
 
-    def __init__(
-        self, scheduler_config: dict, denoiser_config: Any = None, *, max_sequence_length: int | None = None
-    ) -> None:
-        super().__init__(
-            scheduler_config, denoiser_config, max_sequence_length=max_sequence_length or FLUX_MAX_SEQUENCE_LENGTH
-        )
-        self.guidance_embeds = bool(getattr(denoiser_config, "guidance_embeds", False))
+    @property
+    def guidance_embeds(self) -> bool:
+        """A guidance-distilled model (FLUX.1-dev) takes the guidance value as an embedding."""
+        return bool(getattr(self.denoiser_config, "guidance_embeds", False))
 
-    def _make_process(self, scheduler_config: dict) -> ForwardProcess:
-        return FlowProcess(scheduler_config, patch=2)
+    def token_patch(self) -> int:
+        return 2  # FluxPipeline's 2x2 packing (the transformer's own patch_size is 1)
 
     def latent_channels(self, denoiser_config: Any) -> int:
         return int(denoiser_config.in_channels) // 4
@@ -538,56 +553,31 @@ class FluxFamily(Family):
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
         scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=self.process.mu(latent_shape))
 
-    def pipeline(self, c: Components, denoiser: Any = None) -> Any:
-        import diffusers
-
-        return diffusers.FluxPipeline(
-            scheduler=c.scheduler,
-            vae=c.vae,
-            text_encoder=c.text_encoder,
-            tokenizer=c.tokenizer,
-            text_encoder_2=c.text_encoder_2,
-            tokenizer_2=c.tokenizer_2,
-            transformer=c.denoiser if denoiser is None else denoiser,
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> tuple[Tensor, Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(
+            chunk, chunk, device=device, max_sequence_length=self.max_sequence_length
         )
+        return embeds, pooled
 
-    def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
-        def call(pipe: Any, chunk: list[str], device: Any) -> Any:
-            embeds, pooled, _ = pipe.encode_prompt(
-                chunk, chunk, device=device, max_sequence_length=self.max_sequence_length
-            )
-            return embeds, None, pooled, None
-
-        return _encode_with_pipeline(c, prompts, batch_size, call)
-
-    def predict(
-        self,
-        model: Any,
-        x: Tensor,
-        timestep: Tensor,
-        cond: Cond,
-        time_ids: Tensor | None = None,
-        *,
-        guidance: float | None = None,
-        skip_layers: tuple[int, ...] | None = None,
-    ) -> Tensor:
+    def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
         b, _, h, w = x.shape
-        timestep = torch.as_tensor(timestep, device=x.device).expand(b).to(x.dtype) / 1000
         embedded = None
         if self.guidance_embeds:
-            if guidance is None:
+            if extras.guidance is None:
                 raise ValueError("a guidance-distilled FLUX model needs the guidance value")
-            embedded = torch.full((b,), float(guidance), device=x.device, dtype=torch.float32)
-        out = model(
-            hidden_states=pack_latents(x),
-            timestep=timestep,
-            guidance=embedded,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.embeds,
-            txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=x.dtype),
-            img_ids=latent_image_ids(h, w, x.device, x.dtype),
-        ).sample
-        return unpack_latents(out, h, w)
+            embedded = torch.full((b,), float(extras.guidance), device=x.device, dtype=torch.float32)
+        return {
+            "hidden_states": pack_latents(x),
+            "timestep": torch.as_tensor(timestep, device=x.device).expand(b).to(x.dtype) / 1000,
+            "guidance": embedded,
+            "pooled_projections": cond.pooled,
+            "encoder_hidden_states": cond.embeds,
+            "txt_ids": torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=x.dtype),
+            "img_ids": latent_image_ids(h, w, x.device, x.dtype),
+        }
+
+    def _output(self, out: Tensor, x: Tensor) -> Tensor:
+        return unpack_latents(out, x.shape[-2], x.shape[-1])
 
 
 _BY_NAME = {"sd": Family, "sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}

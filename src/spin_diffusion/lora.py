@@ -18,96 +18,96 @@ if TYPE_CHECKING:
     from spin_diffusion.models import Components
 
 
-def tuner_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
+def tuner_layers(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
 
 
 def add_lora(
-    unet: Any, *, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...], seed: int = 0
+    denoiser: Any, *, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...], seed: int = 0
 ) -> None:
-    """Attach a fresh LoRA adapter (peft, via ``unet.add_adapter``); only its parameters train afterwards.
+    """Attach a fresh LoRA adapter (peft, via ``denoiser.add_adapter``); only its parameters train afterwards.
 
-    The adapter starts as the identity (LoRA B = 0), so the UNet's outputs are unchanged. LoRA A is drawn from
+    The adapter starts as the identity (LoRA B = 0), so the denoiser's outputs are unchanged. LoRA A is drawn from
     ``seed`` (not the global RNG), so the same run gives the same adapter on any number of processes.
     """
     from peft import LoraConfig
 
     if rank <= 0:
         raise SpinDiffusionError(f"LoRA rank must be > 0, got {rank}")
-    if tuner_layers(unet):
-        raise SpinDiffusionError("the UNet already has a LoRA adapter; merge_lora() it before adding a new one")
+    if tuner_layers(denoiser):
+        raise SpinDiffusionError("the denoiser already has a LoRA adapter; merge_lora() it before adding a new one")
     targets = list(target_modules)
-    names = [n for n, _ in unet.named_modules()]
+    names = [n for n, _ in denoiser.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not targets or missing:
         raise SpinDiffusionError(
-            f"LoRA target_modules {missing or targets} match no UNet module (typical: to_q, to_k, to_v, to_out.0)"
+            f"LoRA target_modules {missing or targets} match no denoiser module (typical: to_q, to_k, to_v, to_out.0)"
         )
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet.add_adapter(config)
+            denoiser.add_adapter(config)
     except ValueError as e:
-        _remove_peft_state(unet)
+        _remove_peft_state(denoiser)
         raise SpinDiffusionError(f"cannot add LoRA with target_modules={targets}: {first_line(e)}") from e
-    for n, p in unet.named_parameters():
+    for n, p in denoiser.named_parameters():
         p.requires_grad_("lora_" in n)
 
 
-def _remove_peft_state(unet: Any) -> None:
+def _remove_peft_state(denoiser: Any) -> None:
     """Drop peft layers and diffusers' adapter bookkeeping (after a failed add_adapter)."""
-    if tuner_layers(unet):
-        unet.unload_lora()
-    if "peft_config" in unet.__dict__:
-        del unet.peft_config
-    unet._hf_peft_config_loaded = False
+    if tuner_layers(denoiser):
+        denoiser.unload_lora()
+    if "peft_config" in denoiser.__dict__:
+        del denoiser.peft_config
+    denoiser._hf_peft_config_loaded = False
 
 
 @contextmanager
-def adapters_disabled(unet: Any) -> Iterator[Any]:
-    """Inside the block the UNet runs without its LoRA adapters (= the reference/opponent θ_k).
+def adapters_disabled(denoiser: Any) -> Iterator[Any]:
+    """Inside the block the denoiser runs without its LoRA adapters (= the reference/opponent θ_k).
 
-    A no-op for a UNet without adapters. The previous state is restored on exit, also on exceptions.
+    A no-op for a denoiser without adapters. The previous state is restored on exit, also on exceptions.
     """
-    layers = tuner_layers(unet)
+    layers = tuner_layers(denoiser)
     if not layers or layers[0].disable_adapters:
-        yield unet
+        yield denoiser
         return
-    unet.disable_adapters()
+    denoiser.disable_adapters()
     try:
-        yield unet
+        yield denoiser
     finally:
-        unet.enable_adapters()
+        denoiser.enable_adapters()
 
 
-def merge_lora(unet: Any) -> Any:
-    """Fuse the LoRA adapters into the base weights and remove every peft layer; returns the same UNet.
+def merge_lora(denoiser: Any) -> Any:
+    """Fuse the LoRA adapters into the base weights and remove every peft layer; returns the same denoiser.
 
     Outputs are unchanged up to float rounding. Parameters keep their ``requires_grad`` flags (the
-    base weights are frozen since :func:`add_lora`). A UNet without adapters is returned as is.
+    base weights are frozen since :func:`add_lora`). A denoiser without adapters is returned as is.
     Verified numerically in tests: outputs after merging match the adapter outputs (allclose).
     """
-    if not tuner_layers(unet):
-        return unet
-    unet.enable_adapters()
-    unet.fuse_lora()
-    unet.unload_lora()
+    if not tuner_layers(denoiser):
+        return denoiser
+    denoiser.enable_adapters()
+    denoiser.fuse_lora()
+    denoiser.unload_lora()
     for attr in ("lora_scale", "_safe_fusing"):  # left behind by diffusers' fuse_lora
-        if attr in unet.__dict__:
-            delattr(unet, attr)
-    return unet
+        if attr in denoiser.__dict__:
+            delattr(denoiser, attr)
+    return denoiser
 
 
-def lora_state_dict(unet: Any) -> dict[str, Tensor]:
+def lora_state_dict(denoiser: Any) -> dict[str, Tensor]:
     """The LoRA adapter weights (peft ``get_peft_model_state_dict``) for saving; empty without adapters."""
     from peft.utils import get_peft_model_state_dict
 
-    if not tuner_layers(unet):
+    if not tuner_layers(denoiser):
         return {}
-    return get_peft_model_state_dict(unet)
+    return get_peft_model_state_dict(denoiser)
 
 
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
@@ -123,7 +123,7 @@ def _kohya_state_dict(state: dict[str, Tensor], alpha: float) -> dict[str, Tenso
     return {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
 
 
-def save_lora(unet: Any, out_dir: str | Path, c: Components | None = None) -> Path:
+def save_lora(denoiser: Any, out_dir: str | Path, c: Components | None = None) -> Path:
     """Write the denoiser's LoRA adapter as ``out_dir/pytorch_lora_weights.safetensors`` (diffusers LoRA format),
     and for UNet families also as ``out_dir/lora_kohya.safetensors`` (the kohya layout of AUTOMATIC1111 / ComfyUI).
 
@@ -133,14 +133,14 @@ def save_lora(unet: Any, out_dir: str | Path, c: Components | None = None) -> Pa
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
 
-    state = lora_state_dict(unet)
+    state = lora_state_dict(denoiser)
     if not state:
-        raise SpinDiffusionError("the UNet has no LoRA adapter to save (call add_lora first)")
+        raise SpinDiffusionError("the denoiser has no LoRA adapter to save (call add_lora first)")
     out_dir = Path(out_dir)
     tmp = fresh_dir(out_dir)
     # The adapter metadata (rank, alpha, targets) is stored in the safetensors header: without it a loader
     # would assume lora_alpha == rank and scale the adapter wrongly.
-    configs = unet.peft_config
+    configs = denoiser.peft_config
     metadata = (configs.get("default") or next(iter(configs.values()))).to_dict()
     layers = convert_state_dict_to_diffusers(state)
     # the family's pipeline class writes the key prefix its load_lora_weights expects (unet. / transformer.)

@@ -1,7 +1,7 @@
-"""Evaluation of models (not images): render a prompt set with a UNet, score the images, write eval.json.
+"""Evaluation of models (not images): render a prompt set with a denoiser, score the images, write eval.json.
 
 `scoring` holds the scorers and statistics on images; this module turns models into images for them,
-for the per-iteration evaluation of a run (`evaluate_unet`) and for `spin-diffusion evaluate`
+for the per-iteration evaluation of a run (`evaluate_denoiser`) and for `spin-diffusion evaluate`
 (`evaluate_models`). Both write the one eval.json schema of `rundir`. All models see the same initial noise
 for the same prompt, so win rates compare like with like.
 """
@@ -29,7 +29,7 @@ SHAPES_SCORERS = ("shapes_judge", "shapes_color", "shapes_shape", "shapes_positi
 @torch.no_grad()
 def render_images(
     c: models.Components,
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     prompt_embeds: Cond,
     negative_embed: Cond,
     *,
@@ -45,7 +45,7 @@ def render_images(
     images: list[Image.Image] = []
     for start in range(0, len(prompt_embeds), batch_size):
         out = sampling.sample(
-            unet,
+            denoiser,
             c.family,
             prompt_embeds[start : start + batch_size],
             negative_embed,
@@ -56,13 +56,13 @@ def render_images(
             guidance_scale=guidance_scale,
             guidance=guidance,
         )
-        images += tensor_to_pil(encoding.decode_latents(c, out.latents.to(next(unet.parameters()).device)))
+        images += tensor_to_pil(encoding.decode_latents(c, out.latents.to(next(denoiser.parameters()).device)))
     return images
 
 
 def render_shared(
     c: models.Components,
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     prompt_embeds: Cond,
     negative_embed: Cond,
     folder: Path,
@@ -79,7 +79,7 @@ def render_shared(
     part = distributed.split(len(prompt_embeds))
     images = render_images(
         c,
-        unet,
+        denoiser,
         prompt_embeds[part.start : part.stop],
         negative_embed,
         seeds=seeds[part.start : part.stop],
@@ -140,7 +140,9 @@ class Validation:
             guidance=sampling.Guidance.of(cfg.sample),
         )
 
-    def __call__(self, unet: torch.nn.Module, step: int, *, every_rank_renders_all: bool) -> list[Image.Image] | None:
+    def __call__(
+        self, denoiser: torch.nn.Module, step: int, *, every_rank_renders_all: bool
+    ) -> list[Image.Image] | None:
         folder = self.folder / f"step_{step:07d}"
         kwargs = dict(
             seeds=self.seeds,
@@ -150,8 +152,8 @@ class Validation:
             guidance=self.guidance,
         )
         if not every_rank_renders_all:
-            return render_shared(self.c, unet, self.embeds, self.negative_embed, folder, **kwargs)
-        images = render_images(self.c, unet, self.embeds, self.negative_embed, **kwargs)
+            return render_shared(self.c, denoiser, self.embeds, self.negative_embed, folder, **kwargs)
+        images = render_images(self.c, denoiser, self.embeds, self.negative_embed, **kwargs)
         if not distributed.is_main():
             return None
         folder.mkdir(parents=True, exist_ok=True)
@@ -182,17 +184,17 @@ def default_scorer_names(cfg: RunConfig) -> list[str]:
     return list(cfg.eval.scorers) or (list(SHAPES_SCORERS) if cfg.data.builtin == "shapes" else [])
 
 
-def evaluate_unet(
+def evaluate_denoiser(
     cfg: RunConfig,
     c: models.Components,
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     eval_set: EvalSet,
     negative_embed: Cond,
     out_dir: Path,
     *,
     baseline: rundir.ModelEval | None = None,
 ) -> rundir.ModelEval | None:
-    """Render the evaluation prompts with `unet` (on every rank, each its share, into out_dir/eval_images/), then
+    """Render the evaluation prompts with `denoiser` (on every rank, each its share, into out_dir/eval_images/), then
     on the main process score them (win rates against `baseline`, the base model's evaluation, if given) and
     write eval.json + grid.png to out_dir. The model is named after out_dir (e.g. "iter_01"). For the built-in
     shapes world the metrics include "fd", the Fréchet distance to the real images in the world's fixed feature
@@ -201,7 +203,7 @@ def evaluate_unet(
     num_steps, guidance_scale = eval_sampler(cfg)
     images = render_shared(
         c,
-        unet,
+        denoiser,
         eval_set.embeds,
         negative_embed,
         out_dir / "eval_images",

@@ -75,7 +75,7 @@ class Components:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the UNet's input latents (the VAE's latent channels; image channels without a VAE)."""
+        """Channels of the denoiser's input latents (the VAE's latent channels; image channels without a VAE)."""
         if self.vae is not None:
             return int(self.vae.config.latent_channels)
         return self.family.latent_channels(self.denoiser.config)
@@ -89,7 +89,7 @@ class Components:
 
     @property
     def scaling_factor(self) -> float:
-        """Multiplier from VAE posterior mean to UNet latents (``vae.config.scaling_factor``); 1.0 without a VAE."""
+        """Multiplier from VAE posterior mean to latents (``vae.config.scaling_factor``); 1.0 without a VAE."""
         if self.vae is None:
             return 1.0
         value = getattr(self.vae.config, "scaling_factor", None)
@@ -173,6 +173,68 @@ def check_compatible(c: Components) -> None:
             )
 
 
+def _check_pipeline_folder(root: Path, named: str | Path) -> None:
+    if not (root / "model_index.json").is_file() or not ((root / "unet").is_dir() or (root / "transformer").is_dir()):
+        raise SpinDiffusionError(
+            f"{named} is not a diffusers pipeline (it needs model_index.json and unet/ or transformer/; "
+            "save one with DiffusionPipeline.save_pretrained)"
+        )
+
+
+def _entry_class(index: dict[str, Any], name: str) -> str | None:
+    """The class name model_index.json gives component ``name`` (``"unet": ["diffusers", "UNet2DConditionModel"]``)."""
+    value = index.get(name)
+    if isinstance(value, list | tuple) and len(value) == 2 and value[1]:
+        return str(value[1])
+    return None
+
+
+def load_denoiser(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
+    index: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """The denoiser of the diffusers pipeline in ``folder``: ``unet/`` or ``transformer/``, of the class that
+    ``model_index.json`` names for it (as ``DiffusionPipeline.from_pretrained`` picks it), in ``eval()`` mode with
+    ``requires_grad`` on. The one way spin_diffusion loads a denoiser (a base model, a resumed run's θ_k, an
+    evaluated export). ``index``: the already-read model_index.json. Raises SpinDiffusionError (one line)."""
+    import diffusers
+
+    root = Path(folder)
+    if index is None:
+        _check_pipeline_folder(root, folder)
+        index = _read_json(root / "model_index.json")
+    name = "transformer" if (root / "transformer").is_dir() and not (root / "unet").is_dir() else "unet"
+    class_name = _entry_class(index, name)
+    cls = getattr(diffusers, class_name or "", None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        if name == "transformer":  # diffusers names every transformer's class; there is nothing to fall back on
+            raise SpinDiffusionError(
+                f"cannot load transformer from {root / name}: model_index.json names the class {class_name!r}, "
+                f"which diffusers {diffusers.__version__} does not have"
+            )
+        cls = diffusers.UNet2DConditionModel  # a folder written without the class name: a text-to-image UNet
+    try:
+        denoiser = cls.from_pretrained(root / name, local_files_only=True, torch_dtype=dtype, variant=variant)
+    except Exception as e:  # any loader failure becomes one user-facing line
+        raise SpinDiffusionError(f"cannot load {name} from {root / name}: {first_line(e)}") from e
+    return _own_memory(denoiser).eval()
+
+
+def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter and buffer moved into its own fresh allocation. Weights read from a safetensors file start at
+    the file's header offset (e.g. 24 bytes past a 64-byte boundary), and CPU kernels round differently on such
+    memory: a FLUX transformer read back from iter_k/model sampled ~1 ulp away from the same weights trained in
+    memory, so a resumed run drifted from the uninterrupted one. Fresh tensors are aligned like those of a model
+    built or trained in memory."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return module
+
+
 def load_components(
     path: str | Path, *, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None
 ) -> Components:
@@ -185,22 +247,15 @@ def load_components(
     """
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     root = hub.resolve_pipeline(path, revision=revision, variant=variant)
-    if not (root / "model_index.json").is_file() or not ((root / "unet").is_dir() or (root / "transformer").is_dir()):
-        raise SpinDiffusionError(
-            f"{path} is not a diffusers pipeline (it needs model_index.json and unet/ or transformer/; "
-            "save one with DiffusionPipeline.save_pretrained)"
-        )
+    _check_pipeline_folder(root, path)
     index = _read_json(root / "model_index.json")
     pipeline_class = str(index.get("_class_name") or "StableDiffusionPipeline")
 
     def entry_class(name: str) -> str | None:
-        value = index.get(name)
-        if isinstance(value, list | tuple) and len(value) == 2 and value[1]:
-            return str(value[1])
-        return None
+        return _entry_class(index, name)
 
     def load(name: str, fn):
         folder = root / name
@@ -213,15 +268,7 @@ def load_components(
         except Exception as e:  # any loader failure becomes one user-facing line
             raise SpinDiffusionError(f"cannot load {name} from {folder}: {first_line(e)}") from e
 
-    denoiser_name = "transformer" if (root / "transformer").is_dir() and not (root / "unet").is_dir() else "unet"
-
-    def load_denoiser(folder: Path) -> Any:
-        cls = getattr(diffusers, entry_class(denoiser_name) or "", None)
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            cls = UNet2DConditionModel
-        return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, variant=variant)
-
-    denoiser = load(denoiser_name, load_denoiser)
+    denoiser = load_denoiser(root, dtype=dtype, variant=variant, index=index)
 
     def load_text_encoder(name: str):
         def fn(folder: Path) -> torch.nn.Module:
@@ -293,6 +340,6 @@ def load_components(
     return c
 
 
-def frozen_copy(unet: Any) -> Any:
+def frozen_copy(denoiser: Any) -> Any:
     """A deep copy in ``eval()`` mode with every parameter ``requires_grad=False`` (the opponent/reference)."""
-    return copy.deepcopy(unet).eval().requires_grad_(False)
+    return copy.deepcopy(denoiser).eval().requires_grad_(False)

@@ -77,14 +77,14 @@ def estimate_run_bytes(
     store_dtype: str,
     trajectory_steps: int | None,
     pipeline_params: int,
-    unet_params: int,
+    denoiser_params: int,
     trainable_params: int,
     eval_images: int,
     image_pixels: int,
     opponent_samples: int | None = None,
 ) -> DiskEstimate:
     """What a run writes. `images_per_row` is 2 for preference pairs; `trajectory_steps` S stores S+1 latents per
-    opponent sample (spin_exact); a checkpoint holds the UNet's weights and AdamW's two moments of the trainable
+    opponent sample (spin_exact); a checkpoint holds the denoiser's weights and AdamW's two moments of the trainable
     ones (fp32), and the newest is written before the previous one is removed, so two can exist at once.
     `opponent_samples` per iteration: one per row unless given (sample.per_caption=one: one per caption)."""
     latent = math.prod(latent_shape)
@@ -96,7 +96,7 @@ def estimate_run_bytes(
     per_iteration = num_rows if opponent_samples is None else opponent_samples
     samples = iterations * per_iteration * per_sample if self_play else 0
     exports = iterations * pipeline_params * 4
-    checkpoints = 2 * 4 * (unet_params + 2 * trainable_params)
+    checkpoints = 2 * 4 * (denoiser_params + 2 * trainable_params)
     evals = (iterations + 1) * eval_images * image_pixels * 3 // 2  # PNG: roughly half of the raw RGB bytes
     return DiskEstimate(cache, samples, exports, checkpoints, evals)
 

@@ -204,7 +204,7 @@ def _build_family_preset(name: str, seed: int) -> Components:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "tiny-sdxl":
-            unet = UNet2DConditionModel(
+            denoiser = UNet2DConditionModel(
                 in_channels=4,
                 out_channels=4,
                 **{**tiny["unet"], "cross_attention_dim": 16},
@@ -226,7 +226,7 @@ def _build_family_preset(name: str, seed: int) -> Components:
             )
             pipeline_class = "StableDiffusionXLPipeline"
         elif name == "tiny-flux":
-            unet = FluxTransformer2DModel(
+            denoiser = FluxTransformer2DModel(
                 patch_size=1,
                 in_channels=16,  # 4 latent channels, 2x2-packed
                 num_layers=1,
@@ -238,7 +238,7 @@ def _build_family_preset(name: str, seed: int) -> Components:
                 axes_dims_rope=(4, 4, 8),
                 guidance_embeds=True,
             )
-            unet.register_to_config(sample_size=8)
+            denoiser.register_to_config(sample_size=8)
             text_encoder = CLIPTextModel(CLIPTextConfig(**{**clip_config().to_dict(), "hidden_size": 32}))
             tokenizer_2 = _tiny_t5_tokenizer()
             t5 = T5EncoderModel(
@@ -263,7 +263,7 @@ def _build_family_preset(name: str, seed: int) -> Components:
             pipeline_class = "FluxPipeline"
         else:
             sd35 = name == "tiny-sd35"
-            unet = SD3Transformer2DModel(
+            denoiser = SD3Transformer2DModel(
                 sample_size=8,
                 patch_size=2,
                 in_channels=4,
@@ -302,7 +302,7 @@ def _build_family_preset(name: str, seed: int) -> Components:
             **tiny["vae"],
             **vae_extra,
         )
-    unet.eval()
-    c = Components(unet, freeze(text_encoder), tokenizer, scheduler, freeze(vae), pipeline_class, None, **extra)
+    denoiser.eval()
+    c = Components(denoiser, freeze(text_encoder), tokenizer, scheduler, freeze(vae), pipeline_class, None, **extra)
     check_compatible(c)
     return c

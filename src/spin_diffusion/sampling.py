@@ -161,7 +161,7 @@ def resolve_dtype(name: str, device: torch.device | str) -> str:
 
 
 class SampleOutput(NamedTuple):
-    latents: torch.Tensor  # [B, C, h, w] final x'_0 (scaled latents, as the UNet sees them)
+    latents: torch.Tensor  # [B, C, h, w] final x'_0 (scaled latents, as the denoiser sees them)
     trajectory: torch.Tensor | None  # [B, S+1, C, h, w]: x'_T, x'_{t_1}, …, x'_0 in sampling order
     timesteps: torch.Tensor  # [S] scheduler timesteps, in sampling order (descending)
 
@@ -344,7 +344,7 @@ class GenerationSpec:
     shard_size: int
     store_dtype: StoreDtype = "fp32"  # dtype of the stored latents / trajectories (reads return float32)
     scheduler: str = "ddim"  # sampler (`make_scheduler`)
-    dtype: str = "fp32"  # compute dtype of the UNet's forward passes (resolved: fp32 | bf16 | fp16)
+    dtype: str = "fp32"  # compute dtype of the denoiser's forward passes (resolved: fp32 | bf16 | fp16)
     # Prompt indices to sample, in the order the shards hold them (the order training first visits them);
     # None = all num_prompts in prompt order. Recorded in meta.json as "prompts".
     prompts: tuple[int, ...] | None = None

@@ -19,11 +19,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from spin_diffusion import (
@@ -44,7 +43,9 @@ from spin_diffusion import (
 from spin_diffusion import cache as cache_lib
 from spin_diffusion import data as data_lib
 from spin_diffusion.config import (
+    ModelConfig,
     RunConfig,
+    SampleConfig,
     config_from_dict,
     for_iteration,
     for_world,
@@ -55,9 +56,12 @@ from spin_diffusion.config import (
     to_dict,
 )
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.families import Cond
-from spin_diffusion.model_eval import EvalSet, Validation, default_scorer_names, evaluate_unet
+from spin_diffusion.families import Cond, Family
+from spin_diffusion.model_eval import EvalSet, Validation, default_scorer_names, evaluate_denoiser
 from spin_diffusion.rundir import CONFIG_FILE, EVAL_FILE, STATE_FILE, iter_dir, read_eval
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 
 class RunState:
@@ -209,13 +213,13 @@ class _Run:
     cfg: RunConfig  # as it runs on this many processes (config.for_world)
     as_given: RunConfig  # as the run dir records it
     run_dir: Path
-    dist: Any  # accelerate's PartialState of this process (distributed.state)
+    dist: PartialState  # this process (distributed.state)
     state: RunState
     c: models.Components
     objective: objectives.Objective
     num_iterations: int  # K for self-play; sft and dpo train once
     resolution: int
-    cache: Any  # cache.LatentCache (real images) or cache.PairCache (dpo)
+    cache: cache_lib.LatentCache | cache_lib.PairCache  # real images; (winner, loser) pairs for dpo
     negative_embed: Cond  # the unconditional input of guidance (sample.negative_prompt)
     empty_embed: Cond  # caption dropout trains on the encoded empty prompt
     eval_set: EvalSet | None
@@ -230,7 +234,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
     started = time.perf_counter()
     r = _set_up(cfg, resume=resume)
     start = _finished_iterations(r)
-    opponent = r.c.denoiser if start == 0 else _load_unet(iter_dir(r.run_dir, start) / "model")
+    opponent = r.c.denoiser if start == 0 else models.load_denoiser(iter_dir(r.run_dir, start) / "model")
     opponent.to(r.dist.device)
     if r.cfg.eval.include_base and not r.state.done("eval:0"):
         _evaluate(r, 0, r.c.denoiser if start == 0 else load_base_components(r.cfg).denoiser.to(r.dist.device))
@@ -273,30 +277,10 @@ def _set_up(cfg: RunConfig, *, resume: bool) -> _Run:
     cfg = replace(cfg, train=for_world(cfg.train, dist.num_processes))  # refuses a total batch that does not divide
     objective = objectives.get(cfg.loss.objective)
 
-    # Model, data and evaluation set
     c = load_base_components(cfg)
-    # On GPUs the frozen text encoders run in the training's mixed-precision dtype, as diffusers' training scripts
-    # cast them to weight_dtype (SD3's T5-XXL: 8.9 GiB in bf16 instead of 17.7); on CPU they stay fp32.
-    encoder_dtype = None
-    if dist.device.type == "cuda":
-        encoder_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
-    for encoder in c.text_encoders():
-        encoder.to(dist.device, dtype=encoder_dtype)
-    if c.vae is not None:
-        c.vae.to(dist.device)
+    _place_frozen_parts(c, dist.device, cfg.train.mixed_precision)
     resolution = cfg.data.resolution or c.resolution
-    if objective.loser == "pairs":
-        images = data_lib.load_preference_pairs(cfg.data)
-        build, cache_dir = cache_lib.build_pair_cache, run_dir / "cache" / "pairs"
-    else:
-        images = data_lib.load_captioned_images(cfg.data, seed=cfg.seed)
-        build, cache_dir = cache_lib.build_latent_cache, run_dir / "cache" / "real"
-    bad_examples = cache_lib.BadExamples(
-        on_bad=data_lib.bad_example_policy(cfg.data, len(images) + len(images.skipped)),
-        min_side=cfg.data.min_image_side if cfg.data.min_image_side is not None else resolution // 8,
-        max_fraction=cfg.data.max_bad_fraction,
-    )
-    data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
+    images, bad_examples = _load_data(cfg, objective, resolution)
     if _contrast(cfg) and len(set(images.captions)) < 2:
         raise SpinDiffusionError(
             f"the caption contrast draws a mismatched caption c′ from the data, but it has "
@@ -304,13 +288,7 @@ def _set_up(cfg: RunConfig, *, resume: bool) -> _Run:
             "loss.caption_contrast_weight=0 and another loss.objective)"
         )
     eval_set = _eval_set(cfg, c, images.captions, images) if cfg.eval.enabled else None
-    sampling.make_scheduler(cfg.sample.scheduler, c.family)  # refuses a sampler the family lacks
-    sampling.Guidance.of(cfg.sample).check(c.family, getattr(c.denoiser.config, "num_layers", None))
-    if cfg.sample.eta and c.family.process.kind == "flow":
-        raise SpinDiffusionError(
-            f"sample.eta={cfg.sample.eta}: the {c.family.name} family samples with deterministic Euler steps (no η); "
-            "set sample.eta=0 or leave it null"
-        )
+    _check_sampling(cfg.sample, c)
     negative_embed = c.family.negative(c, cfg.sample.negative_prompt)  # as the family's pipeline makes it
     empty_embed = encoding.encode(c, [""])
     validation = Validation.of(cfg, c, negative_embed, folder=run_dir)  # each iteration renders into its own folder
@@ -320,23 +298,10 @@ def _set_up(cfg: RunConfig, *, resume: bool) -> _Run:
         disk_estimate(cfg, c, images, resolution, embed_shape=tuple(negative_embed.shape[1:])),
         already_written=preflight.folder_bytes(run_dir) if resume else 0,
     )
-    create_run_dir(as_given)
-    state = RunState(run_dir)
 
-    # Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards, then
-    # all of them read the same files lazily
-    cache = build(
-        c,
-        images,
-        cache_dir,
-        resolution=resolution,
-        batch_size=cfg.data.encode_batch_size,
-        model_id=model_id(cfg, c),
-        dtype=cfg.data.cache_dtype,
-        shard_size=cfg.data.cache_shard_size,
-        bad_examples=bad_examples,
-        augment=data_lib.Augment(flip=cfg.data.random_flip, crop=cfg.data.random_crop, seed=cfg.seed),
-    )
+    create_run_dir(as_given)  # the first write
+    state = RunState(run_dir)
+    cache = _build_cache(cfg, c, objective, images, bad_examples, run_dir, resolution)
     _record_skipped(run_dir, images, cache, cfg.data.max_bad_fraction, state)
     # Every embedding the run needs is computed by now (cache, eval prompts, negative and empty prompt): the text
     # encoders leave the accelerator (SD3's T5-XXL alone is 9.5 GB in bf16).
@@ -360,6 +325,77 @@ def _set_up(cfg: RunConfig, *, resume: bool) -> _Run:
     )
 
 
+def _place_frozen_parts(c: models.Components, device: torch.device, mixed_precision: str) -> None:
+    """The text encoders and the VAE onto the accelerator. On GPUs the text encoders run in the training's
+    mixed-precision dtype, as diffusers' training scripts cast them to weight_dtype (SD3's T5-XXL: 8.9 GiB in bf16
+    instead of 17.7); on CPU they stay fp32."""
+    encoder_dtype = None
+    if device.type == "cuda":
+        encoder_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    for encoder in c.text_encoders():
+        encoder.to(device, dtype=encoder_dtype)
+    if c.vae is not None:
+        c.vae.to(device)
+
+
+def _load_data(
+    cfg: RunConfig, objective: objectives.Objective, resolution: int
+) -> tuple[data_lib.CaptionedImages | data_lib.PreferencePairs, cache_lib.BadExamples]:
+    """The run's examples (captioned images, or (winner, loser) pairs for dpo) and what to do with bad ones; checks
+    a sample of them before anything is written."""
+    if objective.loser == "pairs":
+        images = data_lib.load_preference_pairs(cfg.data)
+    else:
+        images = data_lib.load_captioned_images(cfg.data, seed=cfg.seed)
+    bad_examples = cache_lib.BadExamples(
+        on_bad=data_lib.bad_example_policy(cfg.data, len(images) + len(images.skipped)),
+        min_side=cfg.data.min_image_side if cfg.data.min_image_side is not None else resolution // 8,
+        max_fraction=cfg.data.max_bad_fraction,
+    )
+    data_lib.check_sample(images, policy=bad_examples.on_bad, min_side=bad_examples.min_side)
+    return images, bad_examples
+
+
+def _check_sampling(sample_cfg: SampleConfig, c: models.Components) -> None:
+    """Refuse a sampler the family lacks, guidance it cannot take, and a DDIM η for a flow-matching model."""
+    sampling.make_scheduler(sample_cfg.scheduler, c.family)
+    sampling.Guidance.of(sample_cfg).check(c.family, getattr(c.denoiser.config, "num_layers", None))
+    if sample_cfg.eta and c.family.process.kind == "flow":
+        raise SpinDiffusionError(
+            f"sample.eta={sample_cfg.eta}: the {c.family.name} family samples with deterministic Euler steps (no η); "
+            "set sample.eta=0 or leave it null"
+        )
+
+
+def _build_cache(
+    cfg: RunConfig,
+    c: models.Components,
+    objective: objectives.Objective,
+    images: data_lib.CaptionedImages | data_lib.PreferencePairs,
+    bad_examples: cache_lib.BadExamples,
+    run_dir: Path,
+    resolution: int,
+) -> cache_lib.LatentCache | cache_lib.PairCache:
+    """Cached latents and embeddings (computed once per run dir): every rank encodes its share of the shards, then
+    all of them read the same files lazily."""
+    if objective.loser == "pairs":
+        build, cache_dir = cache_lib.build_pair_cache, run_dir / "cache" / "pairs"
+    else:
+        build, cache_dir = cache_lib.build_latent_cache, run_dir / "cache" / "real"
+    return build(
+        c,
+        images,
+        cache_dir,
+        resolution=resolution,
+        batch_size=cfg.data.encode_batch_size,
+        model_id=model_id(cfg, c),
+        dtype=cfg.data.cache_dtype,
+        shard_size=cfg.data.cache_shard_size,
+        bad_examples=bad_examples,
+        augment=data_lib.Augment(flip=cfg.data.random_flip, crop=cfg.data.random_crop, seed=cfg.seed),
+    )
+
+
 def _finished_iterations(r: _Run) -> int:
     """k of the newest finished model θ_k (the current opponent): train:1 … train:k are done."""
     start = 0
@@ -368,7 +404,7 @@ def _finished_iterations(r: _Run) -> int:
     return start
 
 
-def _evaluate(r: _Run, k: int, unet: torch.nn.Module) -> None:
+def _evaluate(r: _Run, k: int, denoiser: torch.nn.Module) -> None:
     """eval:k — every rank renders its share of the evaluation prompts; the main process scores and records them,
     and writes the evaluation table into θ_k's model card (k > 0)."""
     phase = f"eval:{k}"
@@ -378,7 +414,9 @@ def _evaluate(r: _Run, k: int, unet: torch.nn.Module) -> None:
     base_eval = iter_dir(r.run_dir, 0) / EVAL_FILE
     if k > 0 and r.dist.is_main_process and base_eval.exists():
         baseline = read_eval(base_eval).model()
-    result = evaluate_unet(r.cfg, r.c, unet, r.eval_set, r.negative_embed, iter_dir(r.run_dir, k), baseline=baseline)
+    result = evaluate_denoiser(
+        r.cfg, r.c, denoiser, r.eval_set, r.negative_embed, iter_dir(r.run_dir, k), baseline=baseline
+    )
     r.state.mark(phase, **(result.metrics if result is not None else {}))
     r.dist.wait_for_everyone()
     if k > 0 and r.dist.is_main_process and r.state.info.get(phase):
@@ -542,7 +580,7 @@ def _train_and_export(
     Returns θ_{k+1}, frozen: the next opponent."""
     cfg, next_dir = r.cfg, iter_dir(r.run_dir, k + 1)
     cfg_k = for_iteration(cfg, k)
-    policy, ref = _policy_and_ref(cfg, opponent, needs_ref=r.objective.needs_ref, seed=train_seed(cfg, k))
+    policy, ref = _policy_and_ref(cfg.model, opponent, needs_ref=r.objective.needs_ref, seed=train_seed(cfg, k))
     result = trainer.train(
         policy,
         ref,
@@ -582,7 +620,13 @@ def _train_and_export(
     return policy.eval().requires_grad_(False)
 
 
-def _record_skipped(run_dir: Path, images, cache, max_fraction: float, state: RunState) -> None:
+def _record_skipped(
+    run_dir: Path,
+    images: data_lib.CaptionedImages | data_lib.PreferencePairs,
+    cache: cache_lib.LatentCache | cache_lib.PairCache,
+    max_fraction: float,
+    state: RunState,
+) -> None:
     """List every example left out (at load: empty captions, missing files; at encoding: unreadable or tiny
     images) in run_dir/skipped.jsonl, count them in state.json (and so in the report), say so on stderr, and
     refuse the data when too many are bad in total."""
@@ -613,7 +657,12 @@ def _stop_if_asked(message: str) -> None:
 
 
 def disk_estimate(
-    cfg: RunConfig, c: models.Components, images, resolution: int, *, embed_shape: tuple[int, ...]
+    cfg: RunConfig,
+    c: models.Components,
+    images: data_lib.CaptionedImages | data_lib.PreferencePairs,
+    resolution: int,
+    *,
+    embed_shape: tuple[int, ...],
 ) -> preflight.DiskEstimate:
     """What this run will write to its run dir (see preflight.estimate_run_bytes); `embed_shape` = (L, D) of one
     caption's embedding."""
@@ -623,7 +672,7 @@ def disk_estimate(
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
     f = c.vae_scale_factor
-    unet = params(c.denoiser)
+    denoiser_params = params(c.denoiser)
     num_captions = len(set(images.captions))
     return preflight.estimate_run_bytes(
         num_rows=len(images),
@@ -637,15 +686,15 @@ def disk_estimate(
         self_play=spec.self_play,
         store_dtype=cfg.sample.store_dtype,
         trajectory_steps=cfg.sample.num_steps if spec.trajectory else None,
-        pipeline_params=unet + sum(params(e) for e in c.text_encoders()) + params(c.vae),
-        unet_params=unet,
-        trainable_params=unet if cfg.model.lora_rank == 0 else 0,
+        pipeline_params=denoiser_params + sum(params(e) for e in c.text_encoders()) + params(c.vae),
+        denoiser_params=denoiser_params,
+        trainable_params=denoiser_params if cfg.model.lora_rank == 0 else 0,
         eval_images=cfg.eval.num_prompts if cfg.eval.enabled else 0,
         image_pixels=resolution * resolution,
     )
 
 
-def opponent_eta(cfg: RunConfig, family) -> float:
+def opponent_eta(cfg: RunConfig, family: Family) -> float:
     """DDIM η of the opponent's sampler: sample.eta when set; else 1.0 for an objective on the opponent's stored chain
     (spin_exact) with DDIM on a DDPM-family model, whose per-step Gaussian needs σ_t > 0 to be a likelihood at all
     (docs/EXACT_OBJECTIVE.md), and 0.0 otherwise (flow-matching models: deterministic Euler steps)."""
@@ -660,28 +709,21 @@ def train_seed(cfg: RunConfig, k: int) -> int:
     return int(np.random.SeedSequence([cfg.seed, k, 0, 1]).generate_state(1)[0])
 
 
-def _load_unet(model_dir: Path) -> torch.nn.Module:
-    """The denoiser of an exported iteration: unet/ (SD, SDXL) or transformer/ (SD3)."""
-    if (model_dir / "transformer").is_dir():
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer", local_files_only=True)
-    return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", local_files_only=True)
-
-
-def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: bool, seed: int):
-    """θ_{k+1} starts as θ_k. Full fine-tuning: ref = frozen copy; LoRA: ref = the same UNet, adapters off."""
+def _policy_and_ref(
+    model_cfg: ModelConfig, opponent: torch.nn.Module, *, needs_ref: bool, seed: int
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """θ_{k+1} starts as θ_k. Full fine-tuning: ref = frozen copy; LoRA: ref = the same denoiser, adapters off."""
     policy = opponent
     policy.requires_grad_(True)
-    if cfg.model.gradient_checkpointing:
+    if model_cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    if cfg.model.lora_rank > 0:
+    if model_cfg.lora_rank > 0:
         policy.requires_grad_(False)
         lora.add_lora(
             policy,
-            rank=cfg.model.lora_rank,
-            alpha=cfg.model.lora_alpha or cfg.model.lora_rank,
-            target_modules=list(cfg.model.lora_target_modules),
+            rank=model_cfg.lora_rank,
+            alpha=model_cfg.lora_alpha or model_cfg.lora_rank,
+            target_modules=list(model_cfg.lora_target_modules),
             seed=seed,
         )
         return policy, None
@@ -689,7 +731,12 @@ def _policy_and_ref(cfg: RunConfig, opponent: torch.nn.Module, *, needs_ref: boo
     return policy, ref
 
 
-def _eval_set(cfg: RunConfig, c: models.Components, captions: list[str], images) -> EvalSet:
+def _eval_set(
+    cfg: RunConfig,
+    c: models.Components,
+    captions: list[str],
+    images: data_lib.CaptionedImages | data_lib.PreferencePairs,
+) -> EvalSet:
     if cfg.eval.prompts is not None:
         prompts = data_lib.load_prompts(cfg.eval.prompts)[: cfg.eval.num_prompts]
         reference: list[Image.Image] = []

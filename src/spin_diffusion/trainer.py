@@ -117,7 +117,7 @@ class TrainResult:
     final_loss: float  # mean loss of the last logging window
     wall_seconds: float  # time spent in this call
     log_path: Path
-    policy: torch.nn.Module | None = None  # the trained UNet as an ordinary module (see `train`)
+    policy: torch.nn.Module | None = None  # the trained denoiser as an ordinary module (see `train`)
 
 
 class Validation(Protocol):
@@ -246,7 +246,7 @@ def train(
     weights on every rank (`policy` must not be used any more).
 
     Args:
-        policy: the UNet being trained (full fine-tuning, or with a LoRA adapter added).
+        policy: the denoiser being trained (full fine-tuning, or with a LoRA adapter added).
         ref: the frozen reference θ_k; None for sft, or for a LoRA policy (reference = adapters disabled).
         family: the model's family (`Components.family`): forward process, targets and how the network is called.
         out_dir: gets `train_log.jsonl`, the trackers' files (`tensorboard/`, `wandb/`: train_cfg.report_to) and
@@ -491,7 +491,7 @@ def _accelerator(train_cfg: TrainConfig, out: Path) -> Accelerator:
         and accelerator.state.deepspeed_plugin.zero_stage == 3
     ):
         raise SpinDiffusionError(
-            "DeepSpeed ZeRO-3 is not supported (the trained UNet could not be exported on every "
+            "DeepSpeed ZeRO-3 is not supported (the trained denoiser could not be exported on every "
             "rank); use ZeRO-2 or configs/accelerate/fsdp.yaml"
         )
     return accelerator
