@@ -28,7 +28,8 @@ def small_demo(monkeypatch):
 def test_demo_end_to_end_two_seeds_and_rerun_continues(tmp_path, small_demo, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out, as with the default "demo_run"
     out = Path("demo_run")
-    assert main(["demo", "--out", str(out), "--scale", "0.05", "--seeds", "2"]) == 0, capsys.readouterr().err
+    argv = ["demo", "--out", str(out), "--scale", "0.05", "--seeds", "2", "--sft-then-spin"]
+    assert main(argv) == 0, capsys.readouterr().err
     report = out / "report.html"
     assert report.exists()
     results = json.loads((out / "results.json").read_text())
@@ -75,7 +76,7 @@ def test_demo_end_to_end_two_seeds_and_rerun_continues(tmp_path, small_demo, cap
 
     spin_model = out / "seed_1" / "spin" / "iter_03" / "model" / "model_index.json"
     stamp = spin_model.stat().st_mtime_ns
-    runner.run_demo(out, seeds=2, scale=0.05, progress=False)  # a rerun continues: nothing is retrained
+    runner.run_demo(out, seeds=2, scale=0.05, progress=False, sft_then_spin=True)  # continues: nothing retrained
     assert "continuing the demo" in capsys.readouterr().out
     assert spin_model.stat().st_mtime_ns == stamp
 
@@ -88,7 +89,7 @@ def test_demo_pretrain_keeps_the_from_scratch_path(tmp_path, small_demo, monkeyp
     out = tmp_path / "demo"
     runner.run_demo(out, seeds=1, scale=0.02, pretrain=True, hyper=runner.Hyper(iterations=1), progress=False)
     results = json.loads((out / "results.json").read_text())
-    assert [m["name"] for m in results["models"]] == ["base", "sft", "spin iter 1", "sft then spin"]
+    assert [m["name"] for m in results["models"]] == ["base", "sft", "spin iter 1"]  # no third arm by default
     assert results["models"][0]["spread"] == {}  # one seed: no spread
     base_eval = json.loads((out / "seed_0" / "eval" / "base.json").read_text())
     assert Path(base_eval["model"]) == out / "base" / "iter_01" / "model"

@@ -442,6 +442,7 @@ def run_demo(
     pretrain: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    sft_then_spin: bool = False,
 ) -> DemoResult:
     """The built-in CPU demo: SFT vs SPIN from the shipped base on rendered shapes, ``seeds`` seeds, evaluated on
     held-out scenes, then a report. Calling it again on the same ``out`` continues a killed demo.
@@ -454,6 +455,7 @@ def run_demo(
         pretrain: pretrain the base from scratch (short) instead of using the shipped one.
         progress: progress bars.
         workers: processes that run the arms and evaluations (None: one per CPU core, at most 4).
+        sft_then_spin: add the third arm, SFT for half the steps and then SPIN, against SFT continued.
     """
     from spin_diffusion.demo import runner
 
@@ -464,7 +466,14 @@ def run_demo(
     if workers is not None and workers < 1:
         raise SpinDiffusionError(f"--workers must be >= 1, got {workers}")
     report = runner.run_demo(
-        out, seed=seed, seeds=seeds, scale=scale, pretrain=pretrain, progress=progress, workers=workers
+        out,
+        seed=seed,
+        seeds=seeds,
+        scale=scale,
+        pretrain=pretrain,
+        progress=progress,
+        workers=workers,
+        sft_then_spin=sft_then_spin,
     )
     return DemoResult(out=Path(out), report=Path(report), results=Path(out) / "results.json")
 

@@ -111,6 +111,12 @@ def demo(
     workers: Annotated[
         int, typer.Option(help="Processes that run the arms and evaluations (0 = one per CPU core, at most 4).")
     ] = 0,
+    sft_then_spin: Annotated[
+        bool,
+        typer.Option(
+            "--sft-then-spin", help="Add the third arm: SFT for half the steps, then SPIN (vs SFT continued)."
+        ),
+    ] = False,
 ):
     """Built-in CPU demo world: SFT vs SPIN from a shipped pretrained base on rendered shapes, several seeds,
     evaluated on held-out scenes, then a report.
@@ -119,7 +125,8 @@ def demo(
     if workers < 0:
         raise SpinDiffusionError(f"--workers must be >= 0, got {workers}")
     console.quiet_model_bars()
-    result = api.run_demo(out, seed=seed, seeds=seeds, scale=scale, pretrain=pretrain, workers=workers or None)
+    options = dict(seed=seed, seeds=seeds, scale=scale, pretrain=pretrain, sft_then_spin=sft_then_spin)
+    result = api.run_demo(out, workers=workers or None, **options)
     typer.echo(f"report: {result.report}")
 
 

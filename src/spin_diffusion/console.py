@@ -51,3 +51,15 @@ def quiet_model_bars() -> None:
 def is_quiet() -> bool:
     """Whether quiet() was called in this process (the demo hands it on to its worker processes)."""
     return _quiet
+
+
+def start_worker(threads: int, quiet_parent: bool) -> None:
+    """Initializer of a worker process (the demo's jobs): its torch threads, and the parent's console settings
+    (environment variables are inherited, logger levels are not). It lives here, in a module that imports nothing
+    heavy, because a spawned worker imports its initializer's module before calling it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if quiet_parent:
+        quiet()
+        quiet_model_bars()

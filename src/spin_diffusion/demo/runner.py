@@ -30,8 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from spin_diffusion import console, export, presets, world
 from spin_diffusion.config import (
     DataConfig,
@@ -305,18 +303,22 @@ def evaluate_seed(
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """What one seed runs: SFT, SPIN and "SFT, then SPIN", then the evaluation of every model on `spec`."""
+    """What one seed runs: SFT, SPIN and, with `then`, "SFT, then SPIN"; then the evaluation of every model on
+    `spec`."""
 
     seed: int
     folder: Path
     sft: RunConfig
     spin: RunConfig
     spec: EvalSpec
+    then: bool = False
 
     def arms(self) -> dict[str, tuple[RunConfig, ...]]:
         """{arm: its runs, in order}."""
-        then = sft_then_spin_configs(self.sft, self.spin, self.folder)
-        return {"sft": (self.sft,), "spin": (self.spin,), "sft_then_spin": then}
+        arms = {"sft": (self.sft,), "spin": (self.spin,)}
+        if self.then:
+            arms["sft_then_spin"] = sft_then_spin_configs(self.sft, self.spin, self.folder)
+        return arms
 
     def models(self, arm: str) -> dict[str, Path]:
         """{model name: diffusers folder} that arm `arm` exports."""
@@ -327,13 +329,6 @@ class SeedPlan:
             return {f"spin iter {i}": iter_dir(Path(self.spin.run_dir), i) / "model" for i in range(1, k + 1)}
         last = self.arms()["sft_then_spin"][-1]
         return {SFT_THEN_SPIN: iter_dir(Path(last.run_dir), last.num_iterations) / "model"}
-
-
-def _start_worker(threads: int, quiet: bool) -> None:
-    torch.set_num_threads(threads)
-    if quiet:  # the parent's console settings (environment variables are inherited, logger levels are not)
-        console.quiet()
-        console.quiet_model_bars()
 
 
 def _finetune_job(configs: tuple[RunConfig, ...]) -> float:
@@ -378,7 +373,7 @@ def run_plans(
     else:
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
         pool = cf.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start_worker, initargs=(threads, console.is_quiet())
+            workers, mp_context=context, initializer=console.start_worker, initargs=(threads, console.is_quiet())
         )
     with pool:
         running: dict[cf.Future, tuple[str, int, str, float]] = {}
@@ -388,7 +383,8 @@ def run_plans(
 
         for arm in arm_order:
             for p in plans:
-                submit("arm", p.seed, arm, _finetune_job, p.arms()[arm])
+                if arm in p.arms():
+                    submit("arm", p.seed, arm, _finetune_job, p.arms()[arm])
         for p in plans:
             submit("eval", p.seed, "base", _evaluate_job, base, p.spec, p.folder / "eval", "base")
         while running:
@@ -474,15 +470,19 @@ def run_demo(
     hyper: Hyper | None = None,
     progress: bool = True,
     workers: int | None = None,
+    sft_then_spin: bool = False,
 ) -> Path:
     """Run every demo stage for seeds seed, seed + 1, ... and write out/report.html. Rerunning continues a
     killed demo: finished stages (and finished phases inside them) are skipped, so a complete demo only
-    rebuilds its report. The arms and evaluations run as jobs on `workers` processes (`run_plans`)."""
+    rebuilds its report. The arms and evaluations run as jobs on `workers` processes (`run_plans`).
+    `sft_then_spin` adds the third arm, "SFT, then SPIN" against SFT continued (`sft_then_spin_configs`)."""
     out = Path(out)
     hyper = hyper or Hyper()
     if seeds < 1:
         raise SpinDiffusionError(f"--seeds must be >= 1, got {seeds}")
     settings = {"seed": seed, "seeds": seeds, "scale": scale, "pretrain": pretrain, "hyper": dataclasses.asdict(hyper)}
+    if sft_then_spin:  # (a demo made without the arm keeps its demo.json as it was)
+        settings["sft_then_spin"] = True
     if _claim(out, settings):
         print(f"continuing the demo in {out} (finished stages are skipped)")
     started = time.perf_counter()
@@ -498,14 +498,14 @@ def run_demo(
     plans = []
     for s in range(seed, seed + seeds):
         sft_cfg, spin_cfg = finetune_configs(out / f"seed_{s}", base, data_dir, seed=s, hyper=hyper, scale=scale)
-        plans.append(SeedPlan(s, out / f"seed_{s}", sft_cfg, spin_cfg, heldout_spec(s)))
+        plans.append(SeedPlan(s, out / f"seed_{s}", sft_cfg, spin_cfg, heldout_spec(s), then=sft_then_spin))
     per_seed, seed_timings = run_plans(plans, base, workers=workers, progress=progress)
     for s in sorted(seed_timings):
         timings[f"seed_{s}"] = seed_timings[s]
         print(f"seed {s}: {json.dumps(seed_timings[s])}")
     timings["total"] = round(time.perf_counter() - started, 1)
 
-    data = _report_data(out, per_seed, timings, base, pretrain, plans[0].sft, plans[0].spin)
+    data = _report_data(out, per_seed, timings, base, pretrain, plans[0].sft, plans[0].spin, sft_then_spin)
     results = data.to_dict() | {"timings": timings, "per_seed": {str(s): r for s, r in per_seed.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return write_report(data, out)
@@ -526,6 +526,7 @@ def _report_data(
     pretrain: bool,
     sft_cfg: RunConfig,
     spin_cfg: RunConfig,
+    then: bool,
 ) -> ReportData:
     seeds = sorted(per_seed)
     first = seeds[0]
@@ -535,7 +536,7 @@ def _report_data(
     # iterations together, so its point shares x with SPIN's last iteration.
     layout = [("base", "base", 0), ("sft", "sft", sft_cfg.train.max_steps)]
     layout += [(f"spin iter {k}", "spin", k * spin_steps) for k in range(1, iterations + 1)]
-    layout += [(SFT_THEN_SPIN, "sft then spin", sft_cfg.train.max_steps)]
+    layout += [(SFT_THEN_SPIN, "sft then spin", sft_cfg.train.max_steps)] if then else []
     models_: list[ModelEntry] = []
     for name, group, step in layout:
         grid = out / f"seed_{first}" / "eval" / f"{name.replace(' ', '_')}.png"
@@ -555,7 +556,7 @@ def _report_data(
     for k in range(1, iterations + 1):
         curves += train_curves(iter_dir(first_dir / "spin", k) / TRAIN_LOG, prefix=f"spin iter {k} ")
     curves += train_curves(iter_dir(first_dir / "sft", 1) / TRAIN_LOG, prefix="sft ")
-    for k in range(1, iterations + 1):
+    for k in range(1, iterations + 1) if then else ():
         curves += train_curves(
             iter_dir(first_dir / "sft_then_spin" / "spin", k) / TRAIN_LOG, prefix=f"sft then spin iter {k} "
         )
@@ -570,7 +571,7 @@ def _report_data(
         + ", ".join(f"{m.name} {_fmt_ms(m, 'fd', False)}" for m in models_)
         + "."
     ]
-    for rival in (last, SFT_THEN_SPIN):
+    for rival in (last, SFT_THEN_SPIN) if then else (last,):
         verdicts = []
         for key, label in ((judged, "all correct"), ("fd", "Fréchet distance"), ("win_rate_vs_base", "win rate")):
             a, b = by_name["sft"], by_name[rival]
@@ -584,9 +585,14 @@ def _report_data(
         f"SFT and SPIN ran the same number of optimizer steps ({sft_cfg.train.max_steps}) on the same "
         f"{FINETUNE_PAIRS} clean pairs of the 24 train scenes, with {sft_cfg.train.batch_size} images per step "
         f"each; SPIN also generated its opponent's images every iteration and ran reference forwards (wall-clock "
-        f'per seed in the section below). "SFT then SPIN" is SFT for half of those steps, then '
-        f"{iterations} SPIN iterations from that model for the other half; the SFT arm is its rival, the same SFT "
-        "continued. Evaluation prompts are scenes no fine-tuning pair shows."
+        "per seed in the section below). "
+        + (
+            f'"SFT then SPIN" is SFT for half of those steps, then {iterations} SPIN iterations from that model for '
+            "the other half; the SFT arm is its rival, the same SFT continued. "
+            if then
+            else ""
+        )
+        + "Evaluation prompts are scenes no fine-tuning pair shows."
     )
     if len(seeds) == 1:
         lines.append("One seed only: no spread is shown, and no difference can be told from seed noise.")
