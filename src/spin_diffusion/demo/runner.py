@@ -295,8 +295,9 @@ def evaluate_seed(
 # ---------------------------------------------------------------------------------------------------------------
 # Arms and evaluations as jobs on several processes
 #
-# The demo's models are tiny: one torch thread runs them nearly as fast as two, so two single-threaded processes
-# finish about twice the work of one two-threaded process (docs/DEMO.md has the measurement). Every arm of every
+# The demo's models are tiny, so torch's threads scale poorly on them: two threads run one SFT arm 1.56x faster
+# than one, but two single-threaded processes side by side finish 1.28x the work of one two-threaded process
+# (benchmarks/bench_demo_workers.py; docs/DEMO.md). Every arm of every
 # seed is a job, and so is every model's evaluation once its arm is done; each job resumes by itself (a finished
 # run or evaluation is skipped), so a killed demo continues whatever the order the jobs ran in.
 
