@@ -18,7 +18,8 @@ opponent's images; the report shows each stage's wall-clock time, so the compari
 
 Evaluation never uses a training caption: the fine-tuning pairs show only the 24 "train" scenes, the report
 scores the 12 "test" scenes, and the 12 "validation" scenes are kept for choosing hyper-parameters
-(`validation_spec`). A grid script can call `prepare`, `finetune` and `evaluate_seed` with its own `Hyper`.
+(`validation_spec`). A grid script can call `prepare`, `finetune_configs` with its own `Hyper`, and `run_plans`
+with `SeedPlan`s that evaluate on `validation_spec`.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def _config(
             log_every=5,
             caption_dropout=caption_dropout,
         ),
-        eval=EvalConfig(enabled=False),  # the demo evaluates on held-out prompts itself (evaluate_seed)
+        eval=EvalConfig(enabled=False),  # the demo evaluates on held-out prompts itself (run_plans)
     )
 
 
@@ -254,42 +255,6 @@ def sft_then_spin_configs(sft: RunConfig, spin: RunConfig, seed_dir: Path) -> tu
         },
     )
     return first, then
-
-
-def finetune(
-    sft: RunConfig,
-    spin: RunConfig,
-    *,
-    progress: bool,
-    timings: dict[str, float],
-    then: tuple[RunConfig, RunConfig] | None = None,
-) -> dict[str, Path]:
-    """Run (or continue) the fine-tunings; -> {model name: diffusers folder} for SFT, each SPIN iteration and, with
-    `then` (`sft_then_spin_configs`), the last model of "SFT, then SPIN"."""
-    arms = [("sft", sft), ("spin", spin)] + ([("sft_then_spin", then[0]), ("sft_then_spin", then[1])] if then else [])
-    for name, cfg in arms:
-        t0 = time.perf_counter()
-        run(cfg, resume=Path(cfg.run_dir).exists(), progress=progress)
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
-    found = {"sft": iter_dir(Path(sft.run_dir), 1) / "model"}
-    found |= {f"spin iter {k}": iter_dir(Path(spin.run_dir), k) / "model" for k in range(1, spin.num_iterations + 1)}
-    if then:
-        found[SFT_THEN_SPIN] = iter_dir(Path(then[1].run_dir), then[1].num_iterations) / "model"
-    return found
-
-
-def evaluate_seed(
-    seed_dir: Path, base: Path, finetuned: dict[str, Path], spec: EvalSpec, *, timings: dict[str, float]
-) -> dict[str, dict]:
-    """Judge the base and every fine-tuned model on `spec`; -> {name: metrics incl. win_rate_vs_base}."""
-    t0 = time.perf_counter()
-    folder = seed_dir / "eval"
-    results = {"base": evaluate(base, spec, folder / "base.json", grid=folder / "base.png")}
-    for name, model in finetuned.items():
-        slug = name.replace(" ", "_")
-        results[name] = evaluate(model, spec, folder / f"{slug}.json", grid=folder / f"{slug}.png")
-    timings["eval"] = round(time.perf_counter() - t0, 1)
-    return {name: r["metrics"] | {"win_rate_vs_base": win_rate_vs(r, results["base"])} for name, r in results.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
