@@ -18,10 +18,7 @@ default; this one has no shipped base yet (docs/DEMO_STUDY.md).
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.world import COLORS, SHAPES, _shape_polygon, _to_float_hwc
+from spin_diffusion.world import COLORS, SHAPES, _shape_polygon, _to_float_hwc, save_imagefolder
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 _INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -238,30 +235,11 @@ def noisy_examples(n: int, *, seed: int, noise: float, size: int = 32) -> tuple[
 
 
 def write_imagefolder(out_dir: Path, n: int, *, seed: int, size: int = 32, scenes: list[Scene] | None = None) -> Path:
-    """Write `make_examples(n, ...)` as an imagefolder (``00000.png``, ..., ``metadata.jsonl``) and return `out_dir`.
-
-    The same layout and atomic write as `world.write_imagefolder` (duplicated, keep in sync): written to
-    ``<out_dir>.tmp``, then renamed; refuses a non-empty `out_dir`.
-    """
-    out_dir = Path(out_dir)
+    """Write `make_examples(n, ...)` as an imagefolder (``00000.png``, ..., ``metadata.jsonl``; atomic, refuses a
+    non-empty `out_dir`: `world.save_imagefolder`) and return `out_dir`."""
     if n < 1:
         raise SpinDiffusionError(f"the relation-world dataset needs at least 1 image, got n={n}; pass n >= 1")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise SpinDiffusionError(f"{out_dir} already exists and is not empty; delete it or choose another directory")
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp_dir.exists():  # left over from an interrupted write
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
-    lines = []
-    for i, (image, caption) in enumerate(make_examples(n, seed=seed, size=size, scenes=scenes)):
-        file_name = f"{i:05d}.png"
-        image.save(tmp_dir / file_name)
-        lines.append(json.dumps({"file_name": file_name, "text": caption}))
-    (tmp_dir / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked above)
-    os.replace(tmp_dir, out_dir)
-    return out_dir
+    return save_imagefolder(out_dir, lambda: make_examples(n, seed=seed, size=size, scenes=scenes))
 
 
 # ----------------------------------------------------------------------------------------------------------

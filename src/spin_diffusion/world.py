@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -245,15 +246,22 @@ def noisy_examples(n: int, *, seed: int, noise: float, size: int = 32) -> tuple[
 
 
 def write_imagefolder(out_dir: Path, n: int, *, seed: int, size: int = 32, scenes: list[Scene] | None = None) -> Path:
-    """Write `make_examples(n, seed=seed, size=size, scenes=scenes)` as an imagefolder and return `out_dir`.
+    """Write `make_examples(n, seed=seed, size=size, scenes=scenes)` as an imagefolder (`save_imagefolder`) and
+    return `out_dir`."""
+    if n < 1:
+        raise SpinDiffusionError(f"the demo dataset needs at least 1 image, got n={n}; pass n >= 1")
+    return save_imagefolder(out_dir, lambda: make_examples(n, seed=seed, size=size, scenes=scenes))
+
+
+def save_imagefolder(out_dir: Path, examples: Callable[[], Iterable[tuple[Image.Image, str]]]) -> Path:
+    """Write the (image, caption) pairs `examples()` returns as an imagefolder and return `out_dir` (this world's
+    and the relation world's datasets).
 
     Layout: ``00000.png, 00001.png, ...`` and ``metadata.jsonl`` with lines ``{"file_name": ..., "text": ...}``.
     Atomic: everything is written to ``<out_dir>.tmp`` first, which is then renamed to `out_dir`. Refuses to
-    overwrite a non-empty `out_dir` (SpinDiffusionError); an empty one is replaced.
+    overwrite a non-empty `out_dir` (SpinDiffusionError) before `examples` is called; an empty one is replaced.
     """
     out_dir = Path(out_dir)
-    if n < 1:
-        raise SpinDiffusionError(f"the demo dataset needs at least 1 image, got n={n}; pass n >= 1")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SpinDiffusionError(f"{out_dir} already exists and is not empty; delete it or choose another directory")
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
@@ -261,7 +269,7 @@ def write_imagefolder(out_dir: Path, n: int, *, seed: int, size: int = 32, scene
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     lines = []
-    for i, (image, caption) in enumerate(make_examples(n, seed=seed, size=size, scenes=scenes)):
+    for i, (image, caption) in enumerate(examples()):
         file_name = f"{i:05d}.png"
         image.save(tmp_dir / file_name)
         lines.append(json.dumps({"file_name": file_name, "text": caption}))
