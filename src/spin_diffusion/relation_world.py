@@ -29,7 +29,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.world import COLORS, SHAPES, _shape_polygon, _to_float_hwc, save_imagefolder
+from spin_diffusion.world import (
+    _MIN_CONTRAST,
+    COLORS,
+    SHAPES,
+    _nearest_color,
+    _shape_of,
+    _shape_polygon,
+    _to_float_hwc,
+    save_imagefolder,
+)
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 _INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -42,11 +51,9 @@ _BRIGHTNESS_RANGE = (0.85, 1.0)
 _BACKGROUND_MAX = 12
 _SUPERSAMPLE = 4
 
-# Judge thresholds: as `world`'s (calibrated there), re-checked on this world's smaller objects by
-# tests/test_relation_world.py (every rendered scene judged all-correct).
-_TRIANGLE_MAX_SKEW = -0.22
-_SQUARE_MIN_FILL = 0.85
-_MIN_CONTRAST = 0.3
+# The judge's thresholds and its shape and color readings are `world`'s (calibrated there: _MIN_CONTRAST,
+# _shape_of, _nearest_color), re-checked on this world's smaller objects by tests/test_relation_world.py (every
+# rendered scene judged all-correct).
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,16 +286,8 @@ def _describe(rgb: np.ndarray, value: np.ndarray, background: float, blob: np.nd
     cy, cx = float(row_mass @ ys), float((soft.sum(axis=0) / area) @ xs)
     variance = float(row_mass @ (ys - cy) ** 2)
     skew_y = float(row_mass @ (ys - cy) ** 3) / max(variance, 1e-9) ** 1.5
-    if skew_y < _TRIANGLE_MAX_SKEW:
-        shape = "triangle"
-    else:
-        shape = "square" if fill_ratio >= _SQUARE_MIN_FILL else "circle"
-    mean_rgb = rgb[blob].mean(axis=0) - background
-    names = list(COLORS)
-    palette = np.array([COLORS[name] for name in names], dtype=np.float64)
-    palette /= np.linalg.norm(palette, axis=1, keepdims=True)
-    color = names[int(np.argmax(palette @ (mean_rgb / max(float(np.linalg.norm(mean_rgb)), 1e-9))))]
-    return _Object(color=color, shape=shape, centroid=(cx / width, cy / height))
+    color = _nearest_color(rgb[blob].mean(axis=0) - background)
+    return _Object(color=color, shape=_shape_of(fill_ratio, skew_y), centroid=(cx / width, cy / height))
 
 
 def _detect(image: Image.Image | np.ndarray | torch.Tensor) -> tuple[_Object, _Object] | None:

@@ -329,6 +329,22 @@ def _to_float_hwc(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     return np.clip(np.nan_to_num(array.astype(np.float64), nan=0.0), 0.0, 1.0)
 
 
+def _shape_of(fill_ratio: float, skew_y: float) -> str:
+    """A blob's shape from its fill ratio and the skewness of its row profile (`_detect` step 4)."""
+    if skew_y < _TRIANGLE_MAX_SKEW:
+        return "triangle"
+    return "square" if fill_ratio >= _SQUARE_MIN_FILL else "circle"
+
+
+def _nearest_color(direction: np.ndarray) -> str:
+    """The palette color closest by direction (cosine) to an RGB difference from the background, so that brightness
+    does not matter (`_detect` step 6)."""
+    names = list(COLORS)
+    palette = np.array([COLORS[name] for name in names], dtype=np.float64)
+    palette /= np.linalg.norm(palette, axis=1, keepdims=True)
+    return names[int(np.argmax(palette @ (direction / max(float(np.linalg.norm(direction)), 1e-9))))]
+
+
 def _detect(image: Image.Image | np.ndarray | torch.Tensor) -> _Detection | None:
     """Find the most prominent bright object and describe it; None when there is none."""
     rgb = _to_float_hwc(image)
@@ -368,10 +384,7 @@ def _detect(image: Image.Image | np.ndarray | torch.Tensor) -> _Detection | None
     cx = float((soft.sum(axis=0) / area) @ xs)
     variance = float(row_mass @ (ys - cy) ** 2)
     skew_y = float(row_mass @ (ys - cy) ** 3) / max(variance, 1e-9) ** 1.5
-    if skew_y < _TRIANGLE_MAX_SKEW:
-        shape = "triangle"
-    else:
-        shape = "square" if fill_ratio >= _SQUARE_MIN_FILL else "circle"
+    shape = _shape_of(fill_ratio, skew_y)
 
     # 5. Position: the soft centroid in fractions of the side; the larger of |dx|, |dy| picks the region.
     cx, cy = cx / width, cy / height
@@ -387,11 +400,7 @@ def _detect(image: Image.Image | np.ndarray | torch.Tensor) -> _Detection | None
     # 6. Color: mean blob color minus the background color, compared by direction with the palette (cosine),
     #    so brightness does not matter.
     background_rgb = np.median(rgb[~around], axis=0) if (~around).any() else np.zeros(3)
-    mean_rgb = rgb[blob].mean(axis=0) - background_rgb
-    names = list(COLORS)
-    palette = np.array([COLORS[name] for name in names], dtype=np.float64)
-    palette /= np.linalg.norm(palette, axis=1, keepdims=True)
-    color = names[int(np.argmax(palette @ (mean_rgb / max(float(np.linalg.norm(mean_rgb)), 1e-9))))]
+    color = _nearest_color(rgb[blob].mean(axis=0) - background_rgb)
     return _Detection(
         color=color, shape=shape, position=position, fill_ratio=fill_ratio, skew_y=skew_y, centroid=(cx, cy)
     )
