@@ -57,13 +57,26 @@ HOUSE = [
         "losses",
         "preemption",
         "encoding",
-        "console",
+        "lean_imports",
         "__init__",
         "demo.__init__",
         "scorers.__init__",
     },
-    # 1. configuration, process roles, the objective table, the Hub, files of a run, the shapes world, families, LoRA
-    {"config", "distributed", "objectives", "hub", "images", "rundir", "world", "families", "lora", "prepare"},
+    # 1. configuration, process roles, the objective table, the Hub, files of a run, the shapes world, families, LoRA,
+    # what a run prints
+    {
+        "console",
+        "config",
+        "distributed",
+        "objectives",
+        "hub",
+        "images",
+        "rundir",
+        "world",
+        "families",
+        "lora",
+        "prepare",
+    },
     # 2. models and data; the loss of an objective for other training loops; the relation world (built on the shapes
     # world's palette and drawing)
     {"models", "card", "data", "preflight", "report", "scorers._common", "training_loss", "relation_world"},

@@ -14,7 +14,7 @@ from typing import Annotated
 import click
 import typer
 
-from spin_diffusion import api, console, preemption
+from spin_diffusion import api, console, lean_imports, preemption
 from spin_diffusion.distributed import is_main, launched_rank, launched_ranks, shutdown
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -50,6 +50,13 @@ RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-o", help="Run dir
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir, skipping finished work.")]
 
 
+def _loads_models() -> None:
+    """A command that loads models: its process is ours alone, so it holds back the packages that libraries import
+    at start-up and the run may not use (lean_imports), and it hides transformers' per-model bars unless --verbose."""
+    lean_imports.hold_back()
+    console.quiet_model_bars()
+
+
 def _finished(result: api.RunResult) -> None:
     if is_main():  # the main process reports for the run
         typer.echo(result.summary())
@@ -64,21 +71,21 @@ def spin(
     exact: Annotated[bool, typer.Option("--exact", help="Use the exact objective (stores trajectories).")] = False,
 ):
     """Self-play fine-tuning: K iterations of generate with θ_k → train θ_{k+1} against θ_k → evaluate."""
-    console.quiet_model_bars()
+    _loads_models()
     _finished(api.spin(config, set_ or [], run_dir=run_dir, resume=resume, exact=exact, handle_signals=True))
 
 
 @app.command()
 def sft(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False):
     """Supervised fine-tuning baseline: the plain denoising loss on the real images."""
-    console.quiet_model_bars()
+    _loads_models()
     _finished(api.sft(config, set_ or [], run_dir=run_dir, resume=resume, handle_signals=True))
 
 
 @app.command()
 def dpo(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = False):
     """Diffusion-DPO baseline on given preference pairs (data.winner_column / data.loser_column)."""
-    console.quiet_model_bars()
+    _loads_models()
     _finished(api.dpo(config, set_ or [], run_dir=run_dir, resume=resume, handle_signals=True))
 
 
@@ -124,7 +131,7 @@ def demo(
     Running it again on the same --out continues a killed demo (finished stages are skipped)."""
     if workers < 0:
         raise SpinDiffusionError(f"--workers must be >= 0, got {workers}")
-    console.quiet_model_bars()
+    _loads_models()
     options = dict(seed=seed, seeds=seeds, scale=scale, pretrain=pretrain, sft_then_spin=sft_then_spin)
     result = api.run_demo(out, workers=workers or None, **options)
     typer.echo(f"report: {result.report}")
@@ -156,7 +163,7 @@ def evaluate(
     fid_features: Annotated[str | None, typer.Option(help="CLIP folder or Hub id: FID's feature network.")] = None,
 ):
     """Generate images for a prompt set with each model and score them (mean, median, win rate vs baseline)."""
-    console.quiet_model_bars()
+    _loads_models()
     result = api.evaluate(
         model,
         prompts,

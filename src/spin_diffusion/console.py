@@ -59,6 +59,9 @@ def start_worker(threads: int, quiet_parent: bool) -> None:
     heavy, because a spawned worker imports its initializer's module before calling it."""
     import torch
 
+    from spin_diffusion import lean_imports
+
+    lean_imports.hold_back()  # before the jobs import the libraries
     torch.set_num_threads(threads)
     if quiet_parent:
         quiet()

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from spin_diffusion import distributed
+from spin_diffusion import distributed, lean_imports
 from spin_diffusion.config import TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -129,7 +129,7 @@ def check_training(train: TrainConfig) -> None:
         raise SpinDiffusionError(
             "train.report_to=wandb needs the wandb package: pip install wandb (or set train.report_to: tensorboard)"
         )
-    if train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+    if train.optimizer == "adamw8bit" and not lean_imports.installed("bitsandbytes"):
         raise SpinDiffusionError(
             'train.optimizer=adamw8bit needs the bitsandbytes package: pip install "spin-diffusion[8bit]" '
             "(or set train.optimizer: adamw)"

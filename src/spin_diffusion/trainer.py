@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from spin_diffusion import distributed, losses, objectives, preemption
+from spin_diffusion import distributed, lean_imports, losses, objectives, preemption
 from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
@@ -146,8 +146,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> to
         weight_decay=cfg.weight_decay,
     )
     if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
+        bnb = lean_imports.import_module("bitsandbytes")  # the CLI holds it back until a run wants it
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
