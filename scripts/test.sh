@@ -17,5 +17,6 @@ for arg in "$@"; do
 done
 workers=${TEST_WORKERS:-$(nproc)}
 parallel=()
-[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
+# one test file per worker at a time, most expensive first (tests/conftest.py orders them; xdist keeps that order)
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 exec .venv/bin/python -m pytest "${parallel[@]}" --durations=20 "${args[@]}"

@@ -30,6 +30,23 @@ def node_args(node: int, port: int, command: str, *args: str) -> list[str]:
             "-m", "spin_diffusion.cli", command, *args]  # fmt: skip
 
 
+def spin_in_process(config, overrides: list[str], run_dir) -> None:
+    """`spin-diffusion spin --config CONFIG --set ... --run-dir RUN_DIR` run in this process, on one torch thread as
+    the tests' command processes (OMP_NUM_THREADS=1): the uninterrupted reference of a single-process kill test,
+    without paying a process's imports. The run's weights are bit-identical to the command's (the kill tests
+    compare them with torch.equal)."""
+    import torch
+
+    from spin_diffusion import api
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        api.spin(config, overrides, run_dir=run_dir, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every process under it. (torchrun starts its workers in sessions of their own, so
     killing the launcher's process group would leave the ranks running.)"""

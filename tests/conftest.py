@@ -14,6 +14,23 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
+def pytest_collection_modifyitems(items):
+    """The most expensive test files first, so that the workers of scripts/test.sh (one file at a time each,
+    `--dist loadfile --no-loadscope-reorder`) end together: the longest-first rule, with a file's cost estimated as
+    HEAVY_COST per test marked heavy (real processes, whole pipelines) plus 1 per other test. xdist's own order
+    (most tests first) put the few-test, slowest files (FSDP, per-family resumes, preemption) last, and one worker
+    ran them alone at the end. The order within a file is kept (its module fixtures are shared in that order)."""
+    cost: dict[str, int] = {}
+    for item in items:
+        cost[item.nodeid.split("::")[0]] = cost.get(item.nodeid.split("::")[0], 0) + (
+            HEAVY_COST if item.get_closest_marker("heavy") else 1
+        )
+    items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])  # stable: a file's tests stay in order
+
+
+HEAVY_COST = 40  # a heavy test costs tens of seconds, most others well under one
+
+
 @pytest.fixture(autouse=True)
 def _hf_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _launch import interrupt_when, set_args, torchrun_args
+from _launch import interrupt_when, set_args, spin_in_process, torchrun_args
 from spin_diffusion.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.heavy  # real processes: left out of `scripts/test.sh --quick`
@@ -46,6 +46,9 @@ def _command(nproc: int, run_dir: Path, *extra: str) -> list[str]:
 def reference(request, tmp_path_factory) -> tuple[int, Path]:
     nproc = request.param
     run_dir = tmp_path_factory.mktemp(f"pre{nproc}") / "run"
+    if nproc == 1:  # in this process: the reference needs no process of its own
+        spin_in_process(TINY, CONFIG, run_dir)
+        return nproc, run_dir
     done = subprocess.run(_command(nproc, run_dir), capture_output=True, text=True, env=ENV, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return nproc, run_dir

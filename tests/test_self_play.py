@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _launch import interrupt_when
+from _launch import interrupt_when, spin_in_process
 from spin_diffusion import rundir
 from spin_diffusion.config import load_config
 from spin_diffusion.errors import SpinDiffusionError
@@ -116,6 +116,8 @@ def test_existing_run_dir_needs_resume_and_same_config(finished_run: Path):
 # ------------------------------------------------------------------------------------------------------------
 # kill -9 at any phase, then --resume: the run completes with the same result as an uninterrupted run
 
+# the command processes of the kill tests, on one torch thread as their in-process references (_launch.spin_in_process)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 KILL_CONFIG = [
     "num_iterations=1",
     "data.num_builtin=48",
@@ -135,13 +137,13 @@ def _cli(run_dir: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(_cli(run_dir), check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    spin_in_process(TINY, KILL_CONFIG, run_dir)
     return run_dir
 
 
 def _kill_when(run_dir: Path, ready, *extra: str) -> None:
     """kill -9 `_cli(run_dir, *extra)` as soon as `ready()` holds (failing if it finishes first)."""
-    interrupt_when(_cli(run_dir, *extra), ready, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    interrupt_when(_cli(run_dir, *extra), ready, env=ENV, timeout=120)
 
 
 @pytest.mark.heavy
@@ -159,9 +161,7 @@ def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: 
     state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
     assert "train:1" not in state.get("completed", [])
 
-    done = subprocess.run(
-        _cli(run_dir, "--resume"), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    done = subprocess.run(_cli(run_dir, "--resume"), capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run_dir / "state.json").read_text())["completed"] == ["generate:0", "train:1"]
     ref_gen = load_file(str(reference_run / "iter_00" / "generated" / "shard_00003.safetensors"))
@@ -178,12 +178,7 @@ PARTIAL = ["train.max_steps=3", "sample.shard_size=1"]  # 3 steps x batch 4 = 12
 @pytest.fixture(scope="module")
 def partial_reference_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref_partial") / "run"
-    subprocess.run(
-        _cli(run_dir, *[a for kv in PARTIAL for a in ("--set", kv)]),
-        check=True,
-        capture_output=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    spin_in_process(TINY, KILL_CONFIG + PARTIAL, run_dir)
     return run_dir
 
 
@@ -194,9 +189,7 @@ def test_kill9_during_partial_generation_then_resume_completes_identically(tmp_p
     sets = [a for kv in PARTIAL for a in ("--set", kv)]
     _kill_when(run_dir, lambda: (gen / "shard_00001.safetensors").exists(), *sets)
     assert not (gen / "shard_00011.safetensors").exists()
-    done = subprocess.run(
-        _cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    done = subprocess.run(_cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     shards = sorted(p.name for p in gen.glob("shard_*.safetensors"))
     assert shards == [f"shard_{i:05d}.safetensors" for i in range(12)]  # 12 of 48 prompts, nothing else
@@ -224,9 +217,7 @@ def test_kill9_in_iteration_2_training_with_the_opponent_pool_then_resume_comple
     _kill_when(run_dir, lambda: ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir()), *sets)
     assert not (run_dir / "iter_02" / "model").exists()
     assert json.loads((run_dir / "state.json").read_text())["completed"] == ["generate:0", "train:1", "generate:1"]
-    done = subprocess.run(
-        _cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    done = subprocess.run(_cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_same_weights(reference / "iter_02" / "model", run_dir / "iter_02" / "model")
     steps = [json.loads(line)["step"] for line in (run_dir / "iter_02" / "train" / "train_log.jsonl").open()]

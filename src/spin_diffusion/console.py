@@ -3,8 +3,8 @@
 Noise is fixed at its cause where the cause is ours (the reference is cast only when its dtype changes; see
 models.cast). What remains comes from libraries and is not about the run:
 
-- bitsandbytes, when installed, is imported by diffusers' quantizer registry at start-up (whatever the optimizer)
-  and warns that its optional CPU kernel package `kernels` is missing;
+- bitsandbytes, when installed and imported (the CLI holds it back until `train.optimizer: adamw8bit` needs it:
+  lean_imports), warns that its optional CPU kernel package `kernels` is missing;
 - transformers warns that `CLIPImageProcessor` falls back to its PIL backend without torchvision (diffusers'
   pipelines import it), and draws "Loading weights" / "Writing model shards" bars for every text encoder;
 - diffusers' informational logs.

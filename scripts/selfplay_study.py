@@ -1,0 +1,231 @@
+"""Issue 28's study in the shapes world: does self-play that is told about the caption close the gap to SFT?
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --out /tmp/selfplay_study   # ~45 min, 2 CPU cores
+
+Protocol (written before any of its numbers were seen; docs/SELFPLAY_STUDY.md holds what it printed):
+
+1. Arms, from the shipped base on the demo's fine-tuning pairs, each for seeds 0, 1, 2, each at the demo's budget
+   (3 iterations × 40 optimizer steps; SFT 120 steps × 32 real images):
+   - `sft`: the demo's SFT (lr 5e-4);
+   - `spin`: the demo's SPIN recipe (spin_approx, lr 1e-4, β 2000, guard μ 0.9, 16 real + 16 own images a step);
+   - `spin + caption contrast`: the recipe + `loss.caption_contrast_weight: 1` (one-word negatives): the two
+     terms weigh the same, the one value tried in the issue's sanity check, not tuned;
+   - `caption contrast alone`: `loss.objective: caption_contrast` in rounds against θ_k, no generation (same lr, β;
+     the guard is SPIN's and is off: the term has no generated loser);
+   - `ddo lr=…`: `loss.objective: ddo` (α = 1, the paper's code default; β 2000; no guard: it is refused for DDO) at
+     the recipe's lr 1e-4 and at 2e-5 (DDO is new here, so it gets two rates; the better on validation is kept);
+   - `spin pool=all`: the recipe with `sample.opponent_pool: all` (losers from θ_0..θ_k's samples);
+   - `spin 32 pairs`: the recipe at 32 real + 32 own images a step: SFT's real images per step (equal real images;
+     twice SFT's compute per step). The plain recipe is the equal-compute arm (16 + 16 = SFT's 32 images a step).
+2. Every arm's final model (and each SPIN-family iteration, for the curves) is scored on the VALIDATION scenes and
+   on the TEST scenes (48 prompts each, the demo's sampler and judge). Choices use validation only: DDO's rate; the
+   best self-play arm (mean all-correct over the seeds, ties within 1 point to the lower Fréchet distance); the
+   combination = the recipe + every single change (caption contrast, pool=all) whose validation mean beats the
+   recipe's by more than one prompt (2.1 points), run only if there are two or more such changes.
+3. On top of SFT: the seed's SFT model, then the best self-play arm for its full budget, against SFT continued from
+   the same model for the same 120 steps (the demo's SFT-then-SPIN comparison, for the validated arm).
+4. The tables report TEST scenes for every arm, whichever way the numbers fall, with the validation columns beside
+   them. Nothing here changes a default by itself: the demo's defaults follow the validated best (docs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+
+from spin_diffusion import console
+from spin_diffusion.config import RunConfig, replace
+from spin_diffusion.demo import runner
+from spin_diffusion.demo.evaluate import evaluate, win_rate_vs
+
+SEEDS = (0, 1, 2)
+RECIPE: dict = {}
+ARMS: dict[str, tuple[str, dict]] = {  # name -> (base config: sft | spin, overrides)
+    "sft": ("sft", {}),
+    "spin": ("spin", RECIPE),
+    "spin + caption contrast": ("spin", {"loss.caption_contrast_weight": 1.0}),
+    "caption contrast alone": ("spin", {"loss.objective": "caption_contrast", "loss.loser_guard": None}),
+    "ddo lr=1e-4": ("spin", {"loss.objective": "ddo", "loss.loser_guard": None}),
+    "ddo lr=2e-5": ("spin", {"loss.objective": "ddo", "loss.loser_guard": None, "train.learning_rate": 2e-5}),
+    "spin pool=all": ("spin", {"sample.opponent_pool": "all"}),
+    "spin 32 pairs": ("spin", {"train.batch_size": 2 * runner.PAIRS_PER_STEP}),
+}
+SINGLE_CHANGES = ("spin + caption contrast", "spin pool=all")  # candidates of the combination (protocol 2)
+ONE_PROMPT = 1 / 48
+
+
+def _slug(name: str) -> str:
+    return name.replace(" + ", "_").replace(" ", "_").replace("=", "").replace(">", "")
+
+
+def _config(out: Path, name: str, s: int, kind: str, overrides: dict) -> RunConfig:
+    """Arm `name`'s run for seed s: the demo's `kind` run (sft | spin) with `overrides`."""
+    sft, spin = runner.finetune_configs(
+        out / "arms" / _slug(name) / f"seed_{s}", runner.shipped_base(), runner.prepare(out), seed=s,
+        hyper=runner.Hyper(), scale=1.0,
+    )  # fmt: skip
+    return replace(sft if kind == "sft" else spin, **overrides)
+
+
+def _job(name: str, s: int, extra: dict | None = None) -> tuple[str, int, str, dict]:
+    kind, overrides = ARMS[name]
+    return name, s, kind, overrides | (extra or {})
+
+
+def _models(cfg: RunConfig) -> dict[int, Path]:
+    return {k: Path(cfg.run_dir) / f"iter_{k:02d}" / "model" for k in range(1, cfg.num_iterations + 1)}
+
+
+def unit(out: Path, name: str, s: int, kind: str, overrides: dict) -> dict:
+    """Train one arm for seed s (resumable) and score its models: {split: {iteration: metrics}}."""
+    cfg = _config(out, name, s, kind, overrides)
+    t0 = time.perf_counter()
+    runner.run(cfg, resume=Path(cfg.run_dir).exists(), progress=False)
+    seconds = time.perf_counter() - t0
+    scores: dict = {"train_seconds": round(seconds, 1)}
+    base = runner.shipped_base()
+    for split, spec in (("val", runner.validation_spec(s)), ("test", runner.heldout_spec(s))):
+        base_r = evaluate(base, spec, out / "base" / f"{split}_seed{s}.json")
+        scores[split] = {}
+        for k, model in _models(cfg).items():
+            r = evaluate(model, spec, Path(cfg.run_dir) / f"{split}_iter{k}.json")
+            scores[split][k] = r["metrics"] | {"win_rate_vs_base": win_rate_vs(r, base_r)}
+    last = _log(Path(cfg.run_dir), cfg.num_iterations)
+    (Path(cfg.run_dir) / "study.json").write_text(json.dumps(scores | {"train_log": last}, indent=1))
+    return scores
+
+
+def _log(run_dir: Path, iterations: int) -> list[dict]:
+    out = []
+    for k in range(1, iterations + 1):
+        lines = (run_dir / f"iter_{k:02d}" / "train" / "train_log.jsonl").read_text().splitlines()
+        out.append(json.loads(lines[-1]))
+    return out
+
+
+def _run_all(out: Path, jobs: list[tuple[str, int, str, dict]], workers: int) -> dict[str, list[dict]]:
+    """{arm name: [scores per seed]} for `jobs` (name, seed, kind, overrides), on `workers` processes."""
+    context = multiprocessing.get_context("spawn")
+    results: dict[tuple[str, int], dict] = {}
+    with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=console.start_worker,
+                                initargs=(1, True)) as pool:  # fmt: skip
+        futures = {pool.submit(unit, out, *job): job[:2] for job in jobs}
+        for future in cf.as_completed(futures):
+            name, s = futures[future]
+            results[name, s] = future.result()
+            final = results[name, s]["val"][max(results[name, s]["val"])]
+            print(f"{name} seed {s}: val all-correct {final['shapes_judge']:.3f} fd {final['fd']:.3f} "
+                  f"({results[name, s]['train_seconds']} s training)", flush=True)  # fmt: skip
+    rows: dict[str, list[dict]] = {}
+    for name, s, *_ in jobs:
+        rows.setdefault(name, []).append(results[name, s])
+    return rows
+
+
+def _final(scores: dict, split: str) -> dict:
+    return scores[split][max(scores[split], key=int)]
+
+
+def _mean(rows: list[dict], split: str, key: str) -> float:
+    return statistics.fmean(_final(r, split)[key] for r in rows)
+
+
+def _best(rows: dict[str, list[dict]], names: list[str]) -> str:
+    """Best validation mean all-correct; ties within one point to the lower Fréchet distance."""
+    score = {n: _mean(rows[n], "val", "shapes_judge") for n in names}
+    close = [n for n in names if score[n] >= max(score.values()) - 0.01]
+    return min(close, key=lambda n: _mean(rows[n], "val", "fd"))
+
+
+def _cell(values: list[float], percent: bool) -> str:
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * m:.1f} ± {100 * s:.1f}" if percent else f"{m:.3f} ± {s:.3f}"
+
+
+def table(rows: dict[str, list[dict]]) -> str:
+    lines = [
+        "| arm | test all correct (%) | test Fréchet ↓ | test win vs base (%) | val all correct (%) | val Fréchet ↓ |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, rs in rows.items():
+        t = [_final(r, "test") for r in rs]
+        v = [_final(r, "val") for r in rs]
+        lines.append(
+            f"| {name} | {_cell([x['shapes_judge'] for x in t], True)} | {_cell([x['fd'] for x in t], False)} | "
+            f"{_cell([x['win_rate_vs_base'] for x in t], True)} | {_cell([x['shapes_judge'] for x in v], True)} | "
+            f"{_cell([x['fd'] for x in v], False)} |"
+        )
+    return "\n".join(lines)
+
+
+def curves(rows: dict[str, list[dict]]) -> str:
+    """Test all-correct and Fréchet distance per iteration (mean over seeds) of the multi-iteration arms."""
+    lines = ["| arm | iteration 1 | iteration 2 | iteration 3 |", "| --- | --- | --- | --- |"]
+    for name, rs in rows.items():
+        ks = sorted(rs[0]["test"], key=int)
+        if len(ks) < 2:
+            continue
+        cells = [
+            f"{100 * statistics.fmean(r['test'][k]['shapes_judge'] for r in rs):.1f} % / "
+            f"{statistics.fmean(r['test'][k]['fd'] for r in rs):.3f}"
+            for k in ks
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/selfplay_study"))
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    runner.prepare(args.out)  # once, before the workers start
+
+    # 1-2. the arms, longest first
+    order = ["spin 32 pairs", "spin + caption contrast", "spin pool=all", "spin", "ddo lr=1e-4", "ddo lr=2e-5",
+             "caption contrast alone", "sft"]  # fmt: skip
+    rows = _run_all(args.out, [_job(n, s) for n in order for s in SEEDS], args.workers)
+    ddo = _best(rows, ["ddo lr=1e-4", "ddo lr=2e-5"])
+    selfplay = ["spin", "spin + caption contrast", "caption contrast alone", ddo, "spin pool=all", "spin 32 pairs"]
+    recipe = _mean(rows["spin"], "val", "shapes_judge")
+    better = [n for n in SINGLE_CHANGES if _mean(rows[n], "val", "shapes_judge") > recipe + ONE_PROMPT + 1e-9]
+    picks = {"ddo": ddo, "changes that beat the recipe on validation": better}
+    if len(better) >= 2:
+        combo = "spin + " + " + ".join(n.removeprefix("spin ").removeprefix("+ ") for n in better)
+        ARMS[combo] = ("spin", {k: v for n in better for k, v in ARMS[n][1].items()})
+        selfplay.append(combo)
+        rows.update(_run_all(args.out, [_job(combo, s) for s in SEEDS], args.workers))
+    best = _best(rows, selfplay)
+    picks["best self-play arm"] = best
+
+    # 3. on top of SFT: the best arm vs SFT continued, both from the seed's SFT model
+    ARMS[f"sft -> {best}"] = ARMS[best]
+    ARMS["sft -> sft continued"] = ARMS["sft"]
+    on_top = []
+    for s in SEEDS:
+        sft_model = {"model.path": str(_models(_config(args.out, "sft", s, *ARMS["sft"]))[1])}
+        on_top += [_job(f"sft -> {best}", s, sft_model), _job("sft -> sft continued", s, sft_model)]
+    top_rows = _run_all(args.out, on_top, args.workers)
+
+    report = {
+        "picks": picks,
+        "seconds": round(time.perf_counter() - started),
+        "rows": rows,
+        "on_top_of_sft": top_rows,
+    }
+    (args.out / "study.json").write_text(json.dumps(report, indent=1, default=str))
+    print("\n## arms (test scenes; validation beside)\n\n" + table(rows))
+    print("\n## per iteration (test: all-correct / Fréchet)\n\n" + curves(rows))
+    print("\n## on top of SFT (test; validation beside)\n\n" + table(top_rows))
+    print(f"\npicks: {json.dumps(picks)}\n{report['seconds']} s; {args.out / 'study.json'}")
+
+
+if __name__ == "__main__":
+    main()
