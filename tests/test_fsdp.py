@@ -3,7 +3,8 @@
 accelerate 1.15 runs an FSDP config as plain DDP on CPU (it keeps DistributedType.MULTI_CPU), so these tests
 launch the shipped `configs/accelerate/fsdp.yaml` with `accelerate launch` through `tests/_fsdp_on_cpu.py`, which
 flips only that decision; prepare, the sharded AdamW, save_state/load_state and the gather at the end of training
-are the production code. Each test compares against the DDP run (`torchrun`, as in test_multiprocess.py).
+are the production code. Each test compares against the same run in one process at the effective batch of the two
+ranks, which is what DDP trains (test_multiprocess.py checks 2 ranks × B against 1 process × 2B).
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ def _ddp_args(run_dir: Path, overrides: list[str]) -> list[str]:
     return torchrun_args(2, "spin", "--config", str(TINY), "--run-dir", str(run_dir), *set_args(overrides))
 
 
+def _one_process(run_dir: Path, overrides: list[str]) -> None:
+    """The same run in this process at the effective batch of two ranks (tiny.yaml's 4 per rank: 8). Two DDP ranks
+    × batch B train what one process × 2B trains up to float summation order (test_multiprocess.py checks it), so
+    this stands for the DDP run without starting one (three processes, each paying its imports)."""
+    from spin_diffusion import api
+
+    api.spin(TINY, [*overrides, "train.batch_size=8"], run_dir=run_dir, progress=False)
+
+
 def _run(args: list[str], *, env: dict | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(args, capture_output=True, text=True, env=env or ENV, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -64,34 +74,35 @@ def _completed(run_dir: Path) -> list[str]:
     return json.loads((run_dir / "state.json").read_text())["completed"]
 
 
-def _assert_close_relative_to_update(fsdp: dict, ddp: dict) -> None:
-    """FSDP reduce-scatters gradients where DDP all-reduces them, so the two sum the ranks' gradients in a
-    different order: the weights may differ by float rounding only. As in test_multiprocess.py the bound is
-    relative to the update θ_1 - θ_0: 1e-3 of it is ~1000x the float32 rounding of these sums (measured: ~7e-5)
+def _assert_close_relative_to_update(fsdp: dict, one: dict) -> None:
+    """FSDP reduce-scatters the ranks' gradients where one process sums its batch at once (and DDP all-reduces),
+    so the sums run in a different order: the weights may differ by float rounding only. As in
+    test_multiprocess.py the bound is relative to the update θ_1 - θ_0: 1e-3 of it is ~1000x the float32 rounding
+    of these sums (measured against DDP: ~7e-5)
     and far below a real error (a missing gradient, a rank's shard not gathered, a wrong reference all change
     the update by O(1))."""
     from spin_diffusion.presets import build_preset
 
     base = build_preset("tiny", seed=0).denoiser.state_dict()
-    assert fsdp.keys() == ddp.keys() and not any("lora" in n for n in fsdp)
-    diff = torch.cat([(fsdp[n] - ddp[n]).flatten() for n in ddp]).norm()
-    update = torch.cat([(ddp[n] - base[n]).flatten() for n in ddp]).norm()
+    assert fsdp.keys() == one.keys() and not any("lora" in n for n in fsdp)
+    diff = torch.cat([(fsdp[n] - one[n]).flatten() for n in one]).norm()
+    update = torch.cat([(one[n] - base[n]).flatten() for n in one]).norm()
     assert update > 0
-    assert diff <= 1e-3 * update, f"|FSDP − DDP| = {diff:.3g}, update = {update:.3g}"
+    assert diff <= 1e-3 * update, f"|FSDP − one process| = {diff:.3g}, update = {update:.3g}"
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.lora_rank=4", "train.learning_rate=1e-2"]], ids=["full", "lora"])
-def test_fsdp_two_processes_train_what_ddp_trains(tmp_path: Path, overrides: list[str]):
+def test_fsdp_two_processes_train_what_one_process_trains(tmp_path: Path, overrides: list[str]):
     """... and render the validation images while training: under FSDP every rank renders every prompt with the
-    sharded module (the same forwards, so the shard gathers match: no hang), under DDP the ranks share them."""
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    sharded module (the same forwards, so the shard gathers match: no hang)."""
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
     validation = ["eval.validation_prompts=[a red circle on the left, a blue square, a green triangle]",
                   "eval.validation_every=2"]  # fmt: skip
     _run(_fsdp_args(fsdp, [*ONE_ITER, *overrides, *validation]))
-    _run(_ddp_args(ddp, [*ONE_ITER, *overrides, *validation]), env={**ENV, "ACCELERATE_USE_CPU": "1"})
-    assert _completed(fsdp) == _completed(ddp) == ["generate:0", "train:1"]
-    _assert_close_relative_to_update(_unet(fsdp), _unet(ddp))
-    for run_dir in (fsdp, ddp):
+    _one_process(one, [*ONE_ITER, *overrides, *validation])
+    assert _completed(fsdp) == _completed(one) == ["generate:0", "train:1"]
+    _assert_close_relative_to_update(_unet(fsdp), _unet(one))
+    for run_dir in (fsdp, one):
         rendered = sorted(p.relative_to(run_dir / "iter_01" / "validation").as_posix()
                           for p in (run_dir / "iter_01" / "validation").rglob("*.png"))  # fmt: skip
         assert rendered == [f"step_000000{s}/0000{i}.png" for s in (2, 4) for i in range(3)]
@@ -102,26 +113,27 @@ def test_fsdp_two_processes_train_what_ddp_trains(tmp_path: Path, overrides: lis
 
 
 @pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
-def test_transformer_families_shard_with_their_config_and_train_what_ddp_trains(tmp_path: Path, preset: str):
+def test_transformer_families_shard_with_their_config_and_train_what_one_process_trains(tmp_path: Path, preset: str):
     """configs/accelerate/fsdp_sd3.yaml and fsdp_flux.yaml wrap the families' own blocks (the UNet config's
-    BasicTransformerBlock does not exist there, and accelerate refuses it); FSDP and DDP give the same update."""
+    BasicTransformerBlock does not exist there, and accelerate refuses it); FSDP gives the update of one process
+    at the same batch."""
     from spin_diffusion.presets import build_preset
 
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
     overrides = [*ONE_ITER, f"model.preset={preset}"]
     if preset == "tiny-flux":
         overrides += ["model.max_sequence_length=32", "sample.guidance_scale=3.5"]
     config = REPO / "configs" / "accelerate" / f"fsdp_{preset.removeprefix('tiny-')}.yaml"
     _run(_fsdp_args(fsdp, overrides, config))
-    _run(_ddp_args(ddp, overrides), env={**ENV, "ACCELERATE_USE_CPU": "1"})
-    w_fsdp, w_ddp = (
+    _one_process(one, overrides)
+    w_fsdp, w_one = (
         load_file(str(d / "iter_01" / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
-        for d in (fsdp, ddp)
+        for d in (fsdp, one)
     )
     base = build_preset(preset, seed=0).denoiser.state_dict()
-    diff = torch.cat([(w_fsdp[n] - w_ddp[n]).flatten() for n in w_ddp]).norm()
-    update = torch.cat([(w_ddp[n] - base[n]).flatten() for n in w_ddp]).norm()
-    assert update > 0 and diff <= 1e-3 * update, f"|FSDP − DDP| = {diff:.3g}, update = {update:.3g}"
+    diff = torch.cat([(w_fsdp[n] - w_one[n]).flatten() for n in w_one]).norm()
+    update = torch.cat([(w_one[n] - base[n]).flatten() for n in w_one]).norm()
+    assert update > 0 and diff <= 1e-3 * update, f"|FSDP − one process| = {diff:.3g}, update = {update:.3g}"
 
 
 def test_fsdp_config_without_the_cpu_override_runs_ddp_and_says_so(tmp_path: Path):
