@@ -1,6 +1,14 @@
 """Issue 28's study in the shapes world: does self-play that is told about the caption close the gap to SFT?
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --out /tmp/selfplay_study   # ~45 min, 2 CPU cores
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --world relations --base DIR --out /tmp/rel_study \
+        --arms sft spin "spin + caption contrast"
+
+The relation world (`spin_diffusion.relation_world`, 288 scenes: two shapes, their colors and a relation) runs the
+same protocol from a base trained by `scripts/train_demo_base.py --world relations`, on 4 clean pairs of each of its
+144 train scenes (576 pairs), judged on its 72 validation and 72 test scenes (one image each, the same sampler),
+"all correct" = both shapes, each one's color and the relation right; `--arms` runs a subset (the combination and
+the runs on top of SFT need the arms they are chosen from).
 
 Protocol (written before any of its numbers were seen; docs/SELFPLAY_STUDY.md holds what it printed):
 
@@ -38,10 +46,15 @@ import statistics
 import time
 from pathlib import Path
 
-from spin_diffusion import console
+import numpy as np
+import torch
+
+from spin_diffusion import atomic, console, encoding, models, relation_world, scoring, world
 from spin_diffusion.config import RunConfig, replace
 from spin_diffusion.demo import runner
 from spin_diffusion.demo.evaluate import evaluate, win_rate_vs
+from spin_diffusion.model_eval import render_images
+from spin_diffusion.sampling import sample_seed
 
 SEEDS = (0, 1, 2)
 RECIPE: dict = {}
@@ -56,20 +69,81 @@ ARMS: dict[str, tuple[str, dict]] = {  # name -> (base config: sft | spin, overr
     "spin 32 pairs": ("spin", {"train.batch_size": 2 * runner.PAIRS_PER_STEP}),
 }
 SINGLE_CHANGES = ("spin + caption contrast", "spin pool=all")  # candidates of the combination (protocol 2)
-ONE_PROMPT = 1 / 48
 
 
 def _slug(name: str) -> str:
     return name.replace(" + ", "_").replace(" ", "_").replace("=", "").replace(">", "")
 
 
+RELATION_PAIRS_PER_SCENE = 4
+RELATION_EVAL_PER_SCENE = 1
+
+
+def _base(out: Path) -> Path:
+    """The base the arms start from: the shipped demo base, or --base (written to out/base.txt by main)."""
+    saved = out / "base.txt"
+    return Path(saved.read_text().strip()) if saved.exists() else runner.shipped_base()
+
+
+def _world(out: Path) -> str:
+    saved = out / "world.txt"
+    return saved.read_text().strip() if saved.exists() else "shapes"
+
+
+def _data(out: Path) -> Path:
+    if _world(out) == "shapes":
+        return runner.prepare(out)
+    folder = out / "world" / "finetune"
+    if not (folder / "metadata.jsonl").exists():
+        scenes = relation_world.split_scenes("train")
+        relation_world.write_imagefolder(folder, RELATION_PAIRS_PER_SCENE * len(scenes), seed=7, scenes=scenes)
+    return folder
+
+
 def _config(out: Path, name: str, s: int, kind: str, overrides: dict) -> RunConfig:
     """Arm `name`'s run for seed s: the demo's `kind` run (sft | spin) with `overrides`."""
     sft, spin = runner.finetune_configs(
-        out / "arms" / _slug(name) / f"seed_{s}", runner.shipped_base(), runner.prepare(out), seed=s,
-        hyper=runner.Hyper(), scale=1.0,
-    )  # fmt: skip
+        out / "arms" / _slug(name) / f"seed_{s}", _base(out), _data(out), seed=s, hyper=runner.Hyper(), scale=1.0
+    )
     return replace(sft if kind == "sft" else spin, **overrides)
+
+
+def _evaluate_relations(model: Path, split: str, seed: int, out_json: Path) -> dict:
+    """demo.evaluate.evaluate for the relation world: one image per scene of `split`, the demo's sampler, the
+    relation judge per prompt ("all" stored as `shapes_judge`, the tables' key), the Fréchet distance in the shapes
+    world's fixed feature space against fresh renders of the same scenes."""
+    if out_json.exists():
+        return json.loads(out_json.read_text())
+    prompts = relation_world.split_prompts(split, RELATION_EVAL_PER_SCENE)
+    spec_seed = (2000 if split == "val" else 1000) + seed
+    c = models.load_components(model)
+    with torch.no_grad():
+        images = render_images(
+            c, c.denoiser, encoding.encode_prompts(c, prompts), encoding.encode_prompts(c, [""]),
+            seeds=[sample_seed(spec_seed, 0, i) for i in range(len(prompts))], batch_size=64, **runner.EVAL_SAMPLE,
+        )  # fmt: skip
+    verdicts = [relation_world.judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+    scores = {
+        "shapes_judge": [float(v.color and v.shape and v.relation) for v in verdicts],
+        **{f"relation_{part}": [float(getattr(v, part)) for v in verdicts] for part in ("color", "shape", "relation")},
+    }
+    metrics = {key: sum(v) / len(v) for key, v in scores.items()}
+    reference = [
+        relation_world.render(relation_world.parse_caption(p), rng=np.random.default_rng([spec_seed, 2, i]))
+        for i, p in enumerate(prompts)
+    ]
+    metrics["fd"] = scoring.frechet_distance_metric(images, reference, world.FeatureNet())
+    result = {"model": str(model), "metrics": metrics, "scores": scores, "prompts": prompts}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out_json, json.dumps(result, indent=1))
+    return result
+
+
+def _score(out: Path, model: Path, split: str, s: int, out_json: Path) -> dict:
+    if _world(out) == "shapes":
+        spec = runner.validation_spec(s) if split == "val" else runner.heldout_spec(s)
+        return evaluate(model, spec, out_json)
+    return _evaluate_relations(model, split, s, out_json)
 
 
 def _job(name: str, s: int, extra: dict | None = None) -> tuple[str, int, str, dict]:
@@ -88,12 +162,11 @@ def unit(out: Path, name: str, s: int, kind: str, overrides: dict) -> dict:
     runner.run(cfg, resume=Path(cfg.run_dir).exists(), progress=False)
     seconds = time.perf_counter() - t0
     scores: dict = {"train_seconds": round(seconds, 1)}
-    base = runner.shipped_base()
-    for split, spec in (("val", runner.validation_spec(s)), ("test", runner.heldout_spec(s))):
-        base_r = evaluate(base, spec, out / "base" / f"{split}_seed{s}.json")
+    for split in ("val", "test"):
+        base_r = _score(out, _base(out), split, s, out / "base" / f"{split}_seed{s}.json")
         scores[split] = {}
         for k, model in _models(cfg).items():
-            r = evaluate(model, spec, Path(cfg.run_dir) / f"{split}_iter{k}.json")
+            r = _score(out, model, split, s, Path(cfg.run_dir) / f"{split}_iter{k}.json")
             scores[split][k] = r["metrics"] | {"win_rate_vs_base": win_rate_vs(r, base_r)}
     last = _log(Path(cfg.run_dir), cfg.num_iterations)
     (Path(cfg.run_dir) / "study.json").write_text(json.dumps(scores | {"train_log": last}, indent=1))
@@ -184,37 +257,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/selfplay_study"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--world", choices=("shapes", "relations"), default="shapes")
+    parser.add_argument("--base", type=Path, default=None, help="the base model (default: the shipped demo base)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="a subset of the arms")
     args = parser.parse_args()
     started = time.perf_counter()
-    runner.prepare(args.out)  # once, before the workers start
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.world != "shapes" and args.base is None:
+        parser.error(f"--world {args.world} needs --base (scripts/train_demo_base.py --world {args.world})")
+    for name, value in (("world.txt", args.world), ("base.txt", args.base and args.base.resolve())):
+        if value is not None:
+            (args.out / name).write_text(f"{value}\n")
+    _data(args.out)  # once, before the workers start
+    one_prompt = 1 / (48 if args.world == "shapes" else len(relation_world.split_prompts("test", 1)))
 
     # 1-2. the arms, longest first
     order = ["spin 32 pairs", "spin + caption contrast", "spin pool=all", "spin", "ddo lr=1e-4", "ddo lr=2e-5",
              "caption contrast alone", "sft"]  # fmt: skip
+    order = [n for n in order if args.arms is None or n in args.arms]
     rows = _run_all(args.out, [_job(n, s) for n in order for s in SEEDS], args.workers)
-    ddo = _best(rows, ["ddo lr=1e-4", "ddo lr=2e-5"])
-    selfplay = ["spin", "spin + caption contrast", "caption contrast alone", ddo, "spin pool=all", "spin 32 pairs"]
-    recipe = _mean(rows["spin"], "val", "shapes_judge")
-    better = [n for n in SINGLE_CHANGES if _mean(rows[n], "val", "shapes_judge") > recipe + ONE_PROMPT + 1e-9]
-    picks = {"ddo": ddo, "changes that beat the recipe on validation": better}
-    if len(better) >= 2:
-        combo = "spin + " + " + ".join(n.removeprefix("spin ").removeprefix("+ ") for n in better)
-        ARMS[combo] = ("spin", {k: v for n in better for k, v in ARMS[n][1].items()})
-        selfplay.append(combo)
-        rows.update(_run_all(args.out, [_job(combo, s) for s in SEEDS], args.workers))
-    best = _best(rows, selfplay)
-    picks["best self-play arm"] = best
+    picks: dict = {}
+    selfplay = [n for n in order if n != "sft" and not n.startswith("ddo")]
+    ddo = [n for n in order if n.startswith("ddo")]
+    if ddo:
+        picks["ddo"] = _best(rows, ddo)
+        selfplay.append(picks["ddo"])
+    if "spin" in rows:
+        recipe = _mean(rows["spin"], "val", "shapes_judge")
+        better = [
+            n for n in SINGLE_CHANGES if n in rows and _mean(rows[n], "val", "shapes_judge") > recipe + one_prompt
+        ]
+        picks["changes that beat the recipe on validation"] = better
+        if len(better) >= 2:
+            combo = "spin + " + " + ".join(n.removeprefix("spin ").removeprefix("+ ") for n in better)
+            ARMS[combo] = ("spin", {k: v for n in better for k, v in ARMS[n][1].items()})
+            selfplay.append(combo)
+            rows.update(_run_all(args.out, [_job(combo, s) for s in SEEDS], args.workers))
 
     # 3. on top of SFT: the best arm vs SFT continued, both from the seed's SFT model
-    ARMS[f"sft -> {best}"] = ARMS[best]
-    ARMS["sft -> sft continued"] = ARMS["sft"]
-    on_top = []
-    for s in SEEDS:
-        sft_model = {"model.path": str(_models(_config(args.out, "sft", s, *ARMS["sft"]))[1])}
-        on_top += [_job(f"sft -> {best}", s, sft_model), _job("sft -> sft continued", s, sft_model)]
-    top_rows = _run_all(args.out, on_top, args.workers)
+    top_rows: dict = {}
+    if selfplay and "sft" in rows:
+        best = picks["best self-play arm"] = _best(rows, selfplay)
+        ARMS[f"sft -> {best}"] = ARMS[best]
+        ARMS["sft -> sft continued"] = ARMS["sft"]
+        on_top = []
+        for s in SEEDS:
+            sft_model = {"model.path": str(_models(_config(args.out, "sft", s, *ARMS["sft"]))[1])}
+            on_top += [_job(f"sft -> {best}", s, sft_model), _job("sft -> sft continued", s, sft_model)]
+        top_rows = _run_all(args.out, on_top, args.workers)
 
     report = {
+        "world": args.world,
+        "base": str(_base(args.out)),
         "picks": picks,
         "seconds": round(time.perf_counter() - started),
         "rows": rows,
@@ -223,7 +317,8 @@ def main() -> None:
     (args.out / "study.json").write_text(json.dumps(report, indent=1, default=str))
     print("\n## arms (test scenes; validation beside)\n\n" + table(rows))
     print("\n## per iteration (test: all-correct / Fréchet)\n\n" + curves(rows))
-    print("\n## on top of SFT (test; validation beside)\n\n" + table(top_rows))
+    if top_rows:
+        print("\n## on top of SFT (test; validation beside)\n\n" + table(top_rows))
     print(f"\npicks: {json.dumps(picks)}\n{report['seconds']} s; {args.out / 'study.json'}")
 
 
