@@ -114,7 +114,7 @@ def _evaluate_relations(model: Path, split: str, seed: int, out_json: Path) -> d
     world's fixed feature space against fresh renders of the same scenes."""
     if out_json.exists():
         return json.loads(out_json.read_text())
-    prompts = relation_world.split_prompts(split, RELATION_EVAL_PER_SCENE)
+    prompts = relation_world.split_prompts("validation" if split == "val" else split, RELATION_EVAL_PER_SCENE)
     spec_seed = (2000 if split == "val" else 1000) + seed
     c = models.load_components(model)
     with torch.no_grad():
@@ -284,9 +284,8 @@ def main() -> None:
         selfplay.append(picks["ddo"])
     if "spin" in rows:
         recipe = _mean(rows["spin"], "val", "shapes_judge")
-        better = [
-            n for n in SINGLE_CHANGES if n in rows and _mean(rows[n], "val", "shapes_judge") > recipe + one_prompt
-        ]
+        margin = {n: _mean(rows[n], "val", "shapes_judge") - recipe for n in SINGLE_CHANGES if n in rows}
+        better = [n for n, m in margin.items() if m > one_prompt + 1e-9]  # more than one prompt
         picks["changes that beat the recipe on validation"] = better
         if len(better) >= 2:
             combo = "spin + " + " + ".join(n.removeprefix("spin ").removeprefix("+ ") for n in better)
