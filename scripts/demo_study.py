@@ -211,7 +211,8 @@ class Cell:
 
 
 def _cell_configs(out: Path, cell: Cell, s: int, base: Path, hyper: runner.Hyper):
-    h = dataclasses.replace(hyper, spin_beta=2000.0, spin_loser_guard=cell.guard, spin_dpop_lambda=cell.hinge)
+    h = dataclasses.replace(hyper, spin_beta=2000.0, spin_loser_guard=cell.guard, spin_dpop_lambda=cell.hinge,
+                            spin_caption_contrast=0.0)  # fmt: skip  # before issue 28's contrast
     sft, spin = runner.finetune_configs(out / "remedies" / cell.folder / f"seed_{s}", base, runner.prepare(out),
                                         seed=s, hyper=h, scale=1.0)  # fmt: skip
     cfg = sft if cell.method == "sft" else spin
@@ -425,7 +426,7 @@ def main() -> None:
     parser.add_argument("--spin-beta", type=float)
     args = parser.parse_args()
     seeds = list(range(args.seeds))
-    hyper = runner.Hyper()
+    hyper = runner.Hyper(spin_caption_contrast=0.0)  # this study predates issue 28's contrast
     started = time.perf_counter()
     if args.phase == "remedies":
         _remedies_main(args, seeds, started)

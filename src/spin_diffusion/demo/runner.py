@@ -70,6 +70,9 @@ SPIN_LR = 1e-4  # plain SPIN's best was 4e-6: from 1e-4 up it collapsed without 
 SPIN_BETA = 2000.0
 SPIN_LOSER_GUARD: float | None = 0.9  # loss.loser_guard of SPIN: Diffusion-SDPO's winner guard, μ = 0.9
 SPIN_DPOP_LAMBDA = 0.0  # loss.dpop_lambda of SPIN: the hinge did not add to the guard on validation
+# loss.caption_contrast_weight of SPIN: the caption contrast beside real-vs-own (one-word negatives), the best
+# self-play arm on validation in scripts/selfplay_study.py (issue 28; docs/DEMO_STUDY.md §4)
+SPIN_CAPTION_CONTRAST = 1.0
 ITERATIONS = 3
 STEPS_PER_ITERATION = 40
 PAIRS_PER_STEP = 16
@@ -84,6 +87,7 @@ class Hyper:
     spin_beta: float = SPIN_BETA
     spin_loser_guard: float | None = SPIN_LOSER_GUARD
     spin_dpop_lambda: float = SPIN_DPOP_LAMBDA
+    spin_caption_contrast: float = SPIN_CAPTION_CONTRAST
     iterations: int = ITERATIONS
     steps_per_iteration: int = STEPS_PER_ITERATION
     pairs_per_step: int = PAIRS_PER_STEP
@@ -180,6 +184,7 @@ def _config(
     caption_dropout: float = 0.0,
     loser_guard: float | None = None,
     dpop_lambda: float = 0.0,
+    caption_contrast: float = 0.0,
 ) -> RunConfig:
     return RunConfig(
         run_dir=str(run_dir),
@@ -188,7 +193,13 @@ def _config(
         model=ModelConfig(path=str(model)),
         data=data,
         sample=SAMPLE,
-        loss=LossConfig(objective=objective, beta=beta, loser_guard=loser_guard, dpop_lambda=dpop_lambda),
+        loss=LossConfig(
+            objective=objective,
+            beta=beta,
+            loser_guard=loser_guard,
+            dpop_lambda=dpop_lambda,
+            caption_contrast_weight=caption_contrast,
+        ),
         train=TrainConfig(
             learning_rate=lr,
             batch_size=batch,
@@ -233,6 +244,7 @@ def finetune_configs(
         lr=hyper.spin_lr,
         loser_guard=hyper.spin_loser_guard,
         dpop_lambda=hyper.spin_dpop_lambda,
+        caption_contrast=hyper.spin_caption_contrast,
         **common,
     )
     return sft, spin
