@@ -26,7 +26,11 @@ install() {  # the same arguments for pip and uv
 # Installs again when the lockfile, pyproject.toml or TORCH_SPEC changed since the last install (a stamp in .venv).
 stamp=.venv/.installed-from
 want="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC ${UNLOCKED:+unlocked}"
-if ! .venv/bin/python -c "import torch, spin_diffusion" 2>/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+version() {
+    .venv/bin/python -c "import torch, spin_diffusion; print(f'spin-diffusion {spin_diffusion.__version__}, torch {torch.__version__}')"
+}
+# one import of torch when nothing is to install (a few seconds of every demo and test run)
+if ! installed=$(version 2>/dev/null) || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     if [ "$INSTALLER" = uv ]; then
         pip uv
         # uv does not read pip's configuration: pass on its package sources (local mirrors, wheel folders)
@@ -45,5 +49,6 @@ if ! .venv/bin/python -c "import torch, spin_diffusion" 2>/dev/null || [ "$(cat 
         install --no-deps -e .
     fi
     echo "$want" > "$stamp"
+    installed=$(version)
 fi
-.venv/bin/python -c "import torch, spin_diffusion; print(f'spin-diffusion {spin_diffusion.__version__}, torch {torch.__version__}')"
+echo "$installed"

@@ -18,7 +18,8 @@ Interrupted runs continue from <work>/checkpoint.pt.
 `--world relations --out DIR` trains a base for the harder relation world (`spin_diffusion.relation_world`: two
 shapes and a relation, 288 scenes) the same way, with the same VAE (fitted to the shapes world) and tokenizer
 ("above"/"below" are split into sub-words, distinct from each other); its held-out figure is the relation judge's
-on the test and validation scenes. No such base is shipped yet, and this option has not been run.
+on the test and validation scenes. No such base is shipped: 3000 steps (66 min on one shared core) gave 4.7 %
+all correct on the test scenes with the relation at chance (docs/DEMO_STUDY.md §4).
 """
 
 from __future__ import annotations

@@ -132,6 +132,8 @@ def demo(
     if workers < 0:
         raise SpinDiffusionError(f"--workers must be >= 0, got {workers}")
     _loads_models()
+    if workers != 1:
+        console.start_workers_early()  # the workers' imports, beside this process's
     options = dict(seed=seed, seeds=seeds, scale=scale, pretrain=pretrain, sft_then_spin=sft_then_spin)
     result = api.run_demo(out, workers=workers or None, **options)
     typer.echo(f"report: {result.report}")

@@ -13,7 +13,7 @@ Objects are identified by their shape (the noun), as attribute-binding benchmark
 the colors are the caption's, the colors identify them instead, so a shape error alone does not also fail the
 relation. 4 colors x 3 shapes, ordered pairs with distinct colors and shapes, 4 relations: 288 scenes, each image
 layout described by two captions ("A left of B" = "B right of A"). The simple world (`world`) stays the demo's
-default; this one has no shipped base yet (docs/DEMO_STUDY.md).
+default; this one has no shipped base yet (a 3000-step base still read the relation at chance: docs/DEMO_STUDY.md §4).
 """
 
 from __future__ import annotations

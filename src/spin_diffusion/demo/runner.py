@@ -332,7 +332,6 @@ def run_plans(
     each with cores / workers torch threads. -> ({seed: {model name: metrics + win_rate_vs_base}},
     {seed: {arm or "eval": seconds}}). With workers=1 the jobs run in this process, one after another."""
     import concurrent.futures as cf
-    import multiprocessing
 
     from tqdm.auto import tqdm
 
@@ -349,9 +348,11 @@ def run_plans(
     if workers == 1:
         pool: cf.Executor = _InlineExecutor()
     else:
-        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-        pool = cf.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=console.start_worker, initargs=(threads, console.is_quiet())
+        pool = cf.ProcessPoolExecutor(  # forked from a fork server, never from this process (it holds torch threads)
+            workers,
+            mp_context=console.worker_context(),
+            initializer=console.start_worker,
+            initargs=(threads, console.is_quiet()),
         )
     with pool:
         running: dict[cf.Future, tuple[str, int, str, float]] = {}
