@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import json
 import multiprocessing
 import statistics
@@ -47,14 +48,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from spin_diffusion import atomic, console, encoding, models, relation_world, scoring, world
+from spin_diffusion import atomic, console, models, relation_world, scoring, world
 from spin_diffusion.config import RunConfig, replace
 from spin_diffusion.demo import runner
-from spin_diffusion.demo.evaluate import evaluate, win_rate_vs
-from spin_diffusion.model_eval import render_images
-from spin_diffusion.sampling import sample_seed
+from spin_diffusion.demo.evaluate import EvalSpec, evaluate, render, win_rate_vs
+from spin_diffusion.rundir import iter_dir
 
 SEEDS = (0, 1, 2)
 # The demo's SPIN recipe as it stood when this study was planned (the caption contrast off: the study made it the
@@ -111,19 +110,18 @@ def _config(out: Path, name: str, s: int, kind: str, overrides: dict) -> RunConf
 
 
 def _evaluate_relations(model: Path, split: str, seed: int, out_json: Path) -> dict:
-    """demo.evaluate.evaluate for the relation world: one image per scene of `split`, the demo's sampler, the
-    relation judge per prompt ("all" stored as `shapes_judge`, the tables' key), the Fréchet distance in the shapes
-    world's fixed feature space against fresh renders of the same scenes."""
-    if out_json.exists():
-        return json.loads(out_json.read_text())
+    """demo.evaluate.evaluate for the relation world: one image per scene of `split` drawn by the same renderer and
+    sampler (`demo.evaluate.render`, the seeds of runner.validation_spec / heldout_spec), the relation judge per
+    prompt ("all" stored as `shapes_judge`, the tables' key), the Fréchet distance in the shapes world's fixed
+    feature space against fresh renders of the same scenes. A saved result for the same spec is returned as it is."""
     prompts = relation_world.split_prompts("validation" if split == "val" else split, RELATION_EVAL_PER_SCENE)
-    spec_seed = (2000 if split == "val" else 1000) + seed
-    c = models.load_components(model)
-    with torch.no_grad():
-        images = render_images(
-            c, c.denoiser, encoding.encode_prompts(c, prompts), encoding.encode_prompts(c, [""]),
-            seeds=[sample_seed(spec_seed, 0, i) for i in range(len(prompts))], batch_size=64, **runner.EVAL_SAMPLE,
-        )  # fmt: skip
+    spec = EvalSpec(prompts=tuple(prompts), seed=(2000 if split == "val" else 1000) + seed, **runner.EVAL_SAMPLE)
+    sampler = dataclasses.asdict(spec) | {"prompts": len(prompts)}
+    if out_json.exists():
+        saved = json.loads(out_json.read_text())
+        if saved.get("sampler") == sampler and saved.get("prompts") == prompts:
+            return saved
+    images = render(models.load_components(model), spec)
     verdicts = [relation_world.judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     scores = {
         "shapes_judge": [float(v.color and v.shape and v.relation) for v in verdicts],
@@ -131,11 +129,11 @@ def _evaluate_relations(model: Path, split: str, seed: int, out_json: Path) -> d
     }
     metrics = {key: sum(v) / len(v) for key, v in scores.items()}
     reference = [
-        relation_world.render(relation_world.parse_caption(p), rng=np.random.default_rng([spec_seed, 2, i]))
+        relation_world.render(relation_world.parse_caption(p), rng=np.random.default_rng([spec.seed, 2, i]))
         for i, p in enumerate(prompts)
     ]
     metrics["fd"] = scoring.frechet_distance_metric(images, reference, world.FeatureNet())
-    result = {"model": str(model), "metrics": metrics, "scores": scores, "prompts": prompts}
+    result = {"model": str(model), "metrics": metrics, "scores": scores, "prompts": prompts, "sampler": sampler}
     out_json.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out_json, json.dumps(result, indent=1))
     return result
@@ -154,7 +152,7 @@ def _job(name: str, s: int, extra: dict | None = None) -> tuple[str, int, str, d
 
 
 def _models(cfg: RunConfig) -> dict[int, Path]:
-    return {k: Path(cfg.run_dir) / f"iter_{k:02d}" / "model" for k in range(1, cfg.num_iterations + 1)}
+    return {k: iter_dir(Path(cfg.run_dir), k) / "model" for k in range(1, cfg.num_iterations + 1)}
 
 
 def unit(out: Path, name: str, s: int, kind: str, overrides: dict) -> dict:
@@ -271,7 +269,10 @@ def main() -> None:
         if value is not None:
             (args.out / name).write_text(f"{value}\n")
     _data(args.out)  # once, before the workers start
-    one_prompt = 1 / (48 if args.world == "shapes" else len(relation_world.split_prompts("test", 1)))
+    if args.world == "shapes":
+        one_prompt = 1 / len(runner.heldout_spec(0).prompts)
+    else:
+        one_prompt = 1 / len(relation_world.split_prompts("test", RELATION_EVAL_PER_SCENE))
 
     # 1-2. the arms, longest first
     order = ["spin 32 pairs", "spin + caption contrast", "spin pool=all", "spin", "ddo lr=1e-4", "ddo lr=2e-5",

@@ -32,9 +32,9 @@ def node_args(node: int, port: int, command: str, *args: str) -> list[str]:
 
 def spin_in_process(config, overrides: list[str], run_dir) -> None:
     """`spin-diffusion spin --config CONFIG --set ... --run-dir RUN_DIR` run in this process, on one torch thread as
-    the tests' command processes (OMP_NUM_THREADS=1): the uninterrupted reference of a single-process kill test,
-    without paying a process's imports. The run's weights are bit-identical to the command's (the kill tests
-    compare them with torch.equal)."""
+    the tests' command processes (OMP_NUM_THREADS=1): the reference a test compares real processes with, without
+    paying a process's imports. The run's weights are bit-identical to the command's (the kill tests compare them
+    with torch.equal)."""
     import torch
 
     from spin_diffusion import api

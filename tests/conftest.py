@@ -20,12 +20,10 @@ def pytest_collection_modifyitems(items):
     HEAVY_COST per test marked heavy (real processes, whole pipelines) plus 1 per other test. xdist's own order
     (most tests first) put the few-test, slowest files (FSDP, per-family resumes, preemption) last, and one worker
     ran them alone at the end. The order within a file is kept (its module fixtures are shared in that order)."""
-    cost: dict[str, int] = {}
+    cost: dict = {}
     for item in items:
-        cost[item.nodeid.split("::")[0]] = cost.get(item.nodeid.split("::")[0], 0) + (
-            HEAVY_COST if item.get_closest_marker("heavy") else 1
-        )
-    items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])  # stable: a file's tests stay in order
+        cost[item.path] = cost.get(item.path, 0) + (HEAVY_COST if item.get_closest_marker("heavy") else 1)
+    items.sort(key=lambda item: -cost[item.path])  # stable: a file's tests stay in order
 
 
 HEAVY_COST = 40  # a heavy test costs tens of seconds, most others well under one

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _launch import interrupt_when, set_args, torchrun_args
+from _launch import interrupt_when, set_args, spin_in_process, torchrun_args
 
 pytestmark = pytest.mark.heavy  # real processes: left out of `scripts/test.sh --quick`
 
@@ -55,9 +55,7 @@ def _one_process(run_dir: Path, overrides: list[str]) -> None:
     """The same run in this process at the effective batch of two ranks (tiny.yaml's 4 per rank: 8). Two DDP ranks
     × batch B train what one process × 2B trains up to float summation order (test_multiprocess.py checks it), so
     this stands for the DDP run without starting one (three processes, each paying its imports)."""
-    from spin_diffusion import api
-
-    api.spin(TINY, [*overrides, "train.batch_size=8"], run_dir=run_dir, progress=False)
+    spin_in_process(TINY, [*overrides, "train.batch_size=8"], run_dir)
 
 
 def _run(args: list[str], *, env: dict | None = None) -> subprocess.CompletedProcess:
