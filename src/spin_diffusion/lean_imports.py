@@ -2,8 +2,8 @@
 
 bitsandbytes, when installed, is imported by diffusers (its quantizer registry, as soon as a model class is
 imported) and by peft (`peft.helpers`) whatever the run does. spin-diffusion uses it for one thing only,
-`train.optimizer: adamw8bit`, and importing it costs about 5 s of start-up on a slow CPU core in every process:
-each rank of a launch, each demo worker, each test that starts a command.
+`train.optimizer: adamw8bit`, and importing it costs seconds of start-up on a slow CPU core (about 2.5 s here:
+docs/DEVELOPMENT.md) in every process: each rank of a launch, each demo worker, each test that starts a command.
 
 `hold_back()` marks it as not importable (a ``None`` entry in `sys.modules`, Python's documented way to block an
 import): the libraries then see it as not installed (`importlib.util.find_spec` answers None) and skip it.
