@@ -98,7 +98,7 @@ def test_fsdp_two_processes_train_what_one_process_trains(tmp_path: Path, overri
                   "eval.validation_every=2"]  # fmt: skip
     _run(_fsdp_args(fsdp, [*ONE_ITER, *overrides, *validation]))
     _one_process(one, [*ONE_ITER, *overrides, *validation])
-    assert _completed(fsdp) == _completed(one) == ["generate:0", "train:1"]
+    assert _completed(fsdp) == _completed(one) == ["generate:0", "reference:0", "train:1"]
     _assert_close_relative_to_update(_unet(fsdp), _unet(one))
     for run_dir in (fsdp, one):
         rendered = sorted(p.relative_to(run_dir / "iter_01" / "validation").as_posix()
@@ -155,7 +155,7 @@ def test_fsdp_config_without_the_cpu_override_runs_ddp_and_says_so(tmp_path: Pat
         ]
     )
     assert done.stderr.count("accelerate does not shard on CPU") == 1
-    assert _completed(run_dir) == ["generate:0", "train:1"]
+    assert _completed(run_dir) == ["generate:0", "reference:0", "train:1"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_fsdp_kill9_then_resume_equals_uninterrupted(tmp_path: Path):
     assert not (run_dir / "iter_01" / "model").exists()
     assert "pytorch_model_fsdp_0" in seen, seen  # accelerate's sharded (DCP) FSDP checkpoint, not a DDP one
     _run([*_fsdp_args(run_dir, KILL), "--resume"])
-    assert _completed(run_dir) == ["generate:0", "train:1"]
+    assert _completed(run_dir) == ["generate:0", "reference:0", "train:1"]
     resumed, uninterrupted = _unet(run_dir), _unet(reference)
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), f"UNet weight {name} differs after resume"

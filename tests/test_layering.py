@@ -95,6 +95,8 @@ HOUSE = [
     {"sampling", "scoring"},
     # 5. training, and rendering + scoring models
     {"trainer", "model_eval"},
+    # 5½. the reference's terms stored before training (train.precompute_reference)
+    {"reference"},
     # 6. the self-play loop and the demo's evaluation
     {"self_play", "demo.evaluate"},
     # 7. the demo

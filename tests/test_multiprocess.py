@@ -75,7 +75,17 @@ def test_two_processes_write_what_one_process_writes(spin_runs):
     assert (
         _completed(two)
         == _completed(one)
-        == ["eval:0", "generate:0", "train:1", "eval:1", "generate:1", "train:2", "eval:2"]
+        == [
+            "eval:0",
+            "generate:0",
+            "reference:0",
+            "train:1",
+            "eval:1",
+            "generate:1",
+            "reference:1",
+            "train:2",
+            "eval:2",
+        ]
     )
     # the real-image cache is encoded by both ranks (each its shards) and equals the one-process cache (up to
     # float rounding: the ranks run 1 OpenMP thread each, this process 2, and the VAE's convolutions sum in
@@ -176,10 +186,10 @@ def test_per_caption_one_on_two_processes_equals_one_process(tmp_path: Path):
 @pytest.mark.parametrize(
     ("command", "overrides", "completed"),
     [
-        ("spin", ["loss.objective=spin_exact", "loss.timesteps_per_pair=2"], ["generate:0", "train:1"]),
-        ("spin", ["model.lora_rank=4", "train.learning_rate=1e-2"], ["generate:0", "train:1"]),
+        ("spin", ["loss.objective=spin_exact", "loss.timesteps_per_pair=2"], ["generate:0", "reference:0", "train:1"]),
+        ("spin", ["model.lora_rank=4", "train.learning_rate=1e-2"], ["generate:0", "reference:0", "train:1"]),
         ("sft", [], ["train:1"]),
-        ("dpo", "pairs", ["train:1"]),
+        ("dpo", "pairs", ["reference:0", "train:1"]),
     ],
     ids=["spin_exact", "lora", "sft", "dpo"],
 )
@@ -349,7 +359,7 @@ def test_kill9_of_all_ranks_then_resume_equals_uninterrupted(tmp_path: Path, uni
         _kill_all_when(run_dir, lambda: ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir()))
         assert not (run_dir / "iter_01" / "model").exists()
     _torchrun("spin", *_spin_args(run_dir, "--resume"))
-    assert _completed(run_dir) == ["generate:0", "train:1"]
+    assert _completed(run_dir) == ["generate:0", "reference:0", "train:1"]
     for shard in range(12):
         name = f"shard_{shard:05d}.safetensors"
         assert torch.equal(

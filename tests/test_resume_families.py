@@ -84,7 +84,7 @@ def reference(request, tmp_path_factory) -> tuple[str, Path]:
         spin_in_process(TINY, CONFIG + overrides, run_dir)
     else:
         _run(_command(request.param, run_dir))
-    assert _completed(run_dir) == ["generate:0", "train:1", "generate:1", "train:2"]
+    assert _completed(run_dir) == ["generate:0", "reference:0", "train:1", "generate:1", "reference:1", "train:2"]
     return request.param, run_dir
 
 
@@ -97,7 +97,7 @@ def _cut_after_iteration_1(ref_dir: Path, run_dir: Path) -> None:
     shutil.rmtree(run_dir / "iter_01" / "generated")
     shutil.rmtree(run_dir / "iter_02")
     state = json.loads((run_dir / "state.json").read_text())
-    kept = ["generate:0", "train:1"]
+    kept = ["generate:0", "reference:0", "train:1"]
     info = {k: v for k, v in state["info"].items() if k in kept or ":" not in k}
     (run_dir / "state.json").write_text(json.dumps({"completed": kept, "info": info}))
 
@@ -122,7 +122,7 @@ def test_kill9_during_iteration_2_then_resume_equals_uninterrupted(tmp_path: Pat
     assert "generate:1" in _completed(run_dir) and "train:2" not in _completed(run_dir)
     _run(_command(case, run_dir, "--resume"))
 
-    assert _completed(run_dir) == ["generate:0", "train:1", "generate:1", "train:2"]
+    assert _completed(run_dir) == ["generate:0", "reference:0", "train:1", "generate:1", "reference:1", "train:2"]
     ref_gen = ref_dir / "iter_01" / "generated"
     for i in range(8):  # θ_1's samples are the uninterrupted run's
         name = f"shard_{i:05d}.safetensors"

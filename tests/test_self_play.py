@@ -45,7 +45,17 @@ def finished_run(tmp_path_factory) -> Path:
 
 def test_run_dir_layout_and_state(finished_run: Path):
     state = json.loads((finished_run / "state.json").read_text())
-    assert state["completed"] == ["eval:0", "generate:0", "train:1", "eval:1", "generate:1", "train:2", "eval:2"]
+    assert state["completed"] == [
+        "eval:0",
+        "generate:0",
+        "reference:0",
+        "train:1",
+        "eval:1",
+        "generate:1",
+        "reference:1",
+        "train:2",
+        "eval:2",
+    ]
     assert (finished_run / "config.yaml").exists()
     assert (finished_run / "report.html").exists()
     for k in (0, 1, 2):
@@ -163,7 +173,7 @@ def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: 
 
     done = subprocess.run(_cli(run_dir, "--resume"), capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((run_dir / "state.json").read_text())["completed"] == ["generate:0", "train:1"]
+    assert json.loads((run_dir / "state.json").read_text())["completed"] == ["generate:0", "reference:0", "train:1"]
     ref_gen = load_file(str(reference_run / "iter_00" / "generated" / "shard_00003.safetensors"))
     new_gen = load_file(str(gen / "shard_00003.safetensors"))
     assert torch.equal(ref_gen["latents"], new_gen["latents"])
@@ -216,7 +226,8 @@ def test_kill9_in_iteration_2_training_with_the_opponent_pool_then_resume_comple
     ckpts = run_dir / "iter_02" / "train" / "checkpoints"
     _kill_when(run_dir, lambda: ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir()), *sets)
     assert not (run_dir / "iter_02" / "model").exists()
-    assert json.loads((run_dir / "state.json").read_text())["completed"] == ["generate:0", "train:1", "generate:1"]
+    completed = json.loads((run_dir / "state.json").read_text())["completed"]
+    assert completed == ["generate:0", "reference:0", "train:1", "generate:1", "reference:1"]
     done = subprocess.run(_cli(run_dir, *sets, "--resume"), capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_same_weights(reference / "iter_02" / "model", run_dir / "iter_02" / "model")
@@ -438,7 +449,7 @@ def test_dpo_baseline_on_preference_pairs(tmp_path: Path):
     )
     run(cfg, progress=False)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["completed"] == ["train:1"]  # no self-play generation for a baseline
+    assert state["completed"] == ["reference:0", "train:1"]  # no self-play generation for a baseline
     log = [json.loads(line) for line in (tmp_path / "run" / "iter_01" / "train" / "train_log.jsonl").open()]
     assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
     assert (tmp_path / "run" / "iter_01" / "model" / "model_index.json").exists()
@@ -630,9 +641,21 @@ def test_opponent_pool_all_trains_on_every_earlier_iterations_samples(tmp_path: 
 @pytest.mark.parametrize(
     ("extra", "phases", "first_loss"),
     [
-        (["loss.objective=caption_contrast"], ["train:1", "train:2"], math.log(2)),  # rounds, no generation
-        (["loss.caption_contrast_weight=0.5", "num_iterations=1"], ["generate:0", "train:1"], 1.5 * math.log(2)),
-        (["loss.objective=ddo"], ["generate:0", "train:1", "generate:1", "train:2"], 2 * math.log(2)),
+        (  # rounds, no generation
+            ["loss.objective=caption_contrast"],
+            ["reference:0", "train:1", "reference:1", "train:2"],
+            math.log(2),
+        ),
+        (
+            ["loss.caption_contrast_weight=0.5", "num_iterations=1"],
+            ["generate:0", "reference:0", "train:1"],
+            1.5 * math.log(2),
+        ),
+        (
+            ["loss.objective=ddo"],
+            ["generate:0", "reference:0", "train:1", "generate:1", "reference:1", "train:2"],
+            2 * math.log(2),
+        ),
     ],
     ids=["caption_contrast", "spin+caption_contrast", "ddo"],
 )

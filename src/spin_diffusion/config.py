@@ -269,6 +269,10 @@ class TrainConfig:
     # min(ema_decay, (1+n)/(10+n))); the EMA is exported, and is the next iteration's opponent. null = off.
     ema_decay: float | None = None
     allow_tf32: bool = True  # TF32 matmuls and convolutions on NVIDIA GPUs (Ampere and newer); no effect elsewhere
+    # Compute the reference's denoising errors of every pair training will visit before it starts (θ_k is loaded to
+    # generate anyway) and store them in iter_k/reference/: training then holds no reference copy and runs one model
+    # forward fewer per pair, with the same result. false: a frozen reference runs beside the policy every step.
+    precompute_reference: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "learning_rate", _as_schedule(self.learning_rate))

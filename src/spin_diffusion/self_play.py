@@ -3,6 +3,7 @@
 This is the only module that knows about iterations. For k = 0 … K-1:
 
     generate:k    θ_k samples one image per training prompt        -> iter_k/generated/
+    reference:k   θ_k's errors on every pair train:k+1 will visit   -> iter_k/reference/  (train.precompute_reference)
     train:k+1     θ_{k+1} learns to prefer real over θ_k's images   -> iter_{k+1}/train/, iter_{k+1}/model/
     eval:k+1      θ_{k+1} is scored on the evaluation prompts      -> iter_{k+1}/eval.json
 
@@ -37,6 +38,7 @@ from spin_diffusion import (
     preemption,
     preflight,
     presets,
+    reference,
     sampling,
     trainer,
 )
@@ -245,7 +247,8 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> RunSu
         data = _train_data(r)
         if r.objective.self_play:
             _generate(r, k, opponent, data, progress=progress)  # generate:k -> data.loser (and its trajectory)
-        opponent = _train_and_export(r, k, opponent, data, progress=progress)  # train:k+1 -> θ_{k+1}
+        stored = _precompute_reference(r, k, opponent, data, progress=progress)  # reference:k -> θ_k's errors
+        opponent = _train_and_export(r, k, opponent, data, stored, progress=progress)  # train:k+1 -> θ_{k+1}
         _stop_if_asked(f"stopped after training θ_{k + 1} (exported to {iter_dir(r.run_dir, k + 1) / 'model'})")
         _evaluate(r, k + 1, opponent)  # eval:k+1, and its table in θ_{k+1}'s model card
 
@@ -572,15 +575,65 @@ def _rows_held(generated: sampling.GeneratedSet, plan: sampling.OpponentPrompts,
     return held[row_prompt]
 
 
-def _train_and_export(
+def _precompute_reference(
     r: _Run, k: int, opponent: torch.nn.Module, data: trainer.TrainData, *, progress: bool
+) -> trainer.ReferenceOutputs | None:
+    """reference:k — θ_k's terms on every visit of train:k+1 (train.precompute_reference; dpo: the base model's),
+    computed while θ_k is loaded, so the training holds no reference model. None when the objective has no
+    reference or the option is off."""
+    cfg = r.cfg
+    if not (r.objective.needs_ref and cfg.train.precompute_reference):
+        return None
+    cfg_k = for_iteration(cfg, k)
+    folder, phase = iter_dir(r.run_dir, k) / "reference", f"reference:{k}"
+    as_given = to_dict(r.as_given)
+    settings = {name: as_given[name] for name in ("seed", "model", "data", "sample", "loss", "train")}
+    key = reference.run_key({**settings, "iteration": k, "processes": r.dist.num_processes}, opponent)
+    where = dict(
+        key=key,
+        data=data,
+        train_cfg=cfg_k.train,
+        shard_micro_steps=max(1, cfg.sample.shard_size // cfg.train.batch_size),
+        rank=r.dist.process_index,
+        world_size=r.dist.num_processes,
+    )
+    if not r.state.done(phase):
+        started = time.perf_counter()
+        reference.precompute(
+            opponent,
+            folder=folder,
+            objective=cfg.loss.objective,
+            loss_cfg=cfg_k.loss,
+            family=r.c.family,
+            seed=train_seed(cfg, k),
+            lora=cfg.model.lora_rank > 0,
+            guidance=cfg.sample.guidance_scale,
+            barrier=r.dist.wait_for_everyone,
+            progress=progress and r.dist.is_main_process,
+            **where,
+        )
+        r.dist.wait_for_everyone()
+        _stop_if_asked(f"the reference terms of θ_{k} stopped; their finished shards are kept in {folder}")
+        r.state.mark(phase, wall_seconds=round(time.perf_counter() - started, 2))
+    return reference.load(folder, **where)
+
+
+def _train_and_export(
+    r: _Run,
+    k: int,
+    opponent: torch.nn.Module,
+    data: trainer.TrainData,
+    stored: trainer.ReferenceOutputs | None,
+    *,
+    progress: bool,
 ) -> torch.nn.Module:
     """train:k+1 — θ_{k+1} starts from θ_k and is trained against the frozen θ_k, with this iteration's values of
     the per-iteration schedules (loss.beta, train.learning_rate); exported to iter_{k+1}/model (and lora/).
-    Returns θ_{k+1}, frozen: the next opponent."""
+    With `stored` (reference:k) it holds no reference model. Returns θ_{k+1}, frozen: the next opponent."""
     cfg, next_dir = r.cfg, iter_dir(r.run_dir, k + 1)
     cfg_k = for_iteration(cfg, k)
-    policy, ref = _policy_and_ref(cfg.model, opponent, needs_ref=r.objective.needs_ref, seed=train_seed(cfg, k))
+    needs_ref = r.objective.needs_ref and stored is None
+    policy, ref = _policy_and_ref(cfg.model, opponent, needs_ref=needs_ref, seed=train_seed(cfg, k))
     result = trainer.train(
         policy,
         ref,
@@ -595,6 +648,7 @@ def _train_and_export(
         hparams=hparams(r.as_given),
         validation=r.validation and dataclasses.replace(r.validation, folder=next_dir / "validation"),
         guidance=cfg.sample.guidance_scale,
+        reference=stored,
     )
     policy = result.policy  # under FSDP a new, unsharded module with the full weights on every rank
     if cfg.model.lora_rank > 0:

@@ -12,6 +12,7 @@ The trainer does not know about self-play iterations: the caller hands it a poli
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,6 +121,15 @@ class TrainResult:
     policy: torch.nn.Module | None = None  # the trained denoiser as an ordinary module (see `train`)
 
 
+@dataclass
+class ReferenceOutputs:
+    """The frozen reference's terms for every visit of this rank's training, computed before it starts
+    (train.precompute_reference; `reference_outputs`): row m·B + b is pair b of this rank's micro-step m."""
+
+    errors: torch.Tensor | RowStore  # [M·B, chunks, K] denoising errors of winner, loser (and winner under c′)
+    guided: torch.Tensor | RowStore | None = None  # [M·B, K, C, h, w] θ_k's guided loser prediction (exact guard)
+
+
 class Validation(Protocol):
     """Renders a few fixed prompts with the model being trained (eval.validation_prompts; model_eval.Validation)."""
 
@@ -198,6 +208,92 @@ def visited_rows(n: int, seed: int, num_positions: int) -> torch.Tensor:
     return _epoch_perm(n, seed, 0)[: max(0, min(n, num_positions))]
 
 
+def reference_outputs(
+    model: torch.nn.Module,
+    data: TrainData,
+    *,
+    objective: Objective,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    family: Family,
+    seed: int,
+    lora: bool = False,
+    guidance: float | None = None,
+    skip: Callable[[int], bool] = lambda m: False,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """The reference's terms of every micro-step this rank's `train` will make, computed before it
+    (train.precompute_reference): `train(..., reference=ReferenceOutputs(...))` with the collected outputs then
+    trains exactly as with the reference model, without holding it.
+
+    `model` is θ_k, the model training starts from: full fine-tuning's reference is a frozen copy of it in the
+    mixed-precision dtype (made here only when that differs from its own, and freed at the end); a LoRA policy's
+    (lora=True) is θ_k itself, as the policy with its adapters disabled. The same data, seed and configs as the
+    training give the same batches, draws and autocast, so the terms are the ones `train` would compute.
+
+    Yields, for each micro-step m not skipped, in order: (m, errors [B, chunks, K], guided [B, K, C, h, w] or None),
+    on the CPU."""
+    spec = objectives.get(objective)
+    _check_arguments(model, None, data, objective, loss_cfg, train_cfg, ReferenceOutputs(torch.empty(0)))
+    torch.set_flush_denormal(True)  # as `_accelerator` does for training
+    accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision)  # the training's autocast
+    device = accelerator.device
+    total = (
+        num_optimizer_steps(len(data), train_cfg, accelerator.num_processes) * train_cfg.gradient_accumulation_steps
+    )
+    micro_batches = _MicroBatches(
+        data,
+        seed,
+        objective=objective,
+        batch_size=train_cfg.batch_size,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        k_steps=loss_cfg.timesteps_per_pair,
+        share_noise=loss_cfg.share_noise,
+        process=family.process,
+        exact_steps=valid_exact_steps(data.sampler) if spec.trajectory else None,
+        caption_dropout=train_cfg.caption_dropout,
+        contrast=loss_cfg.caption_contrast_weight > 0 or spec.loser == "caption",
+        first_micro_step=0,
+        num_micro_steps=total,
+    )
+    reference = model
+    ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
+    if not lora and next(model.parameters()).dtype != ref_dtype:  # `train` casts its frozen copy the same way
+        reference = copy.deepcopy(model).requires_grad_(False).to(device, dtype=ref_dtype)
+    reference.to(device)
+    if not lora:
+        reference.eval()
+
+    def run_reference(fn):
+        with torch.no_grad(), accelerator.autocast():
+            return fn(reference)
+
+    for m in range(total):
+        if skip(m):
+            continue
+        f = _forward_inputs(
+            micro_batches[m],
+            objective=objective,
+            loss_cfg=loss_cfg,
+            family=family,
+            device=device,
+            sampler=data.sampler,
+        )
+        errors, guided = _reference_terms(
+            run_reference,
+            f,
+            objective=objective,
+            loss_cfg=loss_cfg,
+            family=family,
+            sampler=data.sampler,
+            guidance=guidance,
+            opponent_guidance=(data.guidance_scale, data.negative_embed),
+        )
+        if guided is not None:
+            guided = guided.reshape(f.b, f.k, *guided.shape[1:]).cpu()
+        yield m, errors.cpu(), guided
+
+
 def _latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
     found = [
         (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
@@ -237,6 +333,7 @@ def train(
     hparams: dict[str, Any] | None = None,
     validation: Validation | None = None,
     guidance: float | None = None,
+    reference: ReferenceOutputs | None = None,
 ) -> TrainResult:
     """Train `policy` on `data` with `objective`; resumes from the latest checkpoint in `out_dir`.
 
@@ -257,10 +354,12 @@ def train(
             `validation.every` steps; the images go to the trackers.
         guidance: the guidance embedding's value for a guidance-distilled model (FLUX.1-dev; its sampling value,
             as diffusers' FLUX training scripts do); other families ignore it.
+        reference: the reference's terms of every visit, computed before training by `reference_outputs` with the
+            same data, seed and configs (train.precompute_reference); then `ref` is None and no reference runs.
 
     With train_cfg.ema_decay the returned policy holds the EMA of the trained weights.
     """
-    _check_arguments(policy, ref, data, objective, loss_cfg, train_cfg)
+    _check_arguments(policy, ref, data, objective, loss_cfg, train_cfg, reference)
     spec = objectives.get(objective)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +415,12 @@ def train(
         contrast=loss_cfg.caption_contrast_weight > 0 or spec.loser == "caption",
         first_micro_step=start_step * train_cfg.gradient_accumulation_steps,
         num_micro_steps=(total_steps - start_step) * train_cfg.gradient_accumulation_steps,
+        reference=reference,
     )
+    if reference is not None and len(reference.errors) < total_steps * train_cfg.gradient_accumulation_steps * (
+        train_cfg.batch_size
+    ):
+        raise ValueError("the precomputed reference holds fewer visits than this training makes")
     # batch_size=None: each item already is one micro-batch; workers read the cache ahead of the GPU.
     loader = iter(
         torch.utils.data.DataLoader(micro_batches, batch_size=None, shuffle=False, num_workers=train_cfg.num_workers)
@@ -454,9 +558,12 @@ def _check_arguments(
     objective: Objective,
     loss_cfg: LossConfig,
     train_cfg: TrainConfig,
+    reference: ReferenceOutputs | None = None,
 ) -> None:
     """Programming errors of a caller (user input is checked long before, in config and preflight)."""
     data.check(objective)
+    if reference is not None and (ref is not None or not objectives.get(objective).needs_ref):
+        raise ValueError("a precomputed reference replaces `ref` (pass ref=None), for an objective with a reference")
     if isinstance(loss_cfg.beta, tuple) or isinstance(train_cfg.learning_rate, tuple):
         raise ValueError("resolve the per-iteration loss.beta / train.learning_rate first (config.for_iteration)")
     if train_cfg.total_batch_size is not None or train_cfg.scale_lr:
@@ -466,7 +573,7 @@ def _check_arguments(
     if train_cfg.caption_dropout > 0 and data.empty_embed is None:
         raise ValueError("train.caption_dropout > 0 needs TrainData.empty_embed")
     lora = bool(getattr(policy, "peft_config", None))
-    if objectives.get(objective).needs_ref and ref is None and not lora:
+    if objectives.get(objective).needs_ref and ref is None and reference is None and not lora:
         raise ValueError(f"{objective} needs a reference model (or a LoRA policy)")
     if ref is not None and ref is policy:
         raise ValueError("policy and ref must be different objects; pass ref=None for a LoRA policy")
@@ -674,6 +781,7 @@ class _MicroBatches(torch.utils.data.Dataset):
         first_micro_step: int,
         num_micro_steps: int,
         contrast: bool = False,
+        reference: ReferenceOutputs | None = None,
     ) -> None:
         self.data, self.seed, self.objective = data, seed, objectives.get(objective)
         self.contrast, self.process = contrast, process
@@ -689,6 +797,7 @@ class _MicroBatches(torch.utils.data.Dataset):
         )
         self.first, self.count = first_micro_step, num_micro_steps
         self.stream = _IndexStream(len(data), seed)
+        self.reference = reference
 
     def __len__(self) -> int:
         return self.count
@@ -736,6 +845,11 @@ class _MicroBatches(torch.utils.data.Dataset):
             if ids is not None:
                 rows = ids[idx] if ids.shape[0] > 1 else ids.expand(len(idx), -1)
                 batch[name] = rows.repeat_interleave(k, dim=0)
+        if self.reference is not None:  # this rank's visits, in the order it makes them
+            m = self.first + i
+            batch["ref_errors"] = self.reference.errors[m * self.bsz : (m + 1) * self.bsz]
+            if self.reference.guided is not None:
+                batch["ref_guided"] = self.reference.guided[m * self.bsz : (m + 1) * self.bsz]
         return batch
 
     def _pool_losers(self, idx: torch.Tensor, first: int) -> torch.Tensor:
@@ -802,23 +916,38 @@ def mismatched_captions(
     return torch.tensor(out, dtype=torch.long)
 
 
-def _micro_step_loss(
-    policy: torch.nn.Module,
-    ref: torch.nn.Module | None,
+@dataclass
+class _Forward:
+    """One micro-batch as the models see it: rows [winner | loser (| winner under c′)] of B·K each, concatenated."""
+
+    b: int  # pairs
+    k: int  # timesteps per pair
+    chunks: int  # 2, or 3 with the caption contrast beside the loss
+    model_in: torch.Tensor  # [chunks·B·K, C, h, w] noised inputs
+    t: torch.Tensor  # [B·K] training times (spin_exact: the opponent's step times)
+    t2: torch.Tensor  # [chunks·B·K]
+    context: Cond  # [chunks·B·K] conditioning
+    time_ids: torch.Tensor | None  # SDXL's micro-conditioning, [chunks·B·K, 6]
+    target: torch.Tensor  # [chunks·B·K, ...] regression targets
+    loser_t: torch.Tensor  # [B·K, C, h, w] the noised loser (spin_exact: x'_t of the opponent's chain)
+    step_index: torch.Tensor | None  # spin_exact: the sampler step of each row
+
+    def errors(self, pred: torch.Tensor) -> list[torch.Tensor]:
+        """Per chunk, the denoising error of each row: [B, K] each."""
+        return [e.reshape(self.b, self.k) for e in losses.denoise_error(pred, self.target).chunk(self.chunks)]
+
+
+def _forward_inputs(
     batch: dict[str, torch.Tensor],
     *,
     objective: Objective,
     loss_cfg: LossConfig,
     family: Family,
-    accelerator: Accelerator,
+    device: torch.device,
     sampler: SamplerSchedule | None,
-    fsdp: bool = False,
-    guidance: float | None = None,
-    opponent_guidance: tuple[float, Cond | None] = (1.0, None),
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean loss of one micro-batch (`_MicroBatches` item): B pairs, each at K timesteps (rows b*K + k)."""
+) -> _Forward:
+    """The noised inputs, times, conditioning and targets of a preference micro-batch (`_MicroBatches` item)."""
     spec = objectives.get(objective)
-    device = accelerator.device
     process = family.process
     k_steps = loss_cfg.timesteps_per_pair
     b = batch["winner"].shape[0] // k_steps
@@ -829,20 +958,14 @@ def _micro_step_loss(
     winner_ids = None if winner_ids is None else winner_ids.to(device)
 
     # Times: drawn from the training schedule (DDPM t, or flow σ), or the opponent's sampling steps (spin_exact).
+    step_index = None
     if spec.trajectory:
         assert sampler is not None
         step_index = batch["t_or_step"]
         t = process.exact_time(sampler, step_index).to(device)
     else:
         t = batch["t_or_step"].to(device)
-
     winner_t = process.noised(winner, noise, t)
-    if spec.loss is None:  # sft: the plain denoising loss on the real images
-        target = process.target(winner, noise, t)
-        pred = family.predict(policy, winner_t, process.model_timestep(t), context, winner_ids, guidance=guidance)
-        err = losses.denoise_error(pred, target).reshape(b, k_steps)
-        per_sample, metrics = losses.sft_loss(err)
-        return per_sample.mean(), metrics
 
     # Loser branch: forward-noised final latent at the winner's t (dpo, spin_approx, ddo), the stored chain
     # (spin_exact), or the real image itself under the mismatched caption c′ (caption_contrast).
@@ -881,56 +1004,152 @@ def _micro_step_loss(
         inputs, times, targets = inputs + [winner_t], times + [t], targets + [winner_target]
         contexts = contexts + [mismatch.to(device)]
         ids2 = None if ids2 is None else ids2 + [winner_ids]
-    model_in, t2, context2 = torch.cat(inputs), torch.cat(times), Cond.cat(contexts)
-    target = torch.cat(targets)
-    ids2 = None if ids2 is None else torch.cat(ids2)
-    chunks = len(inputs)
+    return _Forward(
+        b=b,
+        k=k_steps,
+        chunks=len(inputs),
+        model_in=torch.cat(inputs),
+        t=t,
+        t2=torch.cat(times),
+        context=Cond.cat(contexts),
+        time_ids=None if ids2 is None else torch.cat(ids2),
+        target=torch.cat(targets),
+        loser_t=loser_t,
+        step_index=step_index,
+    )
 
-    def predict(model: torch.nn.Module) -> torch.Tensor:
-        pred = family.predict(model, model_in, process.model_timestep(t2), context2, ids2, guidance=guidance)
-        return process.exact_space(pred.float(), model_in, t2) if spec.trajectory else pred
 
-    def errors(pred: torch.Tensor) -> list[torch.Tensor]:
-        return [e.reshape(b, k_steps) for e in losses.denoise_error(pred, target).chunk(chunks)]  # [B, K] each
+def _predict(
+    model: torch.nn.Module, f: _Forward, *, family: Family, trajectory: bool, guidance: float | None
+) -> torch.Tensor:
+    """`model`'s output on every row of `f` (spin_exact: in the sampler's ε-space or velocity)."""
+    process = family.process
+    pred = family.predict(model, f.model_in, process.model_timestep(f.t2), f.context, f.time_ids, guidance=guidance)
+    return process.exact_space(pred.float(), f.model_in, f.t2) if trajectory else pred
 
-    def ref_forward(fn):  # runs fn(ref module) without grad: the frozen copy, or the policy with adapters disabled
-        with torch.no_grad(), accelerator.autocast():
-            if ref is not None:
-                return fn(ref)
-            # under FSDP only the prepared module can run (it gathers its shards); DDP's wrapper is skipped
-            with adapters_disabled(accelerator.unwrap_model(policy)):
-                return fn(policy if fsdp else accelerator.unwrap_model(policy))
 
-    policy_pred = predict(policy)
-    policy_errs = errors(policy_pred)
-    ref_pred = ref_forward(predict)
-    ref_errs = errors(ref_pred)
+def _needs_guided_target(objective: Objective, loss_cfg: LossConfig, sampler: SamplerSchedule | None) -> bool:
+    """The guard on the exact path with a stochastic opponent (η > 0) needs θ_k's guided prediction of the loser."""
+    return loss_cfg.loser_guard is not None and objectives.get(objective).trajectory and sampler.eta > 0
+
+
+def _reference_terms(
+    run_reference: Callable[[Callable[[torch.nn.Module], torch.Tensor]], torch.Tensor],
+    f: _Forward,
+    *,
+    objective: Objective,
+    loss_cfg: LossConfig,
+    family: Family,
+    sampler: SamplerSchedule | None,
+    guidance: float | None,
+    opponent_guidance: tuple[float, Cond | None],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the loss needs from the frozen reference θ_k: its denoising errors [B, chunks, K], and (the guard on the
+    exact path at η > 0) its guided prediction of the loser [B·K, C, h, w] in float32, else None.
+
+    `run_reference(fn)` runs fn on the reference module without grad. `train` calls this every micro-step, or
+    `reference_outputs` once per visit before training (train.precompute_reference)."""
+    trajectory = objectives.get(objective).trajectory
+    ref_pred = run_reference(lambda model: _predict(model, f, family=family, trajectory=trajectory, guidance=guidance))
+    errors = torch.stack(f.errors(ref_pred), dim=1)  # [B, chunks, K]
+    if not _needs_guided_target(objective, loss_cfg, sampler):
+        return errors, None
+    # The stored step x'_{t-1} = A x'_t + B ε_guided + σ z carries the sampler's noise z in its implied target
+    # ε̃' = ε_guided + (σ/B) z; the guard uses the noise-free target ε_guided(x'_t), θ_k's guided prediction (the
+    # mean of ε̃' given x'_t), so g_l is the loser term's expected output gradient.
+    n = f.b * f.k
+    guided = ref_pred.detach().float()[n : 2 * n]
+    scale, negative = opponent_guidance
+    if scale != 1.0:
+        process = family.process
+        loser_ids = None if f.time_ids is None else f.time_ids[n : 2 * n]
+        uncond_context = negative.to(f.loser_t.device).expand(n)
+
+        def uncond(model: torch.nn.Module) -> torch.Tensor:
+            out = family.predict(
+                model, f.loser_t, process.model_timestep(f.t), uncond_context, loser_ids, guidance=guidance
+            )
+            return process.exact_space(out.float(), f.loser_t, f.t)
+
+        unconditional = run_reference(uncond).float()
+        guided = unconditional + scale * (guided - unconditional)  # the sampler's CFG combination
+    return errors, guided
+
+
+def _micro_step_loss(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    *,
+    objective: Objective,
+    loss_cfg: LossConfig,
+    family: Family,
+    accelerator: Accelerator,
+    sampler: SamplerSchedule | None,
+    fsdp: bool = False,
+    guidance: float | None = None,
+    opponent_guidance: tuple[float, Cond | None] = (1.0, None),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss of one micro-batch (`_MicroBatches` item): B pairs, each at K timesteps (rows b*K + k).
+
+    The reference's terms come from the batch when they were computed before training (``ref_errors``, and
+    ``ref_guided`` for the exact path's guard: train.precompute_reference), else from a forward of `ref` (or of the
+    policy with its LoRA adapters disabled)."""
+    spec = objectives.get(objective)
+    device = accelerator.device
+    if spec.loss is None:  # sft: the plain denoising loss on the real images
+        process = family.process
+        k_steps = loss_cfg.timesteps_per_pair
+        b = batch["winner"].shape[0] // k_steps
+        winner, noise, t = batch["winner"].to(device), batch["noise"].to(device), batch["t_or_step"].to(device)
+        context = Cond(batch["context"]["prompt_embeds"], batch["context"].get("pooled_embeds")).to(device)
+        winner_ids = batch.get("winner_time_ids")
+        winner_ids = None if winner_ids is None else winner_ids.to(device)
+        target = process.target(winner, noise, t)
+        pred = family.predict(
+            policy, process.noised(winner, noise, t), process.model_timestep(t), context, winner_ids, guidance=guidance
+        )
+        err = losses.denoise_error(pred, target).reshape(b, k_steps)
+        per_sample, metrics = losses.sft_loss(err)
+        return per_sample.mean(), metrics
+
+    f = _forward_inputs(batch, objective=objective, loss_cfg=loss_cfg, family=family, device=device, sampler=sampler)
+    b, k_steps, chunks = f.b, f.k, f.chunks
+    policy_pred = _predict(policy, f, family=family, trajectory=spec.trajectory, guidance=guidance)
+    policy_errs = f.errors(policy_pred)
+
+    if "ref_errors" in batch:  # computed once before training (train.precompute_reference)
+        ref_stack = batch["ref_errors"].to(device)
+        guided = batch["ref_guided"].to(device).flatten(0, 1) if "ref_guided" in batch else None
+    else:
+
+        def run_reference(fn):  # fn(reference) without grad: the frozen copy, or the policy with adapters disabled
+            with torch.no_grad(), accelerator.autocast():
+                if ref is not None:
+                    return fn(ref)
+                # under FSDP only the prepared module can run (it gathers its shards); DDP's wrapper is skipped
+                with adapters_disabled(accelerator.unwrap_model(policy)):
+                    return fn(policy if fsdp else accelerator.unwrap_model(policy))
+
+        ref_stack, guided = _reference_terms(
+            run_reference,
+            f,
+            objective=objective,
+            loss_cfg=loss_cfg,
+            family=family,
+            sampler=sampler,
+            guidance=guidance,
+            opponent_guidance=opponent_guidance,
+        )
+    ref_errs = ref_stack.unbind(dim=1)  # [B, K] per chunk
     policy_err = losses.DenoiseErrors(winner=policy_errs[0], loser=policy_errs[1])
     ref_err = losses.DenoiseErrors(winner=ref_errs[0], loser=ref_errs[1])
 
     guard = None
     if loss_cfg.loser_guard is not None:  # per row (pair × timestep): see losses.loser_guard_scale
-        residual_winner, residual_loser = (policy_pred.detach().float() - target.float()).chunk(chunks)[:2]
-        if spec.trajectory and sampler.eta > 0:
-            # The stored step x'_{t-1} = A x'_t + B ε_guided + σ z carries the sampler's noise z in its implied
-            # target ε̃' = ε_guided + (σ/B) z; the guard uses the noise-free target ε_guided(x'_t), θ_k's guided
-            # prediction (the mean of ε̃' given x'_t), so g_l is the loser term's expected output gradient.
+        residual_winner, residual_loser = (policy_pred.detach().float() - f.target.float()).chunk(chunks)[:2]
+        if guided is not None:  # the exact path at η > 0: the noise-free loser target (_reference_terms)
             n = residual_loser.shape[0]
-            ref_loser = ref_pred.detach().float().chunk(chunks)[1]
-            scale, negative = opponent_guidance
-            guided = ref_loser
-            if scale != 1.0:
-                loser_ids = None if ids2 is None else ids2.chunk(chunks)[1]
-                uncond_context = negative.to(device).expand(n)
-
-                def uncond(model: torch.nn.Module) -> torch.Tensor:
-                    out = family.predict(
-                        model, loser_t, process.model_timestep(t), uncond_context, loser_ids, guidance=guidance
-                    )
-                    return process.exact_space(out.float(), loser_t, t)
-
-                unconditional = ref_forward(uncond).float()
-                guided = unconditional + scale * (ref_loser - unconditional)  # the sampler's CFG combination
             residual_loser = policy_pred.detach().float()[n : 2 * n] - guided
         guard = losses.loser_guard_scale(residual_winner, residual_loser, loss_cfg.loser_guard).reshape(b, k_steps)
         policy_err = policy_err._replace(loser=losses.scale_gradient(policy_err.loser, guard))
@@ -947,13 +1166,14 @@ def _micro_step_loss(
         per_sample = per_sample * batch["caption_kept"].reshape(b, k_steps)[:, 0].to(per_sample)
     if guard is not None:
         metrics["loser_guard_lambda"] = guard.mean(dim=1)
-    if contrast_weight > 0:
+    if chunks == 3:  # the caption contrast beside the loss
         contrast, contrast_metrics = losses.caption_contrast_loss(
             losses.DenoiseErrors(winner=policy_errs[0], loser=policy_errs[2]),
             losses.DenoiseErrors(winner=ref_errs[0], loser=ref_errs[2]),
             loss_cfg.beta,
         )
         kept = batch["caption_kept"].reshape(b, k_steps)[:, 0].to(contrast)
+        contrast_weight = loss_cfg.caption_contrast_weight
         per_sample = per_sample + contrast_weight * kept * contrast
         metrics["caption_contrast_term"] = (contrast_weight * kept * contrast).detach()
         metrics["caption_margin"] = contrast_metrics["margin"]
