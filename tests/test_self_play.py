@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def _kill_when(run_dir: Path, ready, *extra: str) -> None:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("phase", ["generate", "train"])
+@pytest.mark.parametrize("phase", ["generate", "reference", "train"])
 def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: Path, phase: str):
     run_dir = tmp_path / "run"
     gen = run_dir / "iter_00" / "generated"
@@ -165,6 +166,8 @@ def test_kill9_then_resume_completes_identically(tmp_path: Path, reference_run: 
     if phase == "generate":
         _kill_when(run_dir, lambda: (gen / "shard_00001.safetensors").exists())
         assert not (gen / "shard_00011.safetensors").exists()
+    elif phase == "reference":  # θ_0's terms of train:1's 12 micro-steps, one shard each
+        _kill_when(run_dir, lambda: (run_dir / "iter_00" / "reference" / "rank00000-00001.safetensors").exists())
     else:
         _kill_when(run_dir, lambda: ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir()))
         assert not (run_dir / "iter_01" / "model").exists()
@@ -667,3 +670,81 @@ def test_caption_contrast_and_ddo_run_in_rounds_against_theta_k(tmp_path: Path, 
         log = [json.loads(line) for line in (run_dir / f"iter_{k:02d}" / "train" / "train_log.jsonl").open()]
         assert log[0]["loss"] == pytest.approx(first_loss, abs=1e-6)  # policy == θ_k at the start of every round
     assert (run_dir / f"iter_{k:02d}" / "model" / "model_index.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# train.precompute_reference: θ_k's terms stored in reference:k, no reference model while training
+
+
+def _exact_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return _unet_weights(run_dir / "iter_02" / "model")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["loss.objective=spin_exact", "loss.loser_guard=0.5", "loss.timesteps_per_pair=2"],  # η = 1, guidance 2
+        ["model.lora_rank=4", "train.learning_rate=1e-2", "loss.caption_contrast_weight=1.0"],
+    ],
+    ids=["spin_exact_guard", "lora_contrast"],
+)
+def test_precomputed_reference_gives_the_same_run_without_a_reference_copy(tmp_path: Path, monkeypatch, extra):
+    """Two iterations with train.precompute_reference on and off end with bit-identical weights; with it on, no
+    frozen copy of θ_k is ever made for training (full fine-tuning's reference), and reference:k is a phase."""
+    from spin_diffusion import models
+
+    runs = {}
+    for on in (False, True):
+        made = []
+        real_copy = models.frozen_copy
+        monkeypatch.setattr(models, "frozen_copy", lambda m, made=made, copy=real_copy: made.append(1) or copy(m))
+        run_dir = tmp_path / f"precompute_{on}"
+        overrides = [f"run_dir={run_dir}", "eval.enabled=false", f"train.precompute_reference={str(on).lower()}"]
+        run(load_config(TINY, overrides + extra), progress=False)
+        completed = json.loads((run_dir / "state.json").read_text())["completed"]
+        assert ("reference:0" in completed) == on and ("reference:1" in completed) == on
+        assert (run_dir / "iter_01" / "reference").exists() == on
+        assert len(made) == (0 if on or "model.lora_rank=4" in extra else 2)
+        runs[on] = _exact_weights(run_dir)
+    assert all(torch.equal(runs[False][k], runs[True][k]) for k in runs[False])
+    assert not all(torch.equal(runs[True][k], v) for k, v in _unet_weights(tmp_path / "precompute_True" / "iter_01"
+                                                                           / "model").items())  # fmt: skip
+
+
+def _cut_back_to_generation(run_dir: Path, keep_shards: int) -> None:
+    """What a kill during reference:0 leaves: generate:0 recorded, the first `keep_shards` reference shards."""
+    state = json.loads((run_dir / "state.json").read_text())
+    state["completed"] = ["generate:0"]
+    (run_dir / "state.json").write_text(json.dumps(state))
+    for shard in sorted((run_dir / "iter_00" / "reference").glob("rank*.safetensors"))[keep_shards:]:
+        shard.unlink()
+    shutil.rmtree(run_dir / "iter_01")
+
+
+def test_reference_terms_resume_after_a_partial_precompute_and_refuse_another_runs(tmp_path: Path):
+    """A precompute cut short keeps its finished shards, --resume computes the rest to the same bytes and trains the
+    same weights; shards made for another run (here: another seed) are refused with one line, never reused."""
+    overrides = ["eval.enabled=false", "num_iterations=1", "sample.shard_size=4"]  # batch 4: one micro-step a shard
+    full = tmp_path / "full"
+    run(load_config(TINY, [f"run_dir={full}", *overrides]), progress=False)
+    folder = full / "iter_00" / "reference"
+    before = {p.name: load_file(str(p))["errors"] for p in sorted(folder.glob("rank*.safetensors"))}
+    assert len(before) == 4  # 4 steps × 1 micro-step
+    weights = _unet_weights(full / "iter_01" / "model")
+    _cut_back_to_generation(full, keep_shards=2)
+    kept = {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("rank*"))}
+    assert len(kept) == 2
+    run(load_config(TINY, [f"run_dir={full}", *overrides]), resume=True, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("rank*"))[:2]} == kept  # not recomputed
+    for name, errors in before.items():
+        assert torch.equal(load_file(str(folder / name))["errors"], errors)
+    assert all(torch.equal(w, _unet_weights(full / "iter_01" / "model")[k]) for k, w in weights.items())
+
+    other = tmp_path / "other"  # another seed's run, with this run's reference folder copied in
+    run(load_config(TINY, [f"run_dir={other}", *overrides, "seed=1"]), progress=False)
+    _cut_back_to_generation(other, keep_shards=4)
+    shutil.rmtree(other / "iter_00" / "reference")
+    shutil.copytree(full / "iter_00" / "reference", other / "iter_00" / "reference")
+    with pytest.raises(SpinDiffusionError, match="holds reference terms of another run") as err:
+        run(load_config(TINY, [f"run_dir={other}", *overrides, "seed=1"]), resume=True, progress=False)
+    assert "\n" not in str(err.value)

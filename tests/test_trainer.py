@@ -1119,3 +1119,100 @@ def test_exact_guard_uses_the_noise_free_loser_target(tiny, tmp_path):
     torch.testing.assert_close(lambdas[0], expected, atol=1e-4, rtol=1e-4)
     assert (expected < 0.99).all()
     assert not torch.allclose(noisy[0], expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------ the reference's terms computed before training
+
+
+def _stochastic_guided_samples(tiny, tmp_path: Path) -> trainer.TrainData:
+    """spin_exact data from an opponent that sampled with η = 1 and guidance 2 (the guard then needs θ_k's guided
+    loser prediction, which precompute stores)."""
+    data = _pairs(8)
+    negative = torch.zeros(1, SEQ_LEN, EMBED_DIM)
+    spec = sampling.GenerationSpec(run_seed=0, iteration=0, num_prompts=8, num_steps=4, guidance_scale=2.0, eta=1.0,
+                                   latent_shape=LATENT_SHAPE, store_trajectory=True, shard_size=4)  # fmt: skip
+    sampling.generate_shards(tiny.denoiser, tiny.family, data.prompt_embeds, negative, tmp_path, spec, batch_size=4,
+                             progress=False)  # fmt: skip
+    gen = sampling.load_generated(tmp_path)
+    data.loser, data.loser_trajectory = gen.latents, gen.trajectory
+    data.sampler = sampling.SamplerSchedule.of(gen)
+    data.guidance_scale, data.negative_embed = 2.0, families.Cond(negative)
+    return data
+
+
+PRECOMPUTE_CASES = {
+    "spin_approx": ("spin_approx", {}, {}),
+    "spin_exact_guard_eta1_cfg": ("spin_exact", {"loser_guard": 0.5, "timesteps_per_pair": 2}, {}),
+    "dpo_accumulation": ("dpo", {"sft_weight": 0.5}, {"gradient_accumulation_steps": 2}),
+    "spin_approx_caption_contrast": ("spin_approx", {"caption_contrast_weight": 1.0}, {"caption_dropout": 0.3}),
+    "caption_contrast": ("caption_contrast", {}, {}),
+    "lora": ("spin_approx", {"loser_guard": 0.5}, {}),
+    "bf16": ("spin_approx", {}, {"mixed_precision": "bf16"}),
+}
+
+
+@pytest.mark.parametrize("case", list(PRECOMPUTE_CASES))
+def test_precomputed_reference_trains_bit_identically_without_a_reference_model(tiny, tmp_path, case):
+    """train.precompute_reference: the reference's terms computed before training (trainer.reference_outputs, on
+    θ_k itself) and read back per micro-step train exactly as the frozen reference model does, bit for bit: every
+    objective with a reference, the exact path's guard at η = 1 with guidance (its guided loser target is stored),
+    K = 2 timesteps, accumulation, caption dropout and contrast, LoRA (reference = θ_k, adapters off) and bf16
+    mixed precision (the bf16 reference copy is made for the precompute and freed)."""
+    objective, loss_kw, train_kw = PRECOMPUTE_CASES[case]
+    if objective == "spin_exact":
+        data = _stochastic_guided_samples(tiny, tmp_path / "generated")
+    else:
+        data = _pairs()
+    if "caption_contrast" in case:
+        data = _with_captions(data)
+        data.empty_embed = torch.zeros(1, SEQ_LEN, EMBED_DIM)
+    lora = case == "lora"
+    loss_cfg = LossConfig(objective=objective, beta=5000.0, **loss_kw)
+    train_cfg = _cfg(max_steps=3, **train_kw)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    weights, logs = {}, {}
+    try:
+        for mode in ("model", "precomputed"):
+            policy = copy.deepcopy(tiny.denoiser)
+            ref = reference = None
+            if mode == "precomputed":
+                outputs = list(trainer.reference_outputs(policy, data, objective=objective, loss_cfg=loss_cfg,
+                                                         train_cfg=train_cfg, family=tiny.family, seed=3,
+                                                         lora=lora))  # fmt: skip
+                assert [m for m, _, _ in outputs] == list(range(3 * train_cfg.gradient_accumulation_steps))
+                guided = [g for _, _, g in outputs if g is not None]
+                assert len(guided) == (len(outputs) if case == "spin_exact_guard_eta1_cfg" else 0)
+                reference = trainer.ReferenceOutputs(
+                    torch.cat([e for _, e, _ in outputs]), torch.cat(guided) if guided else None
+                )
+            elif not lora:
+                ref = models.frozen_copy(tiny.denoiser)
+            if lora:
+                add_lora(policy, rank=4, alpha=4, target_modules=LORA_TARGETS, seed=0)
+            result = trainer.train(policy, ref, data, objective=objective, loss_cfg=loss_cfg, train_cfg=train_cfg,
+                                   family=tiny.family, out_dir=tmp_path / mode, seed=3, progress=False,
+                                   reference=reference)  # fmt: skip
+            weights[mode], logs[mode] = _snapshot(result.policy), _log(result.log_path)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert logs["model"] == logs["precomputed"]  # every logged metric, the guard's λ and the contrast included
+    assert logs["model"][-1]["loss"] != pytest.approx(LOG2, abs=1e-3)  # it trained
+    assert all(torch.equal(weights["model"][k], weights["precomputed"][k]) for k in weights["model"])
+
+
+def test_precomputed_reference_is_refused_where_it_does_not_apply(tiny, tmp_path):
+    data = _pairs()
+    stored = trainer.ReferenceOutputs(torch.zeros(4, 2, 1))
+    with pytest.raises(ValueError, match="replaces `ref`"):  # beside a reference model
+        trainer.train(copy.deepcopy(tiny.denoiser), models.frozen_copy(tiny.denoiser), data, objective="spin_approx",
+                      loss_cfg=LossConfig(), train_cfg=_cfg(), family=tiny.family, out_dir=tmp_path, seed=0,
+                      progress=False, reference=stored)  # fmt: skip
+    with pytest.raises(ValueError, match="fewer visits"):  # 2 steps × 2 pairs need 4 rows
+        trainer.train(copy.deepcopy(tiny.denoiser), None, data, objective="spin_approx", loss_cfg=LossConfig(),
+                      train_cfg=_cfg(max_steps=3), family=tiny.family, out_dir=tmp_path, seed=0, progress=False,
+                      reference=stored)  # fmt: skip
+    with pytest.raises(ValueError, match="replaces `ref`"):  # sft has no reference
+        next(trainer.reference_outputs(tiny.denoiser, data, objective="sft", loss_cfg=LossConfig(objective="sft"),
+                                       train_cfg=_cfg(), family=tiny.family, seed=0))  # fmt: skip
