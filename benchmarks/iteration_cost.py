@@ -9,7 +9,10 @@ The model counts, per iteration: generation = opponent images × sampler steps �
 training = optimizer steps × pairs per step × the cost of one pair in UNet-forward units (policy forward and backward
 on winner and loser, reference forward on both: 2·(1 + 2) + 2 = 8 by FLOPs, backward = 2 forwards; `--measure`
 replaces it by the ratio measured on the SD-like model of bench_iteration.py, whose FLOP ratios are SD-1.5's).
-Evaluation is left out (the same for every protocol). Work splits evenly over GPUs (generation shards by rank,
+The reference's 2 forwards of a pair (winner and loser, no grad) move out of the training step into the
+precompute after generation (train.precompute_reference, the default): the "reference" column counts them; the total
+is the same with the option on or off, and the training step is the rest. Evaluation is left out (the same for every
+protocol). Work splits evenly over GPUs (generation shards by rank,
 training is data-parallel), so the per-GPU count is the total / GPUs and the ratios do not depend on the GPU count.
 
 Opponent images: every_row samples one per visited row; per_caption one per distinct caption among the visited rows,
@@ -27,6 +30,7 @@ from spin_diffusion import encoding
 PICKAPIC_ROWS = 959_040  # Pick-a-Pic v2 train pairs
 PICKAPIC_CAPTIONS = 58_960  # distinct prompts Diffusion-DPO reports for it (after dropping ties)
 FLOP_PAIR_FORWARDS = 8.0
+REFERENCE_FORWARDS = 2.0  # of a pair's cost: the reference's forwards on its winner and loser
 
 
 @dataclass(frozen=True)
@@ -68,25 +72,30 @@ def opponent_images(scale: Scale, per_caption: str) -> int:
 
 
 def forwards(scale: Scale, protocol: Protocol, pair_forwards: float = FLOP_PAIR_FORWARDS) -> dict[str, float]:
-    """UNet forwards of one iteration by stage: {"images", "generate", "train", "total", "per_gpu"}."""
+    """UNet forwards of one iteration by stage: {"images", "generate", "reference", "train", "total", "per_gpu"};
+    "train" includes "reference" (its forwards run in the step, or before it with train.precompute_reference)."""
     images = opponent_images(scale, protocol.per_caption)
     generate = images * protocol.steps * (2 if protocol.guidance else 1)
-    train = scale.optimizer_steps * scale.pairs_per_step * pair_forwards
+    pairs = scale.optimizer_steps * scale.pairs_per_step
+    train, reference = pairs * pair_forwards, pairs * REFERENCE_FORWARDS
     total = generate + train
-    return {"images": images, "generate": generate, "train": train, "total": total, "per_gpu": total / scale.gpus}
+    return {"images": images, "generate": generate, "reference": reference, "train": train, "total": total,
+            "per_gpu": total / scale.gpus}  # fmt: skip
 
 
 def table(scale: Scale, pair_forwards: float) -> str:
     reference = forwards(scale, PROTOCOLS[0], pair_forwards)["total"]
     lines = [
-        "| protocol | opponent images | generate (M fwd) | train (M fwd) | total (M fwd) | per GPU (M fwd) | "
-        "generation share | cheaper than the paper's |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| protocol | opponent images | generate (M fwd) | train (M fwd) | of which the reference (M fwd, moved "
+        "before training by train.precompute_reference) | total (M fwd) | per GPU (M fwd) | generation share | "
+        "cheaper than the paper's |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in PROTOCOLS:
         f = forwards(scale, p, pair_forwards)
         lines.append(
             f"| {p.name} | {f['images']:,} | {f['generate'] / 1e6:.1f} | {f['train'] / 1e6:.1f} | "
+            f"{f['reference'] / 1e6:.1f} | "
             f"{f['total'] / 1e6:.1f} | {f['per_gpu'] / 1e6:.2f} | {100 * f['generate'] / f['total']:.0f} % | "
             f"{reference / f['total']:.2f}x |"
         )

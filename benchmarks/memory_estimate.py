@@ -14,8 +14,12 @@ How each number is obtained (printed with the table):
   that is the image stream of every joint attention (the text stream's add_*_proj / to_add_out are not targeted);
 * policy weights fp32 (master weights; bf16 autocast computes in bf16), gradients fp32, AdamW exp_avg + exp_avg_sq
   fp32 (8 bytes/param); FSDP (FULL_SHARD) divides all three by the number of GPUs; DDP keeps them whole;
-* the frozen reference: bf16, whole on every GPU (the trainer keeps it unsharded in the mixed-precision dtype);
-  LoRA runs have none (adapters disabled = reference) but keep the frozen base weights (fp32, sharded by FSDP);
+* the frozen reference: none by default (train.precompute_reference: its errors are computed before training, by
+  the opponent that just generated, and read back); with `train.precompute_reference: false` ("full, reference
+  copy") it is bf16, whole on every GPU (the trainer keeps it unsharded in the mixed-precision dtype); LoRA runs have
+  none either way (adapters disabled = reference) but keep the frozen base weights (fp32, sharded by FSDP);
+* the precompute runs between generation and training, so it adds nothing to training: the opponent (fp32) and a
+  bf16 copy of it for the reference's forwards (as training would cast it), no grads, no optimizer;
 * text encoders: training reads cached embeddings, so no text encoder is in the training figures; SD3's (T5-XXL
   above all) leave the GPU once the cache is built, so its generation column is the VAE only, and the one-off
   cache-building memory (T5-XXL bf16 weights, and all three encoders + VAE) is printed separately;
@@ -507,6 +511,7 @@ HEADER = [
     "total / GPU",
     "text enc.+VAE (bf16, generation only)",
     "opponent for generation",
+    "reference precompute (opponent + bf16 copy)",
 ]
 
 
@@ -522,10 +527,11 @@ def rows(n_gpus: int, acts: dict[str, float], lora_rank: int, models=("SD-1.5", 
         # SD3, FLUX: the text encoders leave the GPU once the embeddings are cached; generation needs only the VAE
         frozen = 2 * (parts["VAE"] if model in ("SD3", "FLUX") else sum(parts.values()))  # bf16
         act = acts[model]
-        for mode in ("full", f"LoRA r={lora_rank}"):
+        for mode in ("full", "full, reference copy", f"LoRA r={lora_rank}"):
             for strategy, shards in (("DDP", 1), (f"FSDP ×{n_gpus}", n_gpus)):
-                if mode == "full":
-                    weights, grads, adam, ref = 4 * p / shards, 4 * p / shards, 8 * p / shards, 2 * p
+                if mode.startswith("full"):  # the default precomputes the reference's terms: no copy in training
+                    weights, grads, adam = 4 * p / shards, 4 * p / shards, 8 * p / shards
+                    ref = 2 * p if mode == "full, reference copy" else 0
                 else:  # frozen base fp32 (+ adapter), grads/Adam of the adapter only, no reference copy
                     weights, grads, adam, ref = 4 * (p + lp) / shards, 4 * lp / shards, 8 * lp / shards, 0
                 total = weights + grads + adam + ref + act
@@ -537,6 +543,7 @@ def rows(n_gpus: int, acts: dict[str, float], lora_rank: int, models=("SD-1.5", 
                         *(f"{v / GiB:.2f}" for v in (weights, grads, adam, ref, act, total)),
                         f"{frozen / GiB:.2f}",
                         f"{(4 * p + frozen) / GiB:.2f}",
+                        f"{(4 * p + 2 * p + frozen) / GiB:.2f}" if mode == "full" else "-",
                     ]
                 )
     return out

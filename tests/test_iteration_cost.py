@@ -21,6 +21,7 @@ def test_the_papers_iteration_is_92_percent_generation():
     assert f["images"] == 959_040  # 500 × 2048 = 1,024,000 positions visit every row
     assert f["generate"] == 959_040 * 50 * 2
     assert f["train"] == 500 * 2048 * 8
+    assert f["reference"] == 500 * 2048 * 2  # the reference's 2 of a pair's 8, precomputed after generation
     assert f["per_gpu"] == pytest.approx((95_904_000 + 8_192_000) / 8)
     assert f["generate"] / f["total"] == pytest.approx(0.921, abs=1e-3)
 

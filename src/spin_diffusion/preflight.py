@@ -82,11 +82,14 @@ def estimate_run_bytes(
     eval_images: int,
     image_pixels: int,
     opponent_samples: int | None = None,
+    reference_bytes: int = 0,
 ) -> DiskEstimate:
     """What a run writes. `images_per_row` is 2 for preference pairs; `trajectory_steps` S stores S+1 latents per
     opponent sample (spin_exact); a checkpoint holds the denoiser's weights and AdamW's two moments of the trainable
     ones (fp32), and the newest is written before the previous one is removed, so two can exist at once.
-    `opponent_samples` per iteration: one per row unless given (sample.per_caption=one: one per caption)."""
+    `opponent_samples` per iteration: one per row unless given (sample.per_caption=one: one per caption).
+    `reference_bytes` per iteration: the reference's stored terms (train.precompute_reference), counted with the
+    samples."""
     latent = math.prod(latent_shape)
     cache = (
         num_rows * images_per_row * latent * BYTES[cache_dtype]
@@ -94,7 +97,7 @@ def estimate_run_bytes(
     )
     per_sample = latent * BYTES[store_dtype] * ((trajectory_steps + 1) if trajectory_steps else 1)
     per_iteration = num_rows if opponent_samples is None else opponent_samples
-    samples = iterations * per_iteration * per_sample if self_play else 0
+    samples = iterations * (per_iteration * per_sample if self_play else 0) + iterations * reference_bytes
     exports = iterations * pipeline_params * 4
     checkpoints = 2 * 4 * (denoiser_params + 2 * trainable_params)
     evals = (iterations + 1) * eval_images * image_pixels * 3 // 2  # PNG: roughly half of the raw RGB bytes

@@ -726,13 +726,14 @@ def disk_estimate(
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
     f = c.vae_scale_factor
+    latent = (c.latent_channels, resolution // f, resolution // f)
     denoiser_params = params(c.denoiser)
     num_captions = len(set(images.captions))
     return preflight.estimate_run_bytes(
         num_rows=len(images),
         num_captions=num_captions,
         opponent_samples=num_captions if cfg.sample.per_caption == "one" else None,
-        latent_shape=(c.latent_channels, resolution // f, resolution // f),
+        latent_shape=latent,
         embed_shape=embed_shape,
         cache_dtype=cfg.data.cache_dtype,
         images_per_row=2 if spec.loser == "pairs" else 1,
@@ -745,7 +746,21 @@ def disk_estimate(
         trainable_params=denoiser_params if cfg.model.lora_rank == 0 else 0,
         eval_images=cfg.eval.num_prompts if cfg.eval.enabled else 0,
         image_pixels=resolution * resolution,
+        reference_bytes=reference_bytes(cfg, c, len(images), latent),
     )
+
+
+def reference_bytes(cfg: RunConfig, c: models.Components, num_rows: int, latent_shape: tuple[int, ...]) -> int:
+    """Bytes of one iteration's stored reference terms (train.precompute_reference): per visit 3 float32 errors per
+    timestep, and for the exact path's guard at η > 0 θ_k's guided loser prediction (a float32 latent per timestep)."""
+    spec = objectives.get(cfg.loss.objective)
+    if not (spec.needs_ref and cfg.train.precompute_reference):
+        return 0
+    visits = trainer.stream_positions(num_rows, for_iteration(cfg, 0).train, distributed.state().num_processes)
+    per_visit = 3 * 4
+    if cfg.loss.loser_guard is not None and spec.trajectory and opponent_eta(cfg, c.family) > 0:
+        per_visit += 4 * int(np.prod(latent_shape))
+    return visits * cfg.loss.timesteps_per_pair * per_visit
 
 
 def opponent_eta(cfg: RunConfig, family: Family) -> float:
