@@ -7,8 +7,9 @@ For each model, full fine-tuning with spin_approx on random latents (one pair pe
 --batch to change it), fp32 on the CPU:
 
 * step time: `trainer.train` with a frozen reference model (off) and with the reference's terms read back (on),
-  alternating --rounds times in this one process, --steps optimizer steps each; the median seconds per step of each,
-  and their ratio (the loop's own clock: data loading included, set-up excluded);
+  alternating --rounds times (after a warm-up round) in one child process from the same weights, --steps optimizer
+  steps each; the median seconds per step of each, and their ratio (the loop's own clock: data loading included,
+  set-up excluded);
 * precompute: `trainer.reference_outputs` over the same steps, seconds per step (the forwards that moved);
 * peak RSS: each mode in a fresh child process (model, data, precompute if on, then training); VmHWM of the whole
   child, and of the training alone (the peak reset just before it). Without mixed precision the reference copy is an
@@ -19,7 +20,6 @@ Figures, not pass/fail. Run it alone: two torch jobs on 2 cores slow each other 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -88,11 +88,11 @@ def precompute(model, family, data, loss_cfg, train_cfg) -> tuple[trainer.Refere
 
 
 def train(model, family, data, loss_cfg, train_cfg, stored, out: Path) -> float:
-    """Seconds per optimizer step of one training from `model` (a copy is trained)."""
-    policy = copy.deepcopy(model).requires_grad_(True)
+    """Seconds per optimizer step of one training of `model` (trained in place)."""
     ref = None if stored is not None else models.frozen_copy(model)
-    result = trainer.train(policy, ref, data, objective="spin_approx", loss_cfg=loss_cfg, train_cfg=train_cfg,
-                           family=family, out_dir=out, seed=0, progress=False, reference=stored)  # fmt: skip
+    result = trainer.train(model.requires_grad_(True), ref, data, objective="spin_approx", loss_cfg=loss_cfg,
+                           train_cfg=train_cfg, family=family, out_dir=out, seed=0, progress=False,
+                           reference=stored)  # fmt: skip
     return result.wall_seconds / result.steps
 
 
@@ -103,62 +103,77 @@ def _peak() -> int:
     raise RuntimeError("no VmHWM")
 
 
-def child(name: str, on: bool, steps: int, batch: int) -> dict:
+def child_times(name: str, rounds: int, steps: int, batch: int) -> dict:
+    """Both modes alternating in this process, every round from the same weights (read back from disk, so no second
+    copy of the model is held)."""
+    model, family, data = build(name)
+    loss_cfg, train_cfg = configs(steps, batch)
+    times: dict[str, list[float]] = {"off": [], "on": [], "precompute": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        torch.save(model.state_dict(), weights)
+        for r in range(rounds + 1):  # round 0 warms up and is not counted
+            for mode in ("off", "on"):
+                model.load_state_dict(torch.load(weights, mmap=True))
+                stored, seconds = None, 0.0
+                if mode == "on":
+                    stored, seconds = precompute(model, family, data, loss_cfg, train_cfg)
+                step = train(model, family, data, loss_cfg, train_cfg, stored, Path(tmp) / f"{mode}{r}")
+                if r:
+                    times[mode].append(step)
+                    if mode == "on":
+                        times["precompute"].append(seconds / steps)
+    return {"params": sum(p.numel() for p in model.parameters()), **times}
+
+
+def child_peak(name: str, on: bool, steps: int, batch: int) -> dict:
+    """Peak RSS of one mode: the whole process, and the training alone (the peak reset just before it)."""
     model, family, data = build(name)
     loss_cfg, train_cfg = configs(steps, batch)
     stored = precompute(model, family, data, loss_cfg, train_cfg)[0] if on else None
     whole_before = _peak()
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
-    policy = model.requires_grad_(True)  # trained in place: no second copy in this process
-    ref = None if on else models.frozen_copy(model)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer.train(policy, ref, data, objective="spin_approx", loss_cfg=loss_cfg, train_cfg=train_cfg,
-                      family=family, out_dir=tmp, seed=0, progress=False, reference=stored)  # fmt: skip
+        train(model, family, data, loss_cfg, train_cfg, stored, Path(tmp))
     training = _peak()
     return {"peak_training": training, "peak_whole": max(whole_before, training)}
+
+
+def _child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("demo", "sd15"), nargs="*", default=["demo", "sd15"])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1] == "on", args.steps, args.batch)))
+        kind, name = args.child[:2]
+        if kind == "times":
+            print(json.dumps(child_times(name, args.rounds, args.steps, args.batch)))
+        else:
+            print(json.dumps(child_peak(name, kind == "on", args.steps, args.batch)))
         return
+    sizes = ["--rounds", str(args.rounds), "--steps", str(args.steps), "--batch", str(args.batch)]
     print(f"torch threads: {torch.get_num_threads()}; {args.rounds} rounds × {args.steps} steps, batch {args.batch}")
     for name in args.model:
-        model, family, data = build(name)
-        params = sum(p.numel() for p in model.parameters())
-        loss_cfg, train_cfg = configs(args.steps, args.batch)
-        times: dict[str, list[float]] = {"off": [], "on": []}
-        pre = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for r in range(args.rounds):
-                times["off"].append(train(model, family, data, loss_cfg, train_cfg, None, Path(tmp) / f"off{r}"))
-                stored, seconds = precompute(model, family, data, loss_cfg, train_cfg)
-                pre.append(seconds / args.steps)
-                times["on"].append(train(model, family, data, loss_cfg, train_cfg, stored, Path(tmp) / f"on{r}"))
-        off, on = statistics.median(times["off"]), statistics.median(times["on"])
-        print(f"\n{name}: {params / 1e6:.1f} M parameters")
-        print(
-            f"  step with a reference model      {off:.3f} s   (rounds: {', '.join(f'{t:.3f}' for t in times['off'])})"
-        )
-        print(
-            f"  step with precomputed terms      {on:.3f} s   (rounds: {', '.join(f'{t:.3f}' for t in times['on'])})"
-        )
+        t = _child("times", name, *sizes)
+        off, on, pre = (statistics.median(t[k]) for k in ("off", "on", "precompute"))
+        print(f"\n{name}: {t['params'] / 1e6:.1f} M parameters")
+        print(f"  step with a reference model      {off:.3f} s   (rounds: {', '.join(f'{x:.3f}' for x in t['off'])})")
+        print(f"  step with precomputed terms      {on:.3f} s   (rounds: {', '.join(f'{x:.3f}' for x in t['on'])})")
         print(f"  speed-up of the step             {off / on:.2f}x")
-        print(f"  precompute per step              {statistics.median(pre):.3f} s")
-        print(f"  step + its precompute            {on + statistics.median(pre):.3f} s (vs {off:.3f} s)")
+        print(f"  precompute per step              {pre:.3f} s")
+        print(f"  step + its precompute            {on + pre:.3f} s (vs {off:.3f} s)")
         for mode in ("off", "on"):
-            out = subprocess.run([sys.executable, __file__, "--child", name, mode, "--steps", str(args.steps),
-                                  "--batch", str(args.batch)], capture_output=True, text=True, check=True)  # fmt: skip
-            peak = json.loads(out.stdout.strip().splitlines()[-1])
-            label = "reference model " if mode == "off" else "precomputed terms"
+            peak = _child(mode, name, *sizes)
+            label = "reference model  " if mode == "off" else "precomputed terms"
             print(f"  peak RSS, {label}: training {peak['peak_training'] / GiB:.2f} GiB, whole process "
                   f"{peak['peak_whole'] / GiB:.2f} GiB")  # fmt: skip
 

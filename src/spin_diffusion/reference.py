@@ -110,10 +110,11 @@ def precompute(
     SIGINT was received (the caller stops the run). Every rank calls it; `barrier` waits for all of them."""
     folder = Path(folder)
     layout = _layout(data, train_cfg, world_size, shard_micro_steps)
+    _check_meta(folder, key, layout, write=False)  # every rank, before any waits: all of them refuse together
+    barrier()
     if rank == 0:
         _check_meta(folder, key, layout, write=True)
     barrier()
-    _check_meta(folder, key, layout, write=False)
     done = {
         s
         for s in range(layout["shards"])
