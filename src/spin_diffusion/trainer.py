@@ -930,7 +930,6 @@ class _Forward:
     time_ids: torch.Tensor | None  # SDXL's micro-conditioning, [chunks·B·K, 6]
     target: torch.Tensor  # [chunks·B·K, ...] regression targets
     loser_t: torch.Tensor  # [B·K, C, h, w] the noised loser (spin_exact: x'_t of the opponent's chain)
-    step_index: torch.Tensor | None  # spin_exact: the sampler step of each row
 
     def errors(self, pred: torch.Tensor) -> list[torch.Tensor]:
         """Per chunk, the denoising error of each row: [B, K] each."""
@@ -958,7 +957,6 @@ def _forward_inputs(
     winner_ids = None if winner_ids is None else winner_ids.to(device)
 
     # Times: drawn from the training schedule (DDPM t, or flow σ), or the opponent's sampling steps (spin_exact).
-    step_index = None
     if spec.trajectory:
         assert sampler is not None
         step_index = batch["t_or_step"]
@@ -1015,7 +1013,6 @@ def _forward_inputs(
         time_ids=None if ids2 is None else torch.cat(ids2),
         target=torch.cat(targets),
         loser_t=loser_t,
-        step_index=step_index,
     )
 
 
