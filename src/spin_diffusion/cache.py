@@ -267,7 +267,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     atomic.write_json(path, obj, indent=None)
 
 
-def _shard_key(path: Path) -> str | None:
+def shard_key(path: Path) -> str | None:
+    """The cache key in a shard's metadata; None for a missing or unreadable file."""
     try:
         return (read_header(path)[0].get("__metadata__") or {}).get("key")
     except (OSError, ValueError):
@@ -401,7 +402,7 @@ def _encode_shards(
     extra metadata)."""
     for s in range(rank, len(paths), world_size):
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-        if _shard_key(paths[s]) == key:
+        if shard_key(paths[s]) == key:
             bar.update(hi - lo)
             continue
         tensors, extra = encode(range(lo, hi))

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spin_diffusion import atomic, preemption, trainer
-from spin_diffusion.cache import RowStore, read_header, write_shard
+from spin_diffusion.cache import RowStore, read_header, shard_key, write_shard
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.families import Family
@@ -118,7 +118,7 @@ def precompute(
     done = {
         s
         for s in range(layout["shards"])
-        if _shard_path(folder, rank, s).exists() and _shard_key(_shard_path(folder, rank, s)) == key
+        if _shard_path(folder, rank, s).exists() and shard_key(_shard_path(folder, rank, s)) == key
     }
     todo = layout["micro_steps"] - sum(
         min(shard_micro_steps, layout["micro_steps"] - s * shard_micro_steps) for s in done
@@ -150,13 +150,6 @@ def precompute(
                 break
     outputs.close()
     bar.close()
-
-
-def _shard_key(path: Path) -> str | None:
-    try:
-        return (read_header(path)[0].get("__metadata__") or {}).get("key")
-    except (OSError, ValueError):
-        return None
 
 
 def load(
