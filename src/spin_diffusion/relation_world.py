@@ -13,7 +13,8 @@ Objects are identified by their shape (the noun), as attribute-binding benchmark
 the colors are the caption's, the colors identify them instead, so a shape error alone does not also fail the
 relation. 4 colors x 3 shapes, ordered pairs with distinct colors and shapes, 4 relations: 288 scenes, each image
 layout described by two captions ("A left of B" = "B right of A"). The simple world (`world`) stays the demo's
-default; this one has no shipped base yet (a 3000-step base still read the relation at chance: docs/DEMO_STUDY.md §4).
+default; this one's base is shipped in assets/relation_base (`SHIPPED_BASE`, made by `scripts/train_demo_base.py
+--world relations`) and is what `scripts/selfplay_study.py --world relations` fine-tunes (docs/DEMO_STUDY.md §4).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from spin_diffusion.world import (
 )
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "relation_base"  # scripts/train_demo_base.py
 _INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 # Rendering ranges, as fractions of the image side.
