@@ -232,7 +232,6 @@ def reference_outputs(
 
     Yields, for each micro-step m not skipped, in order: (m, errors [B, chunks, K], guided [B, K, C, h, w] or None),
     on the CPU."""
-    spec = objectives.get(objective)
     _check_arguments(model, None, data, objective, loss_cfg, train_cfg, ReferenceOutputs(torch.empty(0)))
     torch.set_flush_denormal(True)  # as `_accelerator` does for training
     accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision)  # the training's autocast
@@ -240,22 +239,7 @@ def reference_outputs(
     total = (
         num_optimizer_steps(len(data), train_cfg, accelerator.num_processes) * train_cfg.gradient_accumulation_steps
     )
-    micro_batches = _MicroBatches(
-        data,
-        seed,
-        objective=objective,
-        batch_size=train_cfg.batch_size,
-        world_size=accelerator.num_processes,
-        rank=accelerator.process_index,
-        k_steps=loss_cfg.timesteps_per_pair,
-        share_noise=loss_cfg.share_noise,
-        process=family.process,
-        exact_steps=valid_exact_steps(data.sampler) if spec.trajectory else None,
-        caption_dropout=train_cfg.caption_dropout,
-        contrast=loss_cfg.caption_contrast_weight > 0 or spec.loser == "caption",
-        first_micro_step=0,
-        num_micro_steps=total,
-    )
+    micro_batches = _micro_batches(data, seed, objective, loss_cfg, train_cfg, family, accelerator, 0, total)
     reference = model
     ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
     if not lora and next(model.parameters()).dtype != ref_dtype:  # `train` casts its frozen copy the same way
@@ -360,7 +344,6 @@ def train(
     With train_cfg.ema_decay the returned policy holds the EMA of the trained weights.
     """
     _check_arguments(policy, ref, data, objective, loss_cfg, train_cfg, reference)
-    spec = objectives.get(objective)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
@@ -386,7 +369,6 @@ def train(
         cast = {} if next(ref.parameters()).dtype == ref_dtype else {"dtype": ref_dtype}  # diffusers warns on any cast
         ref.to(accelerator.device, **cast)
     device = accelerator.device
-    exact_steps = valid_exact_steps(data.sampler) if spec.trajectory else None
     ema = None
     if train_cfg.ema_decay is not None:
         if fsdp:  # preflight.check_training refuses it earlier; this guards direct callers
@@ -400,32 +382,17 @@ def train(
         ema.to(device)  # load_state restores the EMA on the CPU
     _init_trackers(accelerator, out, objective, loss_cfg, train_cfg, hparams)
 
-    micro_batches = _MicroBatches(
-        data,
-        seed,
-        objective=objective,
-        batch_size=train_cfg.batch_size,
-        world_size=accelerator.num_processes,
-        rank=accelerator.process_index,
-        k_steps=loss_cfg.timesteps_per_pair,
-        share_noise=loss_cfg.share_noise,
-        process=family.process,
-        exact_steps=exact_steps,
-        caption_dropout=train_cfg.caption_dropout,
-        contrast=loss_cfg.caption_contrast_weight > 0 or spec.loser == "caption",
-        first_micro_step=start_step * train_cfg.gradient_accumulation_steps,
-        num_micro_steps=(total_steps - start_step) * train_cfg.gradient_accumulation_steps,
-        reference=reference,
-    )
-    if reference is not None and len(reference.errors) < total_steps * train_cfg.gradient_accumulation_steps * (
-        train_cfg.batch_size
-    ):
+    ga = train_cfg.gradient_accumulation_steps
+    if reference is not None and len(reference.errors) < total_steps * ga * train_cfg.batch_size:
         raise ValueError("the precomputed reference holds fewer visits than this training makes")
+    first, count = start_step * ga, (total_steps - start_step) * ga
+    micro_batches = _micro_batches(
+        data, seed, objective, loss_cfg, train_cfg, family, accelerator, first, count, reference
+    )
     # batch_size=None: each item already is one micro-batch; workers read the cache ahead of the GPU.
     loader = iter(
         torch.utils.data.DataLoader(micro_batches, batch_size=None, shuffle=False, num_workers=train_cfg.num_workers)
     )
-    ga = train_cfg.gradient_accumulation_steps
     window: dict[str, list[float]] = defaultdict(list)
     last_loss = float("nan")
     started = time.perf_counter()
@@ -753,6 +720,39 @@ def _draw_noise(
         loser_noises.append(noises[-1] if share_noise else torch.randn(shape, generator=gen))
         drops.append((torch.rand(1, generator=gen) < caption_dropout).expand(k_steps))  # one draw per pair
     return _Draws(torch.cat(ts), torch.cat(noises), torch.cat(loser_noises), torch.cat(drops))
+
+
+def _micro_batches(
+    data: TrainData,
+    seed: int,
+    objective: Objective,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    family: Family,
+    accelerator: Accelerator,
+    first_micro_step: int,
+    num_micro_steps: int,
+    reference: ReferenceOutputs | None = None,
+) -> _MicroBatches:
+    """This rank's micro-batches of a training (`train`, and `reference_outputs` ahead of it)."""
+    spec = objectives.get(objective)
+    return _MicroBatches(
+        data,
+        seed,
+        objective=objective,
+        batch_size=train_cfg.batch_size,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        k_steps=loss_cfg.timesteps_per_pair,
+        share_noise=loss_cfg.share_noise,
+        process=family.process,
+        exact_steps=valid_exact_steps(data.sampler) if spec.trajectory else None,
+        caption_dropout=train_cfg.caption_dropout,
+        contrast=loss_cfg.caption_contrast_weight > 0 or spec.loser == "caption",
+        first_micro_step=first_micro_step,
+        num_micro_steps=num_micro_steps,
+        reference=reference,
+    )
 
 
 class _MicroBatches(torch.utils.data.Dataset):
