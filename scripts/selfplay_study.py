@@ -1,16 +1,16 @@
-"""Issue 28's study in the shapes world: does self-play that is told about the caption close the gap to SFT?
+"""Issue 28's study (shapes and relation worlds): does self-play that is told about the caption close the gap to SFT?
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --out /tmp/selfplay_study   # ~45 min, 2 CPU cores
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --world relations --base DIR --out /tmp/rel_study \
-        --arms sft spin "spin + caption contrast"
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --world relations --out /tmp/rel_study \
+        --arms sft spin "spin + caption contrast" "ddo lr=1e-4" "spin pool=all" "spin 32 pairs"   # ~35 min
 
 The relation world (`spin_diffusion.relation_world`, 288 scenes: two shapes, their colors and a relation) runs the
-same protocol from a base trained by `scripts/train_demo_base.py --world relations`, on 4 clean pairs of each of its
-144 train scenes (576 pairs), judged on its 72 validation and 72 test scenes (one image each, the same sampler),
-"all correct" = both shapes, each one's color and the relation right; `--arms` runs a subset (the combination and
-the runs on top of SFT need the arms they are chosen from).
+same protocol from its shipped base (assets/relation_base, `scripts/train_demo_base.py --world relations`), on 4
+clean pairs of each of its 144 train scenes (576 pairs), judged on its 72 validation and 72 test scenes (one image
+each, the same sampler), "all correct" = both shapes, each one's color and the relation right; `--arms` runs a
+subset (the combination and the runs on top of SFT need the arms they are chosen from).
 
-Protocol (written before any of its numbers were seen; docs/SELFPLAY_STUDY.md holds what it printed):
+Protocol (written before any of its numbers were seen; docs/DEMO_STUDY.md §4 holds what it printed):
 
 1. Arms, from the shipped base on the demo's fine-tuning pairs, each for seeds 0, 1, 2, each at the demo's budget
    (3 iterations × 40 optimizer steps; SFT 120 steps × 32 real images):
@@ -258,13 +258,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/selfplay_study"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--world", choices=("shapes", "relations"), default="shapes")
-    parser.add_argument("--base", type=Path, default=None, help="the base model (default: the shipped demo base)")
+    parser.add_argument("--base", type=Path, default=None, help="the base model (default: the world's shipped base)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="a subset of the arms")
     args = parser.parse_args()
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.world != "shapes" and args.base is None:
-        parser.error(f"--world {args.world} needs --base (scripts/train_demo_base.py --world {args.world})")
+    if args.world == "relations" and args.base is None:
+        args.base = relation_world.SHIPPED_BASE
     for name, value in (("world.txt", args.world), ("base.txt", args.base and args.base.resolve())):
         if value is not None:
             (args.out / name).write_text(f"{value}\n")
