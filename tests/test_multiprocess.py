@@ -49,9 +49,25 @@ def _unet(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _files(run_dir: Path) -> set[str]:
+    """The run's files, but the reference's per-rank shards (`_reference_rows` compares those)."""
     return {
-        p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file() and "tensorboard" not in p.parts
+        p.relative_to(run_dir).as_posix()
+        for p in run_dir.rglob("*")
+        if p.is_file() and "tensorboard" not in p.parts and not (p.parent.name == "reference" and p.name[:4] == "rank")
     }
+
+
+def _reference_rows(run_dir: Path, k: int, ranks: int, batch: int) -> torch.Tensor:
+    """iter_k's stored reference errors in the pair stream's order: micro-step m of rank r holds positions
+    [(m·W + r)·B, (m·W + r + 1)·B), so the ranks' micro-steps interleave. -> [positions, chunks, K]"""
+    folder = run_dir / f"iter_{k:02d}" / "reference"
+    per_rank = [
+        torch.cat([load_file(str(p))["errors"] for p in sorted(folder.glob(f"rank{r:05d}-*.safetensors"))])
+        for r in range(ranks)
+    ]
+    assert len({rows.shape for rows in per_rank}) == 1
+    row = per_rank[0].shape[1:]
+    return torch.stack([rows.reshape(-1, batch, *row) for rows in per_rank], dim=1).reshape(-1, *row)
 
 
 def _completed(run_dir: Path) -> list[str]:
@@ -72,6 +88,10 @@ def spin_runs(tmp_path_factory) -> tuple[Path, Path]:
 def test_two_processes_write_what_one_process_writes(spin_runs):
     two, one = spin_runs
     assert _files(two) == _files(one)
+    # the reference's precomputed errors: each rank stored its own visits, together the one process's (up to float
+    # rounding: one thread per rank, two here)
+    for k in (0, 1):
+        torch.testing.assert_close(_reference_rows(two, k, 2, 4), _reference_rows(one, k, 1, 8), rtol=1e-4, atol=1e-6)
     assert (
         _completed(two)
         == _completed(one)
