@@ -676,7 +676,7 @@ def test_caption_contrast_and_ddo_run_in_rounds_against_theta_k(tmp_path: Path, 
 # train.precompute_reference: θ_k's terms stored in reference:k, no reference model while training
 
 
-def _exact_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return _unet_weights(run_dir / "iter_02" / "model")
 
 
@@ -705,7 +705,7 @@ def test_precomputed_reference_gives_the_same_run_without_a_reference_copy(tmp_p
         assert ("reference:0" in completed) == on and ("reference:1" in completed) == on
         assert (run_dir / "iter_01" / "reference").exists() == on
         assert len(made) == (0 if on or "model.lora_rank=4" in extra else 2)
-        runs[on] = _exact_weights(run_dir)
+        runs[on] = _final_weights(run_dir)
     assert all(torch.equal(runs[False][k], runs[True][k]) for k in runs[False])
     assert not all(torch.equal(runs[True][k], v) for k, v in _unet_weights(tmp_path / "precompute_True" / "iter_01"
                                                                            / "model").items())  # fmt: skip

@@ -340,6 +340,17 @@ def load_components(
     return c
 
 
-def frozen_copy(denoiser: Any) -> Any:
-    """A deep copy in ``eval()`` mode with every parameter ``requires_grad=False`` (the opponent/reference)."""
-    return copy.deepcopy(denoiser).eval().requires_grad_(False)
+def frozen_copy(denoiser: Any, dtype: torch.dtype | None = None) -> Any:
+    """A deep copy in ``eval()`` mode with every parameter ``requires_grad=False`` (the opponent/reference).
+
+    With `dtype`, its floating parameters and buffers are in that dtype, and each parameter is cast straight from the
+    original: no full-precision copy of the whole model exists on the way (FLUX.1-dev: 44 GiB in fp32)."""
+    if dtype is None:
+        return copy.deepcopy(denoiser).eval().requires_grad_(False)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(dtype) if t.is_floating_point() else t.detach().clone()
+
+    memo: dict[int, Any] = {id(p): torch.nn.Parameter(cast(p), requires_grad=False) for p in denoiser.parameters()}
+    memo.update({id(b): cast(b) for b in denoiser.buffers()})
+    return copy.deepcopy(denoiser, memo).eval()

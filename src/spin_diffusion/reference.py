@@ -115,11 +115,7 @@ def precompute(
     if rank == 0:
         _check_meta(folder, key, layout, write=True)
     barrier()
-    done = {
-        s
-        for s in range(layout["shards"])
-        if _shard_path(folder, rank, s).exists() and shard_key(_shard_path(folder, rank, s)) == key
-    }
+    done = {s for s in range(layout["shards"]) if shard_key(_shard_path(folder, rank, s)) == key}  # None if missing
     todo = layout["micro_steps"] - sum(
         min(shard_micro_steps, layout["micro_steps"] - s * shard_micro_steps) for s in done
     )

@@ -751,8 +751,9 @@ def disk_estimate(
 
 
 def reference_bytes(cfg: RunConfig, c: models.Components, num_rows: int, latent_shape: tuple[int, ...]) -> int:
-    """Bytes of one iteration's stored reference terms (train.precompute_reference): per visit 3 float32 errors per
-    timestep, and for the exact path's guard at η > 0 θ_k's guided loser prediction (a float32 latent per timestep)."""
+    """Bytes of one iteration's stored reference terms (train.precompute_reference): per visit up to 3 float32
+    errors per timestep (2, or 3 with the caption contrast), and for the exact path's guard at η > 0 θ_k's guided
+    loser prediction (a float32 latent per timestep)."""
     spec = objectives.get(cfg.loss.objective)
     if not (spec.needs_ref and cfg.train.precompute_reference):
         return 0

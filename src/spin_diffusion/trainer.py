@@ -12,7 +12,6 @@ The trainer does not know about self-play iterations: the caller hands it a poli
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -34,7 +33,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from spin_diffusion import distributed, lean_imports, losses, objectives, preemption
+from spin_diffusion import distributed, lean_imports, losses, models, objectives, preemption
 from spin_diffusion.cache import RowStore
 from spin_diffusion.config import LossConfig, Objective, TrainConfig
 from spin_diffusion.errors import SpinDiffusionError
@@ -241,9 +240,9 @@ def reference_outputs(
     )
     micro_batches = _micro_batches(data, seed, objective, loss_cfg, train_cfg, family, accelerator, 0, total)
     reference = model
-    ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
+    ref_dtype = _reference_dtype(train_cfg)
     if not lora and next(model.parameters()).dtype != ref_dtype:  # `train` casts its frozen copy the same way
-        reference = copy.deepcopy(model).requires_grad_(False).to(device, dtype=ref_dtype)
+        reference = models.frozen_copy(model, dtype=ref_dtype)
     reference.to(device)
     if not lora:
         reference.eval()
@@ -365,7 +364,7 @@ def train(
     if fsdp:  # the prepared module's (sharded) parameters; accelerate clips FSDP grads only for the whole list
         trainable = list(policy.parameters())
     if ref is not None:  # the frozen reference only runs forward: keep it in the mixed-precision dtype
-        ref_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
+        ref_dtype = _reference_dtype(train_cfg)
         cast = {} if next(ref.parameters()).dtype == ref_dtype else {"dtype": ref_dtype}  # diffusers warns on any cast
         ref.to(accelerator.device, **cast)
     device = accelerator.device
@@ -516,6 +515,11 @@ def _log_window(
 def _last_logged_loss(log_path: Path) -> float:
     lines = log_path.read_text().splitlines() if log_path.exists() else []
     return json.loads(lines[-1]).get("loss", float("nan")) if lines else float("nan")
+
+
+def _reference_dtype(train_cfg: TrainConfig) -> torch.dtype:
+    """The frozen reference only runs forward: it is kept in the mixed-precision dtype."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
 
 
 def _check_arguments(
