@@ -260,7 +260,7 @@ CASES = [
     (
         "spin-t5-length-on-sd",
         ["spin", "--config", "{tiny}", "--set", "model.max_sequence_length=64"],
-        "model.max_sequence_length is the T5 prompt length of SD3/FLUX models; a sd model has no T5",
+        "model.max_sequence_length is the text length of SD3, FLUX and Z-Image models; a sd model's is fixed",
     ),
     (
         "spin-unknown-per-caption",

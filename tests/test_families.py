@@ -40,6 +40,11 @@ def sd35() -> models.Components:
     return presets.build_preset("tiny-sd35")
 
 
+@pytest.fixture(scope="module")
+def zimage() -> models.Components:
+    return presets.build_preset("tiny-zimage")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forward processes and targets, by values
 
@@ -178,8 +183,62 @@ def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
     assert families.family_name("StableDiffusionXLPipeline", None) == "sdxl"
     assert families.family_name("MyPipeline", sd3.denoiser) == "sd3"
     assert families.family_name("MyPipeline", sdxl.denoiser) == "sdxl"
+    assert families.family_name("ZImagePipeline", None) == "zimage"
+    assert families.FAMILIES == ("sd", "sdxl", "sd3", "flux", "zimage")
     with pytest.raises(Exception, match="dpmsolver"):
         sampling.make_scheduler("dpmsolver++", sd3.family)
+
+
+def test_zimage_conditioning_is_each_prompts_own_qwen3_tokens(zimage):
+    """Z-Image's conditioning is ZImagePipeline.encode_prompt's: Qwen3's second-to-last hidden state over the chat
+    template's tokens of each prompt, of their own lengths. A Cond keeps them padded to max_sequence_length with a
+    mask that gives them back exactly, through indexing, concatenation, caption dropout's `where` and a bf16 cast."""
+    prompts = ["a red circle", "a blue square on the left of a green triangle"]
+    cond = encoding.encode(zimage, prompts)
+    want, _ = zimage.family.pipeline(zimage).encode_prompt(list(prompts), do_classifier_free_guidance=False)
+    assert cond.embeds.shape == (2, 512, 32) and cond.pooled is None
+    assert [len(t) for t in want] == cond.mask.sum(1).tolist() and len(want[0]) < len(want[1])
+    for got, expected in zip(cond.tokens(), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # the tokens are the chat template's: user turn, then the assistant's generation prompt
+    text = zimage.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    assert text == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    negative = zimage.family.negative(zimage, "")
+    mixed = families.Cond.cat([cond, negative]).where(torch.tensor([False, True, False]), cond[:1])
+    assert mixed.mask.sum(1).tolist() == [len(want[0])] * 2 + [int(negative.mask.sum())]
+    torch.testing.assert_close(mixed.tokens()[1], want[0], rtol=0, atol=0)
+    half = families.Cond.from_tensors(cond.to(torch.bfloat16).tensors())
+    assert half.mask.dtype == torch.bfloat16 and [len(t) for t in half.tokens()] == [len(t) for t in want]
+
+
+def test_zimage_sampler_is_zimage_pipeline(zimage):
+    """The opponent's sampler gives ZImagePipeline's latents: σ = linspace(1, 1/n, n) on shift 3, the transformer's
+    time 1 - σ and its negated velocity, and guidance_scale g as `cond + g (cond - uncond)` (classifier-free
+    guidance of scale 1 + g; none at g = 0, as Z-Image-Turbo samples)."""
+    assert zimage.family.name == "zimage" and zimage.family.cfg_scale(0.0) == 1.0
+    prompts, seeds = ["a red circle", "a blue square on the left"], [3, 4]
+    cond, negative = encoding.encode(zimage, prompts), zimage.family.negative(zimage, "")
+    shape = (zimage.latent_channels, zimage.sample_size, zimage.sample_size)
+    results = []
+    for scale in (0.0, 3.0):
+        ours = sampling.sample(
+            zimage.denoiser, zimage.family, cond, negative, seeds=seeds, latent_shape=shape, num_steps=4,
+            guidance_scale=scale,
+        ).latents  # fmt: skip
+        call = sampling.pipeline_kwargs(zimage.family, scale, sampling.Guidance(), "")
+        assert call == {"max_sequence_length": 512, "guidance_scale": scale}  # ZImagePipeline's default is 5.0
+        want = _pipeline_latents(zimage, prompts, seeds, steps=4, **call)
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+        results.append(ours)
+    assert not torch.allclose(*results)  # guidance acted
+    # the network output is the velocity ε - x₀ the flow process trains on: the transformer's, negated
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        raw = zimage.denoiser(list(x.unsqueeze(2).unbind(0)), torch.tensor([0.25, 0.25]), cond.tokens()).sample
+        pred = zimage.family.predict(zimage.denoiser, x, torch.tensor(750.0), cond)
+    torch.testing.assert_close(pred, -torch.stack(raw).squeeze(2), rtol=0, atol=0)
 
 
 def test_flux_is_its_own_family_with_packed_latents(flux):
@@ -224,7 +283,7 @@ def _pipeline_latents(c, prompts, seeds, *, steps, **call):
     x = sampling.initial_noise(seeds, shape)
     flux = c.family.name == "flux"
     out = c.family.pipeline(c)(
-        prompts,
+        list(prompts),  # a copy: ZImagePipeline writes the chat template into the caller's list
         latents=families.pack_latents(x) if flux else x,
         num_inference_steps=steps,
         height=c.resolution,
@@ -272,7 +331,8 @@ def test_sd35_sampler_is_sd3_pipeline_with_dynamic_shift_and_skip_layer_guidance
             guidance_scale=4.0, guidance=guidance,
         ).latents  # fmt: skip
         call = sampling.pipeline_kwargs(sd35.family, 4.0, guidance, "")
-        want = _pipeline_latents(sd35, prompts, seeds, steps=10, guidance_scale=4.0, **call)
+        assert call["guidance_scale"] == 4.0  # not StableDiffusion3Pipeline's default (7.0)
+        want = _pipeline_latents(sd35, prompts, seeds, steps=10, **call)
         torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
         results.append(ours)
     assert not torch.allclose(*results)  # skip-layer guidance acted
@@ -297,7 +357,7 @@ def _spin(run_dir: Path, *overrides: str) -> None:
 
 
 # FLUX runs with 32 T5 tokens (model.max_sequence_length): the card must say so, and the pipeline is called with it
-_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32}
+_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512}
 
 
 @pytest.mark.heavy
@@ -308,6 +368,7 @@ _T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32}
         ("tiny-sd3", "StableDiffusion3Pipeline"),
         ("tiny-sd35", "StableDiffusion3Pipeline"),
         ("tiny-flux", "FluxPipeline"),
+        ("tiny-zimage", "ZImagePipeline"),
     ],
 )
 @pytest.mark.parametrize("objective", ["spin_approx", "spin_exact"])
@@ -326,14 +387,15 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     card = (model_dir / "README.md").read_text()
     assert (f"max_sequence_length={_T5.get(preset)}," in card) == (preset in _T5)
     assert ("guidance_scale=3.5," in card) == (preset == "tiny-flux")
+    assert "guidance_scale=2.0," in card or preset == "tiny-flux"  # configs/tiny.yaml's, not the pipeline's default
     assert ("stable-diffusion-xl" in card) == (preset == "tiny-sdxl")
     assert ("Only the transformer was trained" in card) == (preset != "tiny-sdxl")
     pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
     auto = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     assert type(auto).__name__ == pipeline_class
     kwargs = {"max_sequence_length": _T5[preset]} if preset in _T5 else {}
-    if preset == "tiny-flux":  # FluxPipeline's default size is 128 latents, whatever the transformer
-        kwargs |= {"height": 16, "width": 16, "guidance_scale": 3.5}
+    if preset in ("tiny-flux", "tiny-zimage"):  # these pipelines' default size is 1024 px, whatever the transformer
+        kwargs |= {"height": 16, "width": 16, "guidance_scale": 3.5 if preset == "tiny-flux" else 2.0}
     image = pipe(
         "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
     ).images[0]
@@ -349,7 +411,7 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"])
 def test_family_lora_sft_and_dpo(tmp_path, preset):
     import diffusers
 

@@ -365,7 +365,7 @@ def _open_stores(
     stores = {name: RowStore.open(image_paths, name, key=key, index_map=kept) for name in names}
     embed_paths = _paths(cache_dir, kind, "embeds", _num_shards(num_unique, shard_size))
     rows_map = index_map if kept is None else index_map[kept]
-    embeds = ["prompt_embeds", *(["pooled_embeds"] if "pooled_embeds" in read_header(embed_paths[0])[0] else [])]
+    embeds = [name for name in Cond.STORED.values() if name in read_header(embed_paths[0])[0]]
     for name in embeds:
         stores[name] = RowStore.open(embed_paths, name, index_map=rows_map, key=key)
     if any(s.num_stored != n for name, s in stores.items() if name not in embeds):
@@ -630,7 +630,7 @@ def build_latent_cache(
     captions = [text for i, text in enumerate(images.captions) if i not in bad]
     return LatentCache(
         latents=stores["latents"],
-        prompt_embeds=Cond(stores["prompt_embeds"], stores.get("pooled_embeds")),
+        prompt_embeds=Cond.from_tensors(stores),
         captions=captions,
         skipped=bad,
         time_ids=stores.get("latents_time_ids"),
@@ -672,7 +672,7 @@ def build_pair_cache(
     return PairCache(
         winner_latents=stores["winner_latents"],
         loser_latents=stores["loser_latents"],
-        prompt_embeds=Cond(stores["prompt_embeds"], stores.get("pooled_embeds")),
+        prompt_embeds=Cond.from_tensors(stores),
         captions=[text for i, text in enumerate(pairs.captions) if i not in bad],
         skipped=bad,
         winner_time_ids=stores.get("winner_latents_time_ids"),

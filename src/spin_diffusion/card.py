@@ -55,7 +55,9 @@ class CardInfo:
     evaluation: dict[str, float | None] = field(default_factory=dict)  # flat eval.json metrics of this model
     eval_prompts: int = 0  # how many prompts the evaluation used
     pixel_space: bool = False  # no VAE: diffusers needs vae=None and output_type="latent"
-    family: str = "sd"  # sd | sdxl | sd3 | flux (families.py): the usage snippet and the tags follow it
+    family: str = "sd"  # sd | sdxl | sd3 | flux | zimage (families.py): the usage snippet and the tags follow it
+    denoiser: str = "UNet"  # what was trained: the UNet or the transformer (export.save_pipeline sets it and the next)
+    text_encoders: int = 1  # how many text encoders (and tokenizers) the model has
     # keyword arguments (as Python source) of the pipeline call that generates as the model was trained
     # (sampling.pipeline_kwargs: SD3/FLUX's T5 length, FLUX's guidance, skip-layer guidance)
     call_kwargs: dict[str, str] = field(default_factory=dict)
@@ -68,6 +70,15 @@ class CardInfo:
         if self.base_model_id:
             return self.base_model_id
         return self.base_model if _HUB_ID.fullmatch(self.base_model) and not Path(self.base_model).exists() else None
+
+
+_FAMILY_TAGS = {
+    "sd": "stable-diffusion",
+    "sdxl": "stable-diffusion-xl",
+    "sd3": "sd3",
+    "flux": "flux",
+    "zimage": "z-image",
+}
 
 
 def _base_model(cfg: RunConfig) -> tuple[str, str | None, Path | None]:
@@ -163,9 +174,7 @@ def render_card(info: CardInfo) -> str:
         metadata["license"] = info.license
     metadata["library_name"] = "diffusers"
     metadata["pipeline_tag"] = "text-to-image"
-    family_tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}.get(
-        info.family
-    )
+    family_tag = _FAMILY_TAGS.get(info.family)
     tags = ["diffusers", "text-to-image", "spin-diffusion", info.objective.replace("_", "-"), family_tag, *info.tags]
     metadata["tags"] = [t for t in dict.fromkeys(tags) if t]
     env = jinja2.Environment(

@@ -39,6 +39,16 @@ def save_pipeline(c: Components, out_dir: str | Path, *, denoiser: Any = None, c
     tmp = fresh_dir(out_dir)
     c.family.pipeline(c, denoiser).save_pretrained(tmp, safe_serialization=True)
     if card is not None:
-        info = dataclasses.replace(card, pixel_space=c.vae is None, family=c.family.name)
-        (tmp / "README.md").write_text(render_card(info))
+        (tmp / "README.md").write_text(render_card(card_of(card, c)))
     return move_into_place(tmp, out_dir)
+
+
+def card_of(info: CardInfo, c: Components) -> CardInfo:
+    """``info`` with what the card says of the model ``c`` itself: its family, what was trained, its encoders."""
+    return dataclasses.replace(
+        info,
+        pixel_space=c.vae is None,
+        family=c.family.name,
+        denoiser="UNet" if c.family.process.kind == "ddpm" else "transformer",
+        text_encoders=c.family.num_text_encoders,
+    )

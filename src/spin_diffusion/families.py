@@ -36,13 +36,6 @@ from spin_diffusion.errors import SpinDiffusionError
 if TYPE_CHECKING:
     from spin_diffusion.models import Components
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux")
-PIPELINE_CLASSES = {
-    "sd": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline",
-}
 # T5 tokens of an SD3 prompt when `model.max_sequence_length` is unset: 77 as in diffusers' SD3 training scripts
 # (the pipeline's default is 256; the model card says to pass max_sequence_length=77 to generate exactly as trained).
 SD3_MAX_SEQUENCE_LENGTH = 77
@@ -60,13 +53,19 @@ LOGIT_NORMAL_MEAN, LOGIT_NORMAL_STD = 0.0, 1.0
 
 @dataclass
 class Cond:
-    """The text conditioning of N prompts: ``embeds [N, L, D]`` and, for SDXL/SD3, ``pooled [N, P]``.
+    """The text conditioning of N prompts: ``embeds [N, L, D]``; for SDXL/SD3/FLUX.1 ``pooled [N, P]``; for the
+    families whose prompts have their own lengths (Z-Image) ``mask [N, L]``, 1 on a prompt's tokens and 0 on the
+    padding (kept as 0/1 numbers in the embeddings' dtype, so it travels through every cast and cache unchanged).
 
     Fields may be tensors or lazily read ``cache.RowStore`` objects; indexing returns tensors.
     """
 
     embeds: Any  # Tensor | RowStore  [N, L, D]
     pooled: Any = None  # Tensor | RowStore | None  [N, P]
+    mask: Any = None  # Tensor | RowStore | None  [N, L]
+
+    # the names of the fields in a cache shard (and in a batch's "context" dict)
+    STORED = {"embeds": "prompt_embeds", "pooled": "pooled_embeds", "mask": "prompt_mask"}
 
     @property
     def shape(self) -> torch.Size:
@@ -76,19 +75,25 @@ class Cond:
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
 
+    def _fields(self) -> dict[str, Any]:
+        return {"embeds": self.embeds, "pooled": self.pooled, "mask": self.mask}
+
     def __getitem__(self, idx: Any) -> Cond:
-        return Cond(self.embeds[idx], None if self.pooled is None else self.pooled[idx])
+        return self.map(lambda x: x[idx])
 
     def tensors(self) -> dict[str, Tensor]:
-        """The named tensors, as stored in a cache shard: ``prompt_embeds`` and (if any) ``pooled_embeds``."""
-        out = {"prompt_embeds": self.embeds}
-        if self.pooled is not None:
-            out["pooled_embeds"] = self.pooled
-        return out
+        """The named tensors, as stored in a cache shard: ``prompt_embeds`` and (if any) ``pooled_embeds`` and
+        ``prompt_mask``."""
+        return {self.STORED[k]: v for k, v in self._fields().items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, named: dict[str, Any]) -> Cond:
+        """The Cond of :meth:`tensors`' names (a cache's stores, a batch's context)."""
+        return cls(**{k: named.get(name) for k, name in cls.STORED.items()})
 
     def map(self, fn) -> Cond:
         """``fn`` applied to every tensor (e.g. ``lambda x: x.to(device)``)."""
-        return Cond(fn(self.embeds), None if self.pooled is None else fn(self.pooled))
+        return Cond(**{k: None if v is None else fn(v) for k, v in self._fields().items()})
 
     def to(self, *args: Any, **kwargs: Any) -> Cond:
         return self.map(lambda x: x.to(*args, **kwargs))
@@ -103,15 +108,36 @@ class Cond:
     def where(self, mask: Tensor, other: Cond) -> Cond:
         """Row i of ``other`` (a one-prompt Cond, broadcast) where ``mask[i]``, else row i of self."""
 
-        def pick(x: Tensor, y: Tensor) -> Tensor:
+        def pick(x: Tensor | None, y: Tensor | None) -> Tensor | None:
+            if x is None:
+                return None
             return torch.where(mask.reshape(-1, *([1] * (x.dim() - 1))), y.to(x), x)
 
-        return Cond(pick(self.embeds, other.embeds), None if self.pooled is None else pick(self.pooled, other.pooled))
+        mine, theirs = self._fields(), other._fields()
+        return Cond(**{k: pick(mine[k], theirs[k]) for k in mine})
 
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
-        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
-        return Cond(torch.cat([c.embeds for c in conds]), pooled)
+        first = conds[0]._fields()
+        return Cond(**{k: None if v is None else torch.cat([c._fields()[k] for c in conds]) for k, v in first.items()})
+
+    def tokens(self) -> list[Tensor]:
+        """Each prompt's own tokens ``[L_i, D]`` (the rows where ``mask`` is 1; all L without a mask)."""
+        if self.mask is None:
+            return list(self.embeds.unbind(0))
+        return [e[m > 0.5] for e, m in zip(self.embeds, self.mask, strict=True)]
+
+    @staticmethod
+    def padded(tokens: list[Tensor], length: int) -> Cond:
+        """Prompts of their own lengths ``[L_i, D]`` (L_i <= ``length``) as one Cond padded to ``length``, with the
+        mask that :meth:`tokens` reads back."""
+        dim = tokens[0].shape[-1]
+        embeds = tokens[0].new_zeros(len(tokens), length, dim)
+        mask = tokens[0].new_zeros(len(tokens), length)
+        for i, t in enumerate(tokens):
+            embeds[i, : t.shape[0]] = t
+            mask[i, : t.shape[0]] = 1
+        return Cond(embeds, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,13 +289,17 @@ class Family:
     inputs with :meth:`_inputs` and reads its output with :meth:`_output`, which each family overrides."""
 
     name = "sd"
+    pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline class that samples, saves and reloads it
+    num_text_encoders = 1  # text_encoder, text_encoder_2, ... the pipeline needs
+    default_guidance_scale = 7.5  # the pipeline's `guidance_scale` default
     uses_time_ids = False  # SDXL's micro-conditioning: 6 numbers per image
     # FLUX.1: `sample.guidance_scale` is the value fed to the guidance embedding (in sampling and in training), and
     # classifier-free guidance with the negative prompt is `true_cfg_scale`, as in FluxPipeline
     embedded_guidance = False
     skip_layer_guidance = False  # SD3/SD3.5: the transformer can skip blocks (skip-layer guidance)
     default_sample_size = 64  # latent side when the denoiser's config has no sample_size
-    default_max_sequence_length: int | None = None  # T5 tokens per prompt when unset (None: the family has no T5)
+    # text tokens per prompt when unset (`model.max_sequence_length`; None: the family's length is fixed)
+    default_max_sequence_length: int | None = None
 
     def __init__(
         self, scheduler_config: dict, denoiser_config: Any = None, *, max_sequence_length: int | None = None
@@ -299,9 +329,10 @@ class Family:
         sets it."""
         scheduler.set_timesteps(num_steps)
 
-    @property
-    def pipeline_class(self) -> str:
-        return PIPELINE_CLASSES[self.name]
+    def cfg_scale(self, guidance_scale: float) -> float:
+        """The scale s of classifier-free guidance ``uncond + s · (cond - uncond)`` that the pipeline's
+        ``guidance_scale`` means (1 = no guidance)."""
+        return guidance_scale
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         return Cond(encoding.encode_prompts(c, prompts, batch_size=batch_size))
@@ -367,14 +398,13 @@ class CallExtras:
 
 def _encode_with_pipeline(c: Components, prompts: list[str], batch_size: int, call) -> Cond:
     """Conditioning of ``prompts`` from the family pipeline's own ``encode_prompt`` (``call(pipe, chunk, device)`` ->
-    its (embeds, pooled)), ``batch_size`` prompts at a time."""
+    its Cond), ``batch_size`` prompts at a time."""
     pipe = c.family.pipeline(c)
     device = next(c.text_encoder.parameters()).device
     parts = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            embeds, pooled = call(pipe, list(prompts[i : i + batch_size]), device)
-            parts.append(Cond(embeds, pooled))
+            parts.append(call(pipe, list(prompts[i : i + batch_size]), device))
     if not parts:
         return Cond(torch.zeros(0, 0, 0), torch.zeros(0, 0))
     return Cond.cat(parts)
@@ -382,6 +412,9 @@ def _encode_with_pipeline(c: Components, prompts: list[str], batch_size: int, ca
 
 class SDXLFamily(Family):
     name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    num_text_encoders = 2
+    default_guidance_scale = 5.0
     uses_time_ids = True
 
     def pipeline(self, c: Components, denoiser: Any = None) -> Any:
@@ -399,9 +432,9 @@ class SDXLFamily(Family):
         )
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
-        def call(pipe: Any, chunk: list[str], device: Any) -> tuple[Tensor, Tensor]:
+        def call(pipe: Any, chunk: list[str], device: Any) -> Cond:
             embeds, _, pooled, _ = pipe.encode_prompt(chunk, device=device, do_classifier_free_guidance=False)
-            return embeds, pooled
+            return Cond(embeds, pooled)
 
         return _encode_with_pipeline(c, prompts, batch_size, call)
 
@@ -466,8 +499,8 @@ class FlowFamily(Family):
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         return _encode_with_pipeline(c, prompts, batch_size, self._encode_prompt)
 
-    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> tuple[Tensor, Tensor]:
-        """(embeds [N, L, D], pooled [N, P]) of ``chunk`` from the pipeline's ``encode_prompt``."""
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> Cond:
+        """The Cond of ``chunk`` from the pipeline's ``encode_prompt``."""
         raise NotImplementedError
 
     def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
@@ -484,11 +517,13 @@ class SD3Family(FlowFamily):
     layers are inside the model; dynamic shifting and skip-layer guidance are the pipeline's."""
 
     name = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    default_guidance_scale = 7.0
     skip_layer_guidance = True
     default_max_sequence_length = SD3_MAX_SEQUENCE_LENGTH
     num_text_encoders = 3  # CLIP-L, CLIP-G, T5
 
-    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> tuple[Tensor, Tensor]:
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> Cond:
         embeds, _, pooled, _ = pipe.encode_prompt(
             chunk,
             chunk,
@@ -497,7 +532,7 @@ class SD3Family(FlowFamily):
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        return embeds, pooled
+        return Cond(embeds, pooled)
 
     def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
         extra = {"skip_layers": list(extras.skip_layers)} if extras.skip_layers else {}
@@ -532,6 +567,8 @@ class FluxFamily(FlowFamily):
     packed only around the transformer call."""
 
     name = "flux"
+    pipeline_class = "FluxPipeline"
+    default_guidance_scale = 3.5
     embedded_guidance = True
     default_max_sequence_length = FLUX_MAX_SEQUENCE_LENGTH
 
@@ -553,11 +590,11 @@ class FluxFamily(FlowFamily):
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
         scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=self.process.mu(latent_shape))
 
-    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> tuple[Tensor, Tensor]:
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> Cond:
         embeds, pooled, _ = pipe.encode_prompt(
             chunk, chunk, device=device, max_sequence_length=self.max_sequence_length
         )
-        return embeds, pooled
+        return Cond(embeds, pooled)
 
     def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
         b, _, h, w = x.shape
@@ -580,7 +617,52 @@ class FluxFamily(FlowFamily):
         return unpack_latents(out, x.shape[-2], x.shape[-1])
 
 
-_BY_NAME = {"sd": Family, "sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
+class ZImageFamily(FlowFamily):
+    """Z-Image (ZImagePipeline / ZImageTransformer2DModel): one Qwen3 text encoder whose second-to-last hidden
+    state, over the prompt's own tokens only (its chat template applied), is the conditioning: prompts keep their
+    lengths, so a Cond carries the token mask and the transformer gets a list of ``[L_i, D]`` features. The
+    transformer takes a list of ``[C, 1, h, w]`` latents and the time 1 - σ, and predicts x₀ - ε, the negated
+    velocity (the pipeline negates it before its Euler step). ``guidance_scale`` g guides as ``cond + g (cond -
+    uncond)``, classifier-free guidance of scale 1 + g, off at g = 0 (Z-Image-Turbo). Sampling σ = linspace(1, 1/n,
+    n) on the scheduler's shift. Latents are FLUX.1's VAE's (shift and scale factors)."""
+
+    name = "zimage"
+    pipeline_class = "ZImagePipeline"
+    num_text_encoders = 1
+    default_guidance_scale = 5.0
+    default_max_sequence_length = 512  # ZImagePipeline's default
+
+    def token_patch(self) -> int:
+        return int(self.denoiser_config.all_patch_size[0])
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> None:
+        sigmas = torch.linspace(1.0, 1 / num_steps, num_steps).tolist()  # get_default_z_image_sigmas
+        scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=self.process.mu(latent_shape))
+
+    def cfg_scale(self, guidance_scale: float) -> float:
+        return 1.0 + guidance_scale
+
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> Cond:
+        tokens, _ = pipe.encode_prompt(
+            chunk, device=device, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length
+        )
+        return Cond.padded(tokens, self.max_sequence_length)
+
+    def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
+        t = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
+        return {
+            "x": list(x.unsqueeze(2).unbind(0)),
+            "t": (1000 - t.float()) / 1000,
+            "cap_feats": cond.tokens(),
+        }
+
+    def _output(self, out: Any, x: Tensor) -> Tensor:
+        return -torch.stack(out).squeeze(2)
+
+
+_BY_NAME = {f.name: f for f in (Family, SDXLFamily, SD3Family, FluxFamily, ZImageFamily)}
+FAMILIES = tuple(_BY_NAME)
+PIPELINE_CLASSES = {name: f.pipeline_class for name, f in _BY_NAME.items()}
 
 
 def family_name(pipeline_class: str, denoiser: Any) -> str:
@@ -588,9 +670,12 @@ def family_name(pipeline_class: str, denoiser: Any) -> str:
     for name, cls in PIPELINE_CLASSES.items():
         if pipeline_class == cls:
             return name
-    if type(denoiser).__name__.startswith("Flux"):
+    kind = type(denoiser).__name__
+    if kind.startswith("ZImage"):
+        return "zimage"
+    if kind.startswith("Flux"):
         return "flux"
-    if "Transformer" in type(denoiser).__name__:
+    if "Transformer" in kind:
         return "sd3"
     if getattr(getattr(denoiser, "config", None), "addition_embed_type", None) == "text_time":
         return "sdxl"

@@ -23,8 +23,16 @@ HELD_BACK = ("bitsandbytes",)
 _held: set[str] = set()
 
 
+# the libraries that decide at their own import whether a package is installed (and later import it if so)
+_DECIDERS = ("diffusers", "transformers", "peft")
+
+
 def hold_back() -> None:
-    """Before the libraries are imported: packages of HELD_BACK not imported yet become not importable."""
+    """Before the libraries are imported: packages of HELD_BACK not imported yet become not importable. A process
+    that has imported the libraries already (a program calling `cli.main`, a test) is left as it is: they have found
+    the packages installed and would fail to import them later."""
+    if any(name in sys.modules for name in _DECIDERS):
+        return
     for name in HELD_BACK:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]

@@ -145,7 +145,7 @@ def save_lora(denoiser: Any, out_dir: str | Path, c: Components | None = None) -
     layers = convert_state_dict_to_diffusers(state)
     # the family's pipeline class writes the key prefix its load_lora_weights expects (unet. / transformer.)
     cls = type(c.family.pipeline(c)) if c is not None else None
-    if c is not None and c.family.name in ("sd3", "flux"):
+    if c is not None and c.family.process.kind == "flow":  # the transformer families
         cls.save_lora_weights(
             tmp, transformer_lora_layers=layers, safe_serialization=True, transformer_lora_adapter_metadata=metadata
         )

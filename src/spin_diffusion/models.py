@@ -34,7 +34,8 @@ class Components:
     back by :func:`save_pipeline`); :meth:`noise_scheduler` gives the training forward process.
     """
 
-    # the trained network: UNet2DConditionModel (SD, SDXL), SD3Transformer2DModel (SD3) or FluxTransformer2DModel
+    # the trained network: UNet2DConditionModel (SD, SDXL), SD3Transformer2DModel (SD3), FluxTransformer2DModel
+    # (FLUX.1) or ZImageTransformer2DModel (Z-Image)
     denoiser: Any
     text_encoder: torch.nn.Module  # CLIPTextModel (or any encoder whose output has last_hidden_state)
     tokenizer: Any  # transformers PreTrainedTokenizerBase
@@ -52,7 +53,7 @@ class Components:
 
     @functools.cached_property
     def family(self) -> families.Family:
-        """How this model is conditioned, noised and called (``families``): sd, sdxl, sd3 or flux."""
+        """How this model is conditioned, noised and called (``families``): sd, sdxl, sd3, flux or zimage."""
         name = families.family_name(self.pipeline_class, self.denoiser)
         return families.make(
             name, self.scheduler.config, self.denoiser.config, max_sequence_length=self.max_sequence_length
@@ -64,7 +65,7 @@ class Components:
         return self.family.process.prediction_type
 
     def text_encoders(self) -> list[torch.nn.Module]:
-        """The text encoders this model has (one for SD, two for SDXL and FLUX, three for SD3)."""
+        """The text encoders this model has (one for SD and Z-Image, two for SDXL and FLUX, three for SD3)."""
         return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
     @property
@@ -147,13 +148,15 @@ def check_compatible(c: Components) -> None:
             f"the denoiser{where} takes {takes} latent channels but latents have {c.latent_channels} "
             "(inpainting/depth/control models are not supported; use a text-to-image model)"
         )
-    if (cfg.out_channels or cfg.in_channels) != cfg.in_channels:
+    out_channels = getattr(cfg, "out_channels", None) or cfg.in_channels  # Z-Image's has no out_channels: the same
+    if out_channels != cfg.in_channels:
         raise SpinDiffusionError(
-            f"the denoiser{where} outputs {cfg.out_channels} channels for {cfg.in_channels} input channels "
+            f"the denoiser{where} outputs {out_channels} channels for {cfg.in_channels} input channels "
             "(learned-variance models are not supported; use an epsilon/v-prediction or flow-matching model)"
         )
-    needs = {"sd": 1, "sdxl": 2, "sd3": 3, "flux": 2}[family]
-    if len(c.text_encoders()) < needs or (family == "sd3" and c.text_encoder_2 is None):
+    needs = c.family.num_text_encoders
+    have = [c.text_encoder, c.text_encoder_2, c.text_encoder_3][:needs]
+    if any(e is None for e in have):
         raise SpinDiffusionError(
             f"a {c.pipeline_class}{where} needs {needs} text encoder(s), found {len(c.text_encoders())}"
         )

@@ -13,7 +13,7 @@ from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.models import Components, check_compatible, freeze
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"  # vocab.json + merges.txt (make_tokenizer.py)
-PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux")
+PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage")
 
 # UNet / text encoder / VAE sizes. "tiny" copies diffusers' get_dummy_components sizes (tests);
 # "demo" is the CPU demo world: 32x32 RGB images, 16x16x4 latents, ~1 M-parameter UNet.
@@ -66,7 +66,7 @@ DEMO_VAE_DIR = Path(__file__).parent / "assets" / "demo_vae"  # made by scripts/
 
 
 def build_preset(
-    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"],
+    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage"],
     *,
     seed: int = 0,
     pretrained_vae: bool = True,
@@ -74,7 +74,8 @@ def build_preset(
     """Build a randomly initialised built-in model from configs (no download, no files).
 
     - ``"tiny-sdxl"``, ``"tiny-sd3"``, ``"tiny-sd35"``, ``"tiny-flux"``: for tests, the SDXL, SD3, SD3.5 and FLUX.1
-      families at the ``"tiny"`` sizes (:func:`_build_family_preset`).
+      families at the ``"tiny"`` sizes (:func:`_build_family_preset`); ``"tiny-zimage"``: Z-Image
+      (:func:`_build_tiny_zimage`).
 
     - ``"tiny"``: for tests. UNet (4, 8) channels, 8x8x4 latents, 16x16 images, 8-dim text encoder.
     - ``"demo"``: the CPU demo world. UNet (32, 64, 64) channels, ~1.7 M parameters, 16x16x4 latents,
@@ -92,6 +93,8 @@ def build_preset(
 
     if name in ("tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"):
         return _build_family_preset(name, seed)
+    if name == "tiny-zimage":
+        return _build_tiny_zimage(seed)
     if name not in _PRESET_CONFIGS:
         raise SpinDiffusionError(f"unknown model preset {name!r} (choose one of: {', '.join(PRESETS)})")
     cfg = _PRESET_CONFIGS[name]
@@ -304,5 +307,106 @@ def _build_family_preset(name: str, seed: int) -> Components:
         )
     denoiser.eval()
     c = Components(denoiser, freeze(text_encoder), tokenizer, scheduler, freeze(vae), pipeline_class, None, **extra)
+    check_compatible(c)
+    return c
+
+
+# Qwen3's chat template, reduced to what the pipelines use: user turns, the generation prompt, and the empty
+# "thinking" block that `enable_thinking=False` adds (FLUX.2 klein); Z-Image passes enable_thinking=True.
+_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def _tiny_qwen3_tokenizer() -> Any:
+    """A tokenizer built offline for a tiny Qwen3 text encoder (``tiny-zimage``): a Unigram model over letters and a
+    few word pieces, Qwen's special tokens, right padding with ``<|endoftext|>`` and Qwen3's chat template."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    pieces = ["<unk>", "\u2581", "\n"] + list(string.ascii_lowercase + string.digits + ",.-'")
+    pieces += ["\u2581" + ch for ch in string.ascii_lowercase]
+    tok = Tokenizer(models.Unigram([(p, 0.0 if i == 0 else -float(len(p) == 1)) for i, p in enumerate(pieces)], 0))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        padding_side="right",
+        model_max_length=512,
+        chat_template=_QWEN3_CHAT_TEMPLATE,
+    )
+
+
+def _tiny_qwen3(tokenizer: Any) -> Any:
+    """A 2-layer Qwen3 encoder (32-dim hidden states) for ``tokenizer``."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Qwen3Model(config)
+
+
+def _build_tiny_zimage(seed: int) -> Components:
+    """``tiny-zimage``: ZImageTransformer2DModel (1 refiner + 1 main layer, 32-dim, patch 2, 4 latent channels) on a
+    2-layer Qwen3 encoder (32-dim; the pipeline reads its second-to-last hidden state), FLUX.1's VAE layout with its
+    scaling and shift factors, and Z-Image-Turbo's scheduler config (shift 3, no dynamic shifting). Its config
+    records ``sample_size=8`` (Z-Image transformers have none; the pipeline's default is 1024 px), so the native size
+    is 16 px as for the other tiny presets. Same seed, same weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+
+    tiny = _PRESET_CONFIGS["tiny"]
+    tokenizer = _tiny_qwen3_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        denoiser = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=4,
+            dim=32,
+            n_layers=1,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=32,
+            axes_dims=[4, 6, 6],
+            axes_lens=[512, 32, 32],
+        )
+        denoiser.register_to_config(sample_size=8)
+        text_encoder = _tiny_qwen3(tokenizer)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            sample_size=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            **tiny["vae"],
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    denoiser.eval()
+    c = Components(denoiser, freeze(text_encoder), tokenizer, scheduler, freeze(vae), "ZImagePipeline", None)
     check_compatible(c)
     return c

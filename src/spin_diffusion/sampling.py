@@ -126,12 +126,14 @@ class Guidance:
 
 def pipeline_kwargs(family: Family, guidance_scale: float, guidance: Guidance, negative_prompt: str) -> dict[str, Any]:
     """The keyword arguments of the family's diffusers pipeline call that sample as the opponent does, where the
-    pipeline's defaults differ (SD3's T5 length; FLUX's T5 length, guidance and true CFG; skip-layer guidance)."""
+    pipeline's defaults differ (the guidance scale; SD3's T5 length; FLUX's T5 length, guidance and true CFG; Z-Image's
+    text length; skip-layer guidance). FLUX's guidance value is always given: it is conditioning."""
     out: dict[str, Any] = {}
     if family.max_sequence_length is not None:
         out["max_sequence_length"] = family.max_sequence_length
-    if family.embedded_guidance:
+    if family.embedded_guidance or guidance_scale != family.default_guidance_scale:
         out["guidance_scale"] = guidance_scale
+    if family.embedded_guidance:
         if guidance.true_cfg_scale != 1.0:
             out |= {"true_cfg_scale": guidance.true_cfg_scale, "negative_prompt": negative_prompt}
     if guidance.skip_layers and family.skip_layer_guidance:
@@ -145,9 +147,10 @@ def pipeline_kwargs(family: Family, guidance_scale: float, guidance: Guidance, n
 
 
 def cfg_scale(family: Family, guidance_scale: float, guidance: Guidance) -> float:
-    """The classifier-free guidance scale the sampler applies: ``guidance_scale``, or for a family with a guidance
-    embedding (FLUX.1) ``guidance.true_cfg_scale``."""
-    return guidance.true_cfg_scale if family.embedded_guidance else guidance_scale
+    """The classifier-free guidance scale the sampler applies: what the family's pipeline makes of
+    ``guidance_scale`` (``Family.cfg_scale``: itself, or Z-Image's 1 + g), or for a family with a guidance embedding
+    (FLUX.1) ``guidance.true_cfg_scale``."""
+    return guidance.true_cfg_scale if family.embedded_guidance else family.cfg_scale(guidance_scale)
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> str:

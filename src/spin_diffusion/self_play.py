@@ -179,9 +179,10 @@ def load_base_components(cfg: RunConfig) -> models.Components:
         c = presets.build_preset(cfg.model.preset, seed=cfg.seed)
     if cfg.model.max_sequence_length is None:
         return c
-    if c.family.name not in ("sd3", "flux"):
+    if c.family.default_max_sequence_length is None:
         raise SpinDiffusionError(
-            f"model.max_sequence_length is the T5 prompt length of SD3/FLUX models; a {c.family.name} model has no T5"
+            "model.max_sequence_length is the text length of SD3, FLUX and Z-Image models; a "
+            f"{c.family.name} model's is fixed"
         )
     return dataclasses.replace(c, max_sequence_length=cfg.model.max_sequence_length)
 
@@ -441,12 +442,7 @@ def _card_info(r: _Run, k: int, *, steps: int) -> card.CardInfo:
     call = sampling.pipeline_kwargs(
         r.c.family, cfg.sample.guidance_scale, sampling.Guidance.of(cfg.sample), cfg.sample.negative_prompt
     )
-    return dataclasses.replace(
-        info,
-        pixel_space=r.c.vae is None,
-        family=r.c.family.name,
-        call_kwargs={k: repr(v) for k, v in call.items()},
-    )
+    return dataclasses.replace(export.card_of(info, r.c), call_kwargs={k: repr(v) for k, v in call.items()})
 
 
 def _contrast(cfg: RunConfig) -> bool:

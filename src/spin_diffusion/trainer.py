@@ -955,7 +955,7 @@ def _forward_inputs(
     k_steps = loss_cfg.timesteps_per_pair
     b = batch["winner"].shape[0] // k_steps
     winner = batch["winner"].to(device)
-    context = Cond(batch["context"]["prompt_embeds"], batch["context"].get("pooled_embeds")).to(device)
+    context = Cond.from_tensors(batch["context"]).to(device)
     noise = batch["noise"].to(device)
     winner_ids = batch.get("winner_time_ids")
     winner_ids = None if winner_ids is None else winner_ids.to(device)
@@ -979,10 +979,7 @@ def _forward_inputs(
     elif spec.loser == "caption":
         loser_t, winner_target = winner_t, process.target(winner, noise, t)
         loser_target = winner_target
-        loser_context = Cond(
-            batch["mismatch_context"]["prompt_embeds"], batch["mismatch_context"].get("pooled_embeds")
-        )
-        loser_context = loser_context.to(device)
+        loser_context = Cond.from_tensors(batch["mismatch_context"]).to(device)
     else:
         loser = batch["loser"].to(device)
         loser_noise = batch["loser_noise"].to(device)
@@ -1002,7 +999,7 @@ def _forward_inputs(
         loser_ids = winner_ids if spec.loser == "caption" else batch.get("loser_time_ids", batch["winner_time_ids"])
         ids2 = [winner_ids, loser_ids.to(device)]
     if contrast_weight > 0:
-        mismatch = Cond(batch["mismatch_context"]["prompt_embeds"], batch["mismatch_context"].get("pooled_embeds"))
+        mismatch = Cond.from_tensors(batch["mismatch_context"])
         inputs, times, targets = inputs + [winner_t], times + [t], targets + [winner_target]
         contexts = contexts + [mismatch.to(device)]
         ids2 = None if ids2 is None else ids2 + [winner_ids]
@@ -1103,7 +1100,7 @@ def _micro_step_loss(
         k_steps = loss_cfg.timesteps_per_pair
         b = batch["winner"].shape[0] // k_steps
         winner, noise, t = batch["winner"].to(device), batch["noise"].to(device), batch["t_or_step"].to(device)
-        context = Cond(batch["context"]["prompt_embeds"], batch["context"].get("pooled_embeds")).to(device)
+        context = Cond.from_tensors(batch["context"]).to(device)
         winner_ids = batch.get("winner_time_ids")
         winner_ids = None if winner_ids is None else winner_ids.to(device)
         target = process.target(winner, noise, t)
