@@ -248,6 +248,16 @@ CASES = [
         "sample.true_cfg_scale=4.0 is for FLUX.1 models; a sd model does classifier-free guidance with .*",
     ),
     (
+        "spin-eta-on-zimage",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-zimage", "--set", "sample.eta=1"],
+        r"sample.eta=1.0: the zimage family samples with deterministic Euler steps \(no η\); .*",
+    ),
+    (
+        "spin-true-cfg-on-zimage",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-zimage", "--set", "sample.true_cfg_scale=4"],
+        "sample.true_cfg_scale=4.0 is for FLUX.1 models; a zimage model does classifier-free guidance with .*",
+    ),
+    (
         "spin-skip-layers-on-flux",
         ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-flux", "--set", "sample.skip_guidance_layers=[0]"],
         "sample.skip_guidance_layers is for SD3/SD3.5 transformers; a flux model cannot skip layers",
