@@ -181,6 +181,44 @@ FLUX_FAKE_CASES = (
     (FLUX_IMAGE_TOKENS, FLUX_TEXT_TOKENS, FLUX["num_layers"], FLUX["num_single_layers"], 1),
 )
 
+# Z-Image-Turbo (Tongyi-MAI/Z-Image-Turbo): transformer/ (2 noise-refiner + 2 context-refiner + 30 single-stream
+# blocks, width 3840, 30 heads), text_encoder (Qwen3-4B), vae/ (FLUX.1's: 16 latent channels, no quant convs)
+ZIMAGE = dict(
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=2560,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1024, 512, 512],
+)
+QWEN3_4B = dict(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+)
+ZIMAGE_TEXT_TOKENS = 512  # ZImagePipeline's max_sequence_length (prompts are shorter: their own tokens only)
+# Fake-tensor cases (image tokens, text tokens, main layers, refiner layers, checkpointing)
+ZIMAGE_FAKE_CASES = (
+    (FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS, 1, 1, 0),
+    (FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS, 2, 1, 0),
+    (FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS, ZIMAGE["n_layers"], ZIMAGE["n_refiner_layers"], 0),
+    (FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS, ZIMAGE["n_layers"], ZIMAGE["n_refiner_layers"], 1),
+)
+
 
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -218,6 +256,14 @@ def meta_flux(cfg: dict = FLUX) -> torch.nn.Module:
         return FluxTransformer2DModel.from_config(cfg)
 
 
+def meta_zimage(cfg: dict = ZIMAGE) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+
+    with init_empty_weights():
+        return ZImageTransformer2DModel.from_config(cfg)
+
+
 def _text_params(model: torch.nn.Module) -> int:
     # init_empty_weights leaves T5's encoder.embed_tokens untied from shared (and re-tying inside it makes a new
     # meta parameter); the checkpoint ties them, so tie outside it before counting (a no-op for CLIP)
@@ -234,6 +280,10 @@ def frozen_parts(model: str) -> dict[str, int]:
     with init_empty_weights():
         if model == "FLUX":
             text = {"CLIP-L": CLIPTextModel(CLIPTextConfig(**CLIP_L)), "T5-XXL": T5EncoderModel(T5Config(**T5_XXL))}
+        elif model == "Z-Image":
+            from transformers import Qwen3Config, Qwen3Model
+
+            text = {"Qwen3-4B": Qwen3Model(Qwen3Config(**QWEN3_4B))}
         elif model == "SD3":
             text = {
                 "CLIP-L": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, projection_dim=768)),
@@ -244,7 +294,7 @@ def frozen_parts(model: str) -> dict[str, int]:
             text = {"CLIP-L": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
             if model == "SDXL":
                 text["CLIP-G"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
-        vae = AutoencoderKL.from_config(VAE_SD3 if model in ("SD3", "FLUX") else VAE)
+        vae = AutoencoderKL.from_config(VAE_SD3 if model in ("SD3", "FLUX", "Z-Image") else VAE)
     return {**{name: _text_params(m) for name, m in text.items()}, "VAE": _numel(vae)}
 
 
@@ -440,6 +490,62 @@ def flux_saved_child() -> dict:
     return out
 
 
+def _zimage_call(image_tokens: int, text_tokens: int, layers: int, refiners: int, checkpointing: bool):
+    """Z-Image's transformer at full width (3840, 30 heads) with `layers` of its 30 main blocks and `refiners` of each
+    2 refiner stacks, and a closure running it on one pair as ZImagePipeline calls it (lists of [16, 1, h, w] latents,
+    time 1 - σ, each prompt's own `text_tokens` features). Built in the current mode (fake tensors here)."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel.from_config({**ZIMAGE, "n_layers": layers, "n_refiner_layers": refiners})
+    model.train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    side = 2 * int(image_tokens**0.5)  # latents 2·side² for `image_tokens` 2×2 patches
+    x = [torch.randn(ZIMAGE["in_channels"], 1, side, side) for _ in range(2)]
+    caps = [torch.randn(text_tokens, ZIMAGE["cap_feat_dim"]) for _ in range(2)]
+    return model, lambda: torch.stack(model(x, torch.tensor([0.3, 0.9]), caps).sample)
+
+
+def zimage_saved_child() -> dict:
+    """flux_saved_child for Z-Image: saved bytes (and with checkpointing the blocks' held inputs) on fake tensors at
+    full size, fp32 norms as CUDA autocast, SDPA forced to the flash kernel (O(tokens) memory, as on GPUs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _fp32_norms()
+    out = {}
+    for case in ZIMAGE_FAKE_CASES:
+        with FakeTensorMode(allow_non_fake_inputs=True), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            model, call = _zimage_call(*case)
+            saved: dict[int, int] = {}
+            held: dict[int, int] = {}
+
+            def pack(tensor, saved=saved):
+                saved.setdefault(tensor.untyped_storage()._cdata, tensor.untyped_storage().nbytes())
+                return tensor
+
+            def hold(_m, args, kwargs, held=held):
+                for t in [*args, *kwargs.values()]:
+                    if isinstance(t, torch.Tensor) and torch.is_grad_enabled():
+                        held.setdefault(t.untyped_storage()._cdata, t.untyped_storage().nbytes())
+
+            blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
+            hooks = [b.register_forward_pre_hook(hold, with_kwargs=True) for b in blocks]
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = call().float().pow(2).mean()
+            for h in hooks:
+                h.remove()
+            loss.backward()
+        out[",".join(map(str, case))] = {
+            "saved": sum(saved.values()),
+            "held": sum(held.values()),
+            "saved_or_held": sum({**saved, **held}.values()),
+        }
+    return out
+
+
 def measure(*case: int, flux: bool = False) -> dict:
     """Run one case in a child process: (latent, checkpointing) for SD-1.5, (latent, layers, checkpointing,
     fp32_norms) for SD3, (image tokens, text tokens, double blocks, single blocks, checkpointing) for FLUX."""
@@ -520,12 +626,14 @@ def rows(n_gpus: int, acts: dict[str, float], lora_rank: int, models=("SD-1.5", 
     for model in models:
         if model == "FLUX":
             net = meta_flux()
+        elif model == "Z-Image":
+            net = meta_zimage()
         else:
             net = meta_sd3() if model == "SD3" else meta_unet(SD15 if model == "SD-1.5" else SDXL)
         p, lp = _numel(net), lora_params(net, lora_rank)
         parts = frozen_parts(model)
         # SD3, FLUX: the text encoders leave the GPU once the embeddings are cached; generation needs only the VAE
-        frozen = 2 * (parts["VAE"] if model in ("SD3", "FLUX") else sum(parts.values()))  # bf16
+        frozen = 2 * (parts["VAE"] if model in ("SD3", "FLUX", "Z-Image") else sum(parts.values()))  # bf16
         act = acts[model]
         for mode in ("full", "full, reference copy", f"LoRA r={lora_rank}"):
             for strategy, shards in (("DDP", 1), (f"FSDP ×{n_gpus}", n_gpus)):
@@ -554,11 +662,20 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--no-measure", action="store_true", help="use the figures measured here before")
-    parser.add_argument("--only", choices=("flux",), help="only this model (its counts, measurement and rows)")
+    parser.add_argument(
+        "--only", choices=("flux", "zimage"), help="only this model (its counts, measurement and rows)"
+    )
     parser.add_argument("--child", nargs="+", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-flux", nargs=5, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-flux-saved", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-zimage-saved", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_zimage_saved:
+        print(json.dumps(zimage_saved_child()))
+        return
+    if args.only == "zimage":
+        zimage_main(args)
+        return
     if args.child_flux_saved:
         print(json.dumps(flux_saved_child()))
         return
@@ -691,6 +808,7 @@ def main() -> None:
         f"the encoders' activations. ({time.perf_counter() - started:.0f} s)\n"
     )
     flux_main(args)
+    zimage_main(args)
 
 
 def flux_main(args: argparse.Namespace) -> None:
@@ -767,6 +885,52 @@ def flux_main(args: argparse.Namespace) -> None:
         f"\nGiB per GPU, one pair per GPU; FLUX like SD3: reference bf16 and whole, text encoders off the GPU after "
         f"caching (cache building: T5-XXL {2 * parts['T5-XXL'] / GiB:.2f} GiB in bf16, with CLIP-L and the VAE "
         f"{2 * sum(parts.values()) / GiB:.2f} GiB). ({time.perf_counter() - started:.0f} s)"
+    )
+
+
+def zimage_main(args: argparse.Namespace) -> None:
+    """Z-Image-Turbo: exact counts, the saved-bytes count at full size (fake tensors), the rows. No real run of its
+    blocks: the transient that peak RSS adds to the saved bytes is FLUX.1's, measured on its small real runs (the
+    same kind of blocks: attention + MLP with adaLN modulation at a similar width)."""
+    started = time.perf_counter()
+    net = meta_zimage()
+    p, lp = _numel(net), lora_params(net, args.lora_rank)
+    print(f"Z-Image transformer: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
+    parts = frozen_parts("Z-Image")
+    print("Z-Image frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    child = subprocess.run(
+        [sys.executable, __file__, "--child-zimage-saved"], capture_output=True, text=True, env=env, check=True
+    )
+    fake = {tuple(map(int, k.split(","))): v for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
+    transient = max(r["peak_growth"] - r["saved"] for key, r in MEASURED_FLUX.items() if not key[-1])
+    img, txt = FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS
+    n, r = ZIMAGE["n_layers"], ZIMAGE["n_refiner_layers"]
+    block = fake[(img, txt, 2, 1, 0)]["saved"] - fake[(img, txt, 1, 1, 0)]["saved"]
+    saved = fake[(img, txt, n, r, 0)]["saved"]
+    ck = fake[(img, txt, n, r, 1)]
+    act, act_ck = saved + transient, ck["saved_or_held"] + block + transient
+    print(
+        f"Z-Image saved for backward @ {img} + {txt} tokens (fake tensors, exact): a main block {block / GiB:.3f} "
+        "GiB; "
+        f"{r} + {r} refiners + {n} blocks: {saved / GiB:.2f} GiB; with gradient checkpointing: outside the blocks "
+        f"and their inputs {ck['saved_or_held'] / GiB:.2f} GiB + one block recomputed {block / GiB:.2f} GiB; "
+        f"+ FLUX's measured transient {transient / GiB:.3f} GiB"
+    )
+    print(
+        f"=> Z-Image activations per pair @1024² ({img} + {txt} tokens): {act / GiB:.2f} GiB; with gradient "
+        f"checkpointing {act_ck / GiB:.2f} GiB\n"
+    )
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for label, a in (("", act), (" + grad. ckpt", act_ck)):
+        for row in rows(args.gpus, {"Z-Image": a}, args.lora_rank, models=("Z-Image",)):
+            row[1] += label
+            print("| " + " | ".join(row) + " |")
+    print(
+        f"\nGiB per GPU, one pair per GPU; text encoder off the GPU after caching (cache building: Qwen3-4B "
+        f"{2 * parts['Qwen3-4B'] / GiB:.2f} GiB in bf16, with the VAE {2 * sum(parts.values()) / GiB:.2f} GiB). "
+        f"({time.perf_counter() - started:.0f} s)"
     )
 
 
