@@ -1,6 +1,6 @@
 """Model families: the one place that knows how a model is conditioned, noised, called and sampled.
 
-Four families, told apart by the pipeline folder (``models.Components.family``):
+Five families, told apart by the pipeline folder (``models.Components.family``):
 
 ============  ==========================  ===============================  ==========================================
 family        text conditioning           forward process, target          denoiser call
@@ -12,11 +12,15 @@ family        text conditioning           forward process, target          denoi
               pooled CLIP-L ⊕ CLIP-G      target ε - x₀ (velocity)         encoder_hidden_states, pooled_projections)``
 ``flux``      CLIP-L pooled + T5          as ``sd3``; σ shifted by image   ``transformer(pack(x), σ, guidance, …,
                                           size (dynamic shifting)          txt_ids, img_ids)``, output unpacked
+``zimage``    Qwen3, each prompt's own    as ``sd3``                       ``transformer([x_i], 1 - σ, [tokens_i])``,
+              tokens (a masked Cond)                                       output negated (it predicts x₀ - ε)
 ============  ==========================  ===============================  ==========================================
 
-SDXL, SD3 and FLUX prompts are encoded by the diffusers pipeline's own ``encode_prompt``, so training sees exactly
-what ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` compute at inference. The
-losses never see any of this: they get per-sample errors (``losses.denoise_error(prediction, target)``).
+Adding a family is one class here and one tiny preset (docs/FAMILIES.md, "Adding a family").
+
+SDXL, SD3, FLUX and Z-Image prompts are encoded by the diffusers pipeline's own ``encode_prompt``, so training sees
+exactly what the family's pipeline computes at inference. The losses never see any of this: they get per-sample
+errors (``losses.denoise_error(prediction, target)``).
 
 A "time" ``t`` is what the forward process is indexed by: an integer DDPM timestep, or the flow's σ ∈ (0, 1]
 (float). ``ForwardProcess.model_timestep`` turns it into what the network takes (t itself, or σ·1000).
