@@ -253,6 +253,19 @@ CASES = [
         r"sample.eta=1.0: the zimage family samples with deterministic Euler steps \(no η\); .*",
     ),
     (
+        "spin-dpmsolver-on-qwenimage",
+        [
+            "spin",
+            "--config",
+            "{tiny}",
+            "--set",
+            "model.preset=tiny-qwenimage",
+            "--set",
+            "sample.scheduler=dpmsolver++",
+        ],
+        r"sample.scheduler=dpmsolver\+\+ is for DDPM models; .*",
+    ),
+    (
         "spin-true-cfg-on-zimage",
         ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-zimage", "--set", "sample.true_cfg_scale=4"],
         "sample.true_cfg_scale=4.0 is for FLUX.1 models; a zimage model does classifier-free guidance with .*",

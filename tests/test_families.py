@@ -45,6 +45,11 @@ def zimage() -> models.Components:
     return presets.build_preset("tiny-zimage")
 
 
+@pytest.fixture(scope="module")
+def qwenimage() -> models.Components:
+    return presets.build_preset("tiny-qwenimage")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forward processes and targets, by values
 
@@ -184,7 +189,8 @@ def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
     assert families.family_name("MyPipeline", sd3.denoiser) == "sd3"
     assert families.family_name("MyPipeline", sdxl.denoiser) == "sdxl"
     assert families.family_name("ZImagePipeline", None) == "zimage"
-    assert families.FAMILIES == ("sd", "sdxl", "sd3", "flux", "zimage")
+    assert families.FAMILIES == ("sd", "sdxl", "sd3", "flux", "zimage", "qwenimage")
+    assert families.family_name("QwenImagePipeline", None) == "qwenimage"
     with pytest.raises(Exception, match="dpmsolver"):
         sampling.make_scheduler("dpmsolver++", sd3.family)
 
@@ -211,6 +217,46 @@ def test_zimage_conditioning_is_each_prompts_own_qwen3_tokens(zimage):
     torch.testing.assert_close(mixed.tokens()[1], want[0], rtol=0, atol=0)
     half = families.Cond.from_tensors(cond.to(torch.bfloat16).tensors())
     assert half.mask.dtype == torch.bfloat16 and [len(t) for t in half.tokens()] == [len(t) for t in want]
+
+
+def test_qwenimage_conditioning_latents_and_sampler_are_qwenimage_pipelines(qwenimage):
+    """Qwen-Image: the conditioning is QwenImagePipeline.encode_prompt's (Qwen2.5-VL's last hidden state over each
+    prompt's own tokens, system template dropped); latents are its VAE's posterior mean normalised per channel; the
+    sampler gives the pipeline's latents, guidance_scale being its true_cfg_scale with the negative prompt
+    (`uncond + w (cond - uncond)` rescaled per packed token to the conditional norm)."""
+    c = qwenimage
+    prompts, seeds = ["a red circle", "a blue square on the left of a green triangle"], [3, 4]
+    cond = encoding.encode(c, prompts)
+    embeds, mask = c.family.pipeline(c).encode_prompt(list(prompts), max_sequence_length=1024)
+    assert cond.embeds.shape == (2, 1024, 16) and cond.mask.sum(1).tolist() == mask.sum(1).tolist()
+    for got, e, m in zip(cond.tokens(), embeds, mask, strict=True):
+        torch.testing.assert_close(got, e[m.bool()], rtol=0, atol=0)
+    # latents: (posterior mean - latents_mean) / latents_std, one frame of the causal VAE; and back
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        posterior = c.vae.encode(x.unsqueeze(2)).latent_dist.mean[:, :, 0]
+    mean = torch.tensor(c.vae.config.latents_mean).view(1, 4, 1, 1)
+    std = torch.tensor(c.vae.config.latents_std).view(1, 4, 1, 1)
+    latents = encoding.encode_images(c, x)
+    torch.testing.assert_close(latents, (posterior - mean) / std)
+    with torch.no_grad():
+        decoded = c.vae.decode((latents * std + mean).unsqueeze(2)).sample[:, :, 0]
+    torch.testing.assert_close(encoding.decode_latents(c, latents), (decoded / 2 + 0.5).clamp(0, 1))
+    assert (c.latent_channels, c.vae_scale_factor, c.resolution) == (4, 2, 16)
+    # the sampler
+    negative = c.family.negative(c, "")
+    shape = (c.latent_channels, c.sample_size, c.sample_size)
+    results = []
+    for scale in (1.0, 4.0):
+        ours = sampling.sample(
+            c.denoiser, c.family, cond, negative, seeds=seeds, latent_shape=shape, num_steps=4, guidance_scale=scale
+        ).latents
+        call = sampling.pipeline_kwargs(c.family, scale, sampling.Guidance(), "")
+        assert ("negative_prompt" in call) == (scale != 1.0) and call.get("true_cfg_scale", 4.0) == scale
+        want = _pipeline_latents(c, prompts, seeds, steps=4, **call)
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+        results.append(ours)
+    assert not torch.allclose(*results)  # guidance acted
 
 
 def test_zimage_sampler_is_zimage_pipeline(zimage):
@@ -281,7 +327,7 @@ def _pipeline_latents(c, prompts, seeds, *, steps, **call):
     """The family pipeline's final latents (unpacked) from the noise `sampling.sample` starts from."""
     shape = (c.latent_channels, c.sample_size, c.sample_size)
     x = sampling.initial_noise(seeds, shape)
-    flux = c.family.name == "flux"
+    flux = c.family.name in ("flux", "qwenimage")  # packed 2×2 latents
     out = c.family.pipeline(c)(
         list(prompts),  # a copy: ZImagePipeline writes the chat template into the caller's list
         latents=families.pack_latents(x) if flux else x,
@@ -357,7 +403,12 @@ def _spin(run_dir: Path, *overrides: str) -> None:
 
 
 # FLUX runs with 32 T5 tokens (model.max_sequence_length): the card must say so, and the pipeline is called with it
-_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512}
+_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512, "tiny-qwenimage": 192}
+# what each preset runs with besides configs/tiny.yaml: FLUX.1-dev's guidance value; shorter text (cheaper runs)
+_EXTRA = {
+    "tiny-flux": ["model.max_sequence_length=32", "sample.guidance_scale=3.5"],
+    "tiny-qwenimage": ["model.max_sequence_length=192"],
+}
 
 
 @pytest.mark.heavy
@@ -369,6 +420,7 @@ _T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512}
         ("tiny-sd35", "StableDiffusion3Pipeline"),
         ("tiny-flux", "FluxPipeline"),
         ("tiny-zimage", "ZImagePipeline"),
+        ("tiny-qwenimage", "QwenImagePipeline"),
     ],
 )
 @pytest.mark.parametrize("objective", ["spin_approx", "spin_exact"])
@@ -376,7 +428,7 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     import diffusers
 
     run_dir = tmp_path / "run"
-    extra = ["model.max_sequence_length=32", "sample.guidance_scale=3.5"] if preset == "tiny-flux" else []
+    extra = _EXTRA.get(preset, [])
     _spin(run_dir, f"model.preset={preset}", f"loss.objective={objective}", *extra)
     state = json.loads((run_dir / "state.json").read_text())
     assert {"train:1", "train:2", "eval:2"} <= set(state["completed"])
@@ -387,15 +439,19 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     card = (model_dir / "README.md").read_text()
     assert (f"max_sequence_length={_T5.get(preset)}," in card) == (preset in _T5)
     assert ("guidance_scale=3.5," in card) == (preset == "tiny-flux")
-    assert "guidance_scale=2.0," in card or preset == "tiny-flux"  # configs/tiny.yaml's, not the pipeline's default
+    # configs/tiny.yaml's guidance, not the pipeline's default (Qwen-Image's is true CFG with the negative prompt)
+    assert {"tiny-flux": True, "tiny-qwenimage": "true_cfg_scale=2.0," in card}.get(
+        preset, "guidance_scale=2.0," in card
+    )
     assert ("stable-diffusion-xl" in card) == (preset == "tiny-sdxl")
     assert ("Only the transformer was trained" in card) == (preset != "tiny-sdxl")
     pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
     auto = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     assert type(auto).__name__ == pipeline_class
     kwargs = {"max_sequence_length": _T5[preset]} if preset in _T5 else {}
-    if preset in ("tiny-flux", "tiny-zimage"):  # these pipelines' default size is 1024 px, whatever the transformer
-        kwargs |= {"height": 16, "width": 16, "guidance_scale": 3.5 if preset == "tiny-flux" else 2.0}
+    if preset in ("tiny-flux", "tiny-zimage", "tiny-qwenimage"):  # their pipelines' default size is 1024 px
+        kwargs |= {"height": 16, "width": 16}
+        kwargs |= {"tiny-flux": {"guidance_scale": 3.5}, "tiny-zimage": {"guidance_scale": 2.0}}.get(preset, {})
     image = pipe(
         "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
     ).images[0]
@@ -411,14 +467,16 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"])
 def test_family_lora_sft_and_dpo(tmp_path, preset):
     import diffusers
 
     from spin_diffusion import world
 
     # LoRA self-play: the adapter loads into the family's pipeline with load_lora_weights
-    _spin(tmp_path / "lora", f"model.preset={preset}", "model.lora_rank=2", "num_iterations=1", "eval.enabled=false")
+    extra = _EXTRA.get(preset, [])
+    _spin(tmp_path / "lora", f"model.preset={preset}", "model.lora_rank=2", "num_iterations=1", "eval.enabled=false",
+          *extra)  # fmt: skip
     lora_dir = tmp_path / "lora" / "iter_01" / "lora"
     model_dir = tmp_path / "lora" / "iter_01" / "model"
     pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)

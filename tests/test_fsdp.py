@@ -110,17 +110,19 @@ def test_fsdp_two_processes_train_what_one_process_trains(tmp_path: Path, overri
     torch.testing.assert_close(pipe.unet.state_dict(), _unet(fsdp), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux", "tiny-zimage"])
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"])
 def test_transformer_families_shard_with_their_config_and_train_what_one_process_trains(tmp_path: Path, preset: str):
-    """configs/accelerate/fsdp_sd3.yaml, fsdp_flux.yaml and fsdp_zimage.yaml wrap the families' own blocks (the UNet
-    config's BasicTransformerBlock does not exist there, and accelerate refuses it); FSDP gives the update of one
-    process at the same batch."""
+    """configs/accelerate/fsdp_sd3.yaml, fsdp_flux.yaml, fsdp_zimage.yaml and fsdp_qwenimage.yaml wrap the families'
+    own blocks (the UNet config's BasicTransformerBlock does not exist there, and accelerate refuses it); FSDP gives
+    the update of one process at the same batch."""
     from spin_diffusion.presets import build_preset
 
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
     overrides = [*ONE_ITER, f"model.preset={preset}"]
     if preset == "tiny-flux":
         overrides += ["model.max_sequence_length=32", "sample.guidance_scale=3.5"]
+    if preset == "tiny-qwenimage":
+        overrides += ["model.max_sequence_length=192"]
     config = REPO / "configs" / "accelerate" / f"fsdp_{preset.removeprefix('tiny-')}.yaml"
     _run(_fsdp_args(fsdp, overrides, config))
     _one_process(one, overrides)

@@ -296,6 +296,9 @@ class Family:
     pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline class that samples, saves and reloads it
     num_text_encoders = 1  # text_encoder, text_encoder_2, ... the pipeline needs
     default_guidance_scale = 7.5  # the pipeline's `guidance_scale` default
+    # the pipeline's argument that `sample.guidance_scale` is, and whether it guides only with a negative prompt
+    guidance_argument = "guidance_scale"
+    guidance_needs_negative_prompt = False
     uses_time_ids = False  # SDXL's micro-conditioning: 6 numbers per image
     # FLUX.1: `sample.guidance_scale` is the value fed to the guidance embedding (in sampling and in training), and
     # classifier-free guidance with the negative prompt is `true_cfg_scale`, as in FluxPipeline
@@ -321,6 +324,11 @@ class Family:
         """Latent channels the denoiser takes (FLUX's packed input has 4 per latent channel)."""
         return int(denoiser_config.in_channels)
 
+    def outputs_what_it_takes(self, denoiser_config: Any) -> bool:
+        """Does the denoiser output as many channels as it takes (no learned variance)?"""
+        out = getattr(denoiser_config, "out_channels", None) or denoiser_config.in_channels
+        return int(out) == int(denoiser_config.in_channels)
+
     def sample_size(self, denoiser_config: Any) -> int:
         """The denoiser's native latent side: its config's ``sample_size``, else the pipeline's default."""
         size = getattr(denoiser_config, "sample_size", None)
@@ -337,6 +345,27 @@ class Family:
         """The scale s of classifier-free guidance ``uncond + s · (cond - uncond)`` that the pipeline's
         ``guidance_scale`` means (1 = no guidance)."""
         return guidance_scale
+
+    def guide(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+        """The guided prediction from the unconditional and conditional ones, as the pipeline combines them."""
+        return uncond + scale * (cond - uncond)
+
+    # The VAE: how images become the denoiser's latents and back, and its geometry
+    def vae_latents(self, c: Components, images: Tensor) -> Tensor:
+        """Images [N, 3, H, W] in [-1, 1] (on the VAE's device and dtype) -> latents [N, C, h, w] as the denoiser sees
+        them: the posterior mean, shifted and scaled (``(mean - shift_factor) · scaling_factor``)."""
+        return (c.vae.encode(images).latent_dist.mean - c.shift_factor) * c.scaling_factor
+
+    def vae_images(self, c: Components, latents: Tensor) -> Tensor:
+        """The inverse of :meth:`vae_latents`: latents -> decoded images [N, 3, H, W], about [-1, 1]."""
+        return c.vae.decode(latents / c.scaling_factor + c.shift_factor).sample
+
+    def vae_latent_channels(self, vae: Any) -> int:
+        return int(vae.config.latent_channels)
+
+    def vae_scale_factor(self, vae: Any) -> int:
+        """Pixels per latent cell along one side."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         return Cond(encoding.encode_prompts(c, prompts, batch_size=batch_size))
@@ -664,7 +693,79 @@ class ZImageFamily(FlowFamily):
         return -torch.stack(out).squeeze(2)
 
 
-_BY_NAME = {f.name: f for f in (Family, SDXLFamily, SD3Family, FluxFamily, ZImageFamily)}
+class QwenImageFamily(FluxFamily):
+    """Qwen-Image (QwenImagePipeline / QwenImageTransformer2DModel): FLUX.1's 2×2 packing, σ = linspace(1, 1/n, n)
+    shifted at the image's μ and timestep σ, without a guidance embedding; the conditioning is Qwen2.5-VL's last
+    hidden state over each prompt's own tokens after the pipeline's system template (a masked Cond, passed with
+    ``encoder_hidden_states_mask``). ``guidance_scale`` is the pipeline's ``true_cfg_scale`` w with the negative
+    prompt: ``uncond + w (cond - uncond)`` rescaled per image token to the conditional prediction's norm. The VAE is
+    Qwen-Image's own (a causal video VAE seen one frame at a time): latents are its posterior mean normalised per
+    channel, ``(mean - latents_mean) / latents_std``."""
+
+    name = "qwenimage"
+    pipeline_class = "QwenImagePipeline"
+    num_text_encoders = 1
+    embedded_guidance = False
+    default_guidance_scale = 4.0  # QwenImagePipeline's true_cfg_scale
+    guidance_argument = "true_cfg_scale"
+    guidance_needs_negative_prompt = True
+    default_max_sequence_length = 1024  # QwenImagePipeline's (and its maximum)
+
+    def outputs_what_it_takes(self, denoiser_config: Any) -> bool:
+        # out_channels counts latent channels, in_channels packed ones (4 per latent channel)
+        return 4 * int(denoiser_config.out_channels or denoiser_config.in_channels // 4) == denoiser_config.in_channels
+
+    @property
+    def guidance_embeds(self) -> bool:
+        return False
+
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> Cond:
+        embeds, mask = pipe.encode_prompt(chunk, device=device, max_sequence_length=self.max_sequence_length)
+        if mask is None:  # the pipeline drops an all-ones mask
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return Cond.padded([e[m.bool()] for e, m in zip(embeds, mask, strict=True)], self.max_sequence_length)
+
+    def guide(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+        """QwenImagePipeline's true CFG: the combination, times ‖cond‖ / ‖combination‖ over each packed token's
+        channels."""
+        combined = uncond + scale * (cond - uncond)
+        cond_norm = torch.linalg.vector_norm(pack_latents(cond), dim=-1, keepdim=True)
+        combined_norm = torch.linalg.vector_norm(pack_latents(combined), dim=-1, keepdim=True)
+        return unpack_latents(pack_latents(combined) * (cond_norm / combined_norm), *cond.shape[-2:])
+
+    def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
+        b, _, h, w = x.shape
+        return {
+            "hidden_states": pack_latents(x),
+            "timestep": torch.as_tensor(timestep, device=x.device).expand(b).to(x.dtype) / 1000,
+            "encoder_hidden_states": cond.embeds,
+            "encoder_hidden_states_mask": cond.mask,
+            "img_shapes": [[(1, h // 2, w // 2)]] * b,
+        }
+
+    def _moments(self, c: Components, like: Tensor) -> tuple[Tensor, Tensor]:
+        z = c.vae.config.z_dim
+        mean = torch.tensor(c.vae.config.latents_mean).view(1, z, 1, 1).to(like)
+        std = torch.tensor(c.vae.config.latents_std).view(1, z, 1, 1).to(like)
+        return mean, std
+
+    def vae_latents(self, c: Components, images: Tensor) -> Tensor:
+        posterior = c.vae.encode(images.unsqueeze(2)).latent_dist.mean[:, :, 0]
+        mean, std = self._moments(c, posterior)
+        return (posterior - mean) / std
+
+    def vae_images(self, c: Components, latents: Tensor) -> Tensor:
+        mean, std = self._moments(c, latents)
+        return c.vae.decode((latents * std + mean).unsqueeze(2)).sample[:, :, 0]
+
+    def vae_latent_channels(self, vae: Any) -> int:
+        return int(vae.config.z_dim)
+
+    def vae_scale_factor(self, vae: Any) -> int:
+        return 2 ** len(vae.config.temperal_downsample)
+
+
+_BY_NAME = {f.name: f for f in (Family, SDXLFamily, SD3Family, FluxFamily, ZImageFamily, QwenImageFamily)}
 FAMILIES = tuple(_BY_NAME)
 PIPELINE_CLASSES = {name: f.pipeline_class for name, f in _BY_NAME.items()}
 
@@ -677,6 +778,8 @@ def family_name(pipeline_class: str, denoiser: Any) -> str:
     kind = type(denoiser).__name__
     if kind.startswith("ZImage"):
         return "zimage"
+    if kind.startswith("QwenImage"):
+        return "qwenimage"
     if kind.startswith("Flux"):
         return "flux"
     if "Transformer" in kind:

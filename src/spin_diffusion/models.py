@@ -78,15 +78,16 @@ class Components:
     def latent_channels(self) -> int:
         """Channels of the denoiser's input latents (the VAE's latent channels; image channels without a VAE)."""
         if self.vae is not None:
-            return int(self.vae.config.latent_channels)
+            return self.family.vae_latent_channels(self.vae)
         return self.family.latent_channels(self.denoiser.config)
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell along one side: ``2 ** (len(vae.block_out_channels) - 1)``; 1 without a VAE."""
+        """Pixels per latent cell along one side (``2 ** (len(vae.block_out_channels) - 1)`` for an AutoencoderKL); 1
+        without a VAE."""
         if self.vae is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_scale_factor(self.vae)
 
     @property
     def scaling_factor(self) -> float:
@@ -148,10 +149,9 @@ def check_compatible(c: Components) -> None:
             f"the denoiser{where} takes {takes} latent channels but latents have {c.latent_channels} "
             "(inpainting/depth/control models are not supported; use a text-to-image model)"
         )
-    out_channels = getattr(cfg, "out_channels", None) or cfg.in_channels  # Z-Image's has no out_channels: the same
-    if out_channels != cfg.in_channels:
+    if not c.family.outputs_what_it_takes(cfg):
         raise SpinDiffusionError(
-            f"the denoiser{where} outputs {out_channels} channels for {cfg.in_channels} input channels "
+            f"the denoiser{where} outputs {cfg.out_channels} channels for {cfg.in_channels} input channels "
             "(learned-variance models are not supported; use an epsilon/v-prediction or flow-matching model)"
         )
     needs = c.family.num_text_encoders
@@ -250,7 +250,6 @@ def load_components(
     """
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL
 
     root = hub.resolve_pipeline(path, revision=revision, variant=variant)
     _check_pipeline_folder(root, path)
@@ -318,12 +317,11 @@ def load_components(
         vae_dtype = dtype
         if dtype == torch.float16 and _read_json(root / "vae" / "config.json").get("force_upcast", True):
             vae_dtype = torch.float32
+        vae_class = getattr(diffusers, entry_class("vae") or "", None) or diffusers.AutoencoderKL  # Qwen-Image's own
         vae = freeze(
             load(
                 "vae",
-                lambda f: AutoencoderKL.from_pretrained(
-                    f, local_files_only=True, torch_dtype=vae_dtype, variant=variant
-                ),
+                lambda f: vae_class.from_pretrained(f, local_files_only=True, torch_dtype=vae_dtype, variant=variant),
             )
         )
     denoiser.eval()

@@ -13,7 +13,7 @@ from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.models import Components, check_compatible, freeze
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"  # vocab.json + merges.txt (make_tokenizer.py)
-PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage")
+PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage")
 
 # UNet / text encoder / VAE sizes. "tiny" copies diffusers' get_dummy_components sizes (tests);
 # "demo" is the CPU demo world: 32x32 RGB images, 16x16x4 latents, ~1 M-parameter UNet.
@@ -66,7 +66,7 @@ DEMO_VAE_DIR = Path(__file__).parent / "assets" / "demo_vae"  # made by scripts/
 
 
 def build_preset(
-    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage"],
+    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage"],
     *,
     seed: int = 0,
     pretrained_vae: bool = True,
@@ -74,8 +74,8 @@ def build_preset(
     """Build a randomly initialised built-in model from configs (no download, no files).
 
     - ``"tiny-sdxl"``, ``"tiny-sd3"``, ``"tiny-sd35"``, ``"tiny-flux"``: for tests, the SDXL, SD3, SD3.5 and FLUX.1
-      families at the ``"tiny"`` sizes (:func:`_build_family_preset`); ``"tiny-zimage"``: Z-Image
-      (:func:`_build_tiny_zimage`).
+      families at the ``"tiny"`` sizes (:func:`_build_family_preset`); ``"tiny-zimage"``, ``"tiny-qwenimage"``:
+      Z-Image and Qwen-Image (:func:`_build_tiny_zimage`, :func:`_build_tiny_qwenimage`).
 
     - ``"tiny"``: for tests. UNet (4, 8) channels, 8x8x4 latents, 16x16 images, 8-dim text encoder.
     - ``"demo"``: the CPU demo world. UNet (32, 64, 64) channels, ~1.7 M parameters, 16x16x4 latents,
@@ -95,6 +95,8 @@ def build_preset(
         return _build_family_preset(name, seed)
     if name == "tiny-zimage":
         return _build_tiny_zimage(seed)
+    if name == "tiny-qwenimage":
+        return _build_tiny_qwenimage(seed)
     if name not in _PRESET_CONFIGS:
         raise SpinDiffusionError(f"unknown model preset {name!r} (choose one of: {', '.join(PRESETS)})")
     cfg = _PRESET_CONFIGS[name]
@@ -408,5 +410,89 @@ def _build_tiny_zimage(seed: int) -> Components:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     denoiser.eval()
     c = Components(denoiser, freeze(text_encoder), tokenizer, scheduler, freeze(vae), "ZImagePipeline", None)
+    check_compatible(c)
+    return c
+
+
+def _build_tiny_qwenimage(seed: int) -> Components:
+    """``tiny-qwenimage``: QwenImageTransformer2DModel (2 blocks, 2×2-packed 4-channel latents) on a 2-layer
+    Qwen2.5-VL (16-dim; the pipeline reads its last hidden state; its vision tower is built but unused) with the
+    offline
+    Qwen tokenizer, Qwen-Image's causal VAE (4 latent channels, one 2× downsampling, per-channel latent mean and
+    std) and Qwen-Image's scheduler config (dynamic shifting 0.5..0.9 over 256..8192 tokens, exponential time shift,
+    terminal σ 0.02). The transformer's config records ``sample_size=8`` (the pipeline's default is 1024 px), so the
+    native size is 16 px as for the other tiny presets. Sizes follow diffusers' own QwenImagePipeline test. Same
+    seed, same weights."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _tiny_qwen3_tokenizer()
+    vocab = len(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        denoiser = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 4, 4),
+        )
+        denoiser.register_to_config(sample_size=8)
+        config = Qwen2_5_VLConfig(
+            text_config={
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                "rope_theta": 1000000.0,
+                "vocab_size": vocab + 3,
+                "pad_token_id": tokenizer.pad_token_id,
+                "bos_token_id": None,
+                "eos_token_id": tokenizer.eos_token_id,
+            },
+            vision_config={
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_heads": 2,
+                "out_hidden_size": 16,
+            },
+            hidden_size=16,
+            vocab_size=vocab + 3,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            vision_start_token_id=vocab,
+            vision_end_token_id=vocab + 1,
+            vision_token_id=vocab + 2,
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+        vae = AutoencoderKLQwenImage(
+            base_dim=24,
+            z_dim=4,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False],
+            latents_mean=[0.1, -0.2, 0.05, 0.0],
+            latents_std=[1.5, 0.8, 1.2, 2.0],
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    denoiser.eval()
+    c = Components(denoiser, freeze(text_encoder), tokenizer, scheduler, freeze(vae), "QwenImagePipeline", None)
     check_compatible(c)
     return c

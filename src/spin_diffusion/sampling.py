@@ -126,13 +126,16 @@ class Guidance:
 
 def pipeline_kwargs(family: Family, guidance_scale: float, guidance: Guidance, negative_prompt: str) -> dict[str, Any]:
     """The keyword arguments of the family's diffusers pipeline call that sample as the opponent does, where the
-    pipeline's defaults differ (the guidance scale; SD3's T5 length; FLUX's T5 length, guidance and true CFG; Z-Image's
-    text length; skip-layer guidance). FLUX's guidance value is always given: it is conditioning."""
+    pipeline's defaults differ (the guidance scale, which is Qwen-Image's true_cfg_scale with its negative prompt;
+    SD3's T5 length; FLUX's T5 length, guidance and true CFG; Z-Image's and Qwen-Image's text length; skip-layer
+    guidance). FLUX's guidance value is always given: it is conditioning."""
     out: dict[str, Any] = {}
     if family.max_sequence_length is not None:
         out["max_sequence_length"] = family.max_sequence_length
     if family.embedded_guidance or guidance_scale != family.default_guidance_scale:
-        out["guidance_scale"] = guidance_scale
+        out[family.guidance_argument] = guidance_scale
+    if family.guidance_needs_negative_prompt and family.cfg_scale(guidance_scale) != 1.0:
+        out["negative_prompt"] = negative_prompt  # Qwen-Image guides only when given one
     if family.embedded_guidance:
         if guidance.true_cfg_scale != 1.0:
             out |= {"true_cfg_scale": guidance.true_cfg_scale, "negative_prompt": negative_prompt}
@@ -264,7 +267,7 @@ def sample(
                 skipped = family.predict(model, model_in, t, context[batch:], cond_ids, skip_layers=skip).float()
         if use_cfg:
             uncond_out, cond_out = out.chunk(2)
-            model_out = uncond_out + scale * (cond_out - uncond_out)
+            model_out = family.guide(uncond_out, cond_out, scale)
             if skip_now:
                 model_out = model_out + guidance.skip_layer_scale * (cond_out - skipped)
         if sampler_name == "ddim" and not flow:

@@ -1070,7 +1070,7 @@ def _reference_terms(
             return process.exact_space(out.float(), f.loser_t, f.t)
 
         unconditional = run_reference(uncond).float()
-        guided = unconditional + scale * (guided - unconditional)  # the sampler's CFG combination
+        guided = family.guide(unconditional, guided, scale)  # the sampler's CFG combination
     return errors, guided
 
 
