@@ -324,6 +324,11 @@ class Family:
         """Latent channels the denoiser takes (FLUX's packed input has 4 per latent channel)."""
         return int(denoiser_config.in_channels)
 
+    def unused_parameters(self, denoiser: Any) -> list[torch.nn.Parameter]:
+        """Parameters that no output depends on (DDP refuses to train a module with them unless told to search for
+        them at every step, so training freezes them; they would get no gradient anyway)."""
+        return []
+
     def outputs_what_it_takes(self, denoiser_config: Any) -> bool:
         """Does the denoiser output as many channels as it takes (no learned variance)?"""
         out = getattr(denoiser_config, "out_channels", None) or denoiser_config.in_channels
@@ -710,6 +715,12 @@ class QwenImageFamily(FluxFamily):
     guidance_argument = "true_cfg_scale"
     guidance_needs_negative_prompt = True
     default_max_sequence_length = 1024  # QwenImagePipeline's (and its maximum)
+
+    def unused_parameters(self, denoiser: Any) -> list[torch.nn.Parameter]:
+        """The last block's text-stream output (its attention's ``to_add_out`` and ``txt_mlp``): the transformer
+        drops the text tokens after that block."""
+        last = denoiser.transformer_blocks[-1]
+        return [*last.attn.to_add_out.parameters(), *last.txt_mlp.parameters()]
 
     def outputs_what_it_takes(self, denoiser_config: Any) -> bool:
         # out_channels counts latent channels, in_channels packed ones (4 per latent channel)

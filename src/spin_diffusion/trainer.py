@@ -352,6 +352,8 @@ def train(
     accelerator = _accelerator(train_cfg, out)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     total_steps = num_optimizer_steps(len(data), train_cfg, accelerator.num_processes)
+    for param in family.unused_parameters(policy):  # no gradient ever reaches them, and DDP refuses them
+        param.requires_grad_(False)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, train_cfg)
     lr_scheduler = get_scheduler(
