@@ -219,6 +219,52 @@ ZIMAGE_FAKE_CASES = (
     (FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS, ZIMAGE["n_layers"], ZIMAGE["n_refiner_layers"], 1),
 )
 
+# Qwen-Image (Qwen/Qwen-Image): transformer/ (60 dual-stream blocks, width 3072, 24 heads, 2×2-packed 16-channel
+# latents), text_encoder (Qwen2.5-VL-7B; its vision tower is loaded too), vae/ (Qwen-Image's causal VAE)
+QWENIMAGE = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+)
+QWEN25_VL_7B_TEXT = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+)
+QWEN25_VL_7B_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
+QWENIMAGE_VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+)
+QWENIMAGE_TEXT_TOKENS = 256  # configs/qwenimage_pickapic.yaml's max_sequence_length (the pipeline allows 1024)
+QWENIMAGE_FAKE_CASES = (
+    (FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, 1, 0),
+    (FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, 2, 0),
+    (FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, QWENIMAGE["num_layers"], 0),
+    (FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, QWENIMAGE["num_layers"], 1),
+)
+
 
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -264,6 +310,14 @@ def meta_zimage(cfg: dict = ZIMAGE) -> torch.nn.Module:
         return ZImageTransformer2DModel.from_config(cfg)
 
 
+def meta_qwenimage(cfg: dict = QWENIMAGE) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+
+    with init_empty_weights():
+        return QwenImageTransformer2DModel.from_config(cfg)
+
+
 def _text_params(model: torch.nn.Module) -> int:
     # init_empty_weights leaves T5's encoder.embed_tokens untied from shared (and re-tying inside it makes a new
     # meta parameter); the checkpoint ties them, so tie outside it before counting (a no-op for CLIP)
@@ -284,6 +338,16 @@ def frozen_parts(model: str) -> dict[str, int]:
             from transformers import Qwen3Config, Qwen3Model
 
             text = {"Qwen3-4B": Qwen3Model(Qwen3Config(**QWEN3_4B))}
+        elif model == "Qwen-Image":
+            from diffusers import AutoencoderKLQwenImage
+            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+            config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+            text = {"Qwen2.5-VL-7B": Qwen2_5_VLForConditionalGeneration(config)}
+            return {
+                **{name: _text_params(m) for name, m in text.items()},
+                "VAE": _numel(AutoencoderKLQwenImage(**QWENIMAGE_VAE)),
+            }
         elif model == "SD3":
             text = {
                 "CLIP-L": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, projection_dim=768)),
@@ -507,17 +571,54 @@ def _zimage_call(image_tokens: int, text_tokens: int, layers: int, refiners: int
     return model, lambda: torch.stack(model(x, torch.tensor([0.3, 0.9]), caps).sample)
 
 
-def zimage_saved_child() -> dict:
-    """flux_saved_child for Z-Image: saved bytes (and with checkpointing the blocks' held inputs) on fake tensors at
-    full size, fp32 norms as CUDA autocast, SDPA forced to the flash kernel (O(tokens) memory, as on GPUs)."""
+def _qwenimage_call(image_tokens: int, text_tokens: int, layers: int, checkpointing: bool):
+    """Qwen-Image's transformer at full width (3072, 24 heads) with `layers` of its 60 blocks and a closure running
+    it on one pair as QwenImagePipeline calls it (packed latents, σ, `text_tokens` of Qwen2.5-VL features)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel.from_config({**QWENIMAGE, "num_layers": layers}).train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    side = int(image_tokens**0.5)
+    x = torch.randn(2, image_tokens, QWENIMAGE["in_channels"])
+    kw = dict(
+        encoder_hidden_states=torch.randn(2, text_tokens, QWENIMAGE["joint_attention_dim"]),
+        encoder_hidden_states_mask=torch.ones(2, text_tokens),
+        timestep=torch.tensor([0.3, 0.9]),
+        img_shapes=[[(1, side, side)]] * 2,
+    )
+    return model, lambda: model(hidden_states=x, **kw).sample
+
+
+# model -> (the call builder, its fake-tensor cases, its blocks)
+_SAVED = {
+    "zimage": (
+        lambda case: _zimage_call(*case),
+        lambda: ZIMAGE_FAKE_CASES,
+        lambda m: [*m.noise_refiner, *m.context_refiner, *m.layers],
+    ),
+    "qwenimage": (
+        lambda case: _qwenimage_call(*case),
+        lambda: QWENIMAGE_FAKE_CASES,
+        lambda m: list(m.transformer_blocks),
+    ),
+}
+
+
+def saved_child(kind: str) -> dict:
+    """flux_saved_child for Z-Image or Qwen-Image: saved bytes (and with checkpointing the blocks' held inputs) on
+    fake tensors at full size, fp32 norms as CUDA autocast, SDPA forced to the flash kernel (O(tokens) memory, as on
+    GPUs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    build, cases, blocks_of = _SAVED[kind]
     _fp32_norms()
     out = {}
-    for case in ZIMAGE_FAKE_CASES:
+    for case in cases():
         with FakeTensorMode(allow_non_fake_inputs=True), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            model, call = _zimage_call(*case)
+            model, call = build(case)
             saved: dict[int, int] = {}
             held: dict[int, int] = {}
 
@@ -530,8 +631,7 @@ def zimage_saved_child() -> dict:
                     if isinstance(t, torch.Tensor) and torch.is_grad_enabled():
                         held.setdefault(t.untyped_storage()._cdata, t.untyped_storage().nbytes())
 
-            blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
-            hooks = [b.register_forward_pre_hook(hold, with_kwargs=True) for b in blocks]
+            hooks = [b.register_forward_pre_hook(hold, with_kwargs=True) for b in blocks_of(model)]
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = call().float().pow(2).mean()
@@ -628,12 +728,15 @@ def rows(n_gpus: int, acts: dict[str, float], lora_rank: int, models=("SD-1.5", 
             net = meta_flux()
         elif model == "Z-Image":
             net = meta_zimage()
+        elif model == "Qwen-Image":
+            net = meta_qwenimage()
         else:
             net = meta_sd3() if model == "SD3" else meta_unet(SD15 if model == "SD-1.5" else SDXL)
         p, lp = _numel(net), lora_params(net, lora_rank)
         parts = frozen_parts(model)
         # SD3, FLUX: the text encoders leave the GPU once the embeddings are cached; generation needs only the VAE
-        frozen = 2 * (parts["VAE"] if model in ("SD3", "FLUX", "Z-Image") else sum(parts.values()))  # bf16
+        flow = model in ("SD3", "FLUX", "Z-Image", "Qwen-Image")
+        frozen = 2 * (parts["VAE"] if flow else sum(parts.values()))  # bf16
         act = acts[model]
         for mode in ("full", "full, reference copy", f"LoRA r={lora_rank}"):
             for strategy, shards in (("DDP", 1), (f"FSDP ×{n_gpus}", n_gpus)):
@@ -663,18 +766,21 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--no-measure", action="store_true", help="use the figures measured here before")
     parser.add_argument(
-        "--only", choices=("flux", "zimage"), help="only this model (its counts, measurement and rows)"
+        "--only", choices=("flux", "zimage", "qwenimage"), help="only this model (its counts, measurement and rows)"
     )
     parser.add_argument("--child", nargs="+", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-flux", nargs=5, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-flux-saved", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--child-zimage-saved", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-saved", choices=tuple(_SAVED), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child_zimage_saved:
-        print(json.dumps(zimage_saved_child()))
+    if args.child_saved:
+        print(json.dumps(saved_child(args.child_saved)))
         return
     if args.only == "zimage":
         zimage_main(args)
+        return
+    if args.only == "qwenimage":
+        qwenimage_main(args)
         return
     if args.child_flux_saved:
         print(json.dumps(flux_saved_child()))
@@ -809,6 +915,7 @@ def main() -> None:
     )
     flux_main(args)
     zimage_main(args)
+    qwenimage_main(args)
 
 
 def flux_main(args: argparse.Namespace) -> None:
@@ -898,11 +1005,7 @@ def zimage_main(args: argparse.Namespace) -> None:
     print(f"Z-Image transformer: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
     parts = frozen_parts("Z-Image")
     print("Z-Image frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    child = subprocess.run(
-        [sys.executable, __file__, "--child-zimage-saved"], capture_output=True, text=True, env=env, check=True
-    )
-    fake = {tuple(map(int, k.split(","))): v for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
+    fake = _saved_counts("zimage")
     transient = max(r["peak_growth"] - r["saved"] for key, r in MEASURED_FLUX.items() if not key[-1])
     img, txt = FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS
     n, r = ZIMAGE["n_layers"], ZIMAGE["n_refiner_layers"]
@@ -930,6 +1033,54 @@ def zimage_main(args: argparse.Namespace) -> None:
     print(
         f"\nGiB per GPU, one pair per GPU; text encoder off the GPU after caching (cache building: Qwen3-4B "
         f"{2 * parts['Qwen3-4B'] / GiB:.2f} GiB in bf16, with the VAE {2 * sum(parts.values()) / GiB:.2f} GiB). "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+
+
+def _saved_counts(kind: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    child = subprocess.run(
+        [sys.executable, __file__, "--child-saved", kind], capture_output=True, text=True, env=env, check=True
+    )
+    return {tuple(map(int, k.split(","))): v for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
+
+
+def qwenimage_main(args: argparse.Namespace) -> None:
+    """Qwen-Image: as zimage_main (exact counts, saved bytes on fake tensors at full size, FLUX.1's measured
+    transient), at the recipe's 256 text tokens."""
+    started = time.perf_counter()
+    net = meta_qwenimage()
+    p, lp = _numel(net), lora_params(net, args.lora_rank)
+    print(f"Qwen-Image transformer: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
+    parts = frozen_parts("Qwen-Image")
+    print("Qwen-Image frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
+    fake = _saved_counts("qwenimage")
+    transient = max(r["peak_growth"] - r["saved"] for key, r in MEASURED_FLUX.items() if not key[-1])
+    img, txt, n = FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, QWENIMAGE["num_layers"]
+    block = fake[(img, txt, 2, 0)]["saved"] - fake[(img, txt, 1, 0)]["saved"]
+    saved = fake[(img, txt, n, 0)]["saved"]
+    ck = fake[(img, txt, n, 1)]
+    act, act_ck = saved + transient, ck["saved_or_held"] + block + transient
+    print(
+        f"Qwen-Image saved for backward @ {img} + {txt} tokens (fake tensors, exact): a block {block / GiB:.3f} GiB; "
+        f"{n} blocks: {saved / GiB:.2f} GiB; with gradient checkpointing: outside the blocks and their inputs "
+        f"{ck['saved_or_held'] / GiB:.2f} GiB + one block recomputed; + FLUX's measured transient "
+        f"{transient / GiB:.3f} GiB"
+    )
+    print(
+        f"=> Qwen-Image activations per pair @1024² ({img} + {txt} tokens): {act / GiB:.2f} GiB; with gradient "
+        f"checkpointing {act_ck / GiB:.2f} GiB\n"
+    )
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for label, a in (("", act), (" + grad. ckpt", act_ck)):
+        for row in rows(args.gpus, {"Qwen-Image": a}, args.lora_rank, models=("Qwen-Image",)):
+            row[1] += label
+            print("| " + " | ".join(row) + " |")
+    text = next(k for k in parts if k != "VAE")
+    print(
+        f"\nGiB per GPU, one pair per GPU; text encoder off the GPU after caching (cache building: {text} "
+        f"{2 * parts[text] / GiB:.2f} GiB in bf16, with the VAE {2 * sum(parts.values()) / GiB:.2f} GiB). "
         f"({time.perf_counter() - started:.0f} s)"
     )
 
