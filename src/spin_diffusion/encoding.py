@@ -64,7 +64,8 @@ def encode_prompts(c: Components, prompts: list[str], *, batch_size: int = 64) -
 def encode_images(c: Components, images: Tensor, *, batch_size: int = 32) -> Tensor:
     """Images ``[N, 3, H, W]`` in [-1, 1] -> latents ``[N, C, H/f, W/f]`` (as the denoiser sees them).
 
-    ``latents = (vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor``: the posterior mean, so caching is
+    ``latents = (vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` (``Family.encode_latents``;
+    FLUX.2: patchified and BatchNorm-normalised as its pipeline does): the posterior mean, so caching is
     deterministic. Without a VAE the images are returned unchanged (a copy). Batched by ``batch_size``;
     returned on the VAE's device and dtype.
     """
@@ -72,8 +73,7 @@ def encode_images(c: Components, images: Tensor, *, batch_size: int = 32) -> Ten
         return images.clone()
     device, dtype = _device_dtype(c.vae)
     out = [
-        (c.vae.encode(images[i : i + batch_size].to(device, dtype)).latent_dist.mean - c.shift_factor)
-        * c.scaling_factor
+        c.family.encode_latents(c, c.vae.encode(images[i : i + batch_size].to(device, dtype)).latent_dist.mean)
         for i in range(0, images.shape[0], batch_size)
     ]
     if not out:
@@ -91,7 +91,7 @@ def decode_latents(c: Components, latents: Tensor, *, batch_size: int = 32) -> T
         return (latents / 2 + 0.5).clamp(0, 1)
     device, dtype = _device_dtype(c.vae)
     out = [
-        c.vae.decode(latents[i : i + batch_size].to(device, dtype) / c.scaling_factor + c.shift_factor).sample
+        c.vae.decode(c.family.decode_latents(c, latents[i : i + batch_size].to(device, dtype))).sample
         for i in range(0, latents.shape[0], batch_size)
     ]
     if not out:

@@ -35,7 +35,7 @@ class Components:
     """
 
     # the trained network: UNet2DConditionModel (SD, SDXL), SD3Transformer2DModel (SD3), FluxTransformer2DModel
-    # (FLUX.1) or ZImageTransformer2DModel (Z-Image)
+    # (FLUX.1), ZImageTransformer2DModel (Z-Image) or Flux2Transformer2DModel (FLUX.2 klein)
     denoiser: Any
     text_encoder: torch.nn.Module  # CLIPTextModel (or any encoder whose output has last_hidden_state)
     tokenizer: Any  # transformers PreTrainedTokenizerBase
@@ -53,10 +53,14 @@ class Components:
 
     @functools.cached_property
     def family(self) -> families.Family:
-        """How this model is conditioned, noised and called (``families``): sd, sdxl, sd3, flux or zimage."""
+        """How this model is conditioned, noised and called (``families``): sd, sdxl, sd3, flux, zimage or flux2."""
         name = families.family_name(self.pipeline_class, self.denoiser)
         return families.make(
-            name, self.scheduler.config, self.denoiser.config, max_sequence_length=self.max_sequence_length
+            name,
+            self.scheduler.config,
+            self.denoiser.config,
+            max_sequence_length=self.max_sequence_length,
+            pipeline_config=self.pipeline_config,
         )
 
     @property
@@ -76,17 +80,19 @@ class Components:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the denoiser's input latents (the VAE's latent channels; image channels without a VAE)."""
+        """Channels of the denoiser's input latents (the VAE's latent channels, 4x for FLUX.2's 2x2 patchify; image
+        channels without a VAE)."""
         if self.vae is not None:
-            return int(self.vae.config.latent_channels)
+            return int(self.vae.config.latent_channels) * self.family.latent_patch**2
         return self.family.latent_channels(self.denoiser.config)
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell along one side: ``2 ** (len(vae.block_out_channels) - 1)``; 1 without a VAE."""
+        """Pixels per latent cell along one side: ``2 ** (len(vae.block_out_channels) - 1)`` (2x that for FLUX.2's
+        patchified latents); 1 without a VAE."""
         if self.vae is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) * self.family.latent_patch
 
     @property
     def scaling_factor(self) -> float:
@@ -318,12 +324,12 @@ def load_components(
         vae_dtype = dtype
         if dtype == torch.float16 and _read_json(root / "vae" / "config.json").get("force_upcast", True):
             vae_dtype = torch.float32
+        # the class model_index.json names (FLUX.2: AutoencoderKLFlux2), else AutoencoderKL
+        vae_cls = getattr(diffusers, entry_class("vae") or "", None) or AutoencoderKL
         vae = freeze(
             load(
                 "vae",
-                lambda f: AutoencoderKL.from_pretrained(
-                    f, local_files_only=True, torch_dtype=vae_dtype, variant=variant
-                ),
+                lambda f: vae_cls.from_pretrained(f, local_files_only=True, torch_dtype=vae_dtype, variant=variant),
             )
         )
     denoiser.eval()
