@@ -515,7 +515,7 @@ def _spin(run_dir: Path, *overrides: str) -> None:
 
 
 # FLUX runs with 32 T5 tokens (model.max_sequence_length): the card must say so, and the pipeline is called with it
-_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512}
+_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512, "tiny-flux2": 512}
 
 
 @pytest.mark.heavy
@@ -527,6 +527,7 @@ _T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512}
         ("tiny-sd35", "StableDiffusion3Pipeline"),
         ("tiny-flux", "FluxPipeline"),
         ("tiny-zimage", "ZImagePipeline"),
+        ("tiny-flux2", "Flux2KleinPipeline"),
     ],
 )
 @pytest.mark.parametrize("objective", ["spin_approx", "spin_exact"])
@@ -552,10 +553,14 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     auto = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     assert type(auto).__name__ == pipeline_class
     kwargs = {"max_sequence_length": _T5[preset]} if preset in _T5 else {}
-    if preset in ("tiny-flux", "tiny-zimage"):  # these pipelines' default size is 1024 px, whatever the transformer
+    if preset in ("tiny-flux", "tiny-zimage", "tiny-flux2"):  # these pipelines' default size is 1024 px
         kwargs |= {"height": 16, "width": 16, "guidance_scale": 3.5 if preset == "tiny-flux" else 2.0}
-    image = pipe(
-        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
+    image = pipe(  # prompt= by name: Flux2KleinPipeline's first argument is an input image
+        prompt="a red circle",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **kwargs,
     ).images[0]
     assert image.shape == (16, 16, 3) and float(image.std()) > 0
     # the trained weights are the exported ones: they differ from the preset's
@@ -569,7 +574,7 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-flux2"])
 def test_family_lora_sft_and_dpo(tmp_path, preset):
     import diffusers
 
