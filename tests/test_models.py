@@ -236,7 +236,9 @@ def test_load_errors_are_one_line(tmp_path, saved):
         assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage"])
+@pytest.mark.parametrize(
+    "preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-flux2"]
+)
 def test_load_denoiser_reads_the_class_from_model_index(tmp_path, preset):
     """One loader for every denoiser (a resumed run's θ_k, the base, an evaluated export): the class comes from
     model_index.json, so a FLUX transformer loads as FluxTransformer2DModel (it once loaded as SD3's and failed)."""
