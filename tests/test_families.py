@@ -395,8 +395,12 @@ def test_flux2_trains_on_uniform_unshifted_sigma(flux2):
 
 
 def test_flux2_dev_pipeline_is_refused_in_one_line(flux2):
-    with pytest.raises(SpinDiffusionError, match="only the klein models"):
+    """FLUX.2 [dev] (Flux2Pipeline) is not FLUX.2 klein: refused by its class, or by its transformer's class under
+    a pipeline class no family names."""
+    with pytest.raises(SpinDiffusionError, match=r"a Flux2Pipeline \(FLUX.2 \[dev\]\) is not supported"):
         families.family_name("Flux2Pipeline", flux2.denoiser)
+    with pytest.raises(SpinDiffusionError, match="only the klein models"):
+        families.family_name("MyPipeline", flux2.denoiser)
 
 
 def test_flux_is_its_own_family_with_packed_latents(flux):

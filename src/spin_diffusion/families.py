@@ -822,8 +822,18 @@ FAMILIES = tuple(_BY_NAME)
 PIPELINE_CLASSES = {name: f.pipeline_class for name, f in _BY_NAME.items()}
 
 
+def check_supported(pipeline_class: str) -> None:
+    """Refuse, in one line and before anything is loaded, a pipeline of a model no family trains: FLUX.2 [dev]
+    (Flux2Pipeline: a Mistral text encoder and a guidance-distilled transformer; only FLUX.2 klein is a family)."""
+    if pipeline_class == "Flux2Pipeline":
+        raise SpinDiffusionError(
+            "a Flux2Pipeline (FLUX.2 [dev]) is not supported: of FLUX.2 only the klein models (Flux2KleinPipeline) are"
+        )
+
+
 def family_name(pipeline_class: str, denoiser: Any) -> str:
     """The family of a pipeline class name (or, for an unknown class, of its denoiser)."""
+    check_supported(pipeline_class)
     for name, cls in PIPELINE_CLASSES.items():
         if pipeline_class == cls:
             return name

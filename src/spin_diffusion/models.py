@@ -262,6 +262,7 @@ def load_components(
     _check_pipeline_folder(root, path)
     index = _read_json(root / "model_index.json")
     pipeline_class = str(index.get("_class_name") or "StableDiffusionPipeline")
+    families.check_supported(pipeline_class)
 
     def entry_class(name: str) -> str | None:
         return _entry_class(index, name)
