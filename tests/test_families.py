@@ -102,12 +102,14 @@ def test_implied_velocity_inverts_an_euler_step_by_values():
     torch.testing.assert_close(sampling.implied_velocity(x, x_next, sigma, sigma_next), v)
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux", "tiny-flux2"])
 def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(preset):
     """Without classifier-free guidance, (x_{i+1} - x_i)/(σ_{i+1} - σ_i) of a stored chain equals the transformer's
     output at x_i: the target of spin_exact on the opponent's samples (docs/FAMILIES.md). FLUX: on its own
-    dynamically shifted σ, with the guidance embedding at 3.5, through the packing."""
+    dynamically shifted σ, with the guidance embedding at 3.5, through the packing. FLUX.2: in its patchified,
+    BN-normalised latents at the empirical μ."""
     c = presets.build_preset(preset)
+    shape = (c.latent_channels, c.sample_size, c.sample_size)
     cond = encoding.encode(c, ["a red circle on the left", "a blue square"])
     flux = preset == "tiny-flux"
     out = sampling.sample(
@@ -116,13 +118,13 @@ def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(pre
         cond,
         None,
         seeds=[1, 2],
-        latent_shape=(4, 8, 8),
+        latent_shape=shape,
         num_steps=5,
         guidance_scale=3.5 if flux else 1.0,
         return_trajectory=True,
     )
     sched = sampling.make_scheduler("ddim", c.family)
-    c.family.set_timesteps(sched, 5, (4, 8, 8))
+    c.family.set_timesteps(sched, 5, shape)
     assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
     schedule = sampling.SamplerSchedule(out.timesteps, None, 0.0, 0.0, sched.sigmas.double())
     assert sampling.valid_exact_steps(schedule).tolist() == [0, 1, 2, 3, 4]
