@@ -4,6 +4,7 @@ no traceback, and leave a finished run dir exactly as it was (and create no run 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -64,6 +65,9 @@ def world_dir(tmp_path_factory) -> dict[str, Path]:
     paths["flux2_dev"] = export.save_pipeline(presets.build_preset("tiny-flux2"), root / "flux2_dev")
     index = json.loads((paths["flux2_dev"] / "model_index.json").read_text())
     (paths["flux2_dev"] / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2Pipeline"}))
+    # a step-distilled FLUX.2 klein (model_index.json's is_distilled, as FLUX.2-klein-4B): no classifier-free guidance
+    distilled = dataclasses.replace(presets.build_preset("tiny-flux2"), pipeline_config={"is_distilled": True})
+    paths["flux2_distilled"] = export.save_pipeline(distilled, root / "flux2_distilled")
     return paths
 
 
@@ -277,6 +281,12 @@ CASES = [
         "spin-true-cfg-on-flux2",
         ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-flux2", "--set", "sample.true_cfg_scale=4"],
         "sample.true_cfg_scale=4.0 is for FLUX.1 models; a flux2 model does classifier-free guidance with .*",
+    ),
+    (
+        "spin-cfg-on-distilled-flux2",
+        ["spin", "--config", "{tiny}", "--set", "model.path={flux2_distilled}"],
+        r"sample.guidance_scale=2.0: a step-distilled FLUX.2 klein model \(is_distilled\) samples without "
+        "classifier-free guidance; set sample.guidance_scale=1",
     ),
     (
         "spin-flux2-dev",

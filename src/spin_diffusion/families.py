@@ -357,6 +357,9 @@ class Family:
         ``guidance_scale`` means (1 = no guidance)."""
         return guidance_scale
 
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """Refuse, in one line, a ``sample.guidance_scale`` the model cannot sample with (every value is fine here)."""
+
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         return Cond(encoding.encode_prompts(c, prompts, batch_size=batch_size))
 
@@ -751,6 +754,15 @@ class Flux2KleinFamily(FlowFamily):
     def cfg_scale(self, guidance_scale: float) -> float:
         """``guidance_scale`` when the pipeline guides (> 1, not distilled), else 1 (no guidance)."""
         return 1.0 if self.is_distilled or guidance_scale <= 1 else guidance_scale
+
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """A step-distilled klein has no classifier-free guidance: its pipeline ignores guidance_scale > 1 (with a
+        warning), so a run that sets it would not get what it asked for."""
+        if self.is_distilled and guidance_scale > 1:
+            raise SpinDiffusionError(
+                f"sample.guidance_scale={guidance_scale}: a step-distilled FLUX.2 klein model (is_distilled) samples "
+                "without classifier-free guidance; set sample.guidance_scale=1"
+            )
 
     def pipeline(self, c: Components, denoiser: Any = None) -> Any:
         import diffusers
