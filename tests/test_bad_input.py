@@ -4,6 +4,7 @@ no traceback, and leave a finished run dir exactly as it was (and create no run 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from spin_diffusion import world
+from spin_diffusion import export, presets, world
 from spin_diffusion.cli import main
 from spin_diffusion.config import load_config
 from spin_diffusion.self_play import run
@@ -60,6 +61,13 @@ def world_dir(tmp_path_factory) -> dict[str, Path]:
     paths["model"] = paths["finished"] / "iter_01" / "model"
     paths["file"] = root / "a_file"
     paths["file"].write_text("x")
+    # a FLUX.2 [dev] folder: FLUX.2 parts under Flux2Pipeline's name (only klein is a family)
+    paths["flux2_dev"] = export.save_pipeline(presets.build_preset("tiny-flux2"), root / "flux2_dev")
+    index = json.loads((paths["flux2_dev"] / "model_index.json").read_text())
+    (paths["flux2_dev"] / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2Pipeline"}))
+    # a step-distilled FLUX.2 klein (model_index.json's is_distilled, as FLUX.2-klein-4B): no classifier-free guidance
+    distilled = dataclasses.replace(presets.build_preset("tiny-flux2"), pipeline_config={"is_distilled": True})
+    paths["flux2_distilled"] = export.save_pipeline(distilled, root / "flux2_distilled")
     return paths
 
 
@@ -269,6 +277,35 @@ CASES = [
         "spin-true-cfg-on-zimage",
         ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-zimage", "--set", "sample.true_cfg_scale=4"],
         "sample.true_cfg_scale=4.0 is for FLUX.1 models; a zimage model does classifier-free guidance with .*",
+    ),
+    # FLUX.2 klein: what its pipeline cannot do
+    (
+        "spin-negative-prompt-on-flux2",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-flux2", "--set", "sample.negative_prompt=blurry"],
+        "sample.negative_prompt='blurry': Flux2KleinPipeline always guides with the empty prompt; leave "
+        "sample.negative_prompt empty for a FLUX.2 klein model",
+    ),
+    (
+        "spin-eta-on-flux2",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-flux2", "--set", "sample.eta=0.5"],
+        r"sample.eta=0.5: the flux2 family samples with deterministic Euler steps \(no η\); .*",
+    ),
+    (
+        "spin-true-cfg-on-flux2",
+        ["spin", "--config", "{tiny}", "--set", "model.preset=tiny-flux2", "--set", "sample.true_cfg_scale=4"],
+        "sample.true_cfg_scale=4.0 is for FLUX.1 models; a flux2 model does classifier-free guidance with .*",
+    ),
+    (
+        "spin-cfg-on-distilled-flux2",
+        ["spin", "--config", "{tiny}", "--set", "model.path={flux2_distilled}"],
+        r"sample.guidance_scale=2.0: a step-distilled FLUX.2 klein model \(is_distilled\) samples without "
+        "classifier-free guidance; set sample.guidance_scale=1",
+    ),
+    (
+        "spin-flux2-dev",
+        ["spin", "--config", "{tiny}", "--set", "model.path={flux2_dev}"],
+        r"a Flux2Pipeline \(FLUX.2 \[dev\]\) is not supported: of FLUX.2 only the klein models \(Flux2KleinPipeline\) "
+        "are",
     ),
     (
         "spin-skip-layers-on-flux",

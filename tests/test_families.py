@@ -1,10 +1,11 @@
-"""Model families (SD-1.x/2.x, SDXL, SD3/SD3.5, FLUX.1): conditioning, forward processes, targets and the
-exact-objective inversion, checked by values; the sampler against the family's own diffusers pipeline; and each
-family end to end through the CLI: 2 self-play iterations, export, reload with the plain diffusers pipeline class,
-generate."""
+"""Model families (SD-1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, Z-Image, FLUX.2 klein): conditioning, forward processes,
+targets and the exact-objective inversion, checked by values; the sampler against the family's own diffusers
+pipeline; and each family end to end through the CLI: 2 self-play iterations, export, reload with the plain diffusers
+pipeline class, generate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from spin_diffusion import encoding, export, families, models, presets, sampling
 from spin_diffusion.cli import main
 from spin_diffusion.data import sdxl_time_ids
+from spin_diffusion.errors import SpinDiffusionError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -48,6 +50,11 @@ def zimage() -> models.Components:
 @pytest.fixture(scope="module")
 def qwenimage() -> models.Components:
     return presets.build_preset("tiny-qwenimage")
+
+
+@pytest.fixture(scope="module")
+def flux2() -> models.Components:
+    return presets.build_preset("tiny-flux2")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,12 +107,14 @@ def test_implied_velocity_inverts_an_euler_step_by_values():
     torch.testing.assert_close(sampling.implied_velocity(x, x_next, sigma, sigma_next), v)
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux", "tiny-flux2"])
 def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(preset):
     """Without classifier-free guidance, (x_{i+1} - x_i)/(σ_{i+1} - σ_i) of a stored chain equals the transformer's
     output at x_i: the target of spin_exact on the opponent's samples (docs/FAMILIES.md). FLUX: on its own
-    dynamically shifted σ, with the guidance embedding at 3.5, through the packing."""
+    dynamically shifted σ, with the guidance embedding at 3.5, through the packing. FLUX.2: in its patchified,
+    BN-normalised latents at the empirical μ."""
     c = presets.build_preset(preset)
+    shape = (c.latent_channels, c.sample_size, c.sample_size)
     cond = encoding.encode(c, ["a red circle on the left", "a blue square"])
     flux = preset == "tiny-flux"
     out = sampling.sample(
@@ -114,13 +123,13 @@ def test_implied_velocity_is_the_velocity_prediction_along_a_real_trajectory(pre
         cond,
         None,
         seeds=[1, 2],
-        latent_shape=(4, 8, 8),
+        latent_shape=shape,
         num_steps=5,
         guidance_scale=3.5 if flux else 1.0,
         return_trajectory=True,
     )
     sched = sampling.make_scheduler("ddim", c.family)
-    c.family.set_timesteps(sched, 5, (4, 8, 8))
+    c.family.set_timesteps(sched, 5, shape)
     assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
     schedule = sampling.SamplerSchedule(out.timesteps, None, 0.0, 0.0, sched.sigmas.double())
     assert sampling.valid_exact_steps(schedule).tolist() == [0, 1, 2, 3, 4]
@@ -189,8 +198,9 @@ def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
     assert families.family_name("MyPipeline", sd3.denoiser) == "sd3"
     assert families.family_name("MyPipeline", sdxl.denoiser) == "sdxl"
     assert families.family_name("ZImagePipeline", None) == "zimage"
-    assert families.FAMILIES == ("sd", "sdxl", "sd3", "flux", "zimage", "qwenimage")
+    assert families.FAMILIES == ("sd", "sdxl", "sd3", "flux", "zimage", "qwenimage", "flux2")
     assert families.family_name("QwenImagePipeline", None) == "qwenimage"
+    assert families.family_name("Flux2KleinPipeline", None) == "flux2"
     with pytest.raises(Exception, match="dpmsolver"):
         sampling.make_scheduler("dpmsolver++", sd3.family)
 
@@ -285,6 +295,162 @@ def test_zimage_sampler_is_zimage_pipeline(zimage):
         raw = zimage.denoiser(list(x.unsqueeze(2).unbind(0)), torch.tensor([0.25, 0.25]), cond.tokens()).sample
         pred = zimage.family.predict(zimage.denoiser, x, torch.tensor(750.0), cond)
     torch.testing.assert_close(pred, -torch.stack(raw).squeeze(2), rtol=0, atol=0)
+
+
+def test_flux2_conditioning_is_the_pipelines_stacked_qwen3_layers(flux2):
+    """FLUX.2 klein's conditioning is Flux2KleinPipeline.encode_prompt's: Qwen3's hidden states 9, 18 and 27 of each
+    prompt's chat template (enable_thinking=False: an empty thinking block), padded to max_sequence_length (512),
+    concatenated per token (3 x 16 = 48 dims). No pooled embedding and no mask: the transformer attends to the
+    padding, as in the pipeline. The negative prompt is always the empty one."""
+    prompts = ["a red circle", "a blue square on the left of a green triangle"]
+    cond = encoding.encode(flux2, prompts)
+    want, text_ids = flux2.family.pipeline(flux2).encode_prompt(list(prompts), max_sequence_length=512)
+    assert cond.embeds.shape == (2, 512, 48) and cond.pooled is None and cond.mask is None
+    torch.testing.assert_close(cond.embeds, want, rtol=0, atol=0)
+    assert text_ids.shape == (2, 512, 4) and text_ids[0, 5].tolist() == [0, 0, 0, 5]  # (t, h, w, l)
+    # by hand: the chat template, right-padded, through the 27-layer encoder
+    text = flux2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompts[0]}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tok = flux2.tokenizer(text, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = flux2.text_encoder(**tok, output_hidden_states=True, use_cache=False).hidden_states
+    assert len(hidden) == 28
+    torch.testing.assert_close(cond.embeds[0], torch.cat([hidden[k][0] for k in (9, 18, 27)], dim=-1))
+    negative = flux2.family.negative(flux2, "")
+    torch.testing.assert_close(negative.embeds, flux2.family.pipeline(flux2).encode_prompt("")[0], rtol=0, atol=0)
+    with pytest.raises(SpinDiffusionError, match="empty prompt"):
+        flux2.family.negative(flux2, "blurry")
+
+
+def _flux2_pipeline_latents(c, prompts, seeds, *, steps, **call):
+    """Flux2KleinPipeline's final latents in its own sampling space (patchified, BN-normalised, before its decode
+    step), read at its last step, from the noise `sampling.sample` starts from; and its output_type="latent"."""
+    shape = (c.latent_channels, c.sample_size, c.sample_size)
+    seen = {}
+
+    def last(pipe, i, t, tensors):
+        seen["latents"] = tensors["latents"]
+        return tensors
+
+    out = c.family.pipeline(c)(
+        prompt=list(prompts),
+        latents=sampling.initial_noise(seeds, shape),
+        num_inference_steps=steps,
+        height=c.resolution,
+        width=c.resolution,
+        output_type="latent",
+        callback_on_step_end=last,
+        **call,
+    ).images
+    packed = seen["latents"]  # [B, h·w, C], tokens in row-major order
+    return packed.permute(0, 2, 1).reshape(len(seeds), *shape), out
+
+
+def test_flux2_sampler_is_flux2_klein_pipeline(flux2):
+    """The opponent's sampler gives Flux2KleinPipeline's latents: σ = linspace(1, 1/n, n) at the empirical μ of the
+    token count and step count, the transformer on row-major tokens with 4-D ids, and classifier-free guidance with
+    the empty prompt at guidance_scale when it is > 1 (none at <= 1). The pipeline's output_type="latent" is our
+    latents through decode_latents (BN de-normalised, unpatchified). A step-distilled klein (is_distilled) never
+    guides, whatever guidance_scale says."""
+    prompts, seeds = ["a red circle", "a blue square on the left"], [3, 4]
+    cond, negative = encoding.encode(flux2, prompts), flux2.family.negative(flux2, "")
+    shape = (flux2.latent_channels, flux2.sample_size, flux2.sample_size)
+    assert shape == (16, 4, 4) and flux2.family.cfg_scale(0.5) == 1.0 and flux2.family.cfg_scale(4.0) == 4.0
+    results = []
+    for scale in (1.0, 4.0):
+        ours = sampling.sample(
+            flux2.denoiser, flux2.family, cond, negative, seeds=seeds, latent_shape=shape, num_steps=4,
+            guidance_scale=scale,
+        ).latents  # fmt: skip
+        call = sampling.pipeline_kwargs(flux2.family, scale, sampling.Guidance(), "")
+        assert call == {"max_sequence_length": 512, **({"guidance_scale": 1.0} if scale == 1.0 else {})}
+        want, out = _flux2_pipeline_latents(flux2, prompts, seeds, steps=4, **call)
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+        bn_mean, bn_std = flux2.family._bn(flux2, ours)  # the pipeline's latent output: de-normalised, unpatchified
+        raw = flux2.family.pipeline(flux2)._unpatchify_latents(ours * bn_std + bn_mean)
+        torch.testing.assert_close(raw, out, rtol=1e-5, atol=1e-5)
+        results.append(ours)
+    assert not torch.allclose(*results)  # guidance acted
+    # the schedule: the pipeline's, at μ = compute_empirical_mu(16 tokens, 4 steps)
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    sched = sampling.make_scheduler("ddim", flux2.family)
+    flux2.family.set_timesteps(sched, 4, shape)
+    mu = compute_empirical_mu(16, 4)
+    base = torch.linspace(1, 0.25, 4, dtype=torch.float64)
+    want_sigmas = math.exp(mu) / (math.exp(mu) + 1 / base - 1)
+    torch.testing.assert_close(sched.sigmas[:4].double(), want_sigmas, rtol=1e-5, atol=1e-6)
+    # step-distilled: no guidance in the pipeline, none in the sampler
+    distilled = dataclasses.replace(flux2, pipeline_config={"is_distilled": True})
+    assert distilled.family.is_distilled and distilled.family.cfg_scale(4.0) == 1.0
+    ours = sampling.sample(
+        flux2.denoiser, distilled.family, cond, negative, seeds=seeds, latent_shape=shape, num_steps=4,
+        guidance_scale=4.0,
+    ).latents  # fmt: skip
+    want, _ = _flux2_pipeline_latents(distilled, prompts, seeds, steps=4, guidance_scale=4.0)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, results[0], rtol=0, atol=0)
+
+
+def test_flux2_vae_latents_are_the_pipelines_patchified_batch_normalised_ones(flux2):
+    """encode_images gives Flux2KleinPipeline._encode_vae_image's latents (the posterior mode, patchified 2x2,
+    (x - BN running mean) / √(running var + eps)); decode_latents decodes as the pipeline's __call__ does. The tiny
+    VAE's BN statistics are not 0 / 1, so the normalisation shows."""
+    assert flux2.latent_channels == 16 and flux2.vae_scale_factor == 4 and flux2.resolution == 16
+    bn = flux2.vae.bn
+    assert bn.running_mean.abs().max() > 0.01 and (bn.running_var - 1).abs().max() > 0.01
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = encoding.encode_images(flux2, x)
+    pipe = flux2.family.pipeline(flux2)
+    with torch.no_grad():
+        want = pipe._encode_vae_image(x, generator=None)
+    assert latents.shape == (2, 16, 4, 4)
+    torch.testing.assert_close(latents, want, rtol=0, atol=0)
+    # decoding, as Flux2KleinPipeline.__call__ after its denoising loop
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + flux2.vae.config.batch_norm_eps)
+    raw = pipe._unpatchify_latents(latents * std + bn.running_mean.view(1, -1, 1, 1))
+    with torch.no_grad():
+        image = flux2.vae.decode(raw, return_dict=False)[0]
+    torch.testing.assert_close(encoding.decode_latents(flux2, latents), (image / 2 + 0.5).clamp(0, 1))
+
+
+def test_flux2_trains_on_uniform_unshifted_sigma(flux2):
+    """Training σ as diffusers' FLUX.2 klein script (weighting_scheme "none"): u ~ U(0, 1), σ = the scheduler's
+    unshifted σ[⌊u·1000⌋] whatever the image size, the velocity ε - x₀ as target; the network takes σ·1000 and
+    the transformer σ."""
+    process = flux2.family.process
+    draws = process.draw_times(torch.Generator().manual_seed(0), 4000, (16, 4, 4))
+    assert torch.isin(draws, process.sigmas).all() and ((draws > 0) & (draws <= 1)).all()
+    assert draws.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert (draws < 0.25).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    torch.testing.assert_close(process.sigmas[[0, 999]], torch.tensor([1.0, 0.001]))
+    big = process.draw_times(torch.Generator().manual_seed(0), 4000, (16, 64, 64))
+    assert torch.equal(draws, big)
+    from diffusers import Flux2KleinPipeline
+
+    x = torch.randn(2, 16, 4, 4)
+    cond = encoding.encode(flux2, ["a red circle", "a blue square"])
+    with torch.no_grad():
+        pred = flux2.family.predict(flux2.denoiser, x, torch.tensor(250.0), cond)
+        raw = flux2.denoiser(
+            hidden_states=x.flatten(2).transpose(1, 2),
+            timestep=torch.tensor([0.25, 0.25]),
+            encoder_hidden_states=cond.embeds,
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(cond.embeds),
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(x),
+        ).sample
+    torch.testing.assert_close(pred, raw.transpose(1, 2).reshape(2, 16, 4, 4), rtol=0, atol=0)
+
+
+def test_flux2_dev_pipeline_is_refused_in_one_line(flux2):
+    """FLUX.2 [dev] (Flux2Pipeline) is not FLUX.2 klein: refused by its class, or by its transformer's class under
+    a pipeline class no family names."""
+    with pytest.raises(SpinDiffusionError, match=r"a Flux2Pipeline \(FLUX.2 \[dev\]\) is not supported"):
+        families.family_name("Flux2Pipeline", flux2.denoiser)
+    with pytest.raises(SpinDiffusionError, match="only the klein models"):
+        families.family_name("MyPipeline", flux2.denoiser)
 
 
 def test_flux_is_its_own_family_with_packed_latents(flux):
@@ -403,7 +569,7 @@ def _spin(run_dir: Path, *overrides: str) -> None:
 
 
 # FLUX runs with 32 T5 tokens (model.max_sequence_length): the card must say so, and the pipeline is called with it
-_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512, "tiny-qwenimage": 192}
+_T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512, "tiny-qwenimage": 192, "tiny-flux2": 512}
 # what each preset runs with besides configs/tiny.yaml: FLUX.1-dev's guidance value; shorter text (cheaper runs)
 _EXTRA = {
     "tiny-flux": ["model.max_sequence_length=32", "sample.guidance_scale=3.5"],
@@ -421,6 +587,7 @@ _EXTRA = {
         ("tiny-flux", "FluxPipeline"),
         ("tiny-zimage", "ZImagePipeline"),
         ("tiny-qwenimage", "QwenImagePipeline"),
+        ("tiny-flux2", "Flux2KleinPipeline"),
     ],
 )
 @pytest.mark.parametrize("objective", ["spin_approx", "spin_exact"])
@@ -449,11 +616,15 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
     auto = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     assert type(auto).__name__ == pipeline_class
     kwargs = {"max_sequence_length": _T5[preset]} if preset in _T5 else {}
-    if preset in ("tiny-flux", "tiny-zimage", "tiny-qwenimage"):  # their pipelines' default size is 1024 px
+    if preset in ("tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"):  # their pipelines' default: 1024 px
         kwargs |= {"height": 16, "width": 16}
-        kwargs |= {"tiny-flux": {"guidance_scale": 3.5}, "tiny-zimage": {"guidance_scale": 2.0}}.get(preset, {})
-    image = pipe(
-        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
+        kwargs |= {"tiny-flux": {"guidance_scale": 3.5}, "tiny-qwenimage": {}}.get(preset, {"guidance_scale": 2.0})
+    image = pipe(  # prompt= by name: Flux2KleinPipeline's first argument is an input image
+        prompt="a red circle",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **kwargs,
     ).images[0]
     assert image.shape == (16, 16, 3) and float(image.std()) > 0
     # the trained weights are the exported ones: they differ from the preset's
@@ -467,7 +638,9 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"]
+)
 def test_family_lora_sft_and_dpo(tmp_path, preset):
     import diffusers
 

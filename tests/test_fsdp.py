@@ -110,11 +110,11 @@ def test_fsdp_two_processes_train_what_one_process_trains(tmp_path: Path, overri
     torch.testing.assert_close(pipe.unet.state_dict(), _unet(fsdp), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"])
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"])
 def test_transformer_families_shard_with_their_config_and_train_what_one_process_trains(tmp_path: Path, preset: str):
-    """configs/accelerate/fsdp_sd3.yaml, fsdp_flux.yaml, fsdp_zimage.yaml and fsdp_qwenimage.yaml wrap the families'
-    own blocks (the UNet config's BasicTransformerBlock does not exist there, and accelerate refuses it); FSDP gives
-    the update of one process at the same batch."""
+    """configs/accelerate/fsdp_sd3.yaml, fsdp_flux.yaml, fsdp_zimage.yaml, fsdp_qwenimage.yaml and fsdp_flux2.yaml wrap
+    the families' own blocks (the UNet config's BasicTransformerBlock does not exist there, and accelerate refuses
+    it); FSDP gives the update of one process at the same batch."""
     from spin_diffusion.presets import build_preset
 
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"

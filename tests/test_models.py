@@ -237,7 +237,8 @@ def test_load_errors_are_one_line(tmp_path, saved):
 
 
 @pytest.mark.parametrize(
-    "preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage"]
+    "preset",
+    ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"],
 )
 def test_load_denoiser_reads_the_class_from_model_index(tmp_path, preset):
     """One loader for every denoiser (a resumed run's θ_k, the base, an evaluated export): the class comes from

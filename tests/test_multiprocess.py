@@ -245,13 +245,14 @@ def test_every_objective_runs_on_two_processes(tmp_path: Path, command, override
         ("tiny-flux", "spin_exact"),
         ("tiny-zimage", "spin_exact"),
         ("tiny-qwenimage", "spin_approx"),
+        ("tiny-flux2", "spin_exact"),
     ],
 )
 def test_families_on_two_processes_equal_one_process(tmp_path: Path, preset: str, objective: str):
     """The family seam under DDP: SDXL's per-image time ids, SD3's and SD3.5's (dynamically shifted) flow draws,
-    FLUX's packed latents and guidance embedding and Z-Image's and Qwen-Image's masked prompts of their own lengths
-    travel through the data loader and the wrapped module, and 2 processes × batch 4 give 1 process × batch 8's update
-    (bound relative to the update, as for SD-1.x)."""
+    FLUX's packed latents and guidance embedding, Z-Image's and Qwen-Image's masked prompts of their own lengths and
+    FLUX.2's patchified, BN-normalised latents travel through the data loader and the wrapped module, and 2 processes
+    × batch 4 give 1 process × batch 8's update (bound relative to the update, as for SD-1.x)."""
     from spin_diffusion.presets import build_preset
 
     common = ["num_iterations=1", "eval.enabled=false", f"model.preset={preset}", f"loss.objective={objective}"]

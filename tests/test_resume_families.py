@@ -1,7 +1,7 @@
 """Every family resumes past iteration 1: kill -9 during iteration 2's generation and during its training, then
 --resume, ends with exactly the weights of an uninterrupted run (SD, SDXL, SD3, SD3.5 with LoRA, FLUX, Z-Image,
-Qwen-Image; FLUX on 2 processes). At k > 0 the opponent θ_k is read back from iter_k/model, so this is the test of
-that loader.
+Qwen-Image, FLUX.2 klein; FLUX on 2 processes). At k > 0 the opponent θ_k is read back from iter_k/model, so this
+is the test of that loader.
 
 Cheap by construction: one uninterrupted reference run per case, and the interrupted run starts from a copy of it
 cut back to the moment train:1 was recorded (what a kill right after iteration 1 leaves: state.json lists
@@ -48,6 +48,7 @@ CASES = {
     "tiny-flux-2proc": (2, ["model.preset=tiny-flux", "model.max_sequence_length=16", "sample.guidance_scale=3.5"]),
     "tiny-zimage": (1, ["model.preset=tiny-zimage"]),
     "tiny-qwenimage": (1, ["model.preset=tiny-qwenimage", "model.max_sequence_length=192"]),
+    "tiny-flux2": (1, ["model.preset=tiny-flux2"]),
 }
 
 

@@ -55,7 +55,7 @@ class CardInfo:
     evaluation: dict[str, float | None] = field(default_factory=dict)  # flat eval.json metrics of this model
     eval_prompts: int = 0  # how many prompts the evaluation used
     pixel_space: bool = False  # no VAE: diffusers needs vae=None and output_type="latent"
-    family: str = "sd"  # sd | sdxl | sd3 | flux | zimage (families.py): the usage snippet and the tags follow it
+    family: str = "sd"  # sd | sdxl | sd3 | flux | zimage | flux2 (families.py): the usage snippet and tags follow it
     denoiser: str = "UNet"  # what was trained: the UNet or the transformer (export.save_pipeline sets it and the next)
     text_encoders: int = 1  # how many text encoders (and tokenizers) the model has
     # keyword arguments (as Python source) of the pipeline call that generates as the model was trained
@@ -78,6 +78,7 @@ _FAMILY_TAGS = {
     "sd3": "sd3",
     "flux": "flux",
     "zimage": "z-image",
+    "flux2": "flux2-klein",
 }
 
 

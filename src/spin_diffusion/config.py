@@ -51,9 +51,17 @@ class ModelConfig:
     revision: str | None = None  # Hub ids: branch, tag or commit (None = main)
     variant: str | None = None  # weight files variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)
     # built-in model built from configs (no download): tiny (SD-1.x family), tiny-sdxl, tiny-sd3, tiny-sd35,
-    # tiny-flux, tiny-zimage, tiny-qwenimage (tests), demo
+    # tiny-flux, tiny-zimage, tiny-qwenimage, tiny-flux2 (tests), demo
     preset: Literal[
-        "tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage"
+        "tiny",
+        "demo",
+        "tiny-sdxl",
+        "tiny-sd3",
+        "tiny-sd35",
+        "tiny-flux",
+        "tiny-zimage",
+        "tiny-qwenimage",
+        "tiny-flux2",
     ] = "tiny"
     # text tokens per prompt: T5's of SD3/SD3.5 and FLUX.1, Qwen3's of Z-Image (training and sampling; the model card
     # says to pass it to the pipeline); None = 77 for SD3 (diffusers' SD3 training scripts), 512 for FLUX and Z-Image

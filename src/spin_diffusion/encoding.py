@@ -65,8 +65,9 @@ def encode_images(c: Components, images: Tensor, *, batch_size: int = 32) -> Ten
     """Images ``[N, 3, H, W]`` in [-1, 1] -> latents ``[N, C, H/f, W/f]`` (as the denoiser sees them).
 
     ``latents = (vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` (the family's ``vae_latents``;
-    Qwen-Image normalises per channel): the posterior mean, so caching is deterministic. Without a VAE the images are
-    returned unchanged (a copy). Batched by ``batch_size``; returned on the VAE's device and dtype.
+    Qwen-Image normalises per channel, FLUX.2 patchifies and BatchNorm-normalises): the posterior mean, so caching is
+    deterministic. Without a VAE the images are returned unchanged (a copy). Batched by ``batch_size``; returned on
+    the VAE's device and dtype.
     """
     if c.vae is None:
         return images.clone()

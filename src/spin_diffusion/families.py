@@ -1,6 +1,6 @@
 """Model families: the one place that knows how a model is conditioned, noised, called and sampled.
 
-Five families, told apart by the pipeline folder (``models.Components.family``):
+Six families, told apart by the pipeline folder (``models.Components.family``):
 
 ============  ==========================  ===============================  ==========================================
 family        text conditioning           forward process, target          denoiser call
@@ -14,6 +14,11 @@ family        text conditioning           forward process, target          denoi
                                           size (dynamic shifting)          txt_ids, img_ids)``, output unpacked
 ``zimage``    Qwen3, each prompt's own    as ``sd3``                       ``transformer([x_i], 1 - σ, [tokens_i])``,
               tokens (a masked Cond)                                       output negated (it predicts x₀ - ε)
+``flux2``     Qwen3 hidden states 9, 18,  as ``sd3`` on the pipeline's     ``transformer(tokens(x), σ, text, 4-D
+              27 stacked (FLUX.2 klein)   patchified, BN-normalised        txt_ids / img_ids)``
+                                          latents; σ uniform in training
+``qwenimage`` Qwen2.5-VL, each prompt's   as ``flux`` (no guidance         ``transformer(pack(x), σ, text, text mask,
+              own tokens (masked Cond)    embedding); its own VAE          img_shapes)``, output unpacked
 ============  ==========================  ===============================  ==========================================
 
 Adding a family is one class here and one tiny preset (docs/FAMILIES.md, "Adding a family").
@@ -309,10 +314,17 @@ class Family:
     default_max_sequence_length: int | None = None
 
     def __init__(
-        self, scheduler_config: dict, denoiser_config: Any = None, *, max_sequence_length: int | None = None
+        self,
+        scheduler_config: dict,
+        denoiser_config: Any = None,
+        *,
+        max_sequence_length: int | None = None,
+        pipeline_config: dict | None = None,
     ) -> None:
         self.scheduler_config = dict(scheduler_config)  # the model's own scheduler (sampling builds on it)
         self.denoiser_config = denoiser_config
+        # model_index.json's settings beside the components (FLUX.2 klein's is_distilled)
+        self.pipeline_config = dict(pipeline_config or {})
         # T5 tokens per prompt (SD3: 77, FLUX: 512 unless set); None without T5
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.process: ForwardProcess = self._make_process(self.scheduler_config)
@@ -371,6 +383,9 @@ class Family:
     def vae_scale_factor(self, vae: Any) -> int:
         """Pixels per latent cell along one side."""
         return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """Refuse, in one line, a ``sample.guidance_scale`` the model cannot sample with (every value is fine here)."""
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         return Cond(encoding.encode_prompts(c, prompts, batch_size=batch_size))
@@ -698,6 +713,154 @@ class ZImageFamily(FlowFamily):
         return -torch.stack(out).squeeze(2)
 
 
+class UniformFlowProcess(FlowProcess):
+    """Rectified flow with σ drawn uniformly from the scheduler's unshifted σ (1 … 1/T), loss weight 1: what
+    diffusers' FLUX.2 [klein] training script does by default (``train_dreambooth_lora_flux2_klein.py``:
+    ``weighting_scheme="none"`` draws u ~ U(0, 1) and takes ``scheduler.sigmas[⌊u·T⌋]`` of a scheduler with
+    ``use_dynamic_shifting``, so no shift). FLUX.2's sampling shift μ (``compute_empirical_mu``) depends on the
+    number of steps as well as on the image size, so there is no one shifted schedule to draw training σ from."""
+
+    def training_sigmas(self, latent_shape: tuple[int, ...] | torch.Size | None) -> Tensor:
+        return self.sigmas
+
+    def draw_times(
+        self, generator: torch.Generator, k: int, latent_shape: tuple[int, ...] | torch.Size | None = None
+    ) -> Tensor:
+        """k training σ: index = ⌊U(0, 1)·T⌋ into the unshifted schedule. -> [k] float"""
+        idx = (torch.rand(k, generator=generator) * self.num_train_timesteps).long()
+        return self.sigmas[idx.clamp(max=self.num_train_timesteps - 1)]
+
+
+class Flux2KleinFamily(FlowFamily):
+    """FLUX.2 [klein] (Flux2KleinPipeline / Flux2Transformer2DModel): one Qwen3 text encoder whose hidden states of
+    layers 9, 18 and 27 (the pipeline's default ``text_encoder_out_layers``), stacked per token, over the chat
+    template of each prompt padded to ``max_sequence_length`` tokens, are the conditioning (no mask: the transformer
+    attends to the padding, as in the pipeline). Position ids are 4-D (t, h, w, l).
+
+    Latents: the pipeline patchifies the VAE's 32-channel latents 2×2 (128 channels at half the side) and normalises
+    them with the VAE's BatchNorm running mean and variance; its noise, Euler steps and transformer all work in that
+    space. So this family's latents *are* those (``Components.latent_channels`` is 4× the VAE's and
+    ``vae_scale_factor`` 2× the VAE's), made by :meth:`vae_latents` / undone by :meth:`vae_images`; cache, noising,
+    sampling and spin_exact all see the pipeline's own space. A token is one latent cell.
+
+    Sampling: σ = linspace(1, 1/n, n) shifted at ``compute_empirical_mu(tokens, n)``. Guidance: base klein does
+    classifier-free guidance with the empty prompt at scale ``guidance_scale`` when it is > 1; a step-distilled
+    klein (model_index.json ``is_distilled``) never does. The negative prompt is always empty, as in the pipeline.
+    Training σ: :class:`UniformFlowProcess`."""
+
+    name = "flux2"
+    pipeline_class = "Flux2KleinPipeline"
+    num_text_encoders = 1
+    default_guidance_scale = 4.0  # Flux2KleinPipeline's default
+    default_max_sequence_length = 512  # Flux2KleinPipeline's default
+    default_sample_size = 64  # the pipeline's 1024 px: 128 VAE cells, 64 after the 2x2 patchify
+
+    def _make_process(self, scheduler_config: dict) -> ForwardProcess:
+        return UniformFlowProcess(scheduler_config, patch=1)
+
+    def token_patch(self) -> int:
+        return 1
+
+    @property
+    def is_distilled(self) -> bool:
+        """A step-distilled klein model samples without classifier-free guidance (model_index.json's flag)."""
+        return bool(self.pipeline_config.get("is_distilled", False))
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> None:
+        """Flux2KleinPipeline's schedule: σ = linspace(1, 1/n, n) at μ = compute_empirical_mu(h·w, n)."""
+        import numpy as np
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        mu = compute_empirical_mu(int(latent_shape[-2]) * int(latent_shape[-1]), num_steps)
+        if scheduler.config.get("use_flow_sigmas"):
+            scheduler.set_timesteps(num_steps, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+    def cfg_scale(self, guidance_scale: float) -> float:
+        """``guidance_scale`` when the pipeline guides (> 1, not distilled), else 1 (no guidance)."""
+        return 1.0 if self.is_distilled or guidance_scale <= 1 else guidance_scale
+
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """A step-distilled klein has no classifier-free guidance: its pipeline ignores guidance_scale > 1 (with a
+        warning), so a run that sets it would not get what it asked for."""
+        if self.is_distilled and guidance_scale > 1:
+            raise SpinDiffusionError(
+                f"sample.guidance_scale={guidance_scale}: a step-distilled FLUX.2 klein model (is_distilled) samples "
+                "without classifier-free guidance; set sample.guidance_scale=1"
+            )
+
+    def pipeline(self, c: Components, denoiser: Any = None) -> Any:
+        import diffusers
+
+        return diffusers.Flux2KleinPipeline(
+            scheduler=c.scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            transformer=c.denoiser if denoiser is None else denoiser,
+            is_distilled=self.is_distilled,
+        )
+
+    def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> Cond:
+        embeds, _ = pipe.encode_prompt(chunk, device=device, max_sequence_length=self.max_sequence_length)
+        return Cond(embeds)
+
+    def negative(self, c: Components, text: str) -> Cond:
+        if text:
+            raise SpinDiffusionError(
+                f"sample.negative_prompt={text!r}: Flux2KleinPipeline always guides with the empty prompt; "
+                "leave sample.negative_prompt empty for a FLUX.2 klein model"
+            )
+        return self.encode(c, [""])
+
+    @staticmethod
+    def _bn(c: Components, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE BatchNorm's running mean and std (√(var + eps)) as [1, 4C, 1, 1], as the pipeline reads them."""
+        bn = c.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + c.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    def vae_latents(self, c: Components, images: Tensor) -> Tensor:
+        """Flux2KleinPipeline._encode_vae_image's: the posterior mean, patchified 2×2, then (x - BN mean) / BN std."""
+        from diffusers import Flux2KleinPipeline
+
+        x = Flux2KleinPipeline._patchify_latents(c.vae.encode(images).latent_dist.mean)
+        bn_mean, bn_std = self._bn(c, x)
+        return (x - bn_mean) / bn_std
+
+    def vae_images(self, c: Components, latents: Tensor) -> Tensor:
+        """The pipeline's decode step: x · BN std + BN mean, unpatchified, decoded."""
+        from diffusers import Flux2KleinPipeline
+
+        bn_mean, bn_std = self._bn(c, latents)
+        return c.vae.decode(Flux2KleinPipeline._unpatchify_latents(latents * bn_std + bn_mean)).sample
+
+    def vae_latent_channels(self, vae: Any) -> int:
+        return 4 * int(vae.config.latent_channels)  # 2x2-patchified
+
+    def vae_scale_factor(self, vae: Any) -> int:
+        return 2 * super().vae_scale_factor(vae)
+
+    def _inputs(self, x: Tensor, timestep: Tensor, cond: Cond, extras: CallExtras) -> dict[str, Any]:
+        from diffusers import Flux2KleinPipeline
+
+        b = x.shape[0]
+        return {
+            "hidden_states": Flux2KleinPipeline._pack_latents(x),  # [B, h·w, C], row-major tokens
+            "timestep": torch.as_tensor(timestep, device=x.device).expand(b).to(x.dtype) / 1000,
+            "guidance": None,
+            "encoder_hidden_states": cond.embeds,
+            "txt_ids": Flux2KleinPipeline._prepare_text_ids(cond.embeds).to(x.device),
+            "img_ids": Flux2KleinPipeline._prepare_latent_ids(x).to(x.device),
+        }
+
+    def _output(self, out: Tensor, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        return out[:, : h * w].permute(0, 2, 1).reshape(b, c, h, w)
+
+
 class QwenImageFamily(FluxFamily):
     """Qwen-Image (QwenImagePipeline / QwenImageTransformer2DModel): FLUX.1's 2×2 packing, σ = linspace(1, 1/n, n)
     shifted at the image's μ and timestep σ, without a guidance embedding; the conditioning is Qwen2.5-VL's last
@@ -776,17 +939,34 @@ class QwenImageFamily(FluxFamily):
         return 2 ** len(vae.config.temperal_downsample)
 
 
-_BY_NAME = {f.name: f for f in (Family, SDXLFamily, SD3Family, FluxFamily, ZImageFamily, QwenImageFamily)}
+_BY_NAME = {
+    f.name: f for f in (Family, SDXLFamily, SD3Family, FluxFamily, ZImageFamily, QwenImageFamily, Flux2KleinFamily)
+}
 FAMILIES = tuple(_BY_NAME)
 PIPELINE_CLASSES = {name: f.pipeline_class for name, f in _BY_NAME.items()}
 
 
+def check_supported(pipeline_class: str) -> None:
+    """Refuse, in one line and before anything is loaded, a pipeline of a model no family trains: FLUX.2 [dev]
+    (Flux2Pipeline: a Mistral text encoder and a guidance-distilled transformer; only FLUX.2 klein is a family)."""
+    if pipeline_class == "Flux2Pipeline":
+        raise SpinDiffusionError(
+            "a Flux2Pipeline (FLUX.2 [dev]) is not supported: of FLUX.2 only the klein models (Flux2KleinPipeline) are"
+        )
+
+
 def family_name(pipeline_class: str, denoiser: Any) -> str:
     """The family of a pipeline class name (or, for an unknown class, of its denoiser)."""
+    check_supported(pipeline_class)
     for name, cls in PIPELINE_CLASSES.items():
         if pipeline_class == cls:
             return name
     kind = type(denoiser).__name__
+    if kind.startswith("Flux2"):
+        raise SpinDiffusionError(
+            f"a {pipeline_class} with a {kind} is not supported: of FLUX.2 only the klein models "
+            "(Flux2KleinPipeline) are"
+        )
     if kind.startswith("ZImage"):
         return "zimage"
     if kind.startswith("QwenImage"):
@@ -802,7 +982,8 @@ def family_name(pipeline_class: str, denoiser: Any) -> str:
 
 def make(name: str, scheduler_config: dict, denoiser_config: Any = None, **options: Any) -> Family:
     """The family ``name`` on the model's noise schedule; ``denoiser_config`` gives what the family reads of the
-    network (SD3's patch size, FLUX's guidance embedding); ``options``: FLUX's ``max_sequence_length``."""
+    network (SD3's patch size, FLUX's guidance embedding); ``options``: the text length ``max_sequence_length`` and
+    ``pipeline_config`` (model_index.json's settings: FLUX.2 klein's ``is_distilled``)."""
     if name not in _BY_NAME:
         raise SpinDiffusionError(f"unknown model family {name!r} (one of {', '.join(FAMILIES)})")
     return _BY_NAME[name](dict(scheduler_config), denoiser_config, **options)

@@ -35,7 +35,7 @@ class Components:
     """
 
     # the trained network: UNet2DConditionModel (SD, SDXL), SD3Transformer2DModel (SD3), FluxTransformer2DModel
-    # (FLUX.1) or ZImageTransformer2DModel (Z-Image)
+    # (FLUX.1), ZImageTransformer2DModel (Z-Image) or Flux2Transformer2DModel (FLUX.2 klein)
     denoiser: Any
     text_encoder: torch.nn.Module  # CLIPTextModel (or any encoder whose output has last_hidden_state)
     tokenizer: Any  # transformers PreTrainedTokenizerBase
@@ -53,10 +53,14 @@ class Components:
 
     @functools.cached_property
     def family(self) -> families.Family:
-        """How this model is conditioned, noised and called (``families``): sd, sdxl, sd3, flux or zimage."""
+        """How this model is conditioned, noised and called (``families``): sd, sdxl, sd3, flux, zimage or flux2."""
         name = families.family_name(self.pipeline_class, self.denoiser)
         return families.make(
-            name, self.scheduler.config, self.denoiser.config, max_sequence_length=self.max_sequence_length
+            name,
+            self.scheduler.config,
+            self.denoiser.config,
+            max_sequence_length=self.max_sequence_length,
+            pipeline_config=self.pipeline_config,
         )
 
     @property
@@ -76,7 +80,8 @@ class Components:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the denoiser's input latents (the VAE's latent channels; image channels without a VAE)."""
+        """Channels of the denoiser's input latents (the VAE's latent channels, 4x for FLUX.2's 2x2 patchify; image
+        channels without a VAE)."""
         if self.vae is not None:
             return self.family.vae_latent_channels(self.vae)
         return self.family.latent_channels(self.denoiser.config)
@@ -255,6 +260,7 @@ def load_components(
     _check_pipeline_folder(root, path)
     index = _read_json(root / "model_index.json")
     pipeline_class = str(index.get("_class_name") or "StableDiffusionPipeline")
+    families.check_supported(pipeline_class)
 
     def entry_class(name: str) -> str | None:
         return _entry_class(index, name)

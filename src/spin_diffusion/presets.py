@@ -13,7 +13,17 @@ from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.models import Components, check_compatible, freeze
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"  # vocab.json + merges.txt (make_tokenizer.py)
-PRESETS = ("tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage")
+PRESETS = (
+    "tiny",
+    "demo",
+    "tiny-sdxl",
+    "tiny-sd3",
+    "tiny-sd35",
+    "tiny-flux",
+    "tiny-zimage",
+    "tiny-qwenimage",
+    "tiny-flux2",
+)
 
 # UNet / text encoder / VAE sizes. "tiny" copies diffusers' get_dummy_components sizes (tests);
 # "demo" is the CPU demo world: 32x32 RGB images, 16x16x4 latents, ~1 M-parameter UNet.
@@ -66,7 +76,17 @@ DEMO_VAE_DIR = Path(__file__).parent / "assets" / "demo_vae"  # made by scripts/
 
 
 def build_preset(
-    name: Literal["tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage"],
+    name: Literal[
+        "tiny",
+        "demo",
+        "tiny-sdxl",
+        "tiny-sd3",
+        "tiny-sd35",
+        "tiny-flux",
+        "tiny-zimage",
+        "tiny-qwenimage",
+        "tiny-flux2",
+    ],
     *,
     seed: int = 0,
     pretrained_vae: bool = True,
@@ -74,8 +94,9 @@ def build_preset(
     """Build a randomly initialised built-in model from configs (no download, no files).
 
     - ``"tiny-sdxl"``, ``"tiny-sd3"``, ``"tiny-sd35"``, ``"tiny-flux"``: for tests, the SDXL, SD3, SD3.5 and FLUX.1
-      families at the ``"tiny"`` sizes (:func:`_build_family_preset`); ``"tiny-zimage"``, ``"tiny-qwenimage"``:
-      Z-Image and Qwen-Image (:func:`_build_tiny_zimage`, :func:`_build_tiny_qwenimage`).
+      families at the ``"tiny"`` sizes (:func:`_build_family_preset`); ``"tiny-zimage"``, ``"tiny-qwenimage"``,
+      ``"tiny-flux2"``: Z-Image, Qwen-Image and FLUX.2 [klein] (:func:`_build_tiny_zimage`,
+      :func:`_build_tiny_qwenimage`, :func:`_build_tiny_flux2`).
 
     - ``"tiny"``: for tests. UNet (4, 8) channels, 8x8x4 latents, 16x16 images, 8-dim text encoder.
     - ``"demo"``: the CPU demo world. UNet (32, 64, 64) channels, ~1.7 M parameters, 16x16x4 latents,
@@ -97,6 +118,8 @@ def build_preset(
         return _build_tiny_zimage(seed)
     if name == "tiny-qwenimage":
         return _build_tiny_qwenimage(seed)
+    if name == "tiny-flux2":
+        return _build_tiny_flux2(seed)
     if name not in _PRESET_CONFIGS:
         raise SpinDiffusionError(f"unknown model preset {name!r} (choose one of: {', '.join(PRESETS)})")
     cfg = _PRESET_CONFIGS[name]
@@ -349,22 +372,23 @@ def _tiny_qwen3_tokenizer() -> Any:
     )
 
 
-def _tiny_qwen3(tokenizer: Any) -> Any:
-    """A 2-layer Qwen3 encoder (32-dim hidden states) for ``tokenizer``."""
-    from transformers import Qwen3Config, Qwen3Model
+def _tiny_qwen3(tokenizer: Any, *, layers: int = 2, hidden: int = 32, causal_lm: bool = False) -> Any:
+    """A Qwen3 encoder for ``tokenizer``: 2 layers of 32-dim hidden states unless told (``Qwen3Model``, or
+    ``Qwen3ForCausalLM`` with ``causal_lm`` as FLUX.2 klein's pipeline names it)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     config = Qwen3Config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=hidden // 2,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return Qwen3Model(config)
+    return Qwen3ForCausalLM(config) if causal_lm else Qwen3Model(config)
 
 
 def _build_tiny_zimage(seed: int) -> Components:
@@ -417,12 +441,11 @@ def _build_tiny_zimage(seed: int) -> Components:
 def _build_tiny_qwenimage(seed: int) -> Components:
     """``tiny-qwenimage``: QwenImageTransformer2DModel (2 blocks, 2×2-packed 4-channel latents) on a 2-layer
     Qwen2.5-VL (16-dim; the pipeline reads its last hidden state; its vision tower is built but unused) with the
-    offline
-    Qwen tokenizer, Qwen-Image's causal VAE (4 latent channels, one 2× downsampling, per-channel latent mean and
-    std) and Qwen-Image's scheduler config (dynamic shifting 0.5..0.9 over 256..8192 tokens, exponential time shift,
-    terminal σ 0.02). The transformer's config records ``sample_size=8`` (the pipeline's default is 1024 px), so the
-    native size is 16 px as for the other tiny presets. Sizes follow diffusers' own QwenImagePipeline test. Same
-    seed, same weights."""
+    offline Qwen tokenizer, Qwen-Image's causal VAE (4 latent channels, one 2× downsampling, per-channel latent mean
+    and std) and Qwen-Image's scheduler config (dynamic shifting 0.5..0.9 over 256..8192 tokens, exponential time
+    shift, terminal σ 0.02). The transformer's config records ``sample_size=8`` (the pipeline's default is 1024 px),
+    so the native size is 16 px as for the other tiny presets. Sizes follow diffusers' own QwenImagePipeline test.
+    Same seed, same weights."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -494,5 +517,70 @@ def _build_tiny_qwenimage(seed: int) -> Components:
     )
     denoiser.eval()
     c = Components(denoiser, freeze(text_encoder), tokenizer, scheduler, freeze(vae), "QwenImagePipeline", None)
+    check_compatible(c)
+    return c
+
+
+def _build_tiny_flux2(seed: int) -> Components:
+    """``tiny-flux2``: FLUX.2 [klein] (base, not step-distilled) at the tiny sizes. Flux2Transformer2DModel (1 double
+    + 1 single block, 2 heads of 16, 4-axis RoPE, no guidance embedding as klein) on 16 channels: an
+    AutoencoderKLFlux2 (4 latent channels, 8x8 latents of 16 px images) patchified 2x2 by the pipeline, 4x4 tokens.
+    Its BatchNorm running mean and variance are seeded random numbers (a fresh VAE's 0 and 1 would hide the
+    normalisation). The text encoder is a 27-layer Qwen3ForCausalLM (16-dim hidden states): the pipeline stacks
+    hidden states 9, 18 and 27 by default, so the transformer takes 48-dim text; tokenizer with Qwen3's chat template.
+    Scheduler: FLUX.2's FlowMatchEulerDiscreteScheduler config (dynamic shifting; the pipeline computes μ itself).
+    Its config records ``sample_size=4`` (latent cells after the patchify; FLUX.2 transformers have none), so the
+    native size is 16 px as for the other tiny presets. Same seed, same weights."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    tiny = _PRESET_CONFIGS["tiny"]
+    tokenizer = _tiny_qwen3_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        denoiser = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 VAE channels, 2x2-patchified
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=48,  # 3 stacked 16-dim Qwen3 hidden states
+            timestep_guidance_channels=256,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
+        )
+        denoiser.register_to_config(sample_size=4)
+        text_encoder = _tiny_qwen3(tokenizer, layers=27, hidden=16, causal_lm=True)
+        vae = AutoencoderKLFlux2(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            sample_size=16,
+            **tiny["vae"],
+        )
+        vae.bn.running_mean.copy_(torch.randn(16) * 0.1)
+        vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    denoiser.eval()
+    c = Components(
+        denoiser,
+        freeze(text_encoder),
+        tokenizer,
+        scheduler,
+        freeze(vae),
+        "Flux2KleinPipeline",
+        None,
+        pipeline_config={"is_distilled": False},
+    )
     check_compatible(c)
     return c

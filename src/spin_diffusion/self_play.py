@@ -364,6 +364,7 @@ def _check_sampling(sample_cfg: SampleConfig, c: models.Components) -> None:
     """Refuse a sampler the family lacks, guidance it cannot take, and a DDIM η for a flow-matching model."""
     sampling.make_scheduler(sample_cfg.scheduler, c.family)
     sampling.Guidance.of(sample_cfg).check(c.family, getattr(c.denoiser.config, "num_layers", None))
+    c.family.check_guidance_scale(sample_cfg.guidance_scale)
     if sample_cfg.eta and c.family.process.kind == "flow":
         raise SpinDiffusionError(
             f"sample.eta={sample_cfg.eta}: the {c.family.name} family samples with deterministic Euler steps (no η); "
