@@ -178,7 +178,15 @@ def test_bad_eval_sampler_is_a_one_line_error(overrides, message):
 
 @pytest.mark.parametrize(
     "recipe",
-    ["sd15_pickapic", "sdxl_pickapic", "sd3_pickapic", "flux_pickapic", "zimage_pickapic", "qwenimage_pickapic"],
+    [
+        "sd15_pickapic",
+        "sdxl_pickapic",
+        "sd3_pickapic",
+        "flux_pickapic",
+        "zimage_pickapic",
+        "qwenimage_pickapic",
+        "flux2_pickapic",
+    ],
 )
 def test_shipped_recipes_run_the_papers_2048_pairs_on_8_gpus(recipe):
     from pathlib import Path
