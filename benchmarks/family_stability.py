@@ -33,8 +33,13 @@ RECIPE_BETA = {
     "tiny-sd3": 100.0,
     "tiny-flux": 100.0,
     "tiny-zimage": 100.0,
+    "tiny-qwenimage": 100.0,
+    "tiny-flux2": 100.0,
 }
-EXTRA = {"tiny-flux": ["sample.guidance_scale=3.5", "model.max_sequence_length=32"]}
+EXTRA = {
+    "tiny-flux": ["sample.guidance_scale=3.5", "model.max_sequence_length=32"],
+    "tiny-qwenimage": ["model.max_sequence_length=192"],
+}
 
 
 def run_one(preset: str, beta: float, guard: float | None, steps: int, work: Path) -> dict:
