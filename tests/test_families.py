@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import _families
 from spin_diffusion import encoding, export, families, models, presets, sampling
 from spin_diffusion.cli import main
 from spin_diffusion.data import sdxl_time_ids
@@ -570,33 +571,16 @@ def _spin(run_dir: Path, *overrides: str) -> None:
 
 # FLUX runs with 32 T5 tokens (model.max_sequence_length): the card must say so, and the pipeline is called with it
 _T5 = {"tiny-sd3": 77, "tiny-sd35": 77, "tiny-flux": 32, "tiny-zimage": 512, "tiny-qwenimage": 192, "tiny-flux2": 512}
-# what each preset runs with besides configs/tiny.yaml: FLUX.1-dev's guidance value; shorter text (cheaper runs)
-_EXTRA = {
-    "tiny-flux": ["model.max_sequence_length=32", "sample.guidance_scale=3.5"],
-    "tiny-qwenimage": ["model.max_sequence_length=192"],
-}
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize(
-    ("preset", "pipeline_class"),
-    [
-        ("tiny-sdxl", "StableDiffusionXLPipeline"),
-        ("tiny-sd3", "StableDiffusion3Pipeline"),
-        ("tiny-sd35", "StableDiffusion3Pipeline"),
-        ("tiny-flux", "FluxPipeline"),
-        ("tiny-zimage", "ZImagePipeline"),
-        ("tiny-qwenimage", "QwenImagePipeline"),
-        ("tiny-flux2", "Flux2KleinPipeline"),
-    ],
-)
+@pytest.mark.parametrize(("preset", "pipeline_class"), list(_families.PIPELINES.items()))
 @pytest.mark.parametrize("objective", ["spin_approx", "spin_exact"])
 def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, preset, pipeline_class, objective):
     import diffusers
 
     run_dir = tmp_path / "run"
-    extra = _EXTRA.get(preset, [])
-    _spin(run_dir, f"model.preset={preset}", f"loss.objective={objective}", *extra)
+    _spin(run_dir, *_families.settings(preset), f"loss.objective={objective}")
     state = json.loads((run_dir / "state.json").read_text())
     assert {"train:1", "train:2", "eval:2"} <= set(state["completed"])
     log = [json.loads(line) for line in (run_dir / "iter_02" / "train" / "train_log.jsonl").open()]
@@ -638,18 +622,15 @@ def test_family_runs_two_iterations_and_exports_a_plain_pipeline(tmp_path, prese
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize(
-    "preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"]
-)
+@pytest.mark.parametrize("preset", [p for p in _families.PIPELINES if p != "tiny-sd35"])
 def test_family_lora_sft_and_dpo(tmp_path, preset):
     import diffusers
 
     from spin_diffusion import world
 
     # LoRA self-play: the adapter loads into the family's pipeline with load_lora_weights
-    extra = _EXTRA.get(preset, [])
-    _spin(tmp_path / "lora", f"model.preset={preset}", "model.lora_rank=2", "num_iterations=1", "eval.enabled=false",
-          *extra)  # fmt: skip
+    _spin(tmp_path / "lora", *_families.settings(preset), "model.lora_rank=2", "num_iterations=1",
+          "eval.enabled=false")  # fmt: skip
     lora_dir = tmp_path / "lora" / "iter_01" / "lora"
     model_dir = tmp_path / "lora" / "iter_01" / "model"
     pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import _families
 from _launch import interrupt_when, set_args, spin_in_process, torchrun_args
 
 pytestmark = pytest.mark.heavy  # real processes: left out of `scripts/test.sh --quick`
@@ -110,7 +111,7 @@ def test_fsdp_two_processes_train_what_one_process_trains(tmp_path: Path, overri
     torch.testing.assert_close(pipe.unet.state_dict(), _unet(fsdp), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"])
+@pytest.mark.parametrize("preset", _families.TRANSFORMERS)
 def test_transformer_families_shard_with_their_config_and_train_what_one_process_trains(tmp_path: Path, preset: str):
     """configs/accelerate/fsdp_sd3.yaml, fsdp_flux.yaml, fsdp_zimage.yaml, fsdp_qwenimage.yaml and fsdp_flux2.yaml wrap
     the families' own blocks (the UNet config's BasicTransformerBlock does not exist there, and accelerate refuses
@@ -118,11 +119,7 @@ def test_transformer_families_shard_with_their_config_and_train_what_one_process
     from spin_diffusion.presets import build_preset
 
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
-    overrides = [*ONE_ITER, f"model.preset={preset}"]
-    if preset == "tiny-flux":
-        overrides += ["model.max_sequence_length=32", "sample.guidance_scale=3.5"]
-    if preset == "tiny-qwenimage":
-        overrides += ["model.max_sequence_length=192"]
+    overrides = [*ONE_ITER, *_families.settings(preset)]
     config = REPO / "configs" / "accelerate" / f"fsdp_{preset.removeprefix('tiny-')}.yaml"
     _run(_fsdp_args(fsdp, overrides, config))
     _one_process(one, overrides)

@@ -10,6 +10,7 @@ import string
 import pytest
 import torch
 
+import _families
 from spin_diffusion import encoding, export, lora, models, presets
 from spin_diffusion.errors import SpinDiffusionError
 
@@ -236,10 +237,7 @@ def test_load_errors_are_one_line(tmp_path, saved):
         assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "preset",
-    ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"],
-)
+@pytest.mark.parametrize("preset", _families.ALL)
 def test_load_denoiser_reads_the_class_from_model_index(tmp_path, preset):
     """One loader for every denoiser (a resumed run's θ_k, the base, an evaluated export): the class comes from
     model_index.json, so a FLUX transformer loads as FluxTransformer2DModel (it once loaded as SD3's and failed)."""

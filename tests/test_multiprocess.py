@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import _families
 from _launch import interrupt_when, kill_tree, node_args, set_args, torchrun_args
 from spin_diffusion.config import load_config
 from spin_diffusion.self_play import run
@@ -236,18 +237,7 @@ def test_every_objective_runs_on_two_processes(tmp_path: Path, command, override
     assert update > 0 and diff <= 1e-3 * update, f"|2-proc − 1-proc| = {diff:.3g}, update = {update:.3g}"
 
 
-@pytest.mark.parametrize(
-    ("preset", "objective"),
-    [
-        ("tiny-sdxl", "spin_approx"),
-        ("tiny-sd3", "spin_exact"),
-        ("tiny-sd35", "spin_approx"),
-        ("tiny-flux", "spin_exact"),
-        ("tiny-zimage", "spin_exact"),
-        ("tiny-qwenimage", "spin_approx"),
-        ("tiny-flux2", "spin_exact"),
-    ],
-)
+@pytest.mark.parametrize(("preset", "objective"), list(_families.TWO_PROCESS_OBJECTIVE.items()))
 def test_families_on_two_processes_equal_one_process(tmp_path: Path, preset: str, objective: str):
     """The family seam under DDP: SDXL's per-image time ids, SD3's and SD3.5's (dynamically shifted) flow draws,
     FLUX's packed latents and guidance embedding, Z-Image's and Qwen-Image's masked prompts of their own lengths and
@@ -255,11 +245,7 @@ def test_families_on_two_processes_equal_one_process(tmp_path: Path, preset: str
     × batch 4 give 1 process × batch 8's update (bound relative to the update, as for SD-1.x)."""
     from spin_diffusion.presets import build_preset
 
-    common = ["num_iterations=1", "eval.enabled=false", f"model.preset={preset}", f"loss.objective={objective}"]
-    if preset == "tiny-flux":
-        common += ["model.max_sequence_length=32", "sample.guidance_scale=3.5"]
-    if preset == "tiny-qwenimage":
-        common += ["model.max_sequence_length=192"]
+    common = ["num_iterations=1", "eval.enabled=false", *_families.settings(preset), f"loss.objective={objective}"]
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun("spin", "--config", str(TINY), "--run-dir", str(two), *set_args([*common, "train.batch_size=4"]))
     run(load_config(TINY, [*common, "train.batch_size=8", f"run_dir={one}"]), progress=False)
