@@ -2,7 +2,7 @@
 # The speed benchmarks and a 2-iteration self-play run on CUDA, in under 10 minutes on one GPU (A100/H100/H200).
 #
 #   bash benchmarks/gpu_check.sh          # on a GPU machine: CUDA, paper-like sampling (50 DDIM steps, CFG 7.5)
-#   bash benchmarks/gpu_check.sh --cpu    # the same steps, shrunk, on the CPU (checks this script; ~3 min)
+#   bash benchmarks/gpu_check.sh --cpu    # the same steps, shrunk, on the CPU (checks this script; ~5 min)
 #
 # Environment: PYTHON (default: python), OUT (default: /tmp/spin_gpu_check; the run dirs and logs go there).
 # Every step has its own time limit; the script stops at the first failure. Nothing is downloaded.
@@ -63,18 +63,26 @@ step 90 "$PY" -m spin_diffusion.cli spin --config configs/tiny.yaml --run-dir "$
   --set sample.batch_size="$BATCH" --set train.batch_size="$BATCH" --set train.max_steps="$TRAIN_STEPS" \
   --set eval.num_prompts="$EVAL" 2>&1 | tail -n 5 | tee "$OUT/run_dpm.txt"
 
-# 5. SDXL and SD3 families (tiny presets): spin_exact with bf16 mixed precision, export, plain-diffusers reload
-for preset in tiny-sdxl tiny-sd3; do
+# 5. Every transformer/UNet family (tiny presets): spin_exact with bf16 mixed precision, export, plain-diffusers
+#    reload and generation (the newest families' CUDA paths: Z-Image's lists, Qwen-Image's VAE, FLUX.2's latents)
+for preset in tiny-sdxl tiny-sd3 tiny-flux tiny-zimage tiny-qwenimage tiny-flux2; do
+  extra=()
+  [[ $preset == tiny-flux ]] && extra=(--set sample.guidance_scale=3.5 --set model.max_sequence_length=32)
+  [[ $preset == tiny-qwenimage ]] && extra=(--set model.max_sequence_length=192)
   step 120 "$PY" -m spin_diffusion.cli spin --config configs/tiny.yaml --run-dir "$OUT/run_$preset" \
-    --set model.preset="$preset" --set loss.objective=spin_exact "${MIXED[@]}" 2>&1 | tail -n 3
+    --set model.preset="$preset" --set loss.objective=spin_exact "${MIXED[@]}" "${extra[@]}" 2>&1 | tail -n 3
   "$PY" - "$OUT/run_$preset/iter_02/model" "$DEVICE" <<'PYEOF'
 import sys, torch
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1], local_files_only=True).to(sys.argv[2])
-kw = {"max_sequence_length": 77} if type(pipe).__name__ == "StableDiffusion3Pipeline" else {}
-image = pipe("a red circle", num_inference_steps=4, output_type="np", **kw).images[0]
+name = type(pipe).__name__
+kw = {"max_sequence_length": 77} if name == "StableDiffusion3Pipeline" else {}
+if name in ("FluxPipeline", "ZImagePipeline", "QwenImagePipeline", "Flux2KleinPipeline"):  # their default is 1024 px
+    kw |= {"height": 16, "width": 16}
+kw |= {"FluxPipeline": {"max_sequence_length": 32}, "QwenImagePipeline": {"max_sequence_length": 192}}.get(name, {})
+image = pipe(prompt="a red circle", num_inference_steps=4, output_type="np", **kw).images[0]
 assert image.shape == (16, 16, 3) and image.std() > 0, image.shape
-print(f"{type(pipe).__name__}: exported, reloaded and generated on {sys.argv[2]}")
+print(f"{name}: exported, reloaded and generated on {sys.argv[2]}")
 PYEOF
 done
 echo; echo "gpu_check: all steps passed; logs in $OUT"
