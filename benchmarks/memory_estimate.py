@@ -212,7 +212,7 @@ QWEN3_4B = dict(
 )
 ZIMAGE_TEXT_TOKENS = 512  # ZImagePipeline's max_sequence_length (prompts are shorter: their own tokens only)
 # Fake-tensor cases (image tokens, text tokens, main layers, refiner layers, checkpointing)
-ZIMAGE_FAKE_CASES = (
+ZIMAGE_FAKE_CASES = (  # one block, two blocks, the full depth, checkpointed (newer_main reads them in this order)
     (FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS, 1, 1, 0),
     (FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS, 2, 1, 0),
     (FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS, ZIMAGE["n_layers"], ZIMAGE["n_refiner_layers"], 0),
@@ -258,7 +258,7 @@ QWENIMAGE_VAE = dict(
     temperal_downsample=[False, True, True],
 )
 QWENIMAGE_TEXT_TOKENS = 256  # configs/qwenimage_pickapic.yaml's max_sequence_length (the pipeline allows 1024)
-QWENIMAGE_FAKE_CASES = (
+QWENIMAGE_FAKE_CASES = (  # (image tokens, text tokens, blocks, checkpointing), in ZIMAGE_FAKE_CASES' order
     (FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, 1, 0),
     (FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, 2, 0),
     (FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, QWENIMAGE["num_layers"], 0),
@@ -511,49 +511,6 @@ def measure_flux_child(image_tokens: int, text_tokens: int, double: int, single:
         return _forward_backward(model, call)
 
 
-def flux_saved_child() -> dict:
-    """The same forward + backward on fake tensors (FakeTensorMode: shapes, dtypes and autograd, no data, no
-    compute): the exact bytes autograd saves for backward (storages deduplicated, autocast's bf16 weight copies
-    included), at any size. With gradient checkpointing also the bytes of the inputs the checkpointed blocks hold
-    (a forward pre-hook on every block) — non-reentrant checkpointing hides its recomputed tensors from the hook."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    _fp32_norms()
-    out = {}
-    for case in FLUX_FAKE_CASES:
-        with FakeTensorMode(allow_non_fake_inputs=True), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            model, call = _flux_call(*case)
-            saved: dict[int, int] = {}
-            held: dict[int, int] = {}
-
-            def pack(tensor, saved=saved):
-                saved.setdefault(tensor.untyped_storage()._cdata, tensor.untyped_storage().nbytes())
-                return tensor
-
-            def hold(_m, args, kwargs, held=held):
-                for t in [*args, *kwargs.values()]:
-                    if isinstance(t, torch.Tensor) and torch.is_grad_enabled():
-                        held.setdefault(t.untyped_storage()._cdata, t.untyped_storage().nbytes())
-
-            hooks = [
-                b.register_forward_pre_hook(hold, with_kwargs=True)
-                for b in [*model.transformer_blocks, *model.single_transformer_blocks]
-            ]
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = call().float().pow(2).mean()
-            for h in hooks:
-                h.remove()
-            loss.backward()
-        out[",".join(map(str, case))] = {
-            "saved": sum(saved.values()),
-            "held": sum(held.values()),
-            "saved_or_held": sum({**saved, **held}.values()),  # a block input can be both
-        }
-    return out
-
-
 def _zimage_call(image_tokens: int, text_tokens: int, layers: int, refiners: int, checkpointing: bool):
     """Z-Image's transformer at full width (3840, 30 heads) with `layers` of its 30 main blocks and `refiners` of each
     2 refiner stacks, and a closure running it on one pair as ZImagePipeline calls it (lists of [16, 1, h, w] latents,
@@ -593,6 +550,11 @@ def _qwenimage_call(image_tokens: int, text_tokens: int, layers: int, checkpoint
 
 # model -> (the call builder, its fake-tensor cases, its blocks)
 _SAVED = {
+    "flux": (
+        lambda case: _flux_call(*case),
+        lambda: FLUX_FAKE_CASES,
+        lambda m: [*m.transformer_blocks, *m.single_transformer_blocks],
+    ),
     "zimage": (
         lambda case: _zimage_call(*case),
         lambda: ZIMAGE_FAKE_CASES,
@@ -607,9 +569,11 @@ _SAVED = {
 
 
 def saved_child(kind: str) -> dict:
-    """flux_saved_child for Z-Image or Qwen-Image: saved bytes (and with checkpointing the blocks' held inputs) on
-    fake tensors at full size, fp32 norms as CUDA autocast, SDPA forced to the flash kernel (O(tokens) memory, as on
-    GPUs)."""
+    """The forward + backward of each of the model's cases on fake tensors (FakeTensorMode: shapes, dtypes and
+    autograd, no data, no compute): the exact bytes autograd saves for backward (storages deduplicated, autocast's
+    bf16 weight copies included), at any size, fp32 norms as CUDA autocast, SDPA forced to the flash kernel (O(tokens)
+    memory, as on GPUs). With gradient checkpointing also the bytes of the inputs the checkpointed blocks hold (a
+    forward pre-hook on every block): non-reentrant checkpointing hides its recomputed tensors from the hook."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -770,20 +734,13 @@ def main() -> None:
     )
     parser.add_argument("--child", nargs="+", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-flux", nargs=5, type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--child-flux-saved", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-saved", choices=tuple(_SAVED), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_saved:
         print(json.dumps(saved_child(args.child_saved)))
         return
-    if args.only == "zimage":
-        zimage_main(args)
-        return
-    if args.only == "qwenimage":
-        qwenimage_main(args)
-        return
-    if args.child_flux_saved:
-        print(json.dumps(flux_saved_child()))
+    if args.only in _NEWER:
+        newer_main(args.only, args)
         return
     if args.child_flux:
         image_tokens, text_tokens, double, single, ckpt = args.child_flux
@@ -914,8 +871,8 @@ def main() -> None:
         f"the encoders' activations. ({time.perf_counter() - started:.0f} s)\n"
     )
     flux_main(args)
-    zimage_main(args)
-    qwenimage_main(args)
+    for kind in _NEWER:
+        newer_main(kind, args)
 
 
 def flux_main(args: argparse.Namespace) -> None:
@@ -931,11 +888,7 @@ def flux_main(args: argparse.Namespace) -> None:
     )
     parts = frozen_parts("FLUX")
     print("FLUX frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    child = subprocess.run(
-        [sys.executable, __file__, "--child-flux-saved"], capture_output=True, text=True, env=env, check=True
-    )
-    fake = {tuple(map(int, k.split(","))): v for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
+    fake = _saved_counts("flux")
     m = MEASURED_FLUX if args.no_measure else {key: measure(*key, flux=True) for key in MEASURED_FLUX}
     for key, r in m.items():
         img, txt, double, single, ckpt = key
@@ -982,12 +935,7 @@ def flux_main(args: argparse.Namespace) -> None:
         f"=> FLUX activations per pair @1024² ({full[0]} + {full[1]} tokens): {act / GiB:.2f} GiB; with gradient "
         f"checkpointing {act_ck / GiB:.2f} GiB\n"
     )
-    print("| " + " | ".join(HEADER) + " |")
-    print("|" + "---|" * len(HEADER))
-    for label, a in (("", act), (" + grad. ckpt", act_ck)):
-        for row in rows(args.gpus, {"FLUX": a}, args.lora_rank, models=("FLUX",)):
-            row[1] += label
-            print("| " + " | ".join(row) + " |")
+    _print_rows(args, "FLUX", act, act_ck)
     print(
         f"\nGiB per GPU, one pair per GPU; FLUX like SD3: reference bf16 and whole, text encoders off the GPU after "
         f"caching (cache building: T5-XXL {2 * parts['T5-XXL'] / GiB:.2f} GiB in bf16, with CLIP-L and the VAE "
@@ -995,49 +943,18 @@ def flux_main(args: argparse.Namespace) -> None:
     )
 
 
-def zimage_main(args: argparse.Namespace) -> None:
-    """Z-Image-Turbo: exact counts, the saved-bytes count at full size (fake tensors), the rows. No real run of its
-    blocks: the transient that peak RSS adds to the saved bytes is FLUX.1's, measured on its small real runs (the
-    same kind of blocks: attention + MLP with adaLN modulation at a similar width)."""
-    started = time.perf_counter()
-    net = meta_zimage()
-    p, lp = _numel(net), lora_params(net, args.lora_rank)
-    print(f"Z-Image transformer: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
-    parts = frozen_parts("Z-Image")
-    print("Z-Image frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
-    fake = _saved_counts("zimage")
-    transient = max(r["peak_growth"] - r["saved"] for key, r in MEASURED_FLUX.items() if not key[-1])
-    img, txt = FLUX_IMAGE_TOKENS, ZIMAGE_TEXT_TOKENS
-    n, r = ZIMAGE["n_layers"], ZIMAGE["n_refiner_layers"]
-    block = fake[(img, txt, 2, 1, 0)]["saved"] - fake[(img, txt, 1, 1, 0)]["saved"]
-    saved = fake[(img, txt, n, r, 0)]["saved"]
-    ck = fake[(img, txt, n, r, 1)]
-    act, act_ck = saved + transient, ck["saved_or_held"] + block + transient
-    print(
-        f"Z-Image saved for backward @ {img} + {txt} tokens (fake tensors, exact): a main block {block / GiB:.3f} "
-        "GiB; "
-        f"{r} + {r} refiners + {n} blocks: {saved / GiB:.2f} GiB; with gradient checkpointing: outside the blocks "
-        f"and their inputs {ck['saved_or_held'] / GiB:.2f} GiB + one block recomputed {block / GiB:.2f} GiB; "
-        f"+ FLUX's measured transient {transient / GiB:.3f} GiB"
-    )
-    print(
-        f"=> Z-Image activations per pair @1024² ({img} + {txt} tokens): {act / GiB:.2f} GiB; with gradient "
-        f"checkpointing {act_ck / GiB:.2f} GiB\n"
-    )
+def _print_rows(args: argparse.Namespace, model: str, act: float, act_ck: float) -> None:
+    """The rows of `model` without and with gradient checkpointing (activations per pair `act`, `act_ck`)."""
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER))
     for label, a in (("", act), (" + grad. ckpt", act_ck)):
-        for row in rows(args.gpus, {"Z-Image": a}, args.lora_rank, models=("Z-Image",)):
+        for row in rows(args.gpus, {model: a}, args.lora_rank, models=(model,)):
             row[1] += label
             print("| " + " | ".join(row) + " |")
-    print(
-        f"\nGiB per GPU, one pair per GPU; text encoder off the GPU after caching (cache building: Qwen3-4B "
-        f"{2 * parts['Qwen3-4B'] / GiB:.2f} GiB in bf16, with the VAE {2 * sum(parts.values()) / GiB:.2f} GiB). "
-        f"({time.perf_counter() - started:.0f} s)"
-    )
 
 
 def _saved_counts(kind: str) -> dict:
+    """saved_child(kind), run in a child process: {case tuple: its counts}."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     child = subprocess.run(
         [sys.executable, __file__, "--child-saved", kind], capture_output=True, text=True, env=env, check=True
@@ -1045,38 +962,42 @@ def _saved_counts(kind: str) -> dict:
     return {tuple(map(int, k.split(","))): v for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
 
 
-def qwenimage_main(args: argparse.Namespace) -> None:
-    """Qwen-Image: as zimage_main (exact counts, saved bytes on fake tensors at full size, FLUX.1's measured
-    transient), at the recipe's 256 text tokens."""
+# the models counted like FLUX.1 but without real runs of their own: kind -> (the name in the rows, its meta
+# transformer, the full depth in words, its text tokens); their fake cases are, in order, one block, two blocks, the
+# full depth, the full depth checkpointed
+_NEWER = {
+    "zimage": ("Z-Image", meta_zimage, "2 + 2 refiners + 30 blocks", ZIMAGE_TEXT_TOKENS),
+    "qwenimage": ("Qwen-Image", meta_qwenimage, "60 blocks", QWENIMAGE_TEXT_TOKENS),
+}
+
+
+def newer_main(kind: str, args: argparse.Namespace) -> None:
+    """Z-Image-Turbo or Qwen-Image: exact counts, the saved-bytes count at full size (fake tensors), the rows. No
+    real run of their blocks: the transient that peak RSS adds to the saved bytes is FLUX.1's, measured on its small
+    real runs (the same kind of blocks: attention + MLP with adaLN modulation at a similar width)."""
     started = time.perf_counter()
-    net = meta_qwenimage()
+    name, meta, depth, text_tokens = _NEWER[kind]
+    net = meta()
     p, lp = _numel(net), lora_params(net, args.lora_rank)
-    print(f"Qwen-Image transformer: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
-    parts = frozen_parts("Qwen-Image")
-    print("Qwen-Image frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
-    fake = _saved_counts("qwenimage")
+    print(f"{name} transformer: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
+    parts = frozen_parts(name)
+    print(f"{name} frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
+    fake = _saved_counts(kind)
+    one, two, full, full_ck = (fake[tuple(case)] for case in _SAVED[kind][1]())
     transient = max(r["peak_growth"] - r["saved"] for key, r in MEASURED_FLUX.items() if not key[-1])
-    img, txt, n = FLUX_IMAGE_TOKENS, QWENIMAGE_TEXT_TOKENS, QWENIMAGE["num_layers"]
-    block = fake[(img, txt, 2, 0)]["saved"] - fake[(img, txt, 1, 0)]["saved"]
-    saved = fake[(img, txt, n, 0)]["saved"]
-    ck = fake[(img, txt, n, 1)]
-    act, act_ck = saved + transient, ck["saved_or_held"] + block + transient
+    block = two["saved"] - one["saved"]
+    act, act_ck = full["saved"] + transient, full_ck["saved_or_held"] + block + transient
     print(
-        f"Qwen-Image saved for backward @ {img} + {txt} tokens (fake tensors, exact): a block {block / GiB:.3f} GiB; "
-        f"{n} blocks: {saved / GiB:.2f} GiB; with gradient checkpointing: outside the blocks and their inputs "
-        f"{ck['saved_or_held'] / GiB:.2f} GiB + one block recomputed; + FLUX's measured transient "
-        f"{transient / GiB:.3f} GiB"
+        f"{name} saved for backward @ {FLUX_IMAGE_TOKENS} + {text_tokens} tokens (fake tensors, exact): a block "
+        f"{block / GiB:.3f} GiB; {depth}: {full['saved'] / GiB:.2f} GiB; with gradient checkpointing: outside the "
+        f"blocks and their inputs {full_ck['saved_or_held'] / GiB:.2f} GiB + one block recomputed; + FLUX's measured "
+        f"transient {transient / GiB:.3f} GiB"
     )
     print(
-        f"=> Qwen-Image activations per pair @1024² ({img} + {txt} tokens): {act / GiB:.2f} GiB; with gradient "
-        f"checkpointing {act_ck / GiB:.2f} GiB\n"
+        f"=> {name} activations per pair @1024² ({FLUX_IMAGE_TOKENS} + {text_tokens} tokens): {act / GiB:.2f} GiB; "
+        f"with gradient checkpointing {act_ck / GiB:.2f} GiB\n"
     )
-    print("| " + " | ".join(HEADER) + " |")
-    print("|" + "---|" * len(HEADER))
-    for label, a in (("", act), (" + grad. ckpt", act_ck)):
-        for row in rows(args.gpus, {"Qwen-Image": a}, args.lora_rank, models=("Qwen-Image",)):
-            row[1] += label
-            print("| " + " | ".join(row) + " |")
+    _print_rows(args, name, act, act_ck)
     text = next(k for k in parts if k != "VAE")
     print(
         f"\nGiB per GPU, one pair per GPU; text encoder off the GPU after caching (cache building: {text} "
