@@ -21,6 +21,10 @@ from spin_diffusion import atomic
 from spin_diffusion.errors import SpinDiffusionError
 
 Objective = Literal["spin_approx", "spin_exact", "sft", "dpo", "ddo", "caption_contrast"]
+# the built-in models (presets.build_preset): tiny (SD-1.x family), the other families' tiny presets (tests), demo
+Preset = Literal[
+    "tiny", "demo", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"
+]
 # A number, or one number per self-play iteration: value i trains θ_{i+1}; the last value repeats for later ones.
 Schedule = float | tuple[float, ...]
 
@@ -52,17 +56,7 @@ class ModelConfig:
     variant: str | None = None  # weight files variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)
     # built-in model built from configs (no download): tiny (SD-1.x family), tiny-sdxl, tiny-sd3, tiny-sd35,
     # tiny-flux, tiny-zimage, tiny-qwenimage, tiny-flux2 (tests), demo
-    preset: Literal[
-        "tiny",
-        "demo",
-        "tiny-sdxl",
-        "tiny-sd3",
-        "tiny-sd35",
-        "tiny-flux",
-        "tiny-zimage",
-        "tiny-qwenimage",
-        "tiny-flux2",
-    ] = "tiny"
+    preset: Preset = "tiny"
     # text tokens per prompt: T5's of SD3/SD3.5 and FLUX.1, Qwen3's of Z-Image (training and sampling; the model card
     # says to pass it to the pipeline); None = 77 for SD3 (diffusers' SD3 training scripts), 512 for FLUX and Z-Image
     # (their pipelines' default)

@@ -4,26 +4,18 @@ shipped in ``spin_diffusion/assets/tokenizer``."""
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from spin_diffusion.config import Preset
 from spin_diffusion.errors import SpinDiffusionError
 from spin_diffusion.models import Components, check_compatible, freeze
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"  # vocab.json + merges.txt (make_tokenizer.py)
-PRESETS = (
-    "tiny",
-    "demo",
-    "tiny-sdxl",
-    "tiny-sd3",
-    "tiny-sd35",
-    "tiny-flux",
-    "tiny-zimage",
-    "tiny-qwenimage",
-    "tiny-flux2",
-)
+PRESETS: tuple[str, ...] = typing.get_args(Preset)
 
 # UNet / text encoder / VAE sizes. "tiny" copies diffusers' get_dummy_components sizes (tests);
 # "demo" is the CPU demo world: 32x32 RGB images, 16x16x4 latents, ~1 M-parameter UNet.
@@ -76,17 +68,7 @@ DEMO_VAE_DIR = Path(__file__).parent / "assets" / "demo_vae"  # made by scripts/
 
 
 def build_preset(
-    name: Literal[
-        "tiny",
-        "demo",
-        "tiny-sdxl",
-        "tiny-sd3",
-        "tiny-sd35",
-        "tiny-flux",
-        "tiny-zimage",
-        "tiny-qwenimage",
-        "tiny-flux2",
-    ],
+    name: Preset,
     *,
     seed: int = 0,
     pretrained_vae: bool = True,
