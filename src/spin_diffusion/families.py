@@ -547,7 +547,11 @@ class FlowFamily(Family):
                 f"text_encoder_{n}": getattr(c, f"text_encoder_{n}"),
                 f"tokenizer_{n}": getattr(c, f"tokenizer_{n}"),
             }
-        return getattr(diffusers, self.pipeline_class)(**parts)
+        return getattr(diffusers, self.pipeline_class)(**parts, **self.pipeline_settings())
+
+    def pipeline_settings(self) -> dict[str, Any]:
+        """The pipeline's own settings beside its parts (model_index.json's), that its export must keep."""
+        return {}
 
     def encode(self, c: Components, prompts: list[str], *, batch_size: int = 64) -> Cond:
         return _encode_with_pipeline(c, prompts, batch_size, self._encode_prompt)
@@ -790,17 +794,8 @@ class Flux2KleinFamily(FlowFamily):
                 "without classifier-free guidance; set sample.guidance_scale=1"
             )
 
-    def pipeline(self, c: Components, denoiser: Any = None) -> Any:
-        import diffusers
-
-        return diffusers.Flux2KleinPipeline(
-            scheduler=c.scheduler,
-            vae=c.vae,
-            text_encoder=c.text_encoder,
-            tokenizer=c.tokenizer,
-            transformer=c.denoiser if denoiser is None else denoiser,
-            is_distilled=self.is_distilled,
-        )
+    def pipeline_settings(self) -> dict[str, Any]:
+        return {"is_distilled": self.is_distilled}
 
     def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> Cond:
         embeds, _ = pipe.encode_prompt(chunk, device=device, max_sequence_length=self.max_sequence_length)
