@@ -95,7 +95,8 @@ def test_bad_input_raises_one_line_before_any_work(tmp_path):
 def _batch(b: int, k: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     target_w, target_l = torch.randn(b * k, 4, 3, 3, generator=g), torch.randn(b * k, 4, 3, 3, generator=g)
-    ref_w, ref_l = target_w + 0.5 * torch.randn_like(target_w), target_l + 0.5 * torch.randn_like(target_l)
+    ref_w = target_w + 0.5 * torch.randn(target_w.shape, generator=g)  # the seed's own draws, not the global RNG's
+    ref_l = target_l + 0.5 * torch.randn(target_l.shape, generator=g)
     policy_w = (ref_w + 0.1 * torch.randn(ref_w.shape, generator=g)).requires_grad_()
     policy_l = (ref_l + 0.1 * torch.randn(ref_l.shape, generator=g)).requires_grad_()
     return policy_w, policy_l, ref_w, ref_l, target_w, target_l
@@ -138,7 +139,7 @@ def test_the_policy_equal_to_its_reference_costs_log_2_and_exact_is_below_approx
 
 def test_the_loser_guard_scales_only_the_losers_gradient_by_its_lambda():
     b, k = 4, 2
-    pw, pl, rw, rl, tw, tl = _batch(b, k, seed=2)
+    pw, pl, rw, rl, tw, tl = _batch(b, k, seed=7)  # a batch where the guard cuts 2 of the 8 rows (λ ≥ 0.81)
     pl.data = pl.data + 0.3 * (pw.data - tw)  # loser residuals along the winner's: the guard has something to cut
     grads = {}
     for mu in (None, 0.5):
