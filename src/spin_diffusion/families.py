@@ -884,10 +884,6 @@ class QwenImageFamily(FluxFamily):
         # out_channels counts latent channels, in_channels packed ones (4 per latent channel)
         return 4 * int(denoiser_config.out_channels or denoiser_config.in_channels // 4) == denoiser_config.in_channels
 
-    @property
-    def guidance_embeds(self) -> bool:
-        return False
-
     def _encode_prompt(self, pipe: Any, chunk: list[str], device: Any) -> Cond:
         embeds, mask = pipe.encode_prompt(chunk, device=device, max_sequence_length=self.max_sequence_length)
         if mask is None:  # the pipeline drops an all-ones mask
