@@ -523,6 +523,28 @@ def test_resume_of_a_run_saved_with_the_old_eta_default(finished_run: Path):
     (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
 
 
+def test_resume_of_a_run_saved_with_the_old_lora_targets_default(finished_run: Path):
+    """model.lora_target_modules' default became null (the family's list): a run saved with the old default, the four
+    attention names, resumes; other saved targets are still a change, named."""
+    import yaml
+
+    original = (finished_run / "config.yaml").read_text()
+    saved = yaml.safe_load(original)
+    assert saved["model"]["lora_target_modules"] is None
+    try:
+        saved["model"]["lora_target_modules"] = ["to_q", "to_k", "to_v", "to_out.0"]
+        (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
+        run(load_config(TINY, [f"run_dir={finished_run}"]), resume=True, progress=False)
+        saved["model"]["lora_target_modules"] = ["to_q", "to_v"]
+        (finished_run / "config.yaml").write_text(yaml.safe_dump(saved))
+        with pytest.raises(
+            SpinDiffusionError, match=r"model.lora_target_modules: \['to_q', 'to_v'\] \(saved\) vs None \(now\)"
+        ):
+            run(load_config(TINY, [f"run_dir={finished_run}"]), resume=True, progress=False)
+    finally:
+        (finished_run / "config.yaml").write_text(original)
+
+
 def test_beta_and_learning_rate_schedules_change_per_iteration(tmp_path: Path, monkeypatch):
     """loss.beta=[2000,1000] and train.learning_rate=[1e-4,5e-5]: the trainer gets each iteration's numbers, the
     train log shows the learning rate used, state.json and the model cards record both, and --resume accepts

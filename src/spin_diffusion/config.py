@@ -63,7 +63,9 @@ class ModelConfig:
     max_sequence_length: int | None = None
     lora_rank: int = 0  # 0 = full fine-tuning of the denoiser; > 0 = LoRA of this rank (merged at each iteration end)
     lora_alpha: float | None = None  # LoRA scaling numerator; None -> equal to lora_rank
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # module names LoRA adapts
+    # module names LoRA adapts; None = the family's: to_q/to_k/to_v/to_out.0, and for FLUX.2 also its single blocks'
+    # to_qkv_mlp_proj and attn.to_out (diffusers' klein LoRA script's list)
+    lora_target_modules: tuple[str, ...] | None = None
     gradient_checkpointing: bool = False  # trade compute for memory in the denoiser's backward pass
 
     def __post_init__(self) -> None:

@@ -56,6 +56,10 @@ FLUX_MAX_SEQUENCE_LENGTH = 512
 LOGIT_NORMAL_MEAN, LOGIT_NORMAL_STD = 0.0, 1.0
 
 
+# LoRA's module names when model.lora_target_modules is unset (diffusers' LoRA scripts' default; FLUX.2 adds more)
+ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
 # --------------------------------------------------------------------------------------------------
 # Conditioning
 
@@ -340,6 +344,11 @@ class Family:
         """Parameters that no output depends on (DDP refuses to train a module with them unless told to search for
         them at every step, so training freezes them; they would get no gradient anyway)."""
         return []
+
+    def lora_target_modules(self, denoiser: Any) -> list[str]:
+        """The module names LoRA adapts when ``model.lora_target_modules`` is not set: the attention projections,
+        diffusers' LoRA scripts' default (every block of SD, SDXL, SD3, FLUX.1, Z-Image and Qwen-Image has them)."""
+        return list(ATTENTION_LORA_TARGETS)
 
     def outputs_what_it_takes(self, denoiser_config: Any) -> bool:
         """Does the denoiser output as many channels as it takes (no learned variance)?"""
@@ -758,6 +767,15 @@ class Flux2KleinFamily(FlowFamily):
     default_guidance_scale = 4.0  # Flux2KleinPipeline's default
     default_max_sequence_length = 512  # Flux2KleinPipeline's default
     default_sample_size = 64  # the pipeline's 1024 px: 128 VAE cells, 64 after the 2x2 patchify
+
+    def lora_target_modules(self, denoiser: Any) -> list[str]:
+        """The attention projections and, as diffusers' klein LoRA script (train_dreambooth_lora_flux2_klein.py), the
+        single blocks' fused q/k/v + MLP input and their output: the single blocks (20 of klein 4B's 25) have no
+        ``to_q``, so the four attention names alone would leave them untrained."""
+        singles = (
+            f"single_transformer_blocks.{i}.attn.to_out" for i in range(len(denoiser.single_transformer_blocks))
+        )
+        return [*ATTENTION_LORA_TARGETS, "to_qkv_mlp_proj", *singles]
 
     def _make_process(self, scheduler_config: dict) -> ForwardProcess:
         return UniformFlowProcess(scheduler_config, patch=1)

@@ -58,7 +58,7 @@ from spin_diffusion.config import (
     to_dict,
 )
 from spin_diffusion.errors import SpinDiffusionError
-from spin_diffusion.families import Cond, Family
+from spin_diffusion.families import ATTENTION_LORA_TARGETS, Cond, Family
 from spin_diffusion.model_eval import EvalSet, Validation, default_scorer_names, evaluate_denoiser
 from spin_diffusion.rundir import CONFIG_FILE, EVAL_FILE, STATE_FILE, iter_dir, read_eval
 
@@ -107,12 +107,18 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
 
 def _comparable(values: dict) -> dict:
     """A config dict with `sample.eta: null` replaced by the DDIM η it stands for (as `opponent_eta` picks it for
-    DDPM-family models): runs saved with the old default η = 0 resume, a spin_exact run saved at η = 0 does not."""
+    DDPM-family models): runs saved with the old default η = 0 resume, a spin_exact run saved at η = 0 does not. And
+    `model.lora_target_modules` as the four attention names reads as None (the family's list): runs saved before that
+    default existed wrote those names out, and they are every family's list but FLUX.2's (whose resumed iterations
+    then adapt its single blocks too)."""
     sample = dict(values["sample"])
     if sample.get("eta") is None:
         exact = objectives.get(values["loss"]["objective"]).trajectory and sample.get("scheduler") == "ddim"
         sample["eta"] = 1.0 if exact else 0.0
-    return {**values, "sample": sample}
+    model = dict(values["model"])
+    if tuple(model.get("lora_target_modules") or ()) == ATTENTION_LORA_TARGETS:
+        model["lora_target_modules"] = None
+    return {**values, "sample": sample, "model": model}
 
 
 def _read_saved(path: Path) -> RunConfig:
@@ -630,7 +636,7 @@ def _train_and_export(
     cfg, next_dir = r.cfg, iter_dir(r.run_dir, k + 1)
     cfg_k = for_iteration(cfg, k)
     needs_ref = r.objective.needs_ref and stored is None
-    policy, ref = _policy_and_ref(cfg.model, opponent, needs_ref=needs_ref, seed=train_seed(cfg, k))
+    policy, ref = _policy_and_ref(cfg.model, r.c.family, opponent, needs_ref=needs_ref, seed=train_seed(cfg, k))
     result = trainer.train(
         policy,
         ref,
@@ -777,7 +783,7 @@ def train_seed(cfg: RunConfig, k: int) -> int:
 
 
 def _policy_and_ref(
-    model_cfg: ModelConfig, opponent: torch.nn.Module, *, needs_ref: bool, seed: int
+    model_cfg: ModelConfig, family: Family, opponent: torch.nn.Module, *, needs_ref: bool, seed: int
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """θ_{k+1} starts as θ_k. Full fine-tuning: ref = frozen copy; LoRA: ref = the same denoiser, adapters off."""
     policy = opponent
@@ -790,7 +796,7 @@ def _policy_and_ref(
             policy,
             rank=model_cfg.lora_rank,
             alpha=model_cfg.lora_alpha or model_cfg.lora_rank,
-            target_modules=list(model_cfg.lora_target_modules),
+            target_modules=list(model_cfg.lora_target_modules or family.lora_target_modules(policy)),
             seed=seed,
         )
         return policy, None
