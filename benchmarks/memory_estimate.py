@@ -266,6 +266,38 @@ QWENIMAGE_FAKE_CASES = (  # (image tokens, text tokens, blocks, checkpointing), 
 )
 
 
+# FLUX.2 [klein] base 4B (black-forest-labs/FLUX.2-klein-base-4B, Apache-2.0): transformer/ (5 double + 20 single
+# blocks, width 3072, no guidance embedding), text_encoder (Qwen3-4B: QWEN3_4B; its layers 9, 18 and 27 stacked give
+# the 7680-wide text), vae/ (AutoencoderKLFlux2 as diffusers' defaults give it: 32 latent channels, patchified 2×2 to
+# 128). The transformer config was not readable here (the Hub is unreachable); these numbers agree in two
+# independent copies of it: DiffSynth-Studio's model table (diffsynth/configs/model_configs.py, FLUX.2-klein-4B) and
+# Tenstorrent's tt-forge-models GGUF loader of FLUX.2-klein-base-4B ("inferred from GGUF tensor shapes").
+FLUX2_KLEIN = dict(
+    patch_size=1,
+    in_channels=128,
+    out_channels=None,
+    num_layers=5,
+    num_single_layers=20,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=7680,
+    timestep_guidance_channels=256,
+    mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000,
+    eps=1e-6,
+    guidance_embeds=False,
+)
+FLUX2_TEXT_TOKENS = 512  # configs/flux2_pickapic.yaml's max_sequence_length (Flux2KleinPipeline's default)
+FLUX2_FAKE_CASES = (  # (image tokens, text tokens, double, single, checkpointing), in ZIMAGE_FAKE_CASES' order: the
+    # "one block" step is a double block (the larger kind: two streams), added to one double + one single
+    (FLUX_IMAGE_TOKENS, FLUX2_TEXT_TOKENS, 1, 1, 0),
+    (FLUX_IMAGE_TOKENS, FLUX2_TEXT_TOKENS, 2, 1, 0),
+    (FLUX_IMAGE_TOKENS, FLUX2_TEXT_TOKENS, FLUX2_KLEIN["num_layers"], FLUX2_KLEIN["num_single_layers"], 0),
+    (FLUX_IMAGE_TOKENS, FLUX2_TEXT_TOKENS, FLUX2_KLEIN["num_layers"], FLUX2_KLEIN["num_single_layers"], 1),
+)
+
+
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -278,11 +310,23 @@ def meta_unet(cfg: dict) -> torch.nn.Module:
         return UNet2DConditionModel.from_config(cfg)
 
 
+def lora_targets(net: torch.nn.Module) -> list[str]:
+    """The module names the tool's LoRA adapts by default in `net` (its family's list: LORA_TARGETS but for FLUX.2)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from spin_diffusion.families import Flux2KleinFamily
+
+    return Flux2KleinFamily({}).lora_target_modules(net) if isinstance(net, Flux2Transformer2DModel) else LORA_TARGETS
+
+
 def lora_params(unet: torch.nn.Module, rank: int) -> int:
+    """LoRA parameters of rank `rank` on the default targets (peft's rule: a module name that is a target or ends
+    in "." + a target)."""
+    targets = lora_targets(unet)
     return sum(
         rank * (m.in_features + m.out_features)
         for name, m in unet.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS)
+        if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
     )
 
 
@@ -318,6 +362,14 @@ def meta_qwenimage(cfg: dict = QWENIMAGE) -> torch.nn.Module:
         return QwenImageTransformer2DModel.from_config(cfg)
 
 
+def meta_flux2(cfg: dict = FLUX2_KLEIN) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+
+    with init_empty_weights():
+        return Flux2Transformer2DModel.from_config(cfg)
+
+
 def _text_params(model: torch.nn.Module) -> int:
     # init_empty_weights leaves T5's encoder.embed_tokens untied from shared (and re-tying inside it makes a new
     # meta parameter); the checkpoint ties them, so tie outside it before counting (a no-op for CLIP)
@@ -338,6 +390,13 @@ def frozen_parts(model: str) -> dict[str, int]:
             from transformers import Qwen3Config, Qwen3Model
 
             text = {"Qwen3-4B": Qwen3Model(Qwen3Config(**QWEN3_4B))}
+        elif model == "FLUX.2 [klein]":
+            from diffusers import AutoencoderKLFlux2
+            from transformers import Qwen3Config, Qwen3ForCausalLM
+
+            # Flux2KleinPipeline loads a Qwen3ForCausalLM (its LM head tied to the embeddings: tied below)
+            text = {"Qwen3-4B": Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))}
+            vae = AutoencoderKLFlux2()
         elif model == "Qwen-Image":
             from diffusers import AutoencoderKLQwenImage
             from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -358,7 +417,8 @@ def frozen_parts(model: str) -> dict[str, int]:
             text = {"CLIP-L": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
             if model == "SDXL":
                 text["CLIP-G"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
-        vae = AutoencoderKL.from_config(VAE_SD3 if model in ("SD3", "FLUX", "Z-Image") else VAE)
+        if model != "FLUX.2 [klein]":
+            vae = AutoencoderKL.from_config(VAE_SD3 if model in ("SD3", "FLUX", "Z-Image") else VAE)
     return {**{name: _text_params(m) for name, m in text.items()}, "VAE": _numel(vae)}
 
 
@@ -528,6 +588,30 @@ def _zimage_call(image_tokens: int, text_tokens: int, layers: int, refiners: int
     return model, lambda: torch.stack(model(x, torch.tensor([0.3, 0.9]), caps).sample)
 
 
+def _flux2_call(image_tokens: int, text_tokens: int, double: int, single: int, checkpointing: bool):
+    """FLUX.2 [klein] 4B's transformer at full width (3072, 24 heads) with `double` of its 5 double-stream and
+    `single` of its 20 single-stream blocks, and a closure running it on one pair as Flux2KleinPipeline calls it
+    (128-channel patchified latents, σ in [0, 1], 4-axis position ids, no guidance)."""
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    cfg = {**FLUX2_KLEIN, "num_layers": double, "num_single_layers": single}
+    model = Flux2Transformer2DModel.from_config(cfg).train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    side = int(image_tokens**0.5)
+    text = torch.randn(2, text_tokens, FLUX2_KLEIN["joint_attention_dim"])
+    x = torch.randn(2, FLUX2_KLEIN["in_channels"], side, side)
+    kw = dict(
+        encoder_hidden_states=text,
+        timestep=torch.tensor([0.3, 0.9]),
+        img_ids=Flux2KleinPipeline._prepare_latent_ids(x),
+        txt_ids=Flux2KleinPipeline._prepare_text_ids(text),
+    )
+    packed = x.flatten(2).transpose(1, 2)  # the pipeline's _pack_latents: [B, C, H, W] -> [B, H·W, C]
+    return model, lambda: model(hidden_states=packed, **kw).sample
+
+
 def _qwenimage_call(image_tokens: int, text_tokens: int, layers: int, checkpointing: bool):
     """Qwen-Image's transformer at full width (3072, 24 heads) with `layers` of its 60 blocks and a closure running
     it on one pair as QwenImagePipeline calls it (packed latents, σ, `text_tokens` of Qwen2.5-VL features)."""
@@ -564,6 +648,11 @@ _SAVED = {
         lambda case: _qwenimage_call(*case),
         lambda: QWENIMAGE_FAKE_CASES,
         lambda m: list(m.transformer_blocks),
+    ),
+    "flux2": (
+        lambda case: _flux2_call(*case),
+        lambda: FLUX2_FAKE_CASES,
+        lambda m: [*m.transformer_blocks, *m.single_transformer_blocks],
     ),
 }
 
@@ -694,12 +783,14 @@ def rows(n_gpus: int, acts: dict[str, float], lora_rank: int, models=("SD-1.5", 
             net = meta_zimage()
         elif model == "Qwen-Image":
             net = meta_qwenimage()
+        elif model == "FLUX.2 [klein]":
+            net = meta_flux2()
         else:
             net = meta_sd3() if model == "SD3" else meta_unet(SD15 if model == "SD-1.5" else SDXL)
         p, lp = _numel(net), lora_params(net, lora_rank)
         parts = frozen_parts(model)
         # SD3, FLUX: the text encoders leave the GPU once the embeddings are cached; generation needs only the VAE
-        flow = model in ("SD3", "FLUX", "Z-Image", "Qwen-Image")
+        flow = model in ("SD3", "FLUX", "Z-Image", "Qwen-Image", "FLUX.2 [klein]")
         frozen = 2 * (parts["VAE"] if flow else sum(parts.values()))  # bf16
         act = acts[model]
         for mode in ("full", "full, reference copy", f"LoRA r={lora_rank}"):
@@ -730,7 +821,9 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--no-measure", action="store_true", help="use the figures measured here before")
     parser.add_argument(
-        "--only", choices=("flux", "zimage", "qwenimage"), help="only this model (its counts, measurement and rows)"
+        "--only",
+        choices=("flux", "zimage", "qwenimage", "flux2"),
+        help="only this model (its counts, measurement and rows)",
     )
     parser.add_argument("--child", nargs="+", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-flux", nargs=5, type=int, help=argparse.SUPPRESS)
@@ -968,6 +1061,7 @@ def _saved_counts(kind: str) -> dict:
 _NEWER = {
     "zimage": ("Z-Image", meta_zimage, "2 + 2 refiners + 30 blocks", ZIMAGE_TEXT_TOKENS),
     "qwenimage": ("Qwen-Image", meta_qwenimage, "60 blocks", QWENIMAGE_TEXT_TOKENS),
+    "flux2": ("FLUX.2 [klein]", meta_flux2, "5 double + 20 single blocks", FLUX2_TEXT_TOKENS),
 }
 
 
@@ -979,7 +1073,9 @@ def newer_main(kind: str, args: argparse.Namespace) -> None:
     name, meta, depth, text_tokens = _NEWER[kind]
     net = meta()
     p, lp = _numel(net), lora_params(net, args.lora_rank)
-    print(f"{name} transformer: {p:,} parameters; LoRA r={args.lora_rank} on {'/'.join(LORA_TARGETS)}: {lp:,}")
+    on = "/".join(t for t in lora_targets(net) if not t.startswith("single_transformer_blocks."))
+    on += " + the single blocks' attn.to_out" if kind == "flux2" else ""
+    print(f"{name} transformer: {p:,} parameters; LoRA r={args.lora_rank} on {on}: {lp:,}")
     parts = frozen_parts(name)
     print(f"{name} frozen parts: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
     fake = _saved_counts(kind)
