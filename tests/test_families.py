@@ -202,6 +202,13 @@ def test_family_is_told_by_the_pipeline_class(sdxl, sd3):
     assert families.FAMILIES == ("sd", "sdxl", "sd3", "flux", "zimage", "qwenimage", "flux2")
     assert families.family_name("QwenImagePipeline", None) == "qwenimage"
     assert families.family_name("Flux2KleinPipeline", None) == "flux2"
+    # a pipeline class no family names: the denoiser's class tells (every family's own tiny denoiser; FLUX.2's is
+    # refused, test_flux2_dev_pipeline_is_refused_in_one_line), or one line
+    for preset in [p for p in _families.ALL if p != "tiny-flux2"]:
+        c = presets.build_preset(preset)
+        assert families.family_name("MyPipeline", c.denoiser) == c.family.name
+    with pytest.raises(SpinDiffusionError, match=r"^a MyPipeline with a Linear is not a model family .*UNet2DCond"):
+        families.family_name("MyPipeline", torch.nn.Linear(2, 2))
     with pytest.raises(Exception, match="dpmsolver"):
         sampling.make_scheduler("dpmsolver++", sd3.family)
 

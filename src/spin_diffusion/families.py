@@ -303,6 +303,7 @@ class Family:
 
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline class that samples, saves and reloads it
+    denoiser_class = "UNet2DConditionModel"  # its denoiser's class: tells the family of a pipeline class not known
     num_text_encoders = 1  # text_encoder, text_encoder_2, ... the pipeline needs
     default_guidance_scale = 7.5  # the pipeline's `guidance_scale` default
     # the pipeline's argument that `sample.guidance_scale` is, and whether it guides only with a negative prompt
@@ -584,6 +585,7 @@ class SD3Family(FlowFamily):
 
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_class = "SD3Transformer2DModel"
     default_guidance_scale = 7.0
     skip_layer_guidance = True
     default_max_sequence_length = SD3_MAX_SEQUENCE_LENGTH
@@ -634,6 +636,7 @@ class FluxFamily(FlowFamily):
 
     name = "flux"
     pipeline_class = "FluxPipeline"
+    denoiser_class = "FluxTransformer2DModel"
     default_guidance_scale = 3.5
     embedded_guidance = True
     default_max_sequence_length = FLUX_MAX_SEQUENCE_LENGTH
@@ -694,6 +697,7 @@ class ZImageFamily(FlowFamily):
 
     name = "zimage"
     pipeline_class = "ZImagePipeline"
+    denoiser_class = "ZImageTransformer2DModel"
     num_text_encoders = 1
     default_guidance_scale = 5.0
     default_max_sequence_length = 512  # ZImagePipeline's default
@@ -763,6 +767,7 @@ class Flux2KleinFamily(FlowFamily):
 
     name = "flux2"
     pipeline_class = "Flux2KleinPipeline"
+    denoiser_class = "Flux2Transformer2DModel"
     num_text_encoders = 1
     default_guidance_scale = 4.0  # Flux2KleinPipeline's default
     default_max_sequence_length = 512  # Flux2KleinPipeline's default
@@ -885,6 +890,7 @@ class QwenImageFamily(FluxFamily):
 
     name = "qwenimage"
     pipeline_class = "QwenImagePipeline"
+    denoiser_class = "QwenImageTransformer2DModel"
     num_text_encoders = 1
     embedded_guidance = False
     default_guidance_scale = 4.0  # QwenImagePipeline's true_cfg_scale
@@ -965,28 +971,29 @@ def check_supported(pipeline_class: str) -> None:
 
 
 def family_name(pipeline_class: str, denoiser: Any) -> str:
-    """The family of a pipeline class name (or, for an unknown class, of its denoiser)."""
+    """The family of a pipeline class name or, for a pipeline class no family names (a custom one), of its denoiser's
+    class (``Family.denoiser_class``; SD and SDXL share the UNet class, and SDXL's has the text-time embedding)."""
     check_supported(pipeline_class)
     for name, cls in PIPELINE_CLASSES.items():
         if pipeline_class == cls:
             return name
     kind = type(denoiser).__name__
-    if kind.startswith("Flux2"):
+    if kind == Flux2KleinFamily.denoiser_class:
         raise SpinDiffusionError(
             f"a {pipeline_class} with a {kind} is not supported: of FLUX.2 only the klein models "
             "(Flux2KleinPipeline) are"
         )
-    if kind.startswith("ZImage"):
-        return "zimage"
-    if kind.startswith("QwenImage"):
-        return "qwenimage"
-    if kind.startswith("Flux"):
-        return "flux"
-    if "Transformer" in kind:
-        return "sd3"
-    if getattr(getattr(denoiser, "config", None), "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    return "sd"
+    names = [name for name, f in _BY_NAME.items() if f.denoiser_class == kind]
+    if not names:
+        known = ", ".join(dict.fromkeys(f.denoiser_class for f in _BY_NAME.values()))
+        raise SpinDiffusionError(
+            f"a {pipeline_class} with a {kind} is not a model family spin-diffusion trains (its denoisers: {known})"
+        )
+    if len(names) > 1:  # the UNet of SD-1.x/2.x or SDXL
+        return (
+            "sdxl" if getattr(getattr(denoiser, "config", None), "addition_embed_type", None) == "text_time" else "sd"
+        )
+    return names[0]
 
 
 def make(name: str, scheduler_config: dict, denoiser_config: Any = None, **options: Any) -> Family:
