@@ -3,6 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --out /tmp/selfplay_study   # ~45 min, 2 CPU cores
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --world relations --out /tmp/rel_study \
         --arms sft spin "spin + caption contrast" "ddo lr=1e-4" "spin pool=all" "spin 32 pairs"   # ~35 min
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --world relations --scale 4 --out /tmp/rel_x4 \
+        --arms sft spin "spin + caption contrast" "spin 32 pairs"   # 4x the steps
 
 The relation world (`spin_diffusion.relation_world`, 288 scenes: two shapes, their colors and a relation) runs the
 same protocol from its shipped base (assets/relation_base, `scripts/train_demo_base.py --world relations`), on 4
@@ -34,6 +36,14 @@ Protocol (written before any of its numbers were seen; docs/DEMO_STUDY.md §4 ho
    the same model for the same 120 steps (the demo's SFT-then-SPIN comparison, for the validated arm).
 4. The tables report TEST scenes for every arm, whichever way the numbers fall, with the validation columns beside
    them. Nothing here changes a default by itself: the demo's defaults follow the validated best (docs).
+
+The relation world at 4× the budget (`--world relations --scale 4`; written before its numbers were seen): at the
+demo's budget no arm, SFT included, moved prompt fidelity there beyond the seed spread (docs/DEMO_STUDY.md §4), so
+the same protocol runs with every arm's optimizer steps × 4 (SFT 480 steps × 32 real images; SPIN 3 iterations ×
+160 steps), nothing else changed (rates, β, guard, data, judges, seeds). Arms: `sft`, `spin`, `spin + caption
+contrast` (the demo's recipe now), `spin 32 pairs` (equal real images per step); then step 3 for the arm validation
+picks. Whether SFT itself now beats the base on validation by more than one prompt is reported first: if it does
+not, the world still has no room at this budget, and the run says so rather than a longer one being tried.
 """
 
 from __future__ import annotations
@@ -91,6 +101,12 @@ def _world(out: Path) -> str:
     return saved.read_text().strip() if saved.exists() else "shapes"
 
 
+def _scale(out: Path) -> float:
+    """Every arm's optimizer steps × this (--scale, written to out/scale.txt by main; 1 = the demo's budget)."""
+    saved = out / "scale.txt"
+    return float(saved.read_text().strip()) if saved.exists() else 1.0
+
+
 def _data(out: Path) -> Path:
     if _world(out) == "shapes":
         return runner.prepare(out)
@@ -104,7 +120,12 @@ def _data(out: Path) -> Path:
 def _config(out: Path, name: str, s: int, kind: str, overrides: dict) -> RunConfig:
     """Arm `name`'s run for seed s: the demo's `kind` run (sft | spin) with `overrides`."""
     sft, spin = runner.finetune_configs(
-        out / "arms" / _slug(name) / f"seed_{s}", _base(out), _data(out), seed=s, hyper=runner.Hyper(), scale=1.0
+        out / "arms" / _slug(name) / f"seed_{s}",
+        _base(out),
+        _data(out),
+        seed=s,
+        hyper=runner.Hyper(),
+        scale=_scale(out),
     )
     return replace(sft if kind == "sft" else spin, **overrides)
 
@@ -260,12 +281,17 @@ def main() -> None:
     parser.add_argument("--world", choices=("shapes", "relations"), default="shapes")
     parser.add_argument("--base", type=Path, default=None, help="the base model (default: the world's shipped base)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="a subset of the arms")
+    parser.add_argument("--scale", type=float, default=1.0, help="every arm's optimizer steps × this (1 = the demo's)")
     args = parser.parse_args()
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.world == "relations" and args.base is None:
         args.base = relation_world.SHIPPED_BASE
-    for name, value in (("world.txt", args.world), ("base.txt", args.base and args.base.resolve())):
+    for name, value in (
+        ("world.txt", args.world),
+        ("base.txt", args.base and args.base.resolve()),
+        ("scale.txt", args.scale),
+    ):
         if value is not None:
             (args.out / name).write_text(f"{value}\n")
     _data(args.out)  # once, before the workers start
@@ -311,6 +337,7 @@ def main() -> None:
     report = {
         "world": args.world,
         "base": str(_base(args.out)),
+        "scale": args.scale,
         "picks": picks,
         "seconds": round(time.perf_counter() - started),
         "rows": rows,
