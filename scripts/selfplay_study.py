@@ -50,19 +50,16 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import dataclasses
 import json
 import multiprocessing
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
-from spin_diffusion import atomic, console, models, relation_world, scoring, world
+from spin_diffusion import console, relation_world
 from spin_diffusion.config import RunConfig, replace
 from spin_diffusion.demo import runner
-from spin_diffusion.demo.evaluate import EvalSpec, evaluate, render, win_rate_vs
+from spin_diffusion.demo.evaluate import EvalSpec, evaluate, win_rate_vs
 from spin_diffusion.rundir import iter_dir
 
 SEEDS = (0, 1, 2)
@@ -130,41 +127,16 @@ def _config(out: Path, name: str, s: int, kind: str, overrides: dict) -> RunConf
     return replace(sft if kind == "sft" else spin, **overrides)
 
 
-def _evaluate_relations(model: Path, split: str, seed: int, out_json: Path) -> dict:
-    """demo.evaluate.evaluate for the relation world: one image per scene of `split` drawn by the same renderer and
-    sampler (`demo.evaluate.render`, the seeds of runner.validation_spec / heldout_spec), the relation judge per
-    prompt ("all" stored as `shapes_judge`, the tables' key), the Fréchet distance in the shapes world's fixed
-    feature space against fresh renders of the same scenes. A saved result for the same spec is returned as it is."""
-    prompts = relation_world.split_prompts("validation" if split == "val" else split, RELATION_EVAL_PER_SCENE)
-    spec = EvalSpec(prompts=tuple(prompts), seed=(2000 if split == "val" else 1000) + seed, **runner.EVAL_SAMPLE)
-    sampler = dataclasses.asdict(spec) | {"prompts": len(prompts)}
-    if out_json.exists():
-        saved = json.loads(out_json.read_text())
-        if saved.get("sampler") == sampler and saved.get("prompts") == prompts:
-            return saved
-    images = render(models.load_components(model), spec)
-    verdicts = [relation_world.judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
-    scores = {
-        "shapes_judge": [float(v.color and v.shape and v.relation) for v in verdicts],
-        **{f"relation_{part}": [float(getattr(v, part)) for v in verdicts] for part in ("color", "shape", "relation")},
-    }
-    metrics = {key: sum(v) / len(v) for key, v in scores.items()}
-    reference = [
-        relation_world.render(relation_world.parse_caption(p), rng=np.random.default_rng([spec.seed, 2, i]))
-        for i, p in enumerate(prompts)
-    ]
-    metrics["fd"] = scoring.frechet_distance_metric(images, reference, world.FeatureNet())
-    result = {"model": str(model), "metrics": metrics, "scores": scores, "prompts": prompts, "sampler": sampler}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out_json, json.dumps(result, indent=1))
-    return result
-
-
 def _score(out: Path, model: Path, split: str, s: int, out_json: Path) -> dict:
+    """demo.evaluate.evaluate of `model` on `split` ("val" | "test") for seed s: the demo's specs in the shapes world;
+    in the relation world one image per scene of the split, on the same seeds and sampler, with its judge."""
     if _world(out) == "shapes":
         spec = runner.validation_spec(s) if split == "val" else runner.heldout_spec(s)
         return evaluate(model, spec, out_json)
-    return _evaluate_relations(model, split, s, out_json)
+    seed = (2000 if split == "val" else 1000) + s  # runner.validation_spec's and heldout_spec's
+    name = "validation" if split == "val" else split
+    spec = EvalSpec.for_split(name, RELATION_EVAL_PER_SCENE, seed=seed, world="relations", **runner.EVAL_SAMPLE)
+    return evaluate(model, spec, out_json, world="relations")
 
 
 def _job(name: str, s: int, extra: dict | None = None) -> tuple[str, int, str, dict]:

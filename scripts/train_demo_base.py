@@ -205,7 +205,8 @@ def main() -> int:
         validation = evaluate.evaluate(args.out, heldout_check("validation"), args.work / "final_validation.json")[
             "metrics"
         ]
-    else:  # demo.evaluate knows the shapes world only: the relation judge on the EMA, on noise the checks never used
+    else:  # the relation judge on the fp32 EMA, on noise the checks never used: how the shipped relation base was
+        # checked (before demo.evaluate took world="relations"); kept so that its info.json figures reproduce
         test, validation = (
             judge_unet(c, ema, w.split_prompts(split, FINAL_PER_SCENE), seed=FINAL_SEED, judge=w.judge_batch)
             for split in ("test", "validation")

@@ -3,6 +3,7 @@ binding error in its own verdict, the splits are disjoint and cover every attrib
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -83,3 +84,22 @@ def test_imagefolder_round_trips_and_refuses_a_non_empty_dir(tmp_path: Path):
         rw.write_imagefolder(out, 2, seed=3)
     pairs, wrong = rw.noisy_examples(40, seed=0, noise=0.5)
     assert len(pairs) == 40 and 0 < wrong < 40
+
+
+def test_demo_evaluation_judges_the_relation_world_with_its_own_judge():
+    """demo.evaluate's "relations" world: its splits are the relation world's, its reference renders are judged all
+    correct, and one image's scores name every part under the tables' keys ("shapes_judge" = all parts right)."""
+    from spin_diffusion.demo.evaluate import WORLDS, EvalSpec, reference_images
+
+    spec = EvalSpec.for_split("test", 1, seed=3, world="relations")
+    assert list(spec.prompts) == rw.split_prompts("test", 1)
+    references = reference_images(spec.prompts[:6], spec.seed, "relations")
+    judged = WORLDS["relations"]
+    for image, prompt in zip(references, spec.prompts[:6], strict=True):
+        scores = judged.scores(image, prompt)
+        assert scores == {"shapes_judge": 1.0, "relation_color": 1.0, "relation_shape": 1.0, "relation_relation": 1.0}
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    scene = rw.parse_caption(spec.prompts[0])
+    reversed_relation = dataclasses.replace(scene, relation=opposite[scene.relation]).caption
+    scores = judged.scores(references[0], reversed_relation)
+    assert scores == {"shapes_judge": 0.0, "relation_color": 1.0, "relation_shape": 1.0, "relation_relation": 0.0}
