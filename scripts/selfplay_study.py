@@ -254,6 +254,9 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=None, help="the base model (default: the world's shipped base)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="a subset of the arms")
     parser.add_argument("--scale", type=float, default=1.0, help="every arm's optimizer steps × this (1 = the demo's)")
+    parser.add_argument(
+        "--on-top", choices=("best", "all"), default="best", help="run the best self-play arm (or all) after SFT"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -294,17 +297,17 @@ def main() -> None:
             selfplay.append(combo)
             rows.update(_run_all(args.out, [_job(combo, s) for s in SEEDS], args.workers))
 
-    # 3. on top of SFT: the best arm vs SFT continued, both from the seed's SFT model
+    # 3. on top of SFT: the best arm (--on-top all: every self-play arm) vs SFT continued, from the seed's SFT model
     top_rows: dict = {}
     if selfplay and "sft" in rows:
         best = picks["best self-play arm"] = _best(rows, selfplay)
-        ARMS[f"sft -> {best}"] = ARMS[best]
+        above = [best, *(n for n in selfplay if n != best)] if args.on_top == "all" else [best]
+        sft_model = {s: {"model.path": str(_models(_config(args.out, "sft", s, *ARMS["sft"]))[1])} for s in SEEDS}
+        for name in above:
+            ARMS[f"sft -> {name}"] = ARMS[name]
         ARMS["sft -> sft continued"] = ARMS["sft"]
-        on_top = []
-        for s in SEEDS:
-            sft_model = {"model.path": str(_models(_config(args.out, "sft", s, *ARMS["sft"]))[1])}
-            on_top += [_job(f"sft -> {best}", s, sft_model), _job("sft -> sft continued", s, sft_model)]
-        top_rows = _run_all(args.out, on_top, args.workers)
+        names = [*(f"sft -> {n}" for n in above), "sft -> sft continued"]
+        top_rows = _run_all(args.out, [_job(n, s, sft_model[s]) for n in names for s in SEEDS], args.workers)
 
     report = {
         "world": args.world,
