@@ -104,6 +104,36 @@ def _scale(out: Path) -> float:
     return float(saved.read_text().strip()) if saved.exists() else 1.0
 
 
+def _settle(args: argparse.Namespace) -> None:
+    """World, base and scale: a resumed study (out/*.txt saved) keeps its own; a flag that differs is one line."""
+    for name, flag, default in (
+        ("world", "--world", lambda: "shapes"),
+        ("base", "--base", lambda: relation_world.SHIPPED_BASE if args.world == "relations" else None),
+        ("scale", "--scale", lambda: 1.0),
+    ):
+        saved_file = args.out / f"{name}.txt"
+        saved = saved_file.read_text().strip() if saved_file.exists() else None
+        given = getattr(args, name)
+        if given is not None and name == "base":
+            given = given.resolve()
+        if given is not None and saved is not None and _float_or(given) != _float_or(saved):
+            raise SystemExit(f"error: {saved_file} ran with {flag} {saved}; pass that, or another --out")
+        value = given if given is not None else saved if saved is not None else default()
+        if name == "scale":
+            value = float(value)
+        setattr(args, name, Path(value) if name == "base" and value is not None else value)
+        if value is not None:
+            saved_file.write_text(f"{value}\n")
+
+
+def _float_or(value: object) -> object:
+    """A number's value (so --scale 4 matches a saved 4.0), else the text."""
+    try:
+        return float(str(value))
+    except ValueError:
+        return str(value)
+
+
 def _data(out: Path) -> Path:
     if _world(out) == "shapes":
         return runner.prepare(out)
@@ -250,25 +280,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/selfplay_study"))
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--world", choices=("shapes", "relations"), default="shapes")
+    parser.add_argument("--world", choices=("shapes", "relations"), default=None, help="default: shapes")
     parser.add_argument("--base", type=Path, default=None, help="the base model (default: the world's shipped base)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="a subset of the arms")
-    parser.add_argument("--scale", type=float, default=1.0, help="every arm's optimizer steps × this (1 = the demo's)")
+    parser.add_argument("--scale", type=float, default=None, help="every arm's optimizer steps × this (default 1)")
     parser.add_argument(
         "--on-top", choices=("best", "all"), default="best", help="run the best self-play arm (or all) after SFT"
     )
     args = parser.parse_args()
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.world == "relations" and args.base is None:
-        args.base = relation_world.SHIPPED_BASE
-    for name, value in (
-        ("world.txt", args.world),
-        ("base.txt", args.base and args.base.resolve()),
-        ("scale.txt", args.scale),
-    ):
-        if value is not None:
-            (args.out / name).write_text(f"{value}\n")
+    _settle(args)
     _data(args.out)  # once, before the workers start
     if args.world == "shapes":
         one_prompt = 1 / len(runner.heldout_spec(0).prompts)

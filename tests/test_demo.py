@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from spin_diffusion import world
+from spin_diffusion import relation_world, world
 from spin_diffusion.cli import main
 from spin_diffusion.config import SampleConfig
 from spin_diffusion.demo import runner
 from spin_diffusion.errors import SpinDiffusionError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -101,3 +105,43 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(SpinDiffusionError, match="holds no demo"):
         runner.run_demo(tmp_path, scale=0.02, progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def study():
+    """scripts/selfplay_study.py, the issue-28 study, as a module."""
+    spec = importlib.util.spec_from_file_location("selfplay_study", ROOT / "scripts" / "selfplay_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_resumed_selfplay_study_keeps_its_world_base_and_scale(tmp_path, study):
+    """scripts/selfplay_study.py: a rerun without flags resumes the study as it was, and a contradicting flag is one
+    line (a rerun without --base once resolved the relation base anew and every arm refused to resume)."""
+
+    def settle(**flags):
+        args = argparse.Namespace(out=tmp_path, **({"world": None, "base": None, "scale": None} | flags))
+        study._settle(args)
+        return args.world, args.base, args.scale
+
+    base = tmp_path / "my_base"
+    assert settle(world="relations", base=base, scale=4) == ("relations", base.resolve(), 4.0)
+    assert settle() == ("relations", base.resolve(), 4.0)
+    assert settle(scale=4.0) == ("relations", base.resolve(), 4.0)
+    for flags, said in (({"scale": 2.0}, "--scale 4.0"), ({"world": "shapes"}, "--world relations"),
+                        ({"base": tmp_path / "other"}, f"--base {base.resolve()}")):  # fmt: skip
+        with pytest.raises(SystemExit, match=f"ran with {said}"):
+            settle(**flags)
+    assert (tmp_path / "scale.txt").read_text() == "4.0\n"  # a refused flag writes nothing
+
+
+def test_a_new_selfplay_study_takes_each_worlds_base(tmp_path, study):
+    (tmp_path / "rel").mkdir(), (tmp_path / "shapes").mkdir()
+    args = argparse.Namespace(out=tmp_path / "rel", world="relations", base=None, scale=None)
+    study._settle(args)
+    assert (args.base, args.scale) == (relation_world.SHIPPED_BASE, 1.0)
+    args = argparse.Namespace(out=tmp_path / "shapes", world=None, base=None, scale=None)
+    study._settle(args)
+    assert (args.world, args.base) == ("shapes", None)  # the shapes world's base: runner.shipped_base()
+    assert study._base(args.out) == runner.shipped_base()
