@@ -654,6 +654,39 @@ def test_family_lora_targets_adapt_every_block(preset):
         }  # fmt: skip
 
 
+@pytest.mark.parametrize("preset", _families.ALL)
+def test_saved_lora_loads_every_trained_weight_into_the_familys_pipeline(tmp_path, preset):
+    """lora.save_lora writes what the family's pipeline loads: after its load_lora_weights, every module the run
+    adapted carries the trained A and B and alpha (FLUX.2's loader silently dropped the double blocks' attention
+    adapters when they were saved in the UNet layout's renamed keys)."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from spin_diffusion import lora
+
+    c = presets.build_preset(preset)
+    export.save_pipeline(c, tmp_path / "model")
+    denoiser = models.frozen_copy(c.denoiser)
+    lora.add_lora(denoiser, rank=2, alpha=4.0, target_modules=c.family.lora_target_modules(denoiser))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in denoiser.named_parameters():
+            if "lora_B" in name:  # a trained adapter's B is not zero
+                p.copy_(torch.randn(p.shape, generator=generator))
+    trained = get_peft_model_state_dict(denoiser)
+    lora.save_lora(denoiser, tmp_path / "lora", c)
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
+    pipe.load_lora_weights(tmp_path / "lora")
+    loaded = getattr(pipe, "transformer", None) or pipe.unet
+    (adapter,) = pipe.get_active_adapters()
+    got = get_peft_model_state_dict(loaded, adapter_name=adapter)
+    assert sorted(got) == sorted(trained)
+    for key, value in trained.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    assert loaded.peft_config[adapter].lora_alpha == 4.0
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("preset", [p for p in _families.PIPELINES if p != "tiny-sd35"])
 def test_family_lora_sft_and_dpo(tmp_path, preset):
@@ -668,7 +701,7 @@ def test_family_lora_sft_and_dpo(tmp_path, preset):
     model_dir = tmp_path / "lora" / "iter_01" / "model"
     pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.load_lora_weights(lora_dir)
-    assert "default_0" in pipe.get_active_adapters() or pipe.get_active_adapters()
+    assert pipe.get_active_adapters()  # every weight: test_saved_lora_loads_every_trained_weight_into_the_…
     # SFT
     assert main(["sft", "--config", str(TINY), "--run-dir", str(tmp_path / "sft"),
                  "--set", f"model.preset={preset}", "--set", "eval.enabled=false"]) == 0  # fmt: skip

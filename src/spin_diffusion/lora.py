@@ -142,18 +142,22 @@ def save_lora(denoiser: Any, out_dir: str | Path, c: Components | None = None) -
     # would assume lora_alpha == rank and scale the adapter wrongly.
     configs = denoiser.peft_config
     metadata = (configs.get("default") or next(iter(configs.values()))).to_dict()
-    layers = convert_state_dict_to_diffusers(state)
     # the family's pipeline class writes the key prefix its load_lora_weights expects (unet. / transformer.)
     cls = type(c.family.pipeline(c)) if c is not None else None
     if c is not None and c.family.process.kind == "flow":  # the transformer families
+        # peft's own keys (lora_A / lora_B), as diffusers' transformer LoRA scripts save them: the UNet layout's
+        # converter renames only the attention projections, and FLUX.2's loader dropped those renamed keys
         cls.save_lora_weights(
-            tmp, transformer_lora_layers=layers, safe_serialization=True, transformer_lora_adapter_metadata=metadata
+            tmp, transformer_lora_layers=state, safe_serialization=True, transformer_lora_adapter_metadata=metadata
         )
     else:
         from diffusers import StableDiffusionPipeline
 
         (cls or StableDiffusionPipeline).save_lora_weights(
-            tmp, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+            tmp,
+            unet_lora_layers=convert_state_dict_to_diffusers(state),
+            safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
         )
         alpha = metadata.get("lora_alpha") or metadata.get("r")
         save_file(_kohya_state_dict(state, alpha), tmp / KOHYA_LORA_FILE, metadata={"ss_network_alpha": str(alpha)})
