@@ -1,6 +1,6 @@
 """Issue 28's study (shapes and relation worlds): does self-play that is told about the caption close the gap to SFT?
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --out /tmp/selfplay_study   # ~45 min, 2 CPU cores
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --out /tmp/selfplay_study   # ~55 min, 2 CPU cores
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --world relations --out /tmp/rel_study \
         --arms sft spin "spin + caption contrast" "ddo lr=1e-4" "spin pool=all" "spin 32 pairs"   # ~35 min
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/selfplay_study.py --world relations --scale 4 --out /tmp/rel_x4 \

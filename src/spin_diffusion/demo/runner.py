@@ -71,7 +71,7 @@ SPIN_BETA = 2000.0
 SPIN_LOSER_GUARD: float | None = 0.9  # loss.loser_guard of SPIN: Diffusion-SDPO's winner guard, μ = 0.9
 SPIN_DPOP_LAMBDA = 0.0  # loss.dpop_lambda of SPIN: the hinge did not add to the guard on validation
 # loss.caption_contrast_weight of SPIN: the caption contrast beside real-vs-own (one-word negatives), the best
-# self-play arm on validation in scripts/selfplay_study.py (issue 28; docs/DEMO_STUDY.md §4)
+# self-play arm on validation in scripts/selfplay_study.py (issue 28; docs/DEMO_STUDY.md §4); 0.5 and 2 tied it
 SPIN_CAPTION_CONTRAST = 1.0
 ITERATIONS = 3
 STEPS_PER_ITERATION = 40
