@@ -378,7 +378,7 @@ CASES = [
     (
         "spin-pool-unknown",
         ["spin", "--config", "{tiny}", "--set", "sample.opponent_pool=every"],
-        "sample.opponent_pool must be one of 'latest', 'all'; got 'every'",
+        "sample.opponent_pool must be 'latest', 'all' or an integer; got 'every'",
     ),
     (
         "spin-pool-with-exact",

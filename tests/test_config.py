@@ -128,7 +128,7 @@ def test_saved_schedule_round_trips(tmp_path):
         (["train.learning_rate=[.nan]"], "train.learning_rate must be > 0, got nan (value 1 of the list)"),
         (["loss.beta=[5000,abc]"], "loss.beta must be a number; got 'abc'"),
         (["loss.beta=[]"], "loss.beta must be a number or a non-empty list of numbers (one per iteration)"),
-        (["loss.beta={a: 1}"], "loss.beta must be a number; got {'a': 1}"),
+        (["loss.beta={a: 1}"], "loss.beta must be a number or a list; got {'a': 1}"),
         (
             ["num_iterations=2", "loss.beta=[3,2,1]"],
             "loss.beta lists 3 values for num_iterations=2; give at most one per iteration (the last one repeats)",

@@ -429,7 +429,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     errors.insert(0, str(err))
                 else:
                     errors.append(str(err))
-        raise SpinDiffusionError(errors[0] if errors else f"{key}: bad value {value!r}")
+        if not errors:
+            raise SpinDiffusionError(f"{key}: bad value {value!r}")
+        # every arm said "<key> must be X; got <value>": one line that names them all (latest, all or an integer)
+        head, tail = f"{key} must be ", f"; got {value!r}"
+        if len(errors) > 1 and all(e.startswith(head) and e.endswith(tail) for e in errors):
+            wants = [e.removeprefix(head).removesuffix(tail).removeprefix("one of ") for e in errors]
+            raise SpinDiffusionError(f"{head}{' or '.join(wants)}{tail}")
+        raise SpinDiffusionError(errors[0])
     if origin is Literal:
         if value not in args:
             raise SpinDiffusionError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
