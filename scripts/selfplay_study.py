@@ -325,6 +325,8 @@ def main() -> None:
         best_w = _best(rows, weights)
         beats = w1 is None or _mean(rows[best_w], "val", "shapes_judge") - w1 > one_prompt + 1e-9
         picks["caption contrast weight"] = best_w if beats else CONTRAST_WEIGHTS[0]
+        # only the picked weight stands for the contrast among the self-play arms (the best arm, the runs on SFT)
+        selfplay = [n for n in selfplay if n not in weights or n == picks["caption contrast weight"]]
     if "spin" in rows:
         recipe = _mean(rows["spin"], "val", "shapes_judge")
         margin = {n: _mean(rows[n], "val", "shapes_judge") - recipe for n in SINGLE_CHANGES if n in rows}
